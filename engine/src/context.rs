@@ -1,0 +1,663 @@
+//! A llama.cpp context on its own worker thread, driven over a channel from async code.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use exo_kvcache::{DecodedKv, ImportTarget, KvLayout, KvType, StateShape, to_single_stream};
+use exo_protocol::{FinishReason, SamplingParams};
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::EngineError;
+use crate::model::Model;
+use crate::sampler::choose;
+use crate::text::TextStream;
+
+/// How a context is created; both sides of a KV transfer must use compatible layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextConfig {
+    /// KV types, flash attention, stream layout, slots and per-sequence context.
+    pub layout: KvLayout,
+    /// Tokens per llama.cpp batch during prefill.
+    pub n_batch: u32,
+    /// CPU threads; 0 means all available cores.
+    pub n_threads: u32,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            layout: KvLayout::default(),
+            n_batch: 512,
+            n_threads: 0,
+        }
+    }
+}
+
+/// Result of a prefill: the first output token, sampled on the prefill side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefillOutput {
+    /// Output token 0.
+    pub first_token: i32,
+    /// Prompt tokens now in the sequence's KV cache.
+    pub n_prompt: usize,
+}
+
+/// One sequence's KV cache in the single-stream wire form, with the tokens it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedKv {
+    /// The llama.cpp sequence state, one stream.
+    pub state: Vec<u8>,
+    /// Token ids at positions `0..tokens.len()`.
+    pub tokens: Vec<i32>,
+}
+
+/// What a generation streams back, token by token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenEvent {
+    /// A generated token and the text that became final with it (may be empty mid-character).
+    Token {
+        /// Token id.
+        id: i32,
+        /// Output index of this token (0 is the prefill's token).
+        index: u32,
+        /// Newly final text.
+        text: String,
+    },
+    /// Generation ended; `tail` is text held back until the end (a possible stop-string prefix or an
+    /// incomplete character), released now that no stop string can follow.
+    Done {
+        /// Why it ended.
+        finish: FinishReason,
+        /// Final text.
+        tail: String,
+    },
+}
+
+/// The whole output of a generation, for callers that do not stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// Generated token ids, the continuation token first.
+    pub tokens: Vec<i32>,
+    /// Generated text.
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+enum Command {
+    Prefill {
+        seq: i32,
+        tokens: Vec<i32>,
+        sampling: SamplingParams,
+        reply: Reply<PrefillOutput>,
+    },
+    Export {
+        seq: i32,
+        reply: Reply<ExportedKv>,
+    },
+    Import {
+        seq: i32,
+        kv: DecodedKv,
+        reply: Reply<()>,
+    },
+    Generate {
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: SamplingParams,
+        events: mpsc::UnboundedSender<GenEvent>,
+        reply: Reply<()>,
+    },
+    Clear {
+        seq: i32,
+        reply: Reply<()>,
+    },
+}
+
+/// Async handle to one context; cheap to clone, the worker stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct ContextHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    config: ContextConfig,
+    shape: Arc<StateShape>,
+    model: Arc<Model>,
+}
+
+impl std::fmt::Debug for ContextHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextHandle")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl ContextHandle {
+    /// Creates the context on a new worker thread and learns its KV cache shape.
+    pub fn spawn(model: Arc<Model>, config: ContextConfig) -> Result<ContextHandle, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker_model = Arc::clone(&model);
+        std::thread::Builder::new()
+            .name("exo-engine-ctx".into())
+            .spawn(move || worker_main(worker_model, config, rx, ready_tx))
+            .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
+        let shape = ready_rx.recv().map_err(|_| EngineError::WorkerGone)??;
+        Ok(ContextHandle {
+            tx,
+            config,
+            shape: Arc::new(shape),
+            model,
+        })
+    }
+
+    /// The configuration this context was created with.
+    pub fn config(&self) -> &ContextConfig {
+        &self.config
+    }
+
+    /// The KV cache shape learned at start-up.
+    pub fn shape(&self) -> &StateShape {
+        &self.shape
+    }
+
+    /// The model this context runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| EngineError::WorkerGone)?;
+        rx.await.map_err(|_| EngineError::WorkerGone)?
+    }
+
+    /// Runs the prompt into sequence `seq` (cleared first) and samples output token 0.
+    pub async fn prefill(
+        &self,
+        seq: i32,
+        tokens: Vec<i32>,
+        sampling: SamplingParams,
+    ) -> Result<PrefillOutput, EngineError> {
+        self.call(|reply| Command::Prefill {
+            seq,
+            tokens,
+            sampling,
+            reply,
+        })
+        .await
+    }
+
+    /// Exports sequence `seq`'s KV cache in the single-stream wire form.
+    pub async fn export(&self, seq: i32) -> Result<ExportedKv, EngineError> {
+        self.call(|reply| Command::Export { seq, reply }).await
+    }
+
+    /// Checks a received state against this context and imports it into sequence `seq`.
+    pub async fn import(&self, seq: i32, kv: DecodedKv) -> Result<(), EngineError> {
+        self.call(|reply| Command::Import { seq, kv, reply }).await
+    }
+
+    /// Continues sequence `seq`: feeds `next` (output token `index`, already sampled) and streams the
+    /// following tokens until an end token, a stop string, `max_tokens` in all, the context's end, or
+    /// the receiver of `events` is dropped. `next` itself is not sent as an event.
+    pub async fn generate_stream(
+        &self,
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: SamplingParams,
+        events: mpsc::UnboundedSender<GenEvent>,
+    ) -> Result<(), EngineError> {
+        self.call(|reply| Command::Generate {
+            seq,
+            next,
+            index,
+            sampling,
+            events,
+            reply,
+        })
+        .await
+    }
+
+    /// [`Self::generate_stream`] collected: the returned tokens start with `next`.
+    pub async fn generate(
+        &self,
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: SamplingParams,
+    ) -> Result<Generated, EngineError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut text = TextStream::new(&sampling.stop);
+        let mut out = Generated {
+            tokens: vec![next],
+            text: String::new(),
+            finish: FinishReason::Length,
+        };
+        let first = self.model.token_bytes(next);
+        let stop_on_first = self.model.is_eog(next);
+        out.text += &text.push(&first);
+        if stop_on_first || text.stopped() {
+            out.text.clear();
+            out.finish = FinishReason::Stop;
+            return Ok(out);
+        }
+        let run = self.generate_stream(seq, next, index, sampling, tx);
+        let collect = async {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    GenEvent::Token { id, text: t, .. } => {
+                        out.tokens.push(id);
+                        out.text += &t;
+                    }
+                    GenEvent::Done { finish, tail } => {
+                        out.text += &tail;
+                        out.finish = finish;
+                    }
+                }
+            }
+        };
+        let (res, ()) = tokio::join!(run, collect);
+        res?;
+        Ok(out)
+    }
+
+    /// Frees sequence `seq`.
+    pub async fn clear(&self, seq: i32) -> Result<(), EngineError> {
+        self.call(|reply| Command::Clear { seq, reply }).await
+    }
+}
+
+fn kv_cache_type(t: KvType) -> KvCacheType {
+    match t {
+        KvType::F32 => KvCacheType::F32,
+        KvType::F16 => KvCacheType::F16,
+        KvType::Bf16 => KvCacheType::BF16,
+        KvType::Q8_0 => KvCacheType::Q8_0,
+        KvType::Q4_0 => KvCacheType::Q4_0,
+        KvType::Q4_1 => KvCacheType::Q4_1,
+        KvType::Q5_0 => KvCacheType::Q5_0,
+        KvType::Q5_1 => KvCacheType::Q5_1,
+    }
+}
+
+fn context_params(config: &ContextConfig) -> Result<LlamaContextParams, EngineError> {
+    let l = &config.layout;
+    let n_ctx = u32::try_from(l.n_ctx_total())
+        .ok()
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| {
+            EngineError::ContextCreate(format!("context size {} is out of range", l.n_ctx_total()))
+        })?;
+    if l.n_seq_max == 0 || config.n_batch == 0 {
+        return Err(EngineError::ContextCreate(
+            "n_seq_max and n_batch must be positive".into(),
+        ));
+    }
+    let threads = if config.n_threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+    } else {
+        i32::try_from(config.n_threads).unwrap_or(i32::MAX)
+    };
+    let fa = if l.flash_attn {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+    } else {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+    };
+    Ok(LlamaContextParams::default()
+        .with_n_ctx(Some(n_ctx))
+        .with_n_batch(config.n_batch)
+        .with_n_ubatch(config.n_batch)
+        .with_n_seq_max(l.n_seq_max)
+        .with_kv_unified(l.kv_unified)
+        .with_type_k(kv_cache_type(l.type_k))
+        .with_type_v(kv_cache_type(l.type_v))
+        .with_flash_attention_policy(fa)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads))
+}
+
+/// The worker: owns the context for its whole life and serves commands in order.
+fn worker_main(
+    model: Arc<Model>,
+    config: ContextConfig,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    ready: std::sync::mpsc::Sender<Result<StateShape, EngineError>>,
+) {
+    let params = match context_params(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let ctx = match model.llama.new_context(
+        crate::model::backend().unwrap_or_else(|_| unreachable_backend()),
+        params,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::ContextCreate(e.to_string())));
+            return;
+        }
+    };
+    let mut w = Worker {
+        model: &model,
+        ctx,
+        config,
+        shape: None,
+        seq_tokens: vec![Vec::new(); config.layout.n_seq_max as usize],
+        retired: false,
+    };
+    match w.calibrate() {
+        Ok(shape) => {
+            w.shape = Some(shape.clone());
+            let _ = ready.send(Ok(shape));
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    while let Some(cmd) = rx.blocking_recv() {
+        w.serve(cmd);
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_backend() -> &'static llama_cpp_2::llama_backend::LlamaBackend {
+    // Model::load succeeded, so the backend was initialised.
+    panic!("llama.cpp backend missing after a model was loaded")
+}
+
+struct Worker<'m> {
+    model: &'m Model,
+    ctx: LlamaContext<'m>,
+    config: ContextConfig,
+    shape: Option<StateShape>,
+    /// Tokens whose KV each sequence holds.
+    seq_tokens: Vec<Vec<i32>>,
+    retired: bool,
+}
+
+impl Worker<'_> {
+    fn serve(&mut self, cmd: Command) {
+        match cmd {
+            Command::Prefill {
+                seq,
+                tokens,
+                sampling,
+                reply,
+            } => {
+                let _ = reply.send(self.guard(|w| w.prefill(seq, tokens, &sampling)));
+            }
+            Command::Export { seq, reply } => {
+                let _ = reply.send(self.guard(|w| w.export(seq)));
+            }
+            Command::Import { seq, kv, reply } => {
+                let _ = reply.send(self.guard(|w| w.import(seq, kv)));
+            }
+            Command::Generate {
+                seq,
+                next,
+                index,
+                sampling,
+                events,
+                reply,
+            } => {
+                let _ =
+                    reply.send(self.guard(|w| w.generate(seq, next, index, &sampling, &events)));
+            }
+            Command::Clear { seq, reply } => {
+                let _ = reply.send(self.guard(|w| w.clear(seq)));
+            }
+        }
+    }
+
+    fn guard<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if self.retired {
+            return Err(EngineError::ContextRetired);
+        }
+        f(self)
+    }
+
+    fn slot(&self, seq: i32) -> Result<usize, EngineError> {
+        usize::try_from(seq)
+            .ok()
+            .filter(|&s| s < self.seq_tokens.len())
+            .ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "sequence {seq} is outside 0..{}",
+                    self.seq_tokens.len()
+                ))
+            })
+    }
+
+    /// Decodes one token in sequence 0, exports it and clears it: the state tells the cache's shape.
+    fn calibrate(&mut self) -> Result<StateShape, EngineError> {
+        let bos = self.model.tokenize("", true).first().copied().unwrap_or(0);
+        self.decode_tokens(0, &[bos], 0)?;
+        let raw = self.export_raw(0)?;
+        self.clear(0)?;
+        let shape = StateShape::calibrate(&raw)?;
+        tracing::debug!(
+            n_stream = shape.n_stream,
+            bytes_per_token = shape.bytes_per_token(),
+            "context calibrated"
+        );
+        Ok(shape)
+    }
+
+    /// Feeds `tokens` at positions `start..` in batches of `n_batch`; logits only for the last token.
+    fn decode_tokens(&mut self, seq: i32, tokens: &[i32], start: usize) -> Result<(), EngineError> {
+        let n_batch = self.config.n_batch as usize;
+        let mut batch = LlamaBatch::new(n_batch, 1);
+        for (c, chunk) in tokens.chunks(n_batch).enumerate() {
+            batch.clear();
+            let last_chunk = (c + 1) * n_batch >= tokens.len();
+            for (i, &t) in chunk.iter().enumerate() {
+                let pos = i32::try_from(start + c * n_batch + i)
+                    .map_err(|_| EngineError::InvalidRequest("position overflow".into()))?;
+                let logits = last_chunk && i + 1 == chunk.len();
+                batch
+                    .add(LlamaToken(t), pos, &[seq], logits)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            self.ctx
+                .decode(&mut batch)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn prefill(
+        &mut self,
+        seq: i32,
+        tokens: Vec<i32>,
+        sampling: &SamplingParams,
+    ) -> Result<PrefillOutput, EngineError> {
+        let slot = self.slot(seq)?;
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest("empty prompt".into()));
+        }
+        let room = self.config.layout.n_ctx_seq as usize;
+        if tokens.len() >= room {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt of {} tokens does not fit the context of {room} tokens per sequence",
+                tokens.len()
+            )));
+        }
+        self.model.check_tokens(&tokens)?;
+        self.clear(seq)?;
+        self.decode_tokens(seq, &tokens, 0)?;
+        let row = ((tokens.len() - 1) % self.config.n_batch as usize) as i32;
+        let first_token = choose(&self.ctx, row, sampling, 0)?;
+        let n_prompt = tokens.len();
+        self.seq_tokens[slot] = tokens;
+        Ok(PrefillOutput {
+            first_token,
+            n_prompt,
+        })
+    }
+
+    fn export_raw(&self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        if size == 0 {
+            return Err(EngineError::Export(
+                "llama.cpp reports an empty state".into(),
+            ));
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(size);
+        // SAFETY: the buffer has room for `size` bytes, the size llama.cpp just reported for this
+        // sequence; nothing else touches the context in between (this thread owns it).
+        let written = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(buf.as_mut_ptr(), seq, flags)
+        };
+        if written != size {
+            return Err(EngineError::Export(format!(
+                "llama.cpp wrote {written} bytes, announced {size}"
+            )));
+        }
+        // SAFETY: llama.cpp initialised exactly `written` bytes.
+        unsafe { buf.set_len(written) };
+        Ok(buf)
+    }
+
+    fn export(&mut self, seq: i32) -> Result<ExportedKv, EngineError> {
+        let slot = self.slot(seq)?;
+        if self.seq_tokens[slot].is_empty() {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {seq} is empty"
+            )));
+        }
+        let (state, info) = to_single_stream(self.export_raw(seq)?)?;
+        let tokens = self.seq_tokens[slot].clone();
+        if info.cell_count as usize != tokens.len() {
+            return Err(EngineError::Export(format!(
+                "{} cells for {} tokens",
+                info.cell_count,
+                tokens.len()
+            )));
+        }
+        Ok(ExportedKv { state, tokens })
+    }
+
+    fn import(&mut self, seq: i32, kv: DecodedKv) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        let shape = self.shape.as_ref().ok_or(EngineError::ContextRetired)?;
+        // The decoder checked this already; the engine checks again so no caller can skip it.
+        ImportTarget {
+            fingerprint: self.model.fingerprint(),
+            layout: self.config.layout,
+        }
+        .check(&kv.header)?;
+        let tokens = kv.header.tokens;
+        if tokens.len() >= self.config.layout.n_ctx_seq as usize {
+            return Err(EngineError::InvalidRequest(
+                "state does not fit the per-sequence context".into(),
+            ));
+        }
+        self.model.check_tokens(&tokens)?;
+        shape.check(&kv.state, tokens.len())?;
+        let mut state = kv.state;
+        shape.reframe_for_import(&mut state)?;
+        self.clear(seq)?;
+        // SAFETY: `state` passed every check llama.cpp would otherwise abort on: magic, one non-empty
+        // stream re-framed to this context's stream count, one sequence id per cell, distinct positions,
+        // and layer count, types, row sizes and V transposition equal to this context's own export.
+        let ok = unsafe {
+            self.ctx
+                .state_seq_set_data_ext(&state, seq, LlamaStateSeqFlags::empty())
+        };
+        if !ok {
+            // llama.cpp #27052: after a failed restore the context may be corrupt. Never reuse it.
+            self.retired = true;
+            tracing::error!(
+                seq,
+                "llama.cpp rejected a checked KV state; retiring the context"
+            );
+            return Err(EngineError::ImportRejected);
+        }
+        self.seq_tokens[slot] = tokens;
+        Ok(())
+    }
+
+    fn generate(
+        &mut self,
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: &SamplingParams,
+        events: &mpsc::UnboundedSender<GenEvent>,
+    ) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        if self.seq_tokens[slot].is_empty() {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {seq} is empty"
+            )));
+        }
+        self.model.check_tokens(&[next])?;
+        let room = self.config.layout.n_ctx_seq as usize;
+        let mut text = TextStream::new(&sampling.stop);
+        let _ = text.push(&self.model.token_bytes(next));
+        let mut token = next;
+        let mut index = index;
+        let finish = loop {
+            if index + 1 >= sampling.max_tokens || self.seq_tokens[slot].len() + 1 >= room {
+                break FinishReason::Length;
+            }
+            if events.is_closed() {
+                break FinishReason::Cancelled;
+            }
+            let pos = self.seq_tokens[slot].len();
+            self.decode_tokens(seq, &[token], pos)?;
+            self.seq_tokens[slot].push(token);
+            index += 1;
+            token = choose(&self.ctx, 0, sampling, index)?;
+            if self.model.is_eog(token) {
+                break FinishReason::Stop;
+            }
+            let t = text.push(&self.model.token_bytes(token));
+            let stopped = text.stopped();
+            if events
+                .send(GenEvent::Token {
+                    id: token,
+                    index,
+                    text: t,
+                })
+                .is_err()
+            {
+                break FinishReason::Cancelled;
+            }
+            if stopped {
+                break FinishReason::Stop;
+            }
+        };
+        let tail = text.finish();
+        let _ = events.send(GenEvent::Done { finish, tail });
+        Ok(())
+    }
+
+    fn clear(&mut self, seq: i32) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        self.ctx
+            .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None)
+            .map_err(|e| EngineError::Decode(format!("clearing sequence {seq}: {e}")))?;
+        self.seq_tokens[slot].clear();
+        Ok(())
+    }
+}

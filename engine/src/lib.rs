@@ -1,0 +1,20 @@
+//! The llama.cpp engine both node kinds run: models, contexts on worker threads, sampling, KV export/import.
+//!
+//! A [`Model`] is loaded once and shared. Each [`ContextHandle`] owns one llama.cpp context on its own
+//! OS thread (a context borrows the model and is not `Sync`) and is driven from async code over a
+//! channel. Every context is created from a [`exo_kvcache::KvLayout`] so a prefill context and a decode
+//! context agree byte for byte on the KV cache, and every imported state is checked against the
+//! context's calibrated [`exo_kvcache::StateShape`] before llama.cpp sees it (llama.cpp aborts the
+//! process on a malformed state). This is the only crate in the workspace that uses `unsafe`.
+
+mod context;
+mod error;
+mod model;
+mod sampler;
+mod text;
+
+pub use context::{ContextConfig, ContextHandle, ExportedKv, GenEvent, Generated, PrefillOutput};
+pub use error::EngineError;
+pub use model::{ChatMessage, Model, ModelOptions, fingerprint_file};
+pub use sampler::draw_seed;
+pub use text::TextStream;

@@ -1,0 +1,209 @@
+//! Loading a GGUF model once per process, its fingerprint, tokenizer and chat template.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use exo_kvcache::ModelFingerprint;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use sha2::{Digest, Sha256};
+
+use crate::error::EngineError;
+
+/// llama.cpp allows one backend per process; every model shares it.
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Backend(e.clone()))
+}
+
+/// How a model is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// Layers to offload to a GPU (0 on CPU-only builds).
+    pub n_gpu_layers: u32,
+}
+
+/// One chat turn for the model's chat template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text of the turn.
+    pub content: String,
+}
+
+/// A loaded model, shared by every context that runs it.
+pub struct Model {
+    pub(crate) llama: LlamaModel,
+    path: PathBuf,
+    fingerprint: ModelFingerprint,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Loads a GGUF file and computes its fingerprint.
+    pub fn load(path: &Path, options: &ModelOptions) -> Result<Arc<Model>, EngineError> {
+        let load_err = |detail: String| EngineError::ModelLoad {
+            path: path.display().to_string(),
+            detail,
+        };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let fingerprint = fingerprint_file(path).map_err(|e| load_err(e.to_string()))?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(options.n_gpu_layers);
+        let llama = LlamaModel::load_from_file(backend()?, path, &params)
+            .map_err(|e| load_err(e.to_string()))?;
+        tracing::info!(path = %path.display(), %fingerprint, n_layer = llama.n_layer(), "model loaded");
+        Ok(Arc::new(Model {
+            llama,
+            path: path.to_path_buf(),
+            fingerprint,
+        }))
+    }
+
+    /// The model's identity on the wire.
+    pub fn fingerprint(&self) -> ModelFingerprint {
+        self.fingerprint
+    }
+
+    /// The file the model came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The name clients use for this model: the file name without `.gguf`.
+    pub fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+
+    /// Vocabulary size; valid token ids are `0..n_vocab`.
+    pub fn n_vocab(&self) -> i32 {
+        self.llama.n_vocab()
+    }
+
+    /// Context length the model was trained with.
+    pub fn n_ctx_train(&self) -> u32 {
+        self.llama.n_ctx_train()
+    }
+
+    /// Transformer layers.
+    pub fn n_layer(&self) -> u32 {
+        self.llama.n_layer()
+    }
+
+    /// Tokenizes text; `add_special` adds the start token where the model's vocabulary asks for one.
+    /// Special-token text (e.g. `<|im_start|>`) is parsed as special tokens, as chat templates need.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<i32> {
+        let toks = self
+            .llama
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, true);
+        toks.into_iter().map(|t| t.0).collect()
+    }
+
+    /// The bytes a token stands for (a token may end in the middle of a UTF-8 character).
+    pub fn token_bytes(&self, token: i32) -> Vec<u8> {
+        self.llama
+            .vocab()
+            .token_to_piece(LlamaToken(token), false, None)
+    }
+
+    /// True for end-of-generation tokens (EOS, EOT, `<|im_end|>` ...).
+    pub fn is_eog(&self, token: i32) -> bool {
+        self.llama.vocab().is_eog(LlamaToken(token))
+    }
+
+    /// Renders chat messages with the model's own template, ending with the assistant's turn opened.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let tmpl = self
+            .llama
+            .chat_template(None)
+            .map_err(|e| EngineError::Prompt(format!("model has no usable chat template: {e}")))?;
+        let msgs = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Prompt(e.to_string()))?;
+        self.llama
+            .apply_chat_template(&tmpl, &msgs, true)
+            .map_err(|e| EngineError::Prompt(format!("chat template failed: {e}")))
+    }
+
+    /// Checks that every token id is in the vocabulary (llama.cpp must never see one that is not).
+    pub fn check_tokens(&self, tokens: &[i32]) -> Result<(), EngineError> {
+        let n = self.n_vocab();
+        match tokens.iter().find(|&&t| t < 0 || t >= n) {
+            Some(t) => Err(EngineError::InvalidRequest(format!(
+                "token id {t} is outside the vocabulary 0..{n}"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Bytes hashed from the start of the file (GGUF metadata and tensor descriptions live there).
+const FINGERPRINT_HEAD: u64 = 16 << 20;
+/// Evenly spaced samples of tensor data, so fine-tunes with identical metadata still differ.
+const FINGERPRINT_SAMPLES: u64 = 32;
+const FINGERPRINT_SAMPLE_LEN: u64 = 64 << 10;
+
+/// A model file's fingerprint: SHA-256 over the file length, its first 16 MiB, 32 evenly spaced
+/// 64 KiB samples and its last 64 KiB. Reads about 18 MiB whatever the model's size.
+pub fn fingerprint_file(path: &Path) -> std::io::Result<ModelFingerprint> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = Sha256::new();
+    h.update(b"exo-router model fingerprint v1");
+    h.update(len.to_le_bytes());
+    let mut buf = Vec::new();
+    let mut read_at = |f: &mut File, off: u64, n: u64, h: &mut Sha256| -> std::io::Result<()> {
+        let n = n.min(len.saturating_sub(off));
+        buf.resize(n as usize, 0);
+        f.seek(SeekFrom::Start(off))?;
+        f.read_exact(&mut buf)?;
+        h.update(&buf);
+        Ok(())
+    };
+    read_at(&mut f, 0, FINGERPRINT_HEAD, &mut h)?;
+    if len > FINGERPRINT_HEAD {
+        let span = len - FINGERPRINT_HEAD;
+        for i in 0..FINGERPRINT_SAMPLES {
+            read_at(
+                &mut f,
+                FINGERPRINT_HEAD + span * i / FINGERPRINT_SAMPLES,
+                FINGERPRINT_SAMPLE_LEN,
+                &mut h,
+            )?;
+        }
+        read_at(
+            &mut f,
+            len.saturating_sub(FINGERPRINT_SAMPLE_LEN),
+            FINGERPRINT_SAMPLE_LEN,
+            &mut h,
+        )?;
+    }
+    Ok(ModelFingerprint(h.finalize().into()))
+}
