@@ -340,13 +340,16 @@ fn worker_main(
             return;
         }
     };
-    let ctx = match model.llama.new_context(
-        crate::model::backend().unwrap_or_else(|_| unreachable_backend()),
-        params,
-    ) {
+    let created = crate::model::backend().and_then(|backend| {
+        model
+            .llama
+            .new_context(backend, params)
+            .map_err(|e| EngineError::ContextCreate(e.to_string()))
+    });
+    let ctx = match created {
         Ok(c) => c,
         Err(e) => {
-            let _ = ready.send(Err(EngineError::ContextCreate(e.to_string())));
+            let _ = ready.send(Err(e));
             return;
         }
     };
@@ -371,12 +374,6 @@ fn worker_main(
     while let Some(cmd) = rx.blocking_recv() {
         w.serve(cmd);
     }
-}
-
-#[allow(clippy::panic)]
-fn unreachable_backend() -> &'static llama_cpp_2::llama_backend::LlamaBackend {
-    // Model::load succeeded, so the backend was initialised.
-    panic!("llama.cpp backend missing after a model was loaded")
 }
 
 struct Worker<'m> {

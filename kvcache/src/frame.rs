@@ -278,18 +278,19 @@ impl ImportTarget {
 /// With [`Codec::None`] the chunk frames are cut from `raw` as they are taken. A compressing codec must
 /// know the exact encoded total for the header, so every chunk is compressed once, up front, and its
 /// frame kept until it is taken: compressed chunks, never a second contiguous copy of the state.
-pub struct KvEncoder<'a> {
+pub struct KvEncoder<B> {
     header: KvHeader,
     tag: u64,
-    raw: &'a [u8],
+    raw: B,
     encoded: Vec<Vec<u8>>,
     next: u32,
 }
 
-impl<'a> KvEncoder<'a> {
-    /// Prepares the frames for `raw` (a state in the single-stream form of [`crate::StateShape`]).
+impl<B: AsRef<[u8]>> KvEncoder<B> {
+    /// Prepares the frames for `state` (single-stream form, see [`crate::to_single_stream`]); the
+    /// encoder borrows or owns the state, whichever `B` is.
     pub fn new(
-        raw: &'a [u8],
+        state: B,
         tokens: Vec<i32>,
         fingerprint: ModelFingerprint,
         layout: KvLayout,
@@ -302,6 +303,7 @@ impl<'a> KvEncoder<'a> {
                 detail: "zero".into(),
             });
         }
+        let raw = state.as_ref();
         let n_chunks =
             u32::try_from((raw.len() as u64).div_ceil(u64::from(chunk_size))).map_err(|_| {
                 KvError::InvalidField {
@@ -339,7 +341,7 @@ impl<'a> KvEncoder<'a> {
         Ok(KvEncoder {
             header,
             tag,
-            raw,
+            raw: state,
             encoded,
             next: 0,
         })
@@ -356,7 +358,7 @@ impl<'a> KvEncoder<'a> {
     }
 }
 
-impl Iterator for KvEncoder<'_> {
+impl<B: AsRef<[u8]>> Iterator for KvEncoder<B> {
     type Item = Vec<u8>;
 
     /// The next chunk frame.
@@ -367,13 +369,14 @@ impl Iterator for KvEncoder<'_> {
         let index = self.next;
         self.next += 1;
         let start = index as usize * self.header.chunk_size as usize;
-        let end = (start + self.header.chunk_size as usize).min(self.raw.len());
+        let raw = self.raw.as_ref();
+        let end = (start + self.header.chunk_size as usize).min(raw.len());
         let payload: &[u8] = match self.encoded.get_mut(index as usize) {
             Some(v) => {
                 let taken = std::mem::take(v);
                 return Some(chunk_frame(index, (end - start) as u32, self.tag, &taken));
             }
-            None => &self.raw[start..end],
+            None => &raw[start..end],
         };
         Some(chunk_frame(index, (end - start) as u32, self.tag, payload))
     }

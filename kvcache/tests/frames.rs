@@ -1,5 +1,7 @@
 //! Frame-level tests: round trips for every codec and chunking, and each bad input refused with its own error.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use exo_kvcache::{
     Codec, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
     ModelFingerprint,

@@ -1,5 +1,7 @@
 //! Property tests: arbitrary bytes never panic the header, chunk or state decoders; valid data round trips.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use exo_kvcache::{
     Codec, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvLayout, ModelFingerprint,
     StateShape, to_single_stream,

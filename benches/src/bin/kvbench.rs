@@ -1,0 +1,191 @@
+//! KV transfer benchmark: export, encode, decode and import throughput and compression ratio per codec,
+//! on a real prompt's KV cache, for several KV layouts.
+//!
+//! `cargo run --release -p exo-benches --bin kvbench -- [--model PATH] [--tokens N] [--reps R]`
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use exo_engine::{ChatMessage, ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_kvcache::{
+    Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
+};
+use exo_protocol::SamplingParams;
+
+#[derive(Parser)]
+#[command(about = "Measure KV export/encode/decode/import per codec and KV layout")]
+struct Args {
+    /// GGUF model.
+    #[arg(
+        long,
+        env = "EXO_MODEL",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    model: PathBuf,
+    /// Approximate prompt length in tokens.
+    #[arg(long, default_value_t = 2000)]
+    tokens: usize,
+    /// Repetitions of each timed step (the best run is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+}
+
+fn best<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Duration, T)> {
+    let mut out = None;
+    let mut best = Duration::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let v = f()?;
+        best = best.min(t.elapsed());
+        out = Some(v);
+    }
+    out.map(|v| (best, v)).context("no repetitions")
+}
+
+fn mbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+fn prompt_tokens(model: &Model, target: usize) -> Result<Vec<i32>> {
+    let mut text = String::new();
+    let mut i = 0usize;
+    loop {
+        text += &format!(
+            "Entry {i}: station {} logged {} mm of rain and a wind of {} km/h. ",
+            i % 17,
+            (i * 37) % 101,
+            (i * 13) % 59
+        );
+        i += 1;
+        if i.is_multiple_of(20) {
+            let msgs = [ChatMessage {
+                role: "user".into(),
+                content: text.clone(),
+            }];
+            let toks = model.tokenize(&model.chat_prompt(&msgs)?, true);
+            if toks.len() >= target {
+                return Ok(toks);
+            }
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let model = Model::load(&args.model, &ModelOptions::default())?;
+    let tokens = prompt_tokens(&model, args.tokens)?;
+    println!(
+        "model {} ({}), prompt {} tokens, best of {} runs",
+        model.name(),
+        model.fingerprint(),
+        tokens.len(),
+        args.reps
+    );
+    println!();
+    println!(
+        "| KV layout | state MB | prefill s | export ms | codec | ratio | encode MB/s | decode MB/s | import ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let layouts = [
+        ("f16, FA off", KvType::F16, false),
+        ("f16, FA on", KvType::F16, true),
+        ("q8_0, FA on", KvType::Q8_0, true),
+    ];
+    for (name, kv, fa) in layouts {
+        let n_ctx_seq = u32::try_from(tokens.len() + 256)?;
+        let layout = KvLayout {
+            type_k: kv,
+            type_v: kv,
+            flash_attn: fa,
+            kv_unified: false,
+            n_seq_max: 1,
+            n_ctx_seq,
+        };
+        let cfg = ContextConfig {
+            layout,
+            ..ContextConfig::default()
+        };
+        let src = ContextHandle::spawn(model.clone(), cfg)?;
+        let dst = ContextHandle::spawn(
+            model.clone(),
+            ContextConfig {
+                layout: KvLayout {
+                    n_seq_max: 4,
+                    ..layout
+                },
+                ..cfg
+            },
+        )?;
+        let t = Instant::now();
+        let pre = src
+            .prefill(0, tokens.clone(), SamplingParams::greedy(1))
+            .await?;
+        let prefill = t.elapsed();
+        let mut export = Duration::MAX;
+        let mut kv_state = None;
+        for _ in 0..args.reps {
+            let t = Instant::now();
+            let kv = src.export(0).await?;
+            export = export.min(t.elapsed());
+            kv_state = Some(kv);
+        }
+        let kv_state = kv_state.context("no export")?;
+        let reference = src
+            .generate(0, pre.first_token, 0, SamplingParams::greedy(16))
+            .await?;
+        let raw = kv_state.state.len();
+        let target = ImportTarget {
+            fingerprint: model.fingerprint(),
+            layout: dst.config().layout,
+        };
+        for codec in Codec::ALL {
+            let (enc_t, (header, frames)) = best(args.reps, || {
+                let enc = KvEncoder::new(
+                    &kv_state.state,
+                    kv_state.tokens.clone(),
+                    model.fingerprint(),
+                    layout,
+                    codec,
+                    DEFAULT_CHUNK_SIZE,
+                )?;
+                let h = enc.header_frame();
+                Ok((h, enc.collect::<Vec<_>>()))
+            })?;
+            let wire: usize = header.len() + frames.iter().map(Vec::len).sum::<usize>();
+            let (dec_t, decoded) = best(args.reps, || {
+                let mut d = KvDecoder::new(&header, &DecodeLimits::default(), &target)?;
+                for f in &frames {
+                    d.push_chunk(f)?;
+                }
+                Ok(d.finish()?)
+            })?;
+            let mut import = Duration::MAX;
+            for _ in 0..args.reps {
+                let t = Instant::now();
+                dst.import(1, decoded.clone()).await?;
+                import = import.min(t.elapsed());
+            }
+            // The imported cache must continue like the original.
+            let b = dst
+                .generate(1, pre.first_token, 0, SamplingParams::greedy(16))
+                .await?;
+            if b.tokens != reference.tokens {
+                bail!("{name} {codec}: imported cache diverged");
+            }
+            println!(
+                "| {name} | {:.1} | {:.2} | {:.1} | {codec} | {:.3} | {:.0} | {:.0} | {:.1} |",
+                raw as f64 / 1e6,
+                prefill.as_secs_f64(),
+                export.as_secs_f64() * 1e3,
+                raw as f64 / wire as f64,
+                mbps(raw, enc_t),
+                mbps(raw, dec_t),
+                import.as_secs_f64() * 1e3,
+            );
+        }
+    }
+    Ok(())
+}
