@@ -1,61 +1,98 @@
-//! Decode node: receives KV caches, imports them into free sequence slots and generates tokens.
+//! Decode node: receives KV caches, imports them into free sequence slots, generates, and hands the
+//! output to whoever polls for it.
+//!
+//! Each request has an entry keyed by its id. The entry is created by whichever arrives first: the
+//! transfer's `kv_begin` (from the prefill node) or the router's first `poll`. Chunks may arrive out of
+//! order when several are in flight; they are reordered within a bounded window and fed to the
+//! [`KvDecoder`] in order. When the last chunk is in, the cache is imported into a free slot and
+//! generation starts; its events queue in the entry until polled. Dropping the entry (cancel, finish,
+//! or a timeout) stops generation at the next token and frees the slot.
 
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use exo_engine::{ContextHandle, EngineError, Generated};
-use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder, KvError};
-use exo_protocol::SamplingParams;
+use exo_engine::{ContextHandle, GenEvent, SlotLease};
+use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder, chunk_index};
+use exo_protocol::{KvBegin, KvFrame, NodeError, PollReply, RequestId, SamplingParams};
+use tokio::sync::mpsc;
 
-/// Why a decode failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// The engine refused or failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// The KV transfer was refused.
-    #[error(transparent)]
-    Kv(#[from] KvError),
-    /// Every sequence slot is in use.
-    #[error("no free sequence slot")]
-    NoFreeSlot,
+/// Chunks accepted ahead of the next expected one.
+const REORDER_WINDOW: u32 = 16;
+
+/// Timeouts of a decode node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeTimeouts {
+    /// A transfer (or a polled request whose transfer never began) with no progress for this long fails.
+    pub transfer: Duration,
+    /// A request nobody polled for this long is cancelled (its router went away).
+    pub idle: Duration,
 }
 
-/// A decode worker over one engine context with several sequence slots.
+impl Default for DecodeTimeouts {
+    fn default() -> Self {
+        DecodeTimeouts {
+            transfer: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+type Event = Result<GenEvent, NodeError>;
+
+enum Stage {
+    /// Polled, but no transfer has begun.
+    Waiting,
+    /// Chunks arriving.
+    Receiving {
+        decoder: Box<KvDecoder>,
+        first_token: i32,
+        sampling: SamplingParams,
+        ahead: BTreeMap<u32, Vec<u8>>,
+    },
+    /// Imported (or prefilled here) and generating.
+    Running,
+}
+
+struct Entry {
+    stage: Stage,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>,
+    last_progress: Instant,
+    last_poll: Instant,
+}
+
+impl Entry {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        Entry {
+            stage: Stage::Waiting,
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            last_progress: now,
+            last_poll: now,
+        }
+    }
+}
+
+/// The decode side of a node: transfers in, tokens out.
 pub struct DecodeNode {
     ctx: ContextHandle,
     limits: DecodeLimits,
-    busy: Mutex<Vec<bool>>,
-}
-
-/// A sequence slot held for one request; freed on drop.
-pub struct SlotGuard<'a> {
-    node: &'a DecodeNode,
-    slot: usize,
-}
-
-impl SlotGuard<'_> {
-    /// The llama.cpp sequence id of this slot.
-    pub fn seq(&self) -> i32 {
-        self.slot as i32
-    }
-}
-
-impl Drop for SlotGuard<'_> {
-    fn drop(&mut self) {
-        let mut busy = self.node.busy.lock().unwrap_or_else(|e| e.into_inner());
-        busy[self.slot] = false;
-    }
+    timeouts: DecodeTimeouts,
+    requests: Mutex<HashMap<RequestId, Entry>>,
 }
 
 impl DecodeNode {
-    /// A node whose transfers are checked against `limits`.
-    pub fn new(ctx: ContextHandle, limits: DecodeLimits) -> Self {
-        let slots = ctx.config().layout.n_seq_max as usize;
-        DecodeNode {
+    /// A decode node over `ctx`; call [`DecodeNode::run_reaper`] on a task to enforce the timeouts.
+    pub fn new(ctx: ContextHandle, limits: DecodeLimits, timeouts: DecodeTimeouts) -> Arc<Self> {
+        Arc::new(DecodeNode {
             ctx,
             limits,
-            busy: Mutex::new(vec![false; slots]),
-        }
+            timeouts,
+            requests: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The engine context.
@@ -63,40 +100,241 @@ impl DecodeNode {
         &self.ctx
     }
 
-    /// Starts receiving a transfer: checks its header frame against this node's model and layout.
-    pub fn begin_transfer(&self, header: &[u8]) -> Result<KvDecoder, DecodeError> {
+    /// Requests known to this node (receiving, generating or waiting to be polled).
+    pub fn active_requests(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Entry>> {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a transfer: checks the header against this node's model, layout and limits.
+    pub fn kv_begin(self: &Arc<Self>, begin: KvBegin) -> Result<(), NodeError> {
         let target = ImportTarget {
             fingerprint: self.ctx.model().fingerprint(),
             layout: self.ctx.config().layout,
         };
-        Ok(KvDecoder::new(header, &self.limits, &target)?)
+        let decoder = KvDecoder::new(&begin.header, &self.limits, &target)
+            .map_err(|e| NodeError::Transfer(e.to_string()))?;
+        let complete = decoder.is_complete();
+        let mut map = self.lock();
+        let entry = map.entry(begin.id).or_insert_with(Entry::new);
+        if !matches!(entry.stage, Stage::Waiting) {
+            return Err(NodeError::Transfer(format!(
+                "request {} already has a transfer",
+                begin.id
+            )));
+        }
+        entry.stage = Stage::Receiving {
+            decoder: Box::new(decoder),
+            first_token: begin.first_token,
+            sampling: begin.sampling,
+            ahead: BTreeMap::new(),
+        };
+        entry.last_progress = Instant::now();
+        if complete {
+            self.start_import(begin.id, entry);
+        }
+        Ok(())
     }
 
-    fn take_slot(&self) -> Result<SlotGuard<'_>, DecodeError> {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = busy
-            .iter()
-            .position(|b| !b)
-            .ok_or(DecodeError::NoFreeSlot)?;
-        busy[slot] = true;
-        Ok(SlotGuard { node: self, slot })
+    /// Accepts one chunk (in any order within the reorder window). A refused chunk fails the request.
+    pub fn kv_chunk(self: &Arc<Self>, frame: KvFrame) -> Result<(), NodeError> {
+        let mut map = self.lock();
+        let entry = map
+            .get_mut(&frame.id)
+            .ok_or(NodeError::UnknownRequest(frame.id))?;
+        let result = Self::accept_chunk(entry, frame.bytes);
+        match result {
+            Ok(true) => {
+                self.start_import(frame.id, entry);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let _ = entry.tx.send(Err(e.clone()));
+                entry.stage = Stage::Running;
+                Err(e)
+            }
+        }
     }
 
-    /// Finishes a transfer, imports it into a free slot and generates from `first_token` (output 0).
-    pub async fn decode(
-        &self,
-        transfer: KvDecoder,
+    /// Feeds a chunk to the decoder, or parks it until its predecessors arrive; true once complete.
+    fn accept_chunk(entry: &mut Entry, bytes: Vec<u8>) -> Result<bool, NodeError> {
+        let Stage::Receiving { decoder, ahead, .. } = &mut entry.stage else {
+            return Err(NodeError::Transfer("no transfer in progress".into()));
+        };
+        let transfer = |e: exo_kvcache::KvError| NodeError::Transfer(e.to_string());
+        let index = chunk_index(&bytes).map_err(transfer)?;
+        let next = decoder.chunks_received();
+        if index > next {
+            if index - next > REORDER_WINDOW || ahead.contains_key(&index) {
+                return Err(NodeError::Transfer(format!(
+                    "chunk {index} is outside the reorder window at {next}"
+                )));
+            }
+            ahead.insert(index, bytes);
+        } else {
+            decoder.push_chunk(&bytes).map_err(transfer)?;
+            while let Some(parked) = ahead.remove(&decoder.chunks_received()) {
+                decoder.push_chunk(&parked).map_err(transfer)?;
+            }
+        }
+        entry.last_progress = Instant::now();
+        Ok(decoder.is_complete())
+    }
+
+    /// The transfer is complete: import into a free slot and generate, on a task.
+    fn start_import(self: &Arc<Self>, id: RequestId, entry: &mut Entry) {
+        let Stage::Receiving {
+            decoder,
+            first_token,
+            sampling,
+            ..
+        } = std::mem::replace(&mut entry.stage, Stage::Running)
+        else {
+            return;
+        };
+        let tx = entry.tx.clone();
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            let kv = match decoder.finish() {
+                Ok(kv) => kv,
+                Err(e) => {
+                    let _ = tx.send(Err(NodeError::Transfer(e.to_string())));
+                    return;
+                }
+            };
+            let Some(lease) = node.ctx.acquire_slot() else {
+                let _ = tx.send(Err(NodeError::Busy));
+                return;
+            };
+            if let Err(e) = node.ctx.import(lease.seq(), kv).await {
+                let _ = tx.send(Err(NodeError::Transfer(e.to_string())));
+                return;
+            }
+            tracing::debug!(id, seq = lease.seq(), "KV imported, generating");
+            node.generate(lease, first_token, sampling, tx).await;
+        });
+    }
+
+    /// Continues a request whose prompt was prefilled in `lease` on this node's own context (colocated).
+    pub fn start_local(
+        self: &Arc<Self>,
+        id: RequestId,
+        lease: SlotLease,
         first_token: i32,
         sampling: SamplingParams,
-    ) -> Result<Generated, DecodeError> {
-        let kv = transfer.finish()?;
-        let slot = self.take_slot()?;
-        self.ctx.import(slot.seq(), kv).await?;
-        let out = self
+    ) {
+        let mut entry = Entry::new();
+        entry.stage = Stage::Running;
+        let tx = entry.tx.clone();
+        self.lock().insert(id, entry);
+        let node = Arc::clone(self);
+        tokio::spawn(async move { node.generate(lease, first_token, sampling, tx).await });
+    }
+
+    async fn generate(
+        &self,
+        lease: SlotLease,
+        first_token: i32,
+        sampling: SamplingParams,
+        out: mpsc::UnboundedSender<Event>,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let run = self
             .ctx
-            .generate(slot.seq(), first_token, 0, sampling)
-            .await;
-        self.ctx.clear(slot.seq()).await?;
-        Ok(out?)
+            .generate_stream(lease.seq(), first_token, 0, sampling, tx);
+        // Forward until the entry's receiver is gone (cancel): dropping `rx` then stops the engine.
+        let forward = async {
+            while let Some(ev) = rx.recv().await {
+                if out.send(Ok(ev)).is_err() {
+                    break;
+                }
+            }
+        };
+        let (res, ()) = tokio::join!(run, forward);
+        if let Err(e) = res {
+            let _ = out.send(Err(NodeError::Engine(e.to_string())));
+        }
+        drop(lease);
+    }
+
+    /// Waits up to `wait` for output of request `id` and returns everything available. The request is
+    /// forgotten once its final reply (finish or error) has been returned.
+    pub async fn poll(&self, id: RequestId, wait: Duration) -> Result<PollReply, NodeError> {
+        let rx = {
+            let mut map = self.lock();
+            let entry = map.entry(id).or_insert_with(Entry::new);
+            entry.last_poll = Instant::now();
+            Arc::clone(&entry.rx)
+        };
+        let mut rx = rx.lock().await;
+        let mut reply = PollReply::default();
+        let mut events = Vec::new();
+        if let Ok(Some(ev)) = tokio::time::timeout(wait, rx.recv()).await {
+            events.push(ev);
+            while let Ok(ev) = rx.try_recv() {
+                events.push(ev);
+            }
+        }
+        for ev in events {
+            match ev {
+                Ok(GenEvent::Token { text, .. }) => {
+                    reply.text += &text;
+                    reply.n_tokens += 1;
+                }
+                Ok(GenEvent::Done { finish, tail }) => {
+                    reply.text += &tail;
+                    reply.finish = Some(finish);
+                }
+                Err(e) => {
+                    self.lock().remove(&id);
+                    return Err(e);
+                }
+            }
+        }
+        if reply.finish.is_some() {
+            self.lock().remove(&id);
+        }
+        Ok(reply)
+    }
+
+    /// Stops request `id`: generation ends before its next token and the slot is freed.
+    pub fn cancel(&self, id: RequestId) {
+        if self.lock().remove(&id).is_some() {
+            tracing::debug!(id, "request cancelled");
+        }
+    }
+
+    /// Enforces the timeouts every second until the node is dropped elsewhere.
+    pub async fn run_reaper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let mut map = self.lock();
+            map.retain(|id, e| {
+                let stalled = !matches!(e.stage, Stage::Running)
+                    && now - e.last_progress > self.timeouts.transfer;
+                if stalled {
+                    tracing::warn!(id, "KV transfer timed out");
+                    let _ =
+                        e.tx.send(Err(NodeError::Transfer("transfer timed out".into())));
+                    e.stage = Stage::Running;
+                    e.last_poll = now;
+                }
+                let idle = now - e.last_poll > self.timeouts.idle;
+                if idle {
+                    tracing::warn!(id, "request not polled for too long; cancelling");
+                }
+                !idle
+            });
+            drop(map);
+            if Arc::strong_count(&self) == 1 {
+                return;
+            }
+        }
     }
 }

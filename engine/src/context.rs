@@ -38,6 +38,36 @@ impl Default for ContextConfig {
     }
 }
 
+/// One sequence slot of a context, held by one request; freed (and its KV cleared) on drop.
+#[derive(Debug)]
+pub struct SlotLease {
+    seq: i32,
+    slots: Arc<std::sync::Mutex<Vec<bool>>>,
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl SlotLease {
+    /// The llama.cpp sequence id of the slot.
+    pub fn seq(&self) -> i32 {
+        self.seq
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        // Queued behind whatever the slot's request still has in flight, so it runs after that.
+        let (reply, _) = oneshot::channel();
+        let _ = self.tx.send(Command::Clear {
+            seq: self.seq,
+            reply,
+        });
+        let mut busy = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = busy.get_mut(self.seq as usize) {
+            *b = false;
+        }
+    }
+}
+
 /// Result of a prefill: the first output token, sampled on the prefill side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefillOutput {
@@ -125,6 +155,7 @@ enum Command {
 #[derive(Clone)]
 pub struct ContextHandle {
     tx: mpsc::UnboundedSender<Command>,
+    slots: Arc<std::sync::Mutex<Vec<bool>>>,
     config: ContextConfig,
     shape: Arc<StateShape>,
     model: Arc<Model>,
@@ -149,12 +180,38 @@ impl ContextHandle {
             .spawn(move || worker_main(worker_model, config, rx, ready_tx))
             .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
         let shape = ready_rx.recv().map_err(|_| EngineError::WorkerGone)??;
+        let slots = Arc::new(std::sync::Mutex::new(vec![
+            false;
+            config.layout.n_seq_max as usize
+        ]));
         Ok(ContextHandle {
             tx,
+            slots,
             config,
             shape: Arc::new(shape),
             model,
         })
+    }
+
+    /// Takes a free sequence slot, or `None` when all are in use. The slot's KV is cleared when the
+    /// lease is dropped.
+    pub fn acquire_slot(&self) -> Option<SlotLease> {
+        let mut busy = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = busy.iter().position(|b| !b)?;
+        busy[slot] = true;
+        Some(SlotLease {
+            seq: slot as i32,
+            slots: Arc::clone(&self.slots),
+            tx: self.tx.clone(),
+        })
+    }
+
+    /// Sequence slots not leased right now.
+    pub fn free_slots(&self) -> usize {
+        self.slots
+            .lock()
+            .map(|b| b.iter().filter(|x| !**x).count())
+            .unwrap_or(0)
     }
 
     /// The configuration this context was created with.

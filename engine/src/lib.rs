@@ -13,7 +13,9 @@ mod model;
 mod sampler;
 mod text;
 
-pub use context::{ContextConfig, ContextHandle, ExportedKv, GenEvent, Generated, PrefillOutput};
+pub use context::{
+    ContextConfig, ContextHandle, ExportedKv, GenEvent, Generated, PrefillOutput, SlotLease,
+};
 pub use error::EngineError;
 pub use model::{ChatMessage, Model, ModelOptions, fingerprint_file};
 pub use sampler::draw_seed;

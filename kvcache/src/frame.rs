@@ -395,6 +395,15 @@ fn chunk_frame(index: u32, raw_len: u32, tag: u64, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// The index of a chunk frame, read without checking anything else (for reordering on arrival).
+pub fn chunk_index(frame: &[u8]) -> Result<u32, KvError> {
+    let mut r = Reader::new(frame, "KV chunk");
+    if r.take(4)? != CHUNK_MAGIC {
+        return Err(KvError::BadMagic { what: "KV chunk" });
+    }
+    r.u32()
+}
+
 /// A state reassembled from frames whose checksums, sizes and order all checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodedKv {

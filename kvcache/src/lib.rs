@@ -19,7 +19,7 @@ pub use codec::Codec;
 pub use error::KvError;
 pub use frame::{
     CHUNK_HEADER_LEN, DEFAULT_CHUNK_SIZE, DecodeLimits, DecodedKv, ImportTarget, KvDecoder,
-    KvEncoder, KvHeader, MAX_CHUNK_SIZE, WIRE_VERSION,
+    KvEncoder, KvHeader, MAX_CHUNK_SIZE, WIRE_VERSION, chunk_index,
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
 pub use state::{LayerShape, SeqStateInfo, StateShape, VShape, to_single_stream};

@@ -1,45 +1,69 @@
-//! Prefill node: runs a prompt through llama.cpp, samples the first token and encodes the KV cache.
+//! Prefill node: renders and tokenizes a prompt, runs it through llama.cpp, samples output token 0,
+//! and ships the KV cache straight to the decode node the router chose.
 
-use exo_engine::{ContextHandle, EngineError};
-use exo_kvcache::{Codec, KvEncoder, KvError};
-use exo_protocol::SamplingParams;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Why a prefill failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PrefillError {
-    /// The engine refused or failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// The KV cache could not be framed.
-    #[error(transparent)]
-    Kv(#[from] KvError),
+use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease, TextStream};
+use exo_kvcache::KvEncoder;
+use exo_protocol::{
+    FinishReason, Handoff, KvBegin, KvFrame, NodeError, NodeServiceClient, PrefillReply,
+    PrefillRequest, Prompt, RequestId, SamplingParams, connect, context_with_deadline,
+};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Mutex;
+
+/// Deadline of one KV call to a decode node.
+const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a prefill node ships caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShipConfig {
+    /// Chunk calls in flight at once per transfer (the decode node reorders them).
+    pub chunks_in_flight: usize,
 }
 
-/// A prompt's result: the first output token and the frames of its KV cache, ready to send.
-pub struct Prefilled {
-    /// Output token 0, sampled here.
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig {
+            chunks_in_flight: 2,
+        }
+    }
+}
+
+/// What a prefill produced when the request continues on this node (colocated).
+pub struct LocalContinuation {
+    /// The slot holding the prompt's KV cache.
+    pub lease: SlotLease,
+    /// Output token 0.
     pub first_token: i32,
-    /// Prompt tokens processed.
-    pub n_prompt: usize,
-    /// The KV cache's frames (header first, then chunks as they are taken).
-    pub frames: KvEncoder<Vec<u8>>,
+    /// Sampling for the rest of the request.
+    pub sampling: SamplingParams,
 }
 
-/// A prefill worker over one engine context (sequence slot 0).
+/// The prefill side of a node.
 pub struct PrefillNode {
     ctx: ContextHandle,
-    codec: Codec,
-    chunk_size: u32,
+    ship: ShipConfig,
+    peers: Mutex<HashMap<String, NodeServiceClient>>,
+}
+
+fn engine_error(e: EngineError) -> NodeError {
+    match e {
+        EngineError::InvalidRequest(m) | EngineError::Prompt(m) => NodeError::InvalidRequest(m),
+        other => NodeError::Engine(other.to_string()),
+    }
 }
 
 impl PrefillNode {
-    /// A node that encodes caches with `codec` in chunks of `chunk_size` raw bytes.
-    pub fn new(ctx: ContextHandle, codec: Codec, chunk_size: u32) -> Self {
-        PrefillNode {
+    /// A prefill node over `ctx`.
+    pub fn new(ctx: ContextHandle, ship: ShipConfig) -> Arc<Self> {
+        Arc::new(PrefillNode {
             ctx,
-            codec,
-            chunk_size,
-        }
+            ship,
+            peers: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The engine context.
@@ -47,29 +71,174 @@ impl PrefillNode {
         &self.ctx
     }
 
-    /// Runs `tokens`, samples output token 0, exports and frames the KV cache, and frees the slot.
-    pub async fn prefill(
-        &self,
-        tokens: Vec<i32>,
-        sampling: &SamplingParams,
-    ) -> Result<Prefilled, PrefillError> {
-        let out = self.ctx.prefill(0, tokens, sampling.clone()).await?;
-        let exported = self.ctx.export(0).await;
-        self.ctx.clear(0).await?;
-        let kv = exported?;
+    /// Renders and tokenizes a prompt.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<i32>, NodeError> {
         let model = self.ctx.model();
-        let frames = KvEncoder::new(
-            kv.state,
-            kv.tokens,
-            model.fingerprint(),
-            self.ctx.config().layout,
-            self.codec,
-            self.chunk_size,
-        )?;
-        Ok(Prefilled {
+        let text = match prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(turns) => {
+                if turns.is_empty() {
+                    return Err(NodeError::InvalidRequest(
+                        "messages must not be empty".into(),
+                    ));
+                }
+                let msgs: Vec<ChatMessage> = turns
+                    .iter()
+                    .map(|t| ChatMessage {
+                        role: t.role.clone(),
+                        content: t.content.clone(),
+                    })
+                    .collect();
+                model.chat_prompt(&msgs).map_err(engine_error)?
+            }
+        };
+        let tokens = model.tokenize(&text, true);
+        if tokens.is_empty() {
+            return Err(NodeError::InvalidRequest("the prompt is empty".into()));
+        }
+        Ok(tokens)
+    }
+
+    /// Runs a request's prompt. With a handoff the cache is shipped to the decode node on a task and the
+    /// reply comes back at once; without one the slot is returned for generation here.
+    pub async fn prefill(
+        self: &Arc<Self>,
+        request: PrefillRequest,
+    ) -> Result<(PrefillReply, Option<LocalContinuation>), NodeError> {
+        let tokens = self.tokenize(&request.prompt)?;
+        let own = self.ctx.config().layout.n_ctx_seq;
+        let limit = request
+            .handoff
+            .as_ref()
+            .map_or(own, |h| h.context_limit.min(own))
+            .saturating_sub(1);
+        if tokens.len() > limit as usize {
+            return Err(NodeError::ContextLength {
+                tokens: tokens.len() as u32,
+                limit,
+            });
+        }
+        let lease = self.ctx.acquire_slot().ok_or(NodeError::Busy)?;
+        let sampling = request.sampling;
+        let out = self
+            .ctx
+            .prefill(lease.seq(), tokens, sampling.clone())
+            .await
+            .map_err(engine_error)?;
+        let model = self.ctx.model();
+        let mut text = TextStream::new(&sampling.stop);
+        let mut first_text = text.push(&model.token_bytes(out.first_token));
+        let finish = if model.is_eog(out.first_token) {
+            first_text.clear();
+            Some(FinishReason::Stop)
+        } else if text.stopped() {
+            Some(FinishReason::Stop)
+        } else if sampling.max_tokens <= 1 {
+            first_text += &text.finish();
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let reply = PrefillReply {
             first_token: out.first_token,
-            n_prompt: out.n_prompt,
-            frames,
-        })
+            first_text,
+            n_prompt: out.n_prompt as u32,
+            finish,
+        };
+        if finish.is_some() {
+            return Ok((reply, None));
+        }
+        match request.handoff {
+            None => Ok((
+                reply,
+                Some(LocalContinuation {
+                    lease,
+                    first_token: out.first_token,
+                    sampling,
+                }),
+            )),
+            Some(handoff) => {
+                let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
+                drop(lease);
+                let encoder = KvEncoder::new(
+                    kv.state,
+                    kv.tokens,
+                    model.fingerprint(),
+                    self.ctx.config().layout,
+                    handoff.codec,
+                    handoff.chunk_size,
+                )
+                .map_err(|e| NodeError::Transfer(e.to_string()))?;
+                let node = Arc::clone(self);
+                let first_token = out.first_token;
+                tokio::spawn(async move {
+                    let id = request.id;
+                    if let Err(e) = node
+                        .ship(id, &handoff, encoder, first_token, sampling)
+                        .await
+                    {
+                        tracing::warn!(id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
+                    }
+                });
+                Ok((reply, None))
+            }
+        }
+    }
+
+    async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {
+        let mut peers = self.peers.lock().await;
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = connect(addr)
+            .await
+            .map_err(|e| NodeError::Transfer(format!("cannot reach decode node {addr}: {e}")))?;
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Sends the header, then the chunks with up to `chunks_in_flight` calls outstanding.
+    async fn ship(
+        &self,
+        id: RequestId,
+        handoff: &Handoff,
+        mut encoder: KvEncoder<Vec<u8>>,
+        first_token: i32,
+        sampling: SamplingParams,
+    ) -> Result<(), NodeError> {
+        let client = self.client(&handoff.decode_addr).await?;
+        let rpc = |e: tarpc::client::RpcError| NodeError::Transfer(e.to_string());
+        let begin = KvBegin {
+            id,
+            header: encoder.header_frame(),
+            first_token,
+            sampling,
+        };
+        let sent = client
+            .kv_begin(context_with_deadline(KV_CALL_TIMEOUT), begin)
+            .await;
+        if sent.is_err() {
+            // A broken cached connection: forget it so the next transfer reconnects.
+            self.peers.lock().await.remove(&handoff.decode_addr);
+        }
+        sent.map_err(rpc)??;
+        let depth = self.ship.chunks_in_flight.max(1);
+        futures::stream::iter(encoder.by_ref())
+            .map(|bytes| {
+                let client = client.clone();
+                async move {
+                    client
+                        .kv_chunk(
+                            context_with_deadline(KV_CALL_TIMEOUT),
+                            KvFrame { id, bytes },
+                        )
+                        .await
+                        .map_err(rpc)?
+                }
+            })
+            .buffered(depth)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
     }
 }

@@ -1,11 +1,20 @@
-//! Types shared by the router and both node kinds: what a request asks of generation and how it ended.
+//! The RPC protocol between the router and the nodes: the tarpc service, its messages, and the TCP
+//! transport (bincode frames, `TCP_NODELAY`, explicit frame limits and deadlines).
 //!
-//! Plain data only (serde, no llama.cpp, no runtime), so the router can depend on it without linking an
-//! inference engine. The RPC service traits join it when the nodes get their network services.
+//! No llama.cpp here, so the router can depend on it without linking an inference engine.
+
+mod service;
+mod transport;
 
 use serde::{Deserialize, Serialize};
 
 pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
+pub use service::{
+    ChatTurn, Handoff, HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo, NodeService,
+    NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply, PrefillReply,
+    PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
+};
+pub use transport::{MAX_FRAME_BYTES, ServerTransport, connect, context_with_deadline, serve};
 
 /// How the next token is chosen and when generation stops.
 ///

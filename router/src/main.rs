@@ -1,15 +1,17 @@
-//! The `exo-router` command line.
+//! The `exo-router` command line: `serve` the API over a cluster, or run a `node` daemon.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use exo_decode_node::DecodeNode;
-use exo_engine::{ChatMessage, ContextConfig, ContextHandle, Model, ModelOptions};
-use exo_kvcache::{Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, KvLayout};
-use exo_prefill_node::PrefillNode;
-use exo_protocol::SamplingParams;
+use exo_engine::{Model, ModelOptions};
+use exo_kvcache::{KvLayout, KvType};
+use exo_protocol::Role;
+use exo_router::node::{NodeOptions, spawn_node};
+use exo_router::profile::Profile;
+use exo_router::{Server, default_profile};
 
 #[derive(Parser)]
 #[command(
@@ -24,118 +26,136 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one chat prompt through a prefill context, ship its KV cache to a decode context, and print
-    /// the answer generated there, with timings.
-    Demo(DemoArgs),
+    /// Serve the OpenAI-compatible API over the cluster a profile describes.
+    Serve(ServeArgs),
+    /// Run a node daemon (one per machine) that the router connects to.
+    Node(NodeArgs),
 }
 
 #[derive(clap::Args)]
-struct DemoArgs {
-    /// GGUF model.
+struct ServeArgs {
+    /// Cluster profile (TOML); see docs/profiles.md.
+    #[arg(long, env = "EXO_PROFILE")]
+    profile: Option<PathBuf>,
+    /// HTTP listen address (overrides the profile's router.listen).
+    #[arg(long, env = "EXO_LISTEN")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// What this node does: prefill, decode or both.
+    #[arg(long, env = "EXO_ROLE")]
+    role: Role,
+    /// GGUF model (every node of a cluster must run the same file).
     #[arg(
         long,
         env = "EXO_MODEL",
         default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
     model: PathBuf,
-    /// The user's message.
-    #[arg(
-        long,
-        default_value = "What is the capital of France? Answer in one sentence."
-    )]
-    prompt: String,
-    /// KV codec: none, lz4 or shuffle-lz4.
-    #[arg(long, default_value = "none")]
-    codec: Codec,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 128)]
-    max_tokens: u32,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// RPC listen address; port 0 picks a free port (printed on start).
+    #[arg(long, env = "EXO_NODE_LISTEN", default_value = "0.0.0.0:52416")]
+    listen: SocketAddr,
+    /// Node name (defaults to the host name and port).
+    #[arg(long, env = "EXO_NODE_NAME")]
+    name: Option<String>,
+    /// Sequence slots (concurrent requests); default 1 for prefill, 4 otherwise.
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Context per sequence, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    n_ctx_seq: u32,
+    /// KV cache type for K and V: f16, q8_0, ... (must match the other nodes).
+    #[arg(long, default_value = "f16")]
+    kv_type: KvType,
+    /// Flash attention on (must match the other nodes).
+    #[arg(long)]
+    flash_attn: bool,
+    /// Chunk calls in flight when shipping a KV cache.
+    #[arg(long, default_value_t = 2)]
+    chunks_in_flight: usize,
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama-cpp-2=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Command::Demo(args) => rt.block_on(demo(args)),
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Node(args) => rt.block_on(node(args)),
     }
 }
 
-async fn demo(args: DemoArgs) -> Result<()> {
+async fn serve(args: ServeArgs) -> Result<()> {
+    let path = args
+        .profile
+        .unwrap_or_else(|| default_profile().to_path_buf());
+    let profile = Profile::load(&path)?;
+    let listen = args.listen.unwrap_or(profile.listen);
+    let server = Server::start(&profile, listen).await?;
+    println!(
+        "exo-router serving {} on http://{} (profile {})",
+        server.cluster.model_id(),
+        server.addr,
+        path.display()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    eprintln!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn node(args: NodeArgs) -> Result<()> {
     let model = Model::load(&args.model, &ModelOptions::default()).with_context(|| {
         format!(
             "loading {} (scripts/fetch-model puts the default model in place)",
             args.model.display()
         )
     })?;
-    let layout = KvLayout::default();
-    let prefill_ctx = ContextHandle::spawn(
-        model.clone(),
-        ContextConfig {
-            layout,
-            ..ContextConfig::default()
-        },
-    )?;
-    let decode_ctx = ContextHandle::spawn(
-        model.clone(),
-        ContextConfig {
-            layout: KvLayout {
-                n_seq_max: 4,
-                ..layout
-            },
-            ..ContextConfig::default()
-        },
-    )?;
-    let prefill = PrefillNode::new(prefill_ctx, args.codec, DEFAULT_CHUNK_SIZE);
-    let decode = DecodeNode::new(decode_ctx, DecodeLimits::default());
-    let sampling = SamplingParams {
-        temperature: args.temperature,
-        seed: args.seed,
-        max_tokens: args.max_tokens,
-        ..SamplingParams::default()
+    let slots = args
+        .slots
+        .unwrap_or(if args.role == Role::Prefill { 1 } else { 4 });
+    let layout = KvLayout {
+        type_k: args.kv_type,
+        type_v: args.kv_type,
+        flash_attn: args.flash_attn,
+        kv_unified: false,
+        n_seq_max: slots,
+        n_ctx_seq: args.n_ctx_seq,
     };
-    let prompt = model.chat_prompt(&[ChatMessage {
-        role: "user".into(),
-        content: args.prompt,
-    }])?;
-    let tokens = model.tokenize(&prompt, true);
-
-    let t0 = Instant::now();
-    let mut pre = prefill.prefill(tokens, &sampling).await?;
-    let t_prefill = t0.elapsed();
-    let header = pre.frames.header_frame();
-    let (raw, wire) = (pre.frames.header().raw_len, pre.frames.header().encoded_len);
-    let t1 = Instant::now();
-    let mut transfer = decode.begin_transfer(&header)?;
-    for chunk in pre.frames.by_ref() {
-        transfer.push_chunk(&chunk)?;
-    }
-    let t_transfer = t1.elapsed();
-    let t2 = Instant::now();
-    let out = decode.decode(transfer, pre.first_token, sampling).await?;
-    let t_decode = t2.elapsed();
-
-    println!("{}", out.text.trim());
-    eprintln!(
-        "prefill: {} tokens in {:.0} ms | KV: {raw} bytes, {wire} on the wire ({}), framed and checked in {:.1} ms | decode: {} tokens in {:.0} ms ({:?})",
-        pre.n_prompt,
-        t_prefill.as_secs_f64() * 1e3,
-        args.codec,
-        t_transfer.as_secs_f64() * 1e3,
-        out.tokens.len(),
-        t_decode.as_secs_f64() * 1e3,
-        out.finish,
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "node".into());
+        format!("{host}-{}", args.listen.port())
+    });
+    let options = NodeOptions {
+        name: name.clone(),
+        role: args.role,
+        layout,
+        chunks_in_flight: args.chunks_in_flight,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let bound = spawn_node(Arc::clone(&model), &options, args.listen, async move {
+        let _ = stop_rx.await;
+    })
+    .await?;
+    println!(
+        "exo-router node {name} ({}) listening on {bound}",
+        args.role
     );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    let _ = stop_tx.send(());
     Ok(())
 }

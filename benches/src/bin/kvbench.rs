@@ -164,8 +164,9 @@ async fn main() -> Result<()> {
             })?;
             let mut import = Duration::MAX;
             for _ in 0..args.reps {
+                let copy = decoded.clone();
                 let t = Instant::now();
-                dst.import(1, decoded.clone()).await?;
+                dst.import(1, copy).await?;
                 import = import.min(t.elapsed());
             }
             // The imported cache must continue like the original.

@@ -1,0 +1,241 @@
+//! The node service: one tarpc service every node serves; a node refuses calls its role does not cover.
+//!
+//! A disaggregated request: the router calls `prefill` on the prefill node with a [`Handoff`] naming the
+//! decode node. The prefill node runs the prompt, samples output token 0, replies to the router at once
+//! (the router streams that token to the client) and meanwhile ships the KV cache straight to the
+//! decode node (`kv_begin`, then `kv_chunk` per chunk). The decode node imports it when the last chunk
+//! arrives and generates; the router long-polls it with `poll` and calls `cancel` when the client goes.
+//! A colocated request is a `prefill` without handoff on a `both` node, which then generates itself.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{FinishReason, KvLayout, ModelFingerprint, SamplingParams};
+
+/// A request's id, chosen by the router, unique within the cluster for its lifetime.
+pub type RequestId = u64;
+
+/// What a node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs prompts and ships KV caches.
+    Prefill,
+    /// Imports KV caches and generates.
+    Decode,
+    /// Both, including whole requests on its own (colocated).
+    Both,
+}
+
+impl Role {
+    /// True if the node runs prompts.
+    pub fn prefills(self) -> bool {
+        matches!(self, Role::Prefill | Role::Both)
+    }
+
+    /// True if the node generates.
+    pub fn decodes(self) -> bool {
+        matches!(self, Role::Decode | Role::Both)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Both => "both",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            "both" => Ok(Role::Both),
+            other => Err(format!(
+                "unknown role {other:?} (expected prefill, decode or both)"
+            )),
+        }
+    }
+}
+
+/// Hardware facts a node reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HardwareFacts {
+    /// Hardware threads available to the process.
+    pub cpu_threads: u32,
+    /// Total memory in bytes (0 when unknown).
+    pub memory_bytes: u64,
+    /// Operating system.
+    pub os: String,
+    /// CPU architecture.
+    pub arch: String,
+}
+
+/// What a node reports when the router connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's name.
+    pub name: String,
+    /// What it does.
+    pub role: Role,
+    /// Model id (file name without `.gguf`).
+    pub model: String,
+    /// Model fingerprint: every node of a cluster must run the same model.
+    pub fingerprint: ModelFingerprint,
+    /// The KV layout of its context.
+    pub layout: KvLayout,
+    /// Its machine.
+    pub hardware: HardwareFacts,
+    /// exo-router version.
+    pub version: String,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTurn {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+/// The prompt of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// Messages, rendered with the model's chat template.
+    Chat(Vec<ChatTurn>),
+    /// Raw text, tokenized as is (with the model's start token).
+    Text(String),
+}
+
+/// Where and how a prefill node ships the KV cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// The decode node's RPC address (`host:port`).
+    pub decode_addr: String,
+    /// Codec for the chunks.
+    pub codec: crate::Codec,
+    /// Raw bytes per chunk.
+    pub chunk_size: u32,
+    /// The decode node's per-sequence context: the prompt must leave room in it.
+    pub context_limit: u32,
+}
+
+/// A request to run a prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefillRequest {
+    /// Request id.
+    pub id: RequestId,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling for the whole request.
+    pub sampling: SamplingParams,
+    /// Ship the cache to a decode node; `None` to generate here (colocated, `both` nodes only).
+    pub handoff: Option<Handoff>,
+}
+
+/// The prefill's answer, sent as soon as output token 0 is known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefillReply {
+    /// Output token 0.
+    pub first_token: i32,
+    /// Text that token 0 made final.
+    pub first_text: String,
+    /// Prompt tokens.
+    pub n_prompt: u32,
+    /// Set when the request already ended with token 0 (nothing is shipped or generated then).
+    pub finish: Option<FinishReason>,
+}
+
+/// First message of a KV transfer, from the prefill node to the decode node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvBegin {
+    /// Request id.
+    pub id: RequestId,
+    /// The KV header frame.
+    #[serde(with = "serde_bytes")]
+    pub header: Vec<u8>,
+    /// Output token 0, which the decode node feeds first.
+    pub first_token: i32,
+    /// Sampling for the rest of the request.
+    pub sampling: SamplingParams,
+}
+
+/// One KV chunk frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvFrame {
+    /// Request id.
+    pub id: RequestId,
+    /// The chunk frame.
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// Generated output since the last poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PollReply {
+    /// Newly final text.
+    pub text: String,
+    /// Tokens generated since the last poll.
+    pub n_tokens: u32,
+    /// Set once generation ended; the request is then forgotten by the node.
+    pub finish: Option<FinishReason>,
+}
+
+/// Why a node refused or failed a call; each variant maps to one HTTP status at the router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum NodeError {
+    /// The request itself is wrong (empty prompt, bad token, bad parameters).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The prompt does not fit the context.
+    #[error("prompt of {tokens} tokens exceeds the context of {limit} tokens")]
+    ContextLength {
+        /// Prompt tokens.
+        tokens: u32,
+        /// Largest prompt accepted.
+        limit: u32,
+    },
+    /// Every sequence slot is busy.
+    #[error("node busy: no free sequence slot")]
+    Busy,
+    /// The call needs a role this node does not have.
+    #[error("node role {role} cannot {what}")]
+    WrongRole {
+        /// The node's role.
+        role: Role,
+        /// What was asked.
+        what: String,
+    },
+    /// The node knows no request with this id (finished, cancelled or timed out).
+    #[error("unknown request {0}")]
+    UnknownRequest(RequestId),
+    /// The KV transfer failed or was refused.
+    #[error("KV transfer failed: {0}")]
+    Transfer(String),
+    /// The engine failed.
+    #[error("engine error: {0}")]
+    Engine(String),
+}
+
+/// The service every node serves.
+#[tarpc::service]
+pub trait NodeService {
+    /// The node's identity, model, KV layout and hardware.
+    async fn hello() -> NodeInfo;
+    /// Runs a prompt; replies with output token 0 as soon as it is sampled.
+    async fn prefill(request: PrefillRequest) -> Result<PrefillReply, NodeError>;
+    /// Starts receiving a KV transfer for a request (decode nodes).
+    async fn kv_begin(begin: KvBegin) -> Result<(), NodeError>;
+    /// Receives the next chunk of a transfer (decode nodes).
+    async fn kv_chunk(frame: KvFrame) -> Result<(), NodeError>;
+    /// Waits up to `wait_ms` for generated output, then returns what there is.
+    async fn poll(id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError>;
+    /// Stops a request and frees its slot.
+    async fn cancel(id: RequestId);
+}

@@ -1,0 +1,295 @@
+//! The router's view of the cluster: connections to the nodes, their health, and placement.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use exo_protocol::{
+    ModelFingerprint, NodeInfo, NodeServiceClient, Role, connect, context_with_deadline,
+};
+
+use crate::error::ApiError;
+use crate::profile::{KvShipping, NodeSpec, PlacementMode};
+
+/// Deadline of a health check.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often nodes are checked (and down nodes retried).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One node as the router sees it.
+pub struct ClusterNode {
+    /// Its profile entry.
+    pub spec: NodeSpec,
+    /// Its RPC address.
+    pub addr: String,
+    client: RwLock<Option<NodeServiceClient>>,
+    info: RwLock<Option<NodeInfo>>,
+    healthy: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl ClusterNode {
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// What it reported on connect, once connected.
+    pub fn info(&self) -> Option<NodeInfo> {
+        self.info.read().ok().and_then(|i| i.clone())
+    }
+
+    /// True when the last contact succeeded.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Requests placed on this node and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The RPC client, if connected.
+    pub fn client(&self) -> Option<NodeServiceClient> {
+        self.client.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Marks the node down after a failed call; the health loop reconnects it.
+    pub fn mark_down(&self, why: &str) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(node = %self.spec.name, addr = %self.addr, %why, "node down");
+        }
+        if let Ok(mut c) = self.client.write() {
+            *c = None;
+        }
+    }
+}
+
+/// Counts a request on a node while alive.
+pub struct InFlight(Arc<ClusterNode>);
+
+impl InFlight {
+    fn new(node: &Arc<ClusterNode>) -> Self {
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(node))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where one request runs.
+pub struct Placement {
+    /// Runs the prompt.
+    pub prefill: Arc<ClusterNode>,
+    /// Generates (the same node when colocated).
+    pub decode: Arc<ClusterNode>,
+    /// Keeps the nodes' in-flight counts while the request lives.
+    pub guards: Vec<InFlight>,
+}
+
+impl Placement {
+    /// True when prefill and decode run on different nodes.
+    pub fn is_split(&self) -> bool {
+        !Arc::ptr_eq(&self.prefill, &self.decode)
+    }
+}
+
+/// All nodes of the cluster.
+pub struct Cluster {
+    nodes: Vec<Arc<ClusterNode>>,
+    mode: PlacementMode,
+    /// How KV caches travel.
+    pub kv: KvShipping,
+    model_id: RwLock<String>,
+    fingerprint: RwLock<Option<ModelFingerprint>>,
+    next_id: AtomicU64,
+}
+
+impl Cluster {
+    /// Connects to every node (nodes that do not answer yet are retried by [`Cluster::run_health`]).
+    /// `expected` is the model the router itself loaded, when it hosts embedded nodes.
+    pub async fn connect(
+        nodes: Vec<(NodeSpec, String)>,
+        mode: PlacementMode,
+        kv: KvShipping,
+        model_id: String,
+        expected: Option<ModelFingerprint>,
+    ) -> Arc<Cluster> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let cluster = Arc::new(Cluster {
+            nodes: nodes
+                .into_iter()
+                .map(|(spec, addr)| {
+                    Arc::new(ClusterNode {
+                        spec,
+                        addr,
+                        client: RwLock::new(None),
+                        info: RwLock::new(None),
+                        healthy: AtomicBool::new(false),
+                        in_flight: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
+            mode,
+            kv,
+            model_id: RwLock::new(model_id),
+            fingerprint: RwLock::new(expected),
+            next_id: AtomicU64::new(seed << 16),
+        });
+        futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
+        cluster
+    }
+
+    /// The model id clients must name.
+    pub fn model_id(&self) -> String {
+        self.model_id.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[Arc<ClusterNode>] {
+        &self.nodes
+    }
+
+    /// A fresh request id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connects (if needed) and says hello; marks the node up or down.
+    async fn check(&self, node: &Arc<ClusterNode>) {
+        let client = match node.client() {
+            Some(c) => c,
+            None => match connect(&node.addr).await {
+                Ok(c) => c,
+                Err(e) => {
+                    node.mark_down(&format!("connect: {e}"));
+                    return;
+                }
+            },
+        };
+        let info = match client.hello(context_with_deadline(HELLO_TIMEOUT)).await {
+            Ok(info) => info,
+            Err(e) => {
+                node.mark_down(&format!("hello: {e}"));
+                return;
+            }
+        };
+        if let Err(why) = self.admit(node, &info) {
+            node.mark_down(&why);
+            return;
+        }
+        if let Ok(mut c) = node.client.write() {
+            *c = Some(client);
+        }
+        if let Ok(mut i) = node.info.write() {
+            *i = Some(info);
+        }
+        if !node.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(node = %node.spec.name, addr = %node.addr, role = %node.spec.role, "node up");
+        }
+    }
+
+    /// A node joins only with the cluster's model and the role the profile gives it.
+    fn admit(&self, node: &ClusterNode, info: &NodeInfo) -> Result<(), String> {
+        if info.role != node.spec.role {
+            return Err(format!(
+                "reports role {}, the profile says {}",
+                info.role, node.spec.role
+            ));
+        }
+        let mut fp = self
+            .fingerprint
+            .write()
+            .map_err(|_| "lock poisoned".to_string())?;
+        match *fp {
+            Some(expected) if expected != info.fingerprint => {
+                return Err(format!(
+                    "runs model {} ({}), the cluster runs {}",
+                    info.model, info.fingerprint, expected
+                ));
+            }
+            Some(_) => {}
+            None => {
+                *fp = Some(info.fingerprint);
+                if let Ok(mut m) = self.model_id.write() {
+                    *m = info.model.clone();
+                }
+            }
+        }
+        // Every decode-capable node must accept caches from every prefill-capable node.
+        for other in self.nodes.iter().filter_map(|n| n.info()) {
+            let (p, d) = match (
+                info.role.prefills() && other.role.decodes(),
+                info.role.decodes() && other.role.prefills(),
+            ) {
+                (true, _) => (info.layout, other.layout),
+                (_, true) => (other.layout, info.layout),
+                _ => continue,
+            };
+            d.accepts(&p)
+                .map_err(|e| format!("KV layout incompatible with node {}: {e}", other.name))?;
+        }
+        Ok(())
+    }
+
+    /// Checks every node periodically, reconnecting those that are down.
+    pub async fn run_health(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        loop {
+            tick.tick().await;
+            futures::future::join_all(self.nodes.iter().map(|n| self.check(n))).await;
+        }
+    }
+
+    fn least_loaded(
+        &self,
+        want: impl Fn(&ClusterNode) -> bool,
+        prefer: Role,
+        not: Option<&Arc<ClusterNode>>,
+    ) -> Option<Arc<ClusterNode>> {
+        self.nodes
+            .iter()
+            .filter(|n| n.healthy() && want(n) && not.is_none_or(|x| !Arc::ptr_eq(x, n)))
+            .min_by_key(|n| (n.in_flight(), n.spec.role != prefer))
+            .cloned()
+    }
+
+    /// Chooses where a request runs, by the profile's placement mode and the nodes' current load.
+    pub fn place(&self) -> Result<Placement, ApiError> {
+        let split = || {
+            let p = self.least_loaded(|n| n.spec.role.prefills(), Role::Prefill, None)?;
+            let d = self.least_loaded(|n| n.spec.role.decodes(), Role::Decode, Some(&p))?;
+            Some((p, d))
+        };
+        let colocated = || {
+            self.least_loaded(|n| n.spec.role == Role::Both, Role::Both, None)
+                .map(|n| (n.clone(), n))
+        };
+        let chosen = match self.mode {
+            PlacementMode::Disaggregated => split(),
+            PlacementMode::Colocated => colocated(),
+            PlacementMode::Auto => split().or_else(colocated),
+        };
+        let (prefill, decode) = chosen.ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "no healthy node can serve this request ({:?} placement)",
+                self.mode
+            ))
+        })?;
+        let mut guards = vec![InFlight::new(&prefill)];
+        if !Arc::ptr_eq(&prefill, &decode) {
+            guards.push(InFlight::new(&decode));
+        }
+        Ok(Placement {
+            prefill,
+            decode,
+            guards,
+        })
+    }
+}

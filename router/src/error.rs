@@ -1,0 +1,88 @@
+//! API errors and their one mapping to HTTP status codes and OpenAI's error body.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use exo_protocol::NodeError;
+use serde_json::json;
+
+/// An error answered to an API client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or asks for something unsupported (400).
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending parameter, if one.
+        param: Option<&'static str>,
+        /// OpenAI error code, if one applies.
+        code: Option<&'static str>,
+    },
+    /// No node can serve the request now (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something failed inside the cluster (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 about `param`.
+    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param),
+            code: None,
+        }
+    }
+
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's error body.
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, param, code) = match self {
+            ApiError::BadRequest { param, code, .. } => ("invalid_request_error", *param, *code),
+            ApiError::Unavailable(_) => ("service_unavailable", None, Some("no_capacity")),
+            ApiError::Internal(_) => ("server_error", None, None),
+        };
+        json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::InvalidRequest(m) => ApiError::BadRequest {
+                message: m,
+                param: None,
+                code: None,
+            },
+            NodeError::ContextLength { .. } => ApiError::BadRequest {
+                message: format!("{e}; shorten the prompt"),
+                param: Some("messages"),
+                code: Some("context_length_exceeded"),
+            },
+            NodeError::Busy => {
+                ApiError::Unavailable("every sequence slot is busy; retry shortly".into())
+            }
+            NodeError::WrongRole { .. }
+            | NodeError::UnknownRequest(_)
+            | NodeError::Transfer(_)
+            | NodeError::Engine(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,206 @@
+//! One request's life across the cluster: placement, prefill, then the token stream from the decode node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exo_protocol::{
+    FinishReason, Handoff, NodeServiceClient, PrefillRequest, Prompt, RequestId, SamplingParams,
+    context_with_deadline,
+};
+use tarpc::client::RpcError;
+
+use crate::cluster::{Cluster, ClusterNode, Placement};
+use crate::error::ApiError;
+
+/// Deadline of a prefill call: long prompts on slow machines legitimately take minutes.
+const PREFILL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long one poll waits on the decode node for output.
+const POLL_WAIT_MS: u32 = 1000;
+/// Deadline of one poll call.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of the liveness check on the decode node.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Text that became final, and whether the request ended with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// New text (may be empty when only the finish is reported).
+    pub text: String,
+    /// Set on the last delta.
+    pub finish: Option<FinishReason>,
+}
+
+/// A running request. Dropping it before the end cancels the request on its decode node.
+pub struct Generation {
+    id: RequestId,
+    placement: Placement,
+    decode_client: NodeServiceClient,
+    first: Option<Delta>,
+    done: bool,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Tokens generated so far.
+    pub completion_tokens: u32,
+}
+
+fn is_connection_error(e: &RpcError) -> bool {
+    matches!(
+        e,
+        RpcError::Shutdown | RpcError::Send(_) | RpcError::Channel(_)
+    )
+}
+
+fn rpc_failure(node: &ClusterNode, e: RpcError) -> ApiError {
+    if is_connection_error(&e) {
+        node.mark_down(&e.to_string());
+        ApiError::Unavailable(format!("node {} is unreachable: {e}", node.name()))
+    } else {
+        ApiError::Internal(format!("node {}: {e}", node.name()))
+    }
+}
+
+impl Generation {
+    /// Places the request, runs its prompt, and returns once output token 0 is known.
+    pub async fn start(
+        cluster: &Arc<Cluster>,
+        prompt: Prompt,
+        sampling: SamplingParams,
+    ) -> Result<Generation, ApiError> {
+        let placement = cluster.place()?;
+        let id = cluster.next_id();
+        let unreachable =
+            |n: &ClusterNode| ApiError::Unavailable(format!("node {} is not connected", n.name()));
+        let prefill_client = placement
+            .prefill
+            .client()
+            .ok_or_else(|| unreachable(&placement.prefill))?;
+        let decode_client = placement
+            .decode
+            .client()
+            .ok_or_else(|| unreachable(&placement.decode))?;
+        let handoff = placement.is_split().then(|| Handoff {
+            decode_addr: placement.decode.addr.clone(),
+            codec: cluster.kv.codec,
+            chunk_size: cluster.kv.chunk_size,
+            context_limit: placement
+                .decode
+                .info()
+                .map_or(u32::MAX, |i| i.layout.n_ctx_seq),
+        });
+        let request = PrefillRequest {
+            id,
+            prompt,
+            sampling,
+            handoff,
+        };
+        tracing::debug!(
+            id,
+            prefill = placement.prefill.name(),
+            decode = placement.decode.name(),
+            "placed"
+        );
+        let prefill = prefill_client.prefill(context_with_deadline(PREFILL_TIMEOUT), request);
+        let reply = if placement.is_split() {
+            // Check the decode node while the prompt runs, so a dead one fails the request now.
+            let (reply, ping) = tokio::join!(
+                prefill,
+                decode_client.hello(context_with_deadline(PING_TIMEOUT))
+            );
+            if let Err(e) = ping {
+                return Err(rpc_failure(&placement.decode, e));
+            }
+            reply
+        } else {
+            prefill.await
+        };
+        let reply = reply.map_err(|e| rpc_failure(&placement.prefill, e))??;
+        let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
+        Ok(Generation {
+            id,
+            decode_client,
+            first: Some(Delta {
+                text: reply.first_text,
+                finish: reply.finish,
+            }),
+            done: false,
+            prompt_tokens: reply.n_prompt,
+            completion_tokens: u32::from(produced),
+            placement,
+        })
+    }
+
+    /// Name of the node that ran the prompt.
+    pub fn prefill_node(&self) -> &str {
+        self.placement.prefill.name()
+    }
+
+    /// Name of the node that generates.
+    pub fn decode_node(&self) -> &str {
+        self.placement.decode.name()
+    }
+
+    /// The next piece of output; `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Delta, ApiError>> {
+        if let Some(first) = self.first.take() {
+            self.done = first.finish.is_some();
+            return Some(Ok(first));
+        }
+        while !self.done {
+            let polled = self
+                .decode_client
+                .poll(context_with_deadline(POLL_TIMEOUT), self.id, POLL_WAIT_MS)
+                .await;
+            let reply = match polled {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(e.into()));
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(rpc_failure(&self.placement.decode, e)));
+                }
+            };
+            self.completion_tokens += reply.n_tokens;
+            self.done = reply.finish.is_some();
+            if !reply.text.is_empty() || reply.finish.is_some() {
+                return Some(Ok(Delta {
+                    text: reply.text,
+                    finish: reply.finish,
+                }));
+            }
+        }
+        None
+    }
+
+    /// Runs to the end and returns the whole text and why it ended.
+    pub async fn collect(&mut self) -> Result<(String, FinishReason), ApiError> {
+        let mut text = String::new();
+        let mut finish = FinishReason::Stop;
+        while let Some(delta) = self.next().await {
+            let delta = delta?;
+            text += &delta.text;
+            if let Some(f) = delta.finish {
+                finish = f;
+            }
+        }
+        Ok((text, finish))
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // The client went away mid-request: free the sequence on the decode node.
+        let client = self.decode_client.clone();
+        let id = self.id;
+        tracing::debug!(id, "request dropped before the end; cancelling");
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = client.cancel(context_with_deadline(PING_TIMEOUT), id).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The OpenAI-compatible HTTP API (axum): routes, request parsing, JSON and server-sent-event answers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use exo_protocol::Prompt;
+use futures::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+use crate::error::ApiError;
+use crate::generation::{Delta, Generation};
+use crate::openai::{ChatRequest, CommonParams, CompletionRequest, finish_str, usage};
+
+/// Header naming the node that ran the prompt.
+pub const PREFILL_HEADER: &str = "x-exo-prefill-node";
+/// Header naming the node that generated.
+pub const DECODE_HEADER: &str = "x-exo-decode-node";
+
+/// The HTTP routes over a cluster.
+pub fn router(cluster: Arc<Cluster>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .with_state(cluster)
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
+        message: format!("invalid request body: {e}"),
+        param: None,
+        code: None,
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Which endpoint shapes the answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Meta {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Meta {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        match self.kind {
+            Kind::Chat => json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": null,
+                "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+            }),
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{ "index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")),
+                              "logprobs": null, "finish_reason": finish }],
+            }),
+        }
+    }
+
+    fn usage_chunk(&self, prompt: u32, completion: u32) -> Value {
+        let object = if self.kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({ "id": self.id, "object": object, "created": self.created, "model": self.model,
+                "choices": [], "usage": usage(prompt, completion) })
+    }
+
+    fn whole(&self, text: String, finish: &str, prompt: u32, completion: u32) -> Value {
+        match self.kind {
+            Kind::Chat => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": null,
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": text },
+                              "logprobs": null, "finish_reason": finish }],
+                "usage": usage(prompt, completion),
+            }),
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }],
+                "usage": usage(prompt, completion),
+            }),
+        }
+    }
+}
+
+async fn chat(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
+    let run = async {
+        let req: ChatRequest = parse(&body)?;
+        let turns = req.turns()?;
+        serve(&cluster, Kind::Chat, Prompt::Chat(turns), &req.params).await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
+    let run = async {
+        let req: CompletionRequest = parse(&body)?;
+        let prompt = req.prompt_text()?;
+        serve(
+            &cluster,
+            Kind::Completion,
+            Prompt::Text(prompt),
+            &req.params,
+        )
+        .await
+    };
+    run.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn serve(
+    cluster: &Arc<Cluster>,
+    kind: Kind,
+    prompt: Prompt,
+    params: &CommonParams,
+) -> Result<Response, ApiError> {
+    let model = cluster.model_id();
+    let id = cluster.next_id();
+    let sampling = params.sampling(&model, id)?;
+    let mut generation = Generation::start(cluster, prompt, sampling).await?;
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let meta = Meta {
+        kind,
+        id: format!("{prefix}-{id:016x}"),
+        created: now(),
+        model,
+        include_usage: params.include_usage(),
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        (PREFILL_HEADER, generation.prefill_node()),
+        (DECODE_HEADER, generation.decode_node()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    }
+    if params.stream {
+        let sse = Sse::new(event_stream(meta, generation)).keep_alive(KeepAlive::default());
+        return Ok((headers, sse).into_response());
+    }
+    let (text, finish) = generation.collect().await?;
+    let body = meta.whole(
+        text,
+        finish_str(finish),
+        generation.prompt_tokens,
+        generation.completion_tokens,
+    );
+    Ok((StatusCode::OK, headers, Json(body)).into_response())
+}
+
+enum Stage {
+    Role,
+    Body,
+    Tail,
+    End,
+}
+
+/// Server-sent events of one generation; dropping the stream (client gone) cancels the request.
+fn event_stream(
+    meta: Meta,
+    generation: Generation,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let first = if meta.kind == Kind::Chat {
+        Stage::Role
+    } else {
+        Stage::Body
+    };
+    let data = |v: Value| Event::default().data(v.to_string());
+    futures::stream::unfold(
+        (meta, generation, first),
+        move |(meta, mut generation, stage)| async move {
+            let (events, next) = match stage {
+                Stage::Role => (
+                    vec![data(
+                        meta.chunk(json!({"role": "assistant", "content": ""}), None),
+                    )],
+                    Stage::Body,
+                ),
+                Stage::Body => match generation.next().await {
+                    Some(Ok(Delta { text, finish })) => {
+                        let mut events = Vec::new();
+                        if !text.is_empty() {
+                            events.push(data(meta.chunk(json!({ "content": text }), None)));
+                        }
+                        match finish {
+                            Some(f) => {
+                                events.push(data(meta.chunk(json!({}), Some(finish_str(f)))));
+                                (events, Stage::Tail)
+                            }
+                            None => (events, Stage::Body),
+                        }
+                    }
+                    Some(Err(e)) => (vec![data(e.body())], Stage::End),
+                    None => (Vec::new(), Stage::Tail),
+                },
+                Stage::Tail => {
+                    let mut events = Vec::new();
+                    if meta.include_usage {
+                        events.push(data(meta.usage_chunk(
+                            generation.prompt_tokens,
+                            generation.completion_tokens,
+                        )));
+                    }
+                    events.push(Event::default().data("[DONE]"));
+                    (events, Stage::End)
+                }
+                Stage::End => return None,
+            };
+            Some((
+                futures::stream::iter(events.into_iter().map(Ok)),
+                (meta, generation, next),
+            ))
+        },
+    )
+    .flatten()
+}
+
+async fn models(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{ "id": cluster.model_id(), "object": "model", "created": 0, "owned_by": "exo-router" }],
+    }))
+}
+
+async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
+    let nodes: Vec<Value> = cluster
+        .nodes()
+        .iter()
+        .map(|n| json!({ "name": n.name(), "role": n.spec.role, "address": n.addr, "healthy": n.healthy(), "in_flight": n.in_flight() }))
+        .collect();
+    // Healthy when a request could be placed right now.
+    let ok = cluster.place().is_ok();
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "status": if ok { "ok" } else { "unavailable" }, "model": cluster.model_id(), "nodes": nodes }))).into_response()
+}

@@ -1,0 +1,194 @@
+//! A node daemon: one engine context serving the node RPC service in the roles it was given.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exo_decode_node::{DecodeNode, DecodeTimeouts};
+use exo_engine::{ContextConfig, ContextHandle, Model};
+use exo_kvcache::{DecodeLimits, KvLayout};
+use exo_prefill_node::{PrefillNode, ShipConfig};
+use exo_protocol::{
+    HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo, NodeService, PollReply, PrefillReply,
+    PrefillRequest, RequestId, Role,
+};
+use futures::StreamExt;
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::TcpListener;
+
+/// The longest a `poll` call waits for output.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(5);
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Node name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// KV layout; `n_seq_max` is the number of sequence slots.
+    pub layout: KvLayout,
+    /// Chunk calls in flight when shipping a cache.
+    pub chunks_in_flight: usize,
+}
+
+/// The node RPC service: dispatches each call to the prefill or decode side the node has.
+#[derive(Clone)]
+pub struct NodeServer {
+    info: Arc<NodeInfo>,
+    prefill: Option<Arc<PrefillNode>>,
+    decode: Option<Arc<DecodeNode>>,
+}
+
+impl NodeServer {
+    /// Creates the node's context and services (the model is already loaded).
+    pub fn new(
+        model: Arc<Model>,
+        options: &NodeOptions,
+    ) -> Result<NodeServer, exo_engine::EngineError> {
+        let ctx = ContextHandle::spawn(
+            Arc::clone(&model),
+            ContextConfig {
+                layout: options.layout,
+                ..ContextConfig::default()
+            },
+        )?;
+        let prefill = options.role.prefills().then(|| {
+            PrefillNode::new(
+                ctx.clone(),
+                ShipConfig {
+                    chunks_in_flight: options.chunks_in_flight,
+                },
+            )
+        });
+        let decode = options.role.decodes().then(|| {
+            let node = DecodeNode::new(
+                ctx.clone(),
+                DecodeLimits::default(),
+                DecodeTimeouts::default(),
+            );
+            tokio::spawn(Arc::clone(&node).run_reaper());
+            node
+        });
+        let info = NodeInfo {
+            name: options.name.clone(),
+            role: options.role,
+            model: model.name(),
+            fingerprint: model.fingerprint(),
+            layout: options.layout,
+            hardware: hardware_facts(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Ok(NodeServer {
+            info: Arc::new(info),
+            prefill,
+            decode,
+        })
+    }
+
+    /// What the node reports about itself.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    fn wrong_role(&self, what: &str) -> NodeError {
+        NodeError::WrongRole {
+            role: self.info.role,
+            what: what.into(),
+        }
+    }
+
+    fn decode_side(&self, what: &str) -> Result<&Arc<DecodeNode>, NodeError> {
+        self.decode.as_ref().ok_or_else(|| self.wrong_role(what))
+    }
+
+    /// Serves the RPC service on `listener` until `shutdown` completes.
+    pub async fn run(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        exo_protocol::serve(listener, shutdown, move |transport| {
+            let server = self.clone();
+            async move {
+                BaseChannel::with_defaults(transport)
+                    .execute(NodeService::serve(server))
+                    .for_each(|response| async move {
+                        tokio::spawn(response);
+                    })
+                    .await;
+            }
+        })
+        .await;
+    }
+}
+
+impl NodeService for NodeServer {
+    async fn hello(self, _: Context) -> NodeInfo {
+        (*self.info).clone()
+    }
+
+    async fn prefill(self, _: Context, request: PrefillRequest) -> Result<PrefillReply, NodeError> {
+        let prefill = self
+            .prefill
+            .as_ref()
+            .ok_or_else(|| self.wrong_role("prefill"))?;
+        if request.handoff.is_none() && self.decode.is_none() {
+            return Err(self.wrong_role("generate without a decode node"));
+        }
+        let id = request.id;
+        let (reply, local) = prefill.prefill(request).await?;
+        if let (Some(cont), Some(decode)) = (local, self.decode.as_ref()) {
+            decode.start_local(id, cont.lease, cont.first_token, cont.sampling);
+        }
+        Ok(reply)
+    }
+
+    async fn kv_begin(self, _: Context, begin: KvBegin) -> Result<(), NodeError> {
+        self.decode_side("receive a KV cache")?.kv_begin(begin)
+    }
+
+    async fn kv_chunk(self, _: Context, frame: KvFrame) -> Result<(), NodeError> {
+        self.decode_side("receive a KV cache")?.kv_chunk(frame)
+    }
+
+    async fn poll(self, _: Context, id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError> {
+        let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_POLL_WAIT);
+        self.decode_side("generate")?.poll(id, wait).await
+    }
+
+    async fn cancel(self, _: Context, id: RequestId) {
+        if let Some(d) = &self.decode {
+            d.cancel(id);
+        }
+    }
+}
+
+/// Binds `addr`, then serves a node there on a task; returns the bound address.
+pub async fn spawn_node(
+    model: Arc<Model>,
+    options: &NodeOptions,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<SocketAddr> {
+    let server = NodeServer::new(model, options)?;
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(server.run(listener, shutdown));
+    Ok(bound)
+}
+
+/// This machine's facts from the OS (the hardware profile issue adds hwloc and GPU probing).
+pub fn hardware_facts() -> HardwareFacts {
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    HardwareFacts {
+        cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        memory_bytes,
+        os: std::env::consts::OS.into(),
+        arch: std::env::consts::ARCH.into(),
+    }
+}
