@@ -206,7 +206,10 @@ impl DecodeNode {
                     return;
                 }
             };
-            let Some(lease) = node.ctx.acquire_slot() else {
+            // Wait for a slot (first come, first served) rather than fail while all are busy.
+            let Ok(lease) =
+                tokio::time::timeout(node.timeouts.transfer, node.ctx.acquire_slot()).await
+            else {
                 let _ = tx.send(Err(NodeError::Busy));
                 return;
             };

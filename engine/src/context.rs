@@ -10,7 +10,7 @@ use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::error::EngineError;
 use crate::model::Model;
@@ -38,12 +38,24 @@ impl Default for ContextConfig {
     }
 }
 
+/// The sequence slots of a context: a fair semaphore counts free slots, a bitmap says which.
+struct SlotPool {
+    free: Arc<Semaphore>,
+    busy: std::sync::Mutex<Vec<bool>>,
+}
+
 /// One sequence slot of a context, held by one request; freed (and its KV cleared) on drop.
-#[derive(Debug)]
 pub struct SlotLease {
     seq: i32,
-    slots: Arc<std::sync::Mutex<Vec<bool>>>,
+    pool: Arc<SlotPool>,
     tx: mpsc::UnboundedSender<Command>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for SlotLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotLease").field("seq", &self.seq).finish()
+    }
 }
 
 impl SlotLease {
@@ -61,10 +73,11 @@ impl Drop for SlotLease {
             seq: self.seq,
             reply,
         });
-        let mut busy = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = self.pool.busy.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = busy.get_mut(self.seq as usize) {
             *b = false;
         }
+        // The permit is released after this, once the slot is marked free.
     }
 }
 
@@ -155,7 +168,7 @@ enum Command {
 #[derive(Clone)]
 pub struct ContextHandle {
     tx: mpsc::UnboundedSender<Command>,
-    slots: Arc<std::sync::Mutex<Vec<bool>>>,
+    slots: Arc<SlotPool>,
     config: ContextConfig,
     shape: Arc<StateShape>,
     model: Arc<Model>,
@@ -180,10 +193,11 @@ impl ContextHandle {
             .spawn(move || worker_main(worker_model, config, rx, ready_tx))
             .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
         let shape = ready_rx.recv().map_err(|_| EngineError::WorkerGone)??;
-        let slots = Arc::new(std::sync::Mutex::new(vec![
-            false;
-            config.layout.n_seq_max as usize
-        ]));
+        let n = config.layout.n_seq_max as usize;
+        let slots = Arc::new(SlotPool {
+            free: Arc::new(Semaphore::new(n)),
+            busy: std::sync::Mutex::new(vec![false; n]),
+        });
         Ok(ContextHandle {
             tx,
             slots,
@@ -193,25 +207,36 @@ impl ContextHandle {
         })
     }
 
-    /// Takes a free sequence slot, or `None` when all are in use. The slot's KV is cleared when the
-    /// lease is dropped.
-    pub fn acquire_slot(&self) -> Option<SlotLease> {
-        let mut busy = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = busy.iter().position(|b| !b)?;
+    /// Waits for a free sequence slot; waiters are served first come, first served. The slot's KV is
+    /// cleared when the lease is dropped.
+    pub async fn acquire_slot(&self) -> SlotLease {
+        // The semaphore is never closed, so acquiring only waits.
+        let permit = Arc::clone(&self.slots.free).acquire_owned().await.ok();
+        self.lease(permit)
+    }
+
+    /// Takes a free sequence slot now, or `None` when all are in use.
+    pub fn try_acquire_slot(&self) -> Option<SlotLease> {
+        let permit = Arc::clone(&self.slots.free).try_acquire_owned().ok()?;
+        Some(self.lease(Some(permit)))
+    }
+
+    fn lease(&self, permit: Option<OwnedSemaphorePermit>) -> SlotLease {
+        let mut busy = self.slots.busy.lock().unwrap_or_else(|e| e.into_inner());
+        // A permit guarantees a free entry; the fallback only keeps this total.
+        let slot = busy.iter().position(|b| !b).unwrap_or(0);
         busy[slot] = true;
-        Some(SlotLease {
+        SlotLease {
             seq: slot as i32,
-            slots: Arc::clone(&self.slots),
+            pool: Arc::clone(&self.slots),
             tx: self.tx.clone(),
-        })
+            _permit: permit,
+        }
     }
 
     /// Sequence slots not leased right now.
     pub fn free_slots(&self) -> usize {
-        self.slots
-            .lock()
-            .map(|b| b.iter().filter(|x| !**x).count())
-            .unwrap_or(0)
+        self.slots.free.available_permits()
     }
 
     /// The configuration this context was created with.

@@ -22,12 +22,15 @@ const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ShipConfig {
     /// Chunk calls in flight at once per transfer (the decode node reorders them).
     pub chunks_in_flight: usize,
+    /// Longest a prompt waits for a free slot before the node answers busy.
+    pub queue_timeout: Duration,
 }
 
 impl Default for ShipConfig {
     fn default() -> Self {
         ShipConfig {
             chunks_in_flight: 2,
+            queue_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -118,7 +121,10 @@ impl PrefillNode {
                 limit,
             });
         }
-        let lease = self.ctx.acquire_slot().ok_or(NodeError::Busy)?;
+        // Prompts queue for a slot, first come, first served, up to the queue timeout.
+        let lease = tokio::time::timeout(self.ship.queue_timeout, self.ctx.acquire_slot())
+            .await
+            .map_err(|_| NodeError::Busy)?;
         let sampling = request.sampling;
         let out = self
             .ctx

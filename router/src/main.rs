@@ -101,10 +101,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listen = args.listen.unwrap_or(profile.listen);
     let server = Server::start(&profile, listen).await?;
     println!(
-        "exo-router serving {} on http://{} (profile {})",
+        "exo-router serving {} (profile {}), listening on http://{}",
         server.cluster.model_id(),
-        server.addr,
-        path.display()
+        path.display(),
+        server.addr
     );
     tokio::signal::ctrl_c()
         .await

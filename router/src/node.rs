@@ -59,6 +59,7 @@ impl NodeServer {
                 ctx.clone(),
                 ShipConfig {
                     chunks_in_flight: options.chunks_in_flight,
+                    ..ShipConfig::default()
                 },
             )
         });

@@ -1,0 +1,158 @@
+//! Helpers shared by the router's integration tests: start clusters, talk HTTP, read SSE.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use exo_router::Server;
+use exo_router::profile::Profile;
+use serde_json::Value;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The default model, fetched by scripts/fetch-model.
+pub fn model_path() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-model",
+        p.display()
+    );
+    p
+}
+
+/// Starts an in-process router for a shipped profile, on a free port.
+pub async fn start_profile(name: &str) -> Server {
+    let profile = Profile::load(&root().join("profiles").join(name)).unwrap();
+    Server::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap()
+}
+
+/// Starts an in-process router for profile text (its model path is absolute).
+pub async fn start_text(text: &str) -> Server {
+    let text = text.replace("MODEL", &model_path().display().to_string());
+    let profile = Profile::parse(&text, Path::new("test-profile.toml")).unwrap();
+    Server::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap()
+}
+
+/// What one HTTP call returned.
+pub struct Answer {
+    pub status: u16,
+    pub prefill_node: String,
+    pub decode_node: String,
+    pub body: Value,
+    /// For streams: the concatenated text and the finish reason.
+    pub text: String,
+    pub finish: String,
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Posts JSON and decodes the answer; for `"stream": true` requests, parses the event stream.
+pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Answer {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let prefill_node = header(&resp, "x-exo-prefill-node");
+    let decode_node = header(&resp, "x-exo-decode-node");
+    let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false) && status == 200;
+    let raw = resp.text().await.unwrap();
+    if !streaming {
+        let body: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+        let choice = &body["choices"][0];
+        let text = choice["message"]["content"]
+            .as_str()
+            .or(choice["text"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let finish = choice["finish_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        return Answer {
+            status,
+            prefill_node,
+            decode_node,
+            body,
+            text,
+            finish,
+        };
+    }
+    let events: Vec<&str> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(
+        events.last(),
+        Some(&"[DONE]"),
+        "stream must end with [DONE]: {raw}"
+    );
+    let mut text = String::new();
+    let mut finish = String::new();
+    let mut usage = Value::Null;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(u) = v.get("usage") {
+            usage = u.clone();
+        }
+        let Some(choice) = v["choices"].get(0) else {
+            continue;
+        };
+        text += choice["delta"]["content"]
+            .as_str()
+            .or(choice["text"].as_str())
+            .unwrap_or_default();
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    Answer {
+        status,
+        prefill_node,
+        decode_node,
+        body: serde_json::json!({ "usage": usage }),
+        text,
+        finish,
+    }
+}
+
+/// A chat prompt of roughly `words` words.
+pub fn long_message(words: usize) -> String {
+    let topics = [
+        "harbours",
+        "canals",
+        "vineyards",
+        "windmills",
+        "libraries",
+        "ferries",
+    ];
+    let mut text = String::new();
+    let mut i = 0;
+    while text.split_whitespace().count() < words {
+        text += &format!(
+            "Record {i}: the {} of district {} reopened in {}. ",
+            topics[i % topics.len()],
+            i % 11,
+            1900 + i
+        );
+        i += 1;
+    }
+    text + "Which district appears most often?"
+}

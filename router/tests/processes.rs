@@ -1,0 +1,124 @@
+//! A real multi-process cluster: prefill node, decode node and router as three OS processes on
+//! loopback ports, started by the test; then the decode node is killed and requests get 503.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{model_path, post};
+use serde_json::json;
+
+/// Kills the process when dropped, so a failing test leaves nothing running.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `exo-router ARGS` and returns it with the first stdout line containing `marker`.
+fn spawn(args: &[&str], marker: &str) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_exo-router"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.contains(marker)))
+        .unwrap_or_else(|| panic!("no {marker:?} from {args:?}"));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (proc, line)
+}
+
+fn last_word(line: &str) -> String {
+    line.split_whitespace()
+        .last()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
+    let model = model_path().display().to_string();
+    let node = |role: &str, name: &str| {
+        spawn(
+            &[
+                "node",
+                "--role",
+                role,
+                "--name",
+                name,
+                "--model",
+                &model,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "listening on",
+        )
+    };
+    let (_prefill, line) = node("prefill", "proc-prefill");
+    let prefill_addr = last_word(&line);
+    let (decode, line) = node("decode", "proc-decode");
+    let decode_addr = last_word(&line);
+
+    let dir = std::env::temp_dir().join(format!("exo-router-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let profile = dir.join("cluster.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
+             [[nodes]]\nname = \"proc-prefill\"\naddress = \"{prefill_addr}\"\nrole = \"prefill\"\n\
+             [[nodes]]\nname = \"proc-decode\"\naddress = \"{decode_addr}\"\nrole = \"decode\"\n"
+        ),
+    )
+    .unwrap();
+    let (_router, line) = spawn(
+        &[
+            "serve",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "listening on http",
+    );
+    let addr = last_word(&line).parse().unwrap();
+
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "What is the capital of France?" }],
+        "max_tokens": 16, "temperature": 0,
+    });
+    let a = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.text.contains("Paris"), "{:?}", a.text);
+    assert_eq!(
+        (a.prefill_node.as_str(), a.decode_node.as_str()),
+        ("proc-prefill", "proc-decode")
+    );
+
+    drop(decode);
+    let dead = tokio::time::timeout(
+        Duration::from_secs(15),
+        post(addr, "/v1/chat/completions", &body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dead.status, 503, "{}", dead.body);
+    assert_eq!(dead.body["error"]["type"], "service_unavailable");
+    let _ = std::fs::remove_dir_all(&dir);
+}
