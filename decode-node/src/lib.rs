@@ -82,6 +82,8 @@ pub struct DecodeNode {
     limits: DecodeLimits,
     timeouts: DecodeTimeouts,
     requests: Mutex<HashMap<RequestId, Entry>>,
+    /// Requests cancelled recently: a transfer for one of them that arrives late is refused.
+    cancelled: Mutex<HashMap<RequestId, Instant>>,
 }
 
 impl DecodeNode {
@@ -92,6 +94,7 @@ impl DecodeNode {
             limits,
             timeouts,
             requests: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(HashMap::new()),
         })
     }
 
@@ -118,6 +121,14 @@ impl DecodeNode {
         let decoder = KvDecoder::new(&begin.header, &self.limits, &target)
             .map_err(|e| NodeError::Transfer(e.to_string()))?;
         let complete = decoder.is_complete();
+        if self
+            .cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&begin.id)
+        {
+            return Err(NodeError::UnknownRequest(begin.id));
+        }
         let mut map = self.lock();
         let entry = map.entry(begin.id).or_insert_with(Entry::new);
         if !matches!(entry.stage, Stage::Waiting) {
@@ -306,6 +317,10 @@ impl DecodeNode {
 
     /// Stops request `id`: generation ends before its next token and the slot is freed.
     pub fn cancel(&self, id: RequestId) {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Instant::now());
         if self.lock().remove(&id).is_some() {
             tracing::debug!(id, "request cancelled");
         }
@@ -335,6 +350,10 @@ impl DecodeNode {
                 !idle
             });
             drop(map);
+            self.cancelled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, at| now - *at <= self.timeouts.transfer);
             if Arc::strong_count(&self) == 1 {
                 return;
             }

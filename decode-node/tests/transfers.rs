@@ -1,0 +1,153 @@
+//! The decode node with the real model: chunks arriving out of order are reordered, bad chunks fail
+//! the request, and a transfer for a cancelled request is refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exo_decode_node::{DecodeNode, DecodeTimeouts};
+use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_kvcache::{Codec, DecodeLimits, KvEncoder, KvLayout};
+use exo_protocol::{FinishReason, KvBegin, KvFrame, NodeError, SamplingParams};
+
+fn model() -> Arc<Model> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    Model::load(&path, &ModelOptions::default())
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model)"))
+}
+
+async fn collect(node: &DecodeNode, id: u64) -> Result<(String, FinishReason), NodeError> {
+    let mut text = String::new();
+    loop {
+        let r = node.poll(id, Duration::from_millis(500)).await?;
+        text += &r.text;
+        if let Some(f) = r.finish {
+            return Ok((text, f));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request() {
+    let model = model();
+    let layout = KvLayout {
+        n_seq_max: 2,
+        ..KvLayout::default()
+    };
+    let src = ContextHandle::spawn(
+        model.clone(),
+        ContextConfig {
+            layout: KvLayout {
+                n_seq_max: 1,
+                ..layout
+            },
+            ..ContextConfig::default()
+        },
+    )
+    .unwrap();
+    let dst = ContextHandle::spawn(
+        model.clone(),
+        ContextConfig {
+            layout,
+            ..ContextConfig::default()
+        },
+    )
+    .unwrap();
+    let node = DecodeNode::new(dst, DecodeLimits::default(), DecodeTimeouts::default());
+    let tokens = model.tokenize(
+        &"The history of the lighthouse at the harbour entrance. ".repeat(20),
+        true,
+    );
+    let sampling = SamplingParams {
+        temperature: 0.7,
+        seed: 11,
+        max_tokens: 24,
+        ..SamplingParams::default()
+    };
+    let pre = src
+        .prefill(0, tokens.clone(), sampling.clone())
+        .await
+        .unwrap();
+    let kv = src.export(0).await.unwrap();
+    let reference = src
+        .generate(0, pre.first_token, 0, sampling.clone())
+        .await
+        .unwrap();
+    let first_text = String::from_utf8_lossy(&model.token_bytes(pre.first_token)).into_owned();
+
+    let frames = |codec| {
+        let enc = KvEncoder::new(
+            kv.state.clone(),
+            kv.tokens.clone(),
+            model.fingerprint(),
+            layout,
+            codec,
+            512 << 10,
+        )
+        .unwrap();
+        (enc.header_frame(), enc.collect::<Vec<_>>())
+    };
+    let begin = |id, header: Vec<u8>| KvBegin {
+        id,
+        header,
+        first_token: pre.first_token,
+        sampling: sampling.clone(),
+    };
+
+    // Chunks in reverse order within the reorder window: same text as never moving.
+    let (header, chunks) = frames(Codec::Lz4);
+    assert!(
+        chunks.len() > 3 && chunks.len() <= 16,
+        "{} chunks",
+        chunks.len()
+    );
+    node.kv_begin(begin(1, header.clone())).unwrap();
+    for bytes in chunks.iter().rev() {
+        node.kv_chunk(KvFrame {
+            id: 1,
+            bytes: bytes.clone(),
+        })
+        .unwrap();
+    }
+    let (text, finish) = collect(&node, 1).await.unwrap();
+    assert_eq!(first_text + &text, reference.text);
+    assert_eq!(finish, reference.finish);
+
+    // A corrupted chunk fails the request with a transfer error; the node keeps serving.
+    node.kv_begin(begin(2, header.clone())).unwrap();
+    let mut bad = chunks[0].clone();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    assert!(matches!(
+        node.kv_chunk(KvFrame { id: 2, bytes: bad }),
+        Err(NodeError::Transfer(_))
+    ));
+    assert!(matches!(
+        collect(&node, 2).await,
+        Err(NodeError::Transfer(_))
+    ));
+
+    // A transfer for a request cancelled before it began is refused.
+    node.cancel(3);
+    assert!(matches!(
+        node.kv_begin(begin(3, header.clone())),
+        Err(NodeError::UnknownRequest(3))
+    ));
+
+    // Polling first, then the transfer, works too.
+    let poller = {
+        let node = Arc::clone(&node);
+        tokio::spawn(async move { collect(&node, 4).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.kv_begin(begin(4, header)).unwrap();
+    for bytes in chunks {
+        node.kv_chunk(KvFrame { id: 4, bytes }).unwrap();
+    }
+    let (again, _) = poller.await.unwrap().unwrap();
+    assert_eq!(again, text);
+    assert_eq!(node.active_requests(), 0);
+}
