@@ -1,0 +1,118 @@
+//! Continuous batching: sequences decoded together in one batch produce exactly what each produces
+//! alone, also when they join and leave at different times.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_kvcache::KvLayout;
+use exo_protocol::SamplingParams;
+
+fn model() -> Arc<Model> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    Model::load(&path, &ModelOptions::default())
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model)"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_generation_equals_solo_generation() {
+    let model = model();
+    let layout = KvLayout {
+        n_seq_max: 8,
+        n_ctx_seq: 512,
+        ..KvLayout::default()
+    };
+    let ctx = ContextHandle::spawn(
+        model.clone(),
+        ContextConfig {
+            layout,
+            ..ContextConfig::default()
+        },
+    )
+    .unwrap();
+    let topics = [
+        "rivers",
+        "volcanoes",
+        "bread",
+        "chess",
+        "comets",
+        "violins",
+        "glaciers",
+        "bees",
+    ];
+    let prompts: Vec<Vec<i32>> = topics
+        .iter()
+        .map(|t| {
+            model.tokenize(
+                &format!("<|im_start|>user\nTell me about {t}.<|im_end|>\n<|im_start|>assistant\n"),
+                false,
+            )
+        })
+        .collect();
+    // Different lengths and samplers, so sequences leave the batch at different steps.
+    let sampling = |i: usize| {
+        if i.is_multiple_of(2) {
+            SamplingParams::greedy(20 + 6 * i as u32)
+        } else {
+            SamplingParams {
+                temperature: 0.9,
+                seed: i as u64,
+                max_tokens: 20 + 6 * i as u32,
+                ..SamplingParams::default()
+            }
+        }
+    };
+    let mut solo = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let pre = ctx.prefill(0, p.clone(), sampling(i)).await.unwrap();
+        solo.push(
+            ctx.generate(0, pre.first_token, 0, sampling(i))
+                .await
+                .unwrap(),
+        );
+    }
+    ctx.clear(0).await.unwrap();
+    let mut firsts = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        firsts.push(
+            ctx.prefill(i as i32, p.clone(), sampling(i))
+                .await
+                .unwrap()
+                .first_token,
+        );
+    }
+    let runs = (0..prompts.len()).map(|i| {
+        let ctx = ctx.clone();
+        let first = firsts[i];
+        async move { ctx.generate(i as i32, first, 0, sampling(i)).await.unwrap() }
+    });
+    let together = futures::future::join_all(runs).await;
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "sequence {i} ({})", topics[i]);
+        assert_eq!(a.text, b.text);
+    }
+    // A sequence that joins while others are mid-generation also matches.
+    let late = ctx
+        .prefill(0, prompts[3].clone(), sampling(3))
+        .await
+        .unwrap();
+    let early = {
+        let ctx = ctx.clone();
+        let p = prompts[2].clone();
+        tokio::spawn(async move {
+            let pre = ctx.prefill(1, p, sampling(2)).await.unwrap();
+            ctx.generate(1, pre.first_token, 0, sampling(2))
+                .await
+                .unwrap()
+        })
+    };
+    let joined = ctx
+        .generate(0, late.first_token, 0, sampling(3))
+        .await
+        .unwrap();
+    assert_eq!(joined.tokens, solo[3].tokens);
+    assert_eq!(early.await.unwrap().tokens, solo[2].tokens);
+}
