@@ -78,6 +78,7 @@ impl Entry {
 
 /// The decode side of a node: transfers in, tokens out.
 pub struct DecodeNode {
+    name: String,
     ctx: ContextHandle,
     limits: DecodeLimits,
     timeouts: DecodeTimeouts,
@@ -87,9 +88,15 @@ pub struct DecodeNode {
 }
 
 impl DecodeNode {
-    /// A decode node over `ctx`; call [`DecodeNode::run_reaper`] on a task to enforce the timeouts.
-    pub fn new(ctx: ContextHandle, limits: DecodeLimits, timeouts: DecodeTimeouts) -> Arc<Self> {
+    /// A decode node called `name` (its metrics label) over `ctx`; call [`DecodeNode::run_reaper`] on a task to enforce the timeouts.
+    pub fn new(
+        name: &str,
+        ctx: ContextHandle,
+        limits: DecodeLimits,
+        timeouts: DecodeTimeouts,
+    ) -> Arc<Self> {
         Arc::new(DecodeNode {
+            name: name.to_string(),
             ctx,
             limits,
             timeouts,
@@ -257,12 +264,18 @@ impl DecodeNode {
         out: mpsc::UnboundedSender<Event>,
     ) {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let active = metrics::gauge!("exo_decode_active_sequences", "node" => self.name.clone());
+        let tokens = metrics::counter!("exo_decode_tokens_total", "node" => self.name.clone());
+        active.increment(1.0);
         let run = self
             .ctx
             .generate_stream(lease.seq(), first_token, 0, sampling, tx);
         // Forward until the entry's receiver is gone (cancel): dropping `rx` then stops the engine.
         let forward = async {
             while let Some(ev) = rx.recv().await {
+                if matches!(ev, GenEvent::Token { .. }) {
+                    tokens.increment(1);
+                }
                 if out.send(Ok(ev)).is_err() {
                     break;
                 }
@@ -272,6 +285,7 @@ impl DecodeNode {
         if let Err(e) = res {
             let _ = out.send(Err(NodeError::Engine(e.to_string())));
         }
+        active.decrement(1.0);
         drop(lease);
     }
 

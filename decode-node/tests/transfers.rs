@@ -56,7 +56,12 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         },
     )
     .unwrap();
-    let node = DecodeNode::new(dst, DecodeLimits::default(), DecodeTimeouts::default());
+    let node = DecodeNode::new(
+        "test",
+        dst,
+        DecodeLimits::default(),
+        DecodeTimeouts::default(),
+    );
     let tokens = model.tokenize(
         &"The history of the lighthouse at the harbour entrance. ".repeat(20),
         true,

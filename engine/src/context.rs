@@ -790,6 +790,8 @@ impl Worker<'_> {
         if self.active.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
+        metrics::gauge!("exo_decode_batch_size").set(self.active.len() as f64);
         let mut batch = LlamaBatch::new(self.active.len(), 1);
         for a in &self.active {
             let pos = self.seq_tokens[a.slot].len() as i32;
@@ -802,6 +804,7 @@ impl Worker<'_> {
             self.fail_all(&EngineError::Decode(e.to_string()));
             return;
         }
+        metrics::histogram!("exo_decode_step_seconds").record(started.elapsed().as_secs_f64());
         let mut row = self.active.len();
         // Walk backwards so finishing (swap_remove) never moves a row not yet visited.
         while row > 0 {

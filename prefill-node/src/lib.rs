@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease, TextStream};
 use exo_kvcache::KvEncoder;
@@ -47,6 +47,7 @@ pub struct LocalContinuation {
 
 /// The prefill side of a node.
 pub struct PrefillNode {
+    name: String,
     ctx: ContextHandle,
     ship: ShipConfig,
     peers: Mutex<HashMap<String, NodeServiceClient>>,
@@ -60,9 +61,10 @@ fn engine_error(e: EngineError) -> NodeError {
 }
 
 impl PrefillNode {
-    /// A prefill node over `ctx`.
-    pub fn new(ctx: ContextHandle, ship: ShipConfig) -> Arc<Self> {
+    /// A prefill node called `name` (its metrics label) over `ctx`.
+    pub fn new(name: &str, ctx: ContextHandle, ship: ShipConfig) -> Arc<Self> {
         Arc::new(PrefillNode {
+            name: name.to_string(),
             ctx,
             ship,
             peers: Mutex::new(HashMap::new()),
@@ -126,11 +128,21 @@ impl PrefillNode {
             .await
             .map_err(|_| NodeError::Busy)?;
         let sampling = request.sampling;
+        let started = Instant::now();
         let out = self
             .ctx
             .prefill(lease.seq(), tokens, sampling.clone())
             .await
             .map_err(engine_error)?;
+        let took = started.elapsed().as_secs_f64();
+        let node = self.name.clone();
+        metrics::counter!("exo_prefill_tokens_total", "node" => node.clone())
+            .increment(out.n_prompt as u64);
+        metrics::histogram!("exo_prefill_seconds", "node" => node.clone()).record(took);
+        if took > 0.0 {
+            metrics::gauge!("exo_prefill_tokens_per_second", "node" => node)
+                .set(out.n_prompt as f64 / took);
+        }
         let model = self.ctx.model();
         let mut text = TextStream::new(&sampling.stop);
         let mut first_text = text.push(&model.token_bytes(out.first_token));
@@ -166,6 +178,8 @@ impl PrefillNode {
             Some(handoff) => {
                 let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
                 drop(lease);
+                metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
+                    .increment(kv.state.len() as u64);
                 let encoder = KvEncoder::new(
                     kv.state,
                     kv.tokens,
@@ -212,6 +226,8 @@ impl PrefillNode {
         first_token: i32,
         sampling: SamplingParams,
     ) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let (raw, wire) = (encoder.header().raw_len, encoder.header().encoded_len);
         let client = self.client(&handoff.decode_addr).await?;
         let rpc = |e: tarpc::client::RpcError| NodeError::Transfer(e.to_string());
         let begin = KvBegin {
@@ -245,6 +261,14 @@ impl PrefillNode {
             .buffered(depth)
             .try_collect::<Vec<()>>()
             .await?;
+        let node = self.name.clone();
+        metrics::counter!("exo_kv_wire_bytes_total", "node" => node.clone()).increment(wire);
+        metrics::histogram!("exo_kv_transfer_seconds", "node" => node.clone())
+            .record(started.elapsed().as_secs_f64());
+        if wire > 0 {
+            metrics::gauge!("exo_kv_compression_ratio", "node" => node)
+                .set(raw as f64 / wire as f64);
+        }
         Ok(())
     }
 }

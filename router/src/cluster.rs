@@ -70,14 +70,34 @@ pub struct InFlight(Arc<ClusterNode>);
 
 impl InFlight {
     fn new(node: &Arc<ClusterNode>) -> Self {
-        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        let n = node.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("exo_node_in_flight", "node" => node.spec.name.clone()).set(n as f64);
         InFlight(Arc::clone(node))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let n = self
+            .0
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        metrics::gauge!("exo_node_in_flight", "node" => self.0.spec.name.clone()).set(n as f64);
+    }
+}
+
+/// A request admitted into the cluster; releases its place on drop.
+pub struct Admission(Arc<Cluster>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let n = self
+            .0
+            .admitted
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        self.0.publish_load(n);
     }
 }
 
@@ -107,6 +127,8 @@ pub struct Cluster {
     model_id: RwLock<String>,
     fingerprint: RwLock<Option<ModelFingerprint>>,
     next_id: AtomicU64,
+    admitted: AtomicUsize,
+    max_queued: usize,
 }
 
 impl Cluster {
@@ -116,6 +138,7 @@ impl Cluster {
         nodes: Vec<(NodeSpec, String)>,
         mode: PlacementMode,
         kv: KvShipping,
+        max_queued: usize,
         model_id: String,
         expected: Option<ModelFingerprint>,
     ) -> Arc<Cluster> {
@@ -141,6 +164,8 @@ impl Cluster {
             model_id: RwLock::new(model_id),
             fingerprint: RwLock::new(expected),
             next_id: AtomicU64::new(seed << 16),
+            admitted: AtomicUsize::new(0),
+            max_queued,
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
         cluster
@@ -180,7 +205,7 @@ impl Cluster {
                 return;
             }
         };
-        if let Err(why) = self.admit(node, &info) {
+        if let Err(why) = self.accept_node(node, &info) {
             node.mark_down(&why);
             return;
         }
@@ -196,7 +221,7 @@ impl Cluster {
     }
 
     /// A node joins only with the cluster's model and the role the profile gives it.
-    fn admit(&self, node: &ClusterNode, info: &NodeInfo) -> Result<(), String> {
+    fn accept_node(&self, node: &ClusterNode, info: &NodeInfo) -> Result<(), String> {
         if info.role != node.spec.role {
             return Err(format!(
                 "reports role {}, the profile says {}",
@@ -260,6 +285,52 @@ impl Cluster {
             .cloned()
     }
 
+    /// Sequence slots of the healthy nodes that generate.
+    pub fn decode_capacity(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.healthy() && n.spec.role.decodes())
+            .filter_map(|n| n.info())
+            .map(|i| i.layout.n_seq_max as usize)
+            .sum()
+    }
+
+    fn publish_load(&self, admitted: usize) {
+        metrics::gauge!("exo_requests_in_flight").set(admitted as f64);
+        metrics::gauge!("exo_queue_depth")
+            .set(admitted.saturating_sub(self.decode_capacity()) as f64);
+    }
+
+    /// Admits a request when a decode slot or a queue place is free; otherwise 429. Bounds what the
+    /// cluster holds instead of letting queues and memory grow with the load.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
+        let limit = self.decode_capacity() + self.max_queued;
+        let mut current = self.admitted.load(Ordering::Relaxed);
+        loop {
+            if current >= limit.max(1) {
+                return Err(ApiError::Overloaded {
+                    message: format!(
+                        "all {} decode slots are busy and {} requests are queued; retry shortly",
+                        self.decode_capacity(),
+                        current.saturating_sub(self.decode_capacity())
+                    ),
+                    retry_after: 1,
+                });
+            }
+            match self.admitted.compare_exchange(
+                current,
+                current + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        self.publish_load(current + 1);
+        Ok(Admission(Arc::clone(self)))
+    }
+
     /// Chooses where a request runs, by the profile's placement mode and the nodes' current load.
     pub fn place(&self) -> Result<Placement, ApiError> {
         let split = || {
@@ -282,6 +353,12 @@ impl Cluster {
                 self.mode
             ))
         })?;
+        let mode = if Arc::ptr_eq(&prefill, &decode) {
+            "colocated"
+        } else {
+            "disaggregated"
+        };
+        metrics::counter!("exo_placements_total", "mode" => mode).increment(1);
         let mut guards = vec![InFlight::new(&prefill)];
         if !Arc::ptr_eq(&prefill, &decode) {
             guards.push(InFlight::new(&decode));

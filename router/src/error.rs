@@ -1,7 +1,7 @@
 //! API errors and their one mapping to HTTP status codes and OpenAI's error body.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use exo_protocol::NodeError;
 use serde_json::json;
@@ -22,6 +22,14 @@ pub enum ApiError {
     /// No node can serve the request now (503).
     #[error("{0}")]
     Unavailable(String),
+    /// Every slot is busy and the queue is full (429, with `retry-after`).
+    #[error("{message}")]
+    Overloaded {
+        /// What is full.
+        message: String,
+        /// Seconds the client should wait.
+        retry_after: u32,
+    },
     /// Something failed inside the cluster (500).
     #[error("{0}")]
     Internal(String),
@@ -42,6 +50,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -51,6 +60,7 @@ impl ApiError {
         let (kind, param, code) = match self {
             ApiError::BadRequest { param, code, .. } => ("invalid_request_error", *param, *code),
             ApiError::Unavailable(_) => ("service_unavailable", None, Some("no_capacity")),
+            ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
             ApiError::Internal(_) => ("server_error", None, None),
         };
         json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })
@@ -83,6 +93,12 @@ impl From<NodeError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let ApiError::Overloaded { retry_after, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        response
     }
 }

@@ -1,7 +1,7 @@
 //! One request's life across the cluster: placement, prefill, then the token stream from the decode node.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use exo_protocol::{
     FinishReason, Handoff, NodeServiceClient, PrefillRequest, Prompt, RequestId, SamplingParams,
@@ -9,7 +9,7 @@ use exo_protocol::{
 };
 use tarpc::client::RpcError;
 
-use crate::cluster::{Cluster, ClusterNode, Placement};
+use crate::cluster::{Admission, Cluster, ClusterNode, Placement};
 use crate::error::ApiError;
 
 /// Deadline of a prefill call: long prompts on slow machines legitimately take minutes.
@@ -34,6 +34,9 @@ pub struct Delta {
 pub struct Generation {
     id: RequestId,
     placement: Placement,
+    _admission: Admission,
+    started: Instant,
+    first_at: Instant,
     decode_client: NodeServiceClient,
     first: Option<Delta>,
     done: bool,
@@ -66,6 +69,8 @@ impl Generation {
         prompt: Prompt,
         sampling: SamplingParams,
     ) -> Result<Generation, ApiError> {
+        let admission = cluster.admit()?;
+        let started = Instant::now();
         let placement = cluster.place()?;
         let id = cluster.next_id();
         let unreachable =
@@ -114,9 +119,15 @@ impl Generation {
             prefill.await
         };
         let reply = reply.map_err(|e| rpc_failure(&placement.prefill, e))??;
+        let first_at = Instant::now();
+        metrics::histogram!("exo_time_to_first_token_seconds")
+            .record((first_at - started).as_secs_f64());
         let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
         Ok(Generation {
             id,
+            _admission: admission,
+            started,
+            first_at,
             decode_client,
             first: Some(Delta {
                 text: reply.first_text,
@@ -139,8 +150,42 @@ impl Generation {
         self.placement.decode.name()
     }
 
+    /// Records the request's token counts and time per output token once it is over.
+    fn record_end(&self) {
+        metrics::counter!("exo_prompt_tokens_total").increment(u64::from(self.prompt_tokens));
+        metrics::counter!("exo_completion_tokens_total")
+            .increment(u64::from(self.completion_tokens));
+        if self.completion_tokens > 1 {
+            let per = (Instant::now() - self.first_at).as_secs_f64()
+                / f64::from(self.completion_tokens - 1);
+            metrics::histogram!("exo_time_per_output_token_seconds").record(per);
+        }
+        tracing::debug!(
+            id = self.id,
+            seconds = (Instant::now() - self.started).as_secs_f64(),
+            tokens = self.completion_tokens,
+            "request done"
+        );
+    }
+
     /// The next piece of output; `None` after the last.
     pub async fn next(&mut self) -> Option<Result<Delta, ApiError>> {
+        let item = self.advance().await;
+        if self.done
+            && matches!(
+                item,
+                Some(Ok(Delta {
+                    finish: Some(_),
+                    ..
+                }))
+            )
+        {
+            self.record_end();
+        }
+        item
+    }
+
+    async fn advance(&mut self) -> Option<Result<Delta, ApiError>> {
         if let Some(first) = self.first.take() {
             self.done = first.finish.is_some();
             return Some(Ok(first));

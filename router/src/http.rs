@@ -33,6 +33,7 @@ pub fn router(cluster: Arc<Cluster>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
         .with_state(cluster)
 }
 
@@ -115,7 +116,28 @@ async fn chat(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
         let turns = req.turns()?;
         serve(&cluster, Kind::Chat, Prompt::Chat(turns), &req.params).await
     };
-    run.await.unwrap_or_else(IntoResponse::into_response)
+    counted(
+        "chat",
+        run.await.unwrap_or_else(IntoResponse::into_response),
+    )
+}
+
+fn counted(endpoint: &'static str, response: Response) -> Response {
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("exo_requests_total", "endpoint" => endpoint, "status" => status)
+        .increment(1);
+    response
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
 }
 
 async fn completions(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {

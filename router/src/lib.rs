@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod openai;
 pub mod profile;
@@ -100,6 +101,7 @@ pub struct Server {
 impl Server {
     /// Starts embedded nodes, connects to all nodes and serves the API on `listen`.
     pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, ServeError> {
+        metrics::handle();
         let (stop, stopped) = watch::channel(false);
         let shutdown = move || {
             let mut rx = stopped.clone();
@@ -150,8 +152,15 @@ impl Server {
             };
             nodes.push((spec.clone(), addr));
         }
-        let cluster =
-            Cluster::connect(nodes, profile.placement, profile.kv, model_id, expected).await;
+        let cluster = Cluster::connect(
+            nodes,
+            profile.placement,
+            profile.kv,
+            profile.max_queued,
+            model_id,
+            expected,
+        )
+        .await;
         let health = tokio::spawn(Arc::clone(&cluster).run_health());
         let listener = TcpListener::bind(listen)
             .await

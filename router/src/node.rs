@@ -56,6 +56,7 @@ impl NodeServer {
         )?;
         let prefill = options.role.prefills().then(|| {
             PrefillNode::new(
+                &options.name,
                 ctx.clone(),
                 ShipConfig {
                     chunks_in_flight: options.chunks_in_flight,
@@ -65,6 +66,7 @@ impl NodeServer {
         });
         let decode = options.role.decodes().then(|| {
             let node = DecodeNode::new(
+                &options.name,
                 ctx.clone(),
                 DecodeLimits::default(),
                 DecodeTimeouts::default(),

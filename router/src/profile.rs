@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 /// The default profile `serve` uses when none is given.
 pub const DEFAULT_PROFILE: &str = "profiles/local.toml";
+/// Requests admitted beyond the decode slots by default.
+pub const DEFAULT_MAX_QUEUED: usize = 64;
 /// The router's default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:52415";
 
@@ -97,6 +99,8 @@ pub struct Profile {
     pub placement: PlacementMode,
     /// HTTP listen address.
     pub listen: SocketAddr,
+    /// Requests admitted beyond the decode slots before the API answers 429.
+    pub max_queued: usize,
     /// KV shipping.
     pub kv: KvShipping,
     /// KV layout of embedded nodes (slots per node come from each node).
@@ -124,6 +128,7 @@ struct RawProfile {
 #[serde(deny_unknown_fields)]
 struct RawRouter {
     listen: Option<String>,
+    max_queued: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +308,7 @@ impl Profile {
             model: raw.model,
             placement: raw.placement,
             listen,
+            max_queued: raw.router.max_queued.unwrap_or(DEFAULT_MAX_QUEUED),
             kv: KvShipping {
                 codec,
                 chunk_size: raw.kv.chunk_size,
