@@ -1,0 +1,247 @@
+//! Load generator for any OpenAI-compatible server (exo-router, llama.cpp's llama-server, ...):
+//! streaming chat requests at a fixed concurrency with a mix of short and long prompts; prints time
+//! to first token and time per output token percentiles, throughput and errors.
+//!
+//! `cargo run --release -p exo-benches --bin loadgen -- --url http://127.0.0.1:52415 --concurrency 8`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+#[derive(Parser, Clone)]
+#[command(
+    about = "Drive an OpenAI-compatible server and report TTFT/TPOT percentiles and throughput"
+)]
+struct Args {
+    /// Server base URL (without /v1).
+    #[arg(long, default_value = "http://127.0.0.1:52415")]
+    url: String,
+    /// Model id; default: the first one /v1/models lists.
+    #[arg(long)]
+    model: Option<String>,
+    /// Requests to send in all.
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Words in a short prompt (about 2 tokens a word with SmolLM2).
+    #[arg(long, default_value_t = 40)]
+    short_words: usize,
+    /// Words in a long prompt.
+    #[arg(long, default_value_t = 1000)]
+    long_words: usize,
+    /// Every Nth request has a long prompt (0: none).
+    #[arg(long, default_value_t = 0)]
+    long_every: usize,
+    /// Tokens to generate per request.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Seed of the prompt texts and of each request's sampling seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// What one request measured.
+struct Sample {
+    long: bool,
+    ttft: Duration,
+    /// Mean time between output tokens after the first.
+    tpot: Option<Duration>,
+    tokens: u64,
+}
+
+fn prompt(words: usize, seed: u64) -> String {
+    let vocab = [
+        "river", "market", "engine", "garden", "signal", "harbor", "ledger", "window", "summit",
+        "orchard", "canal", "beacon",
+    ];
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut out = String::from("Read these notes and summarise them in two sentences.");
+    for i in 0..words {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.push(' ');
+        out.push_str(vocab[(x >> 33) as usize % vocab.len()]);
+        if i % 12 == 11 {
+            out.push('.');
+        }
+    }
+    out
+}
+
+async fn one(client: &reqwest::Client, args: &Args, model: &str, i: usize) -> Result<Sample> {
+    let long = args.long_every > 0 && i % args.long_every == args.long_every - 1;
+    let words = if long {
+        args.long_words
+    } else {
+        args.short_words
+    };
+    let body = json!({
+        "model": model,
+        "messages": [{ "role": "user", "content": prompt(words, args.seed.wrapping_add(i as u64)) }],
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed.wrapping_add(i as u64),
+        "stream": true, "stream_options": { "include_usage": true },
+    });
+    let start = Instant::now();
+    let resp = client
+        .post(format!("{}/v1/chat/completions", args.url))
+        .json(&body)
+        .send()
+        .await?;
+    let status = resp.status();
+    if !status.is_success() {
+        anyhow::bail!("HTTP {status}: {}", resp.text().await.unwrap_or_default());
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let (mut first, mut last, mut chunks, mut usage_tokens) = (None, None, 0u64, None);
+    while let Some(bytes) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                if data == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(data).context("bad event")?;
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    usage_tokens = Some(n);
+                }
+                let content = v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or_default();
+                if !content.is_empty() {
+                    let now = start.elapsed();
+                    first.get_or_insert(now);
+                    last = Some(now);
+                    chunks += 1;
+                }
+            }
+        }
+    }
+    let ttft = first.context("no content received")?;
+    let tokens = usage_tokens.unwrap_or(chunks);
+    let tpot = match (last, tokens) {
+        (Some(l), n) if n > 1 && l > ttft => Some((l - ttft) / (n as u32 - 1)),
+        _ => None,
+    };
+    Ok(Sample {
+        long,
+        ttft,
+        tpot,
+        tokens,
+    })
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn row(name: &str, mut v: Vec<Duration>) -> String {
+    v.sort();
+    format!(
+        "| {name} | {} | {:.1} | {:.1} | {:.1} |",
+        v.len(),
+        pct(&v, 0.5),
+        pct(&v, 0.9),
+        pct(&v, 0.99)
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let v: Value = client
+                .get(format!("{}/v1/models", args.url))
+                .send()
+                .await?
+                .json()
+                .await?;
+            v["data"][0]["id"]
+                .as_str()
+                .context("no model listed")?
+                .to_string()
+        }
+    };
+    let started = Instant::now();
+    let results: Vec<Result<Sample>> = futures::stream::iter(0..args.requests)
+        .map(|i| {
+            let (client, args, model) = (&client, &args, &model);
+            async move { one(client, args, model, i).await }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
+    let wall = started.elapsed().as_secs_f64();
+    let mut errors = 0;
+    let mut samples = Vec::new();
+    for r in results {
+        match r {
+            Ok(s) => samples.push(s),
+            Err(e) => {
+                errors += 1;
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
+    println!(
+        "{} | model {model} | {} requests, concurrency {}, max_tokens {}, long prompt every {} ({} words), short {} words",
+        args.url,
+        args.requests,
+        args.concurrency,
+        args.max_tokens,
+        args.long_every,
+        args.long_words,
+        args.short_words
+    );
+    println!(
+        "wall {wall:.1} s | output {:.1} tok/s | {:.2} req/s | errors {errors}",
+        tokens as f64 / wall,
+        samples.len() as f64 / wall
+    );
+    println!();
+    println!("| metric (ms) | n | p50 | p90 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (label, long) in [("short", false), ("long", true)] {
+        let class: Vec<&Sample> = samples.iter().filter(|s| s.long == long).collect();
+        if class.is_empty() {
+            continue;
+        }
+        println!(
+            "{}",
+            row(
+                &format!("TTFT {label}"),
+                class.iter().map(|s| s.ttft).collect()
+            )
+        );
+        println!(
+            "{}",
+            row(
+                &format!("TPOT {label}"),
+                class.iter().filter_map(|s| s.tpot).collect()
+            )
+        );
+    }
+    Ok(())
+}
