@@ -75,6 +75,9 @@ struct NodeArgs {
     /// Chunk calls in flight when shipping a KV cache.
     #[arg(long, default_value_t = 2)]
     chunks_in_flight: usize,
+    /// Serve this node's Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "EXO_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> Result<()> {
@@ -149,6 +152,18 @@ async fn node(args: NodeArgs) -> Result<()> {
         let _ = stop_rx.await;
     })
     .await?;
+    if let Some(addr) = args.metrics_listen {
+        exo_router::metrics::handle();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener {addr}"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async { exo_router::metrics::render() }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        eprintln!("metrics at http://{addr}/metrics");
+    }
     println!(
         "exo-router node {name} ({}) listening on {bound}",
         args.role

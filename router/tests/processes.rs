@@ -71,7 +71,27 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
     };
     let (_prefill, line) = node("prefill", "proc-prefill");
     let prefill_addr = last_word(&line);
-    let (decode, line) = node("decode", "proc-decode");
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (decode, line) = spawn(
+        &[
+            "node",
+            "--role",
+            "decode",
+            "--name",
+            "proc-decode",
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &metrics_addr,
+        ],
+        "listening on",
+    );
     let decode_addr = last_word(&line);
 
     let dir = std::env::temp_dir().join(format!("exo-router-test-{}", std::process::id()));
@@ -109,6 +129,19 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
     assert_eq!(
         (a.prefill_node.as_str(), a.decode_node.as_str()),
         ("proc-prefill", "proc-decode")
+    );
+    // The decode node process serves its own metrics.
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("exo_decode_tokens_total{node=\"proc-decode\"}")),
+        "{metrics}"
     );
 
     drop(decode);
