@@ -134,8 +134,14 @@ fn split_equals_colocated(sampling: SamplingParams) {
     rt.block_on(async {
         let a = context(1, false, KvType::F16);
         let b = context(2, false, KvType::F16);
-        for words in [0, 250, 1000] {
+        // About 10, 500 and 2,000 prompt tokens.
+        for (words, lengths) in [(0, 8..20), (250, 400..700), (1000, 1700..2400)] {
             let toks = prompt(words);
+            assert!(
+                lengths.contains(&toks.len()),
+                "{words} words gave {} tokens",
+                toks.len()
+            );
             let pre = a
                 .prefill(0, toks.clone(), sampling.clone())
                 .await
