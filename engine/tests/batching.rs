@@ -116,3 +116,56 @@ async fn batched_generation_equals_solo_generation() {
     assert_eq!(joined.tokens, solo[3].tokens);
     assert_eq!(early.await.unwrap().tokens, solo[2].tokens);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_take_turns_and_keep_their_results() {
+    let model = model();
+    let layout = KvLayout {
+        n_seq_max: 2,
+        n_ctx_seq: 4096,
+        ..KvLayout::default()
+    };
+    let ctx = ContextHandle::spawn(
+        model.clone(),
+        ContextConfig {
+            layout,
+            ..ContextConfig::default()
+        },
+    )
+    .unwrap();
+    let long = model.tokenize(
+        &"The lighthouse keeper logged the weather at dawn and at dusk. ".repeat(140),
+        true,
+    );
+    let short = model.tokenize("The capital of France is", true);
+    assert!(
+        long.len() > 3 * 512,
+        "long prompt has {} tokens",
+        long.len()
+    );
+    let greedy = SamplingParams::greedy(8);
+    let solo_long = ctx.prefill(0, long.clone(), greedy.clone()).await.unwrap();
+    let solo_short = ctx.prefill(1, short.clone(), greedy.clone()).await.unwrap();
+
+    // The long prompt starts first; the short one arrives while it runs and finishes before it.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let long_run = {
+        let (ctx, done, long, g) = (ctx.clone(), done_tx.clone(), long.clone(), greedy.clone());
+        tokio::spawn(async move {
+            let out = ctx.prefill(0, long, g).await.unwrap();
+            done.send("long").unwrap();
+            out
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let short_out = ctx.prefill(1, short, greedy).await.unwrap();
+    done_tx.send("short").unwrap();
+    let long_out = long_run.await.unwrap();
+    assert_eq!(
+        done_rx.recv().await,
+        Some("short"),
+        "the short prompt waited for the whole long one"
+    );
+    assert_eq!(short_out, solo_short);
+    assert_eq!(long_out, solo_long);
+}
