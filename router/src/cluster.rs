@@ -1,15 +1,20 @@
 //! The router's view of the cluster: connections to the nodes, their health, and placement.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use exo_kvcache::Codec;
 use exo_protocol::{
     ModelFingerprint, NodeInfo, NodeServiceClient, Role, connect, context_with_deadline,
 };
 
+use crate::costmodel::{self, Candidates, Link, NodeLoad, NodeView, Policy, RequestShape};
 use crate::error::ApiError;
 use crate::profile::{KvShipping, NodeSpec, PlacementMode};
+
+/// Characters per prompt token assumed until the first prefill reports a real count.
+const INITIAL_CHARS_PER_TOKEN: f64 = 4.0;
 
 /// Deadline of a health check.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -26,6 +31,12 @@ pub struct ClusterNode {
     info: RwLock<Option<NodeInfo>>,
     healthy: AtomicBool,
     in_flight: AtomicUsize,
+    /// Prompt tokens placed here whose prefill has not finished (estimated until tokenized).
+    prefill_backlog: AtomicU64,
+    /// Requests generating here.
+    decoding: AtomicUsize,
+    /// Their context tokens, summed.
+    decode_ctx: AtomicU64,
 }
 
 impl ClusterNode {
@@ -47,6 +58,15 @@ impl ClusterNode {
     /// Requests placed on this node and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What the node is doing, as the cost model sees it.
+    pub fn load(&self) -> NodeLoad {
+        NodeLoad {
+            prefill_backlog: self.prefill_backlog.load(Ordering::Relaxed),
+            decoding: u32::try_from(self.decoding.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+            decode_ctx: self.decode_ctx.load(Ordering::Relaxed),
+        }
     }
 
     /// The RPC client, if connected.
@@ -87,6 +107,33 @@ impl Drop for InFlight {
     }
 }
 
+/// A prompt's share of its prefill node's backlog; released when the prefill ends.
+pub struct PrefillLoad {
+    node: Arc<ClusterNode>,
+    tokens: u64,
+}
+
+impl Drop for PrefillLoad {
+    fn drop(&mut self) {
+        self.node
+            .prefill_backlog
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
+/// A sequence counted on its decode node while the request lives.
+pub struct DecodeLoad {
+    node: Arc<ClusterNode>,
+    ctx: u64,
+}
+
+impl Drop for DecodeLoad {
+    fn drop(&mut self) {
+        self.node.decoding.fetch_sub(1, Ordering::Relaxed);
+        self.node.decode_ctx.fetch_sub(self.ctx, Ordering::Relaxed);
+    }
+}
+
 /// A request admitted into the cluster; releases its place on drop.
 pub struct Admission(Arc<Cluster>);
 
@@ -109,6 +156,14 @@ pub struct Placement {
     pub decode: Arc<ClusterNode>,
     /// Keeps the nodes' in-flight counts while the request lives.
     pub guards: Vec<InFlight>,
+    /// The prompt's share of the prefill node's backlog: drop it when the prefill ends.
+    pub prefill_load: Option<PrefillLoad>,
+    /// The sequence's share of the decode node's load.
+    pub decode_load: DecodeLoad,
+    /// The KV codec for this request's hand-off.
+    pub codec: Codec,
+    /// The cost model's prediction, when it chose.
+    pub predicted: Option<costmodel::Prediction>,
 }
 
 impl Placement {
@@ -129,6 +184,17 @@ pub struct Cluster {
     next_id: AtomicU64,
     admitted: AtomicUsize,
     max_queued: usize,
+    policy: Policy,
+    links: Vec<(String, String, Link)>,
+    chars_per_token: Mutex<f64>,
+}
+
+/// The cost model's inputs from the profile.
+pub struct CostInputs {
+    /// The placement policy.
+    pub policy: Policy,
+    /// Links between nodes, by name.
+    pub links: Vec<(String, String, Link)>,
 }
 
 impl Cluster {
@@ -139,6 +205,7 @@ impl Cluster {
         mode: PlacementMode,
         kv: KvShipping,
         max_queued: usize,
+        cost: CostInputs,
         model_id: String,
         expected: Option<ModelFingerprint>,
     ) -> Arc<Cluster> {
@@ -156,6 +223,9 @@ impl Cluster {
                         info: RwLock::new(None),
                         healthy: AtomicBool::new(false),
                         in_flight: AtomicUsize::new(0),
+                        prefill_backlog: AtomicU64::new(0),
+                        decoding: AtomicUsize::new(0),
+                        decode_ctx: AtomicU64::new(0),
                     })
                 })
                 .collect(),
@@ -166,6 +236,9 @@ impl Cluster {
             next_id: AtomicU64::new(seed << 16),
             admitted: AtomicUsize::new(0),
             max_queued,
+            policy: cost.policy,
+            links: cost.links,
+            chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
         cluster
@@ -331,8 +404,76 @@ impl Cluster {
         Ok(Admission(Arc::clone(self)))
     }
 
-    /// Chooses where a request runs, by the profile's placement mode and the nodes' current load.
-    pub fn place(&self) -> Result<Placement, ApiError> {
+    /// Estimated tokens of a prompt of `chars` characters, before any node has tokenized it.
+    pub fn estimate_tokens(&self, chars: usize) -> u64 {
+        let per = self
+            .chars_per_token
+            .lock()
+            .map_or(INITIAL_CHARS_PER_TOKEN, |c| *c);
+        ((chars as f64 / per).ceil() as u64).max(1)
+    }
+
+    /// Learns the characters per token from a prompt the prefill node tokenized.
+    pub fn observe_prompt(&self, chars: usize, tokens: u32) {
+        if tokens == 0 || chars == 0 {
+            return;
+        }
+        let seen = chars as f64 / f64::from(tokens);
+        if let Ok(mut c) = self.chars_per_token.lock() {
+            *c = 0.9 * *c + 0.1 * seen;
+        }
+    }
+
+    /// The policy the cost model runs with.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Asks the cost model, over the healthy nodes and their live load.
+    fn cost_model_choice(&self, shape: RequestShape) -> Option<costmodel::Prediction> {
+        let live: Vec<&Arc<ClusterNode>> = self
+            .nodes
+            .iter()
+            .filter(|n| n.healthy() && n.spec.perf.is_some())
+            .collect();
+        let views: Vec<NodeView> = live
+            .iter()
+            .filter_map(|n| {
+                Some(NodeView {
+                    name: n.name(),
+                    prefills: n.spec.role.prefills(),
+                    decodes: n.spec.role.decodes(),
+                    colocates: n.spec.role == Role::Both,
+                    slots: n.info().map_or(n.spec.slots, |i| i.layout.n_seq_max),
+                    perf: n.spec.perf.as_ref()?,
+                    load: n.load(),
+                })
+            })
+            .collect();
+        let link = |a: usize, b: usize| {
+            let (a, b) = (live.get(a)?.name(), live.get(b)?.name());
+            self.links
+                .iter()
+                .find(|(x, y, _)| (x == a && y == b) || (x == b && y == a))
+                .map(|&(_, _, l)| l)
+        };
+        let plan = costmodel::plan(&self.policy, &views, link, shape, Candidates::All);
+        plan.chosen().cloned()
+    }
+
+    /// Chooses where a request would run now, without counting it anywhere.
+    #[allow(clippy::type_complexity)]
+    pub fn choose(
+        &self,
+        shape: RequestShape,
+    ) -> Result<
+        (
+            Arc<ClusterNode>,
+            Arc<ClusterNode>,
+            Option<costmodel::Prediction>,
+        ),
+        ApiError,
+    > {
         let split = || {
             let p = self.least_loaded(|n| n.spec.role.prefills(), Role::Prefill, None)?;
             let d = self.least_loaded(|n| n.spec.role.decodes(), Role::Decode, Some(&p))?;
@@ -342,10 +483,19 @@ impl Cluster {
             self.least_loaded(|n| n.spec.role == Role::Both, Role::Both, None)
                 .map(|n| (n.clone(), n))
         };
+        let by_name = |name: &str| self.nodes.iter().find(|n| n.name() == name).cloned();
+        let mut predicted = None;
         let chosen = match self.mode {
             PlacementMode::Disaggregated => split(),
             PlacementMode::Colocated => colocated(),
-            PlacementMode::Auto => split().or_else(colocated),
+            PlacementMode::Auto => match self.cost_model_choice(shape) {
+                Some(p) => {
+                    let nodes = by_name(&p.prefill).zip(by_name(&p.decode));
+                    predicted = Some(p);
+                    nodes
+                }
+                None => split().or_else(colocated),
+            },
         };
         let (prefill, decode) = chosen.ok_or_else(|| {
             ApiError::Unavailable(format!(
@@ -353,20 +503,75 @@ impl Cluster {
                 self.mode
             ))
         })?;
+        Ok((prefill, decode, predicted))
+    }
+
+    /// Chooses where a request runs, by the profile's placement mode and the nodes' current load,
+    /// and counts it on those nodes until the returned placement is dropped.
+    pub fn place(&self, shape: RequestShape) -> Result<Placement, ApiError> {
+        let (prefill, decode, predicted) = self.choose(shape)?;
         let mode = if Arc::ptr_eq(&prefill, &decode) {
             "colocated"
         } else {
             "disaggregated"
         };
-        metrics::counter!("exo_placements_total", "mode" => mode).increment(1);
+        let codec = predicted
+            .as_ref()
+            .and_then(|p| p.codec)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(self.kv.codec);
+        match &predicted {
+            Some(p) => tracing::info!(
+                mode,
+                prefill = prefill.name(),
+                decode = decode.name(),
+                prompt_tokens = shape.prompt_tokens,
+                output_tokens = shape.output_tokens,
+                codec = codec.name(),
+                ttft_ms = p.ttft_s * 1e3,
+                tpot_ms = p.tpot_s * 1e3,
+                e2e_ms = p.e2e_s * 1e3,
+                "placed by the cost model"
+            ),
+            None => tracing::debug!(
+                mode,
+                prefill = prefill.name(),
+                decode = decode.name(),
+                "placed"
+            ),
+        }
+        metrics::counter!(
+            "exo_placements_total",
+            "mode" => mode,
+            "prefill" => prefill.name().to_string(),
+            "decode" => decode.name().to_string()
+        )
+        .increment(1);
         let mut guards = vec![InFlight::new(&prefill)];
         if !Arc::ptr_eq(&prefill, &decode) {
             guards.push(InFlight::new(&decode));
         }
+        prefill
+            .prefill_backlog
+            .fetch_add(shape.prompt_tokens, Ordering::Relaxed);
+        decode.decoding.fetch_add(1, Ordering::Relaxed);
+        decode
+            .decode_ctx
+            .fetch_add(shape.prompt_tokens, Ordering::Relaxed);
         Ok(Placement {
+            prefill_load: Some(PrefillLoad {
+                node: Arc::clone(&prefill),
+                tokens: shape.prompt_tokens,
+            }),
+            decode_load: DecodeLoad {
+                node: Arc::clone(&decode),
+                ctx: shape.prompt_tokens,
+            },
             prefill,
             decode,
             guards,
+            codec,
+            predicted,
         })
     }
 }

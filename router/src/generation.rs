@@ -10,6 +10,7 @@ use exo_protocol::{
 use tarpc::client::RpcError;
 
 use crate::cluster::{Admission, Cluster, ClusterNode, Placement};
+use crate::costmodel::RequestShape;
 use crate::error::ApiError;
 
 /// Deadline of a prefill call: long prompts on slow machines legitimately take minutes.
@@ -62,6 +63,15 @@ fn rpc_failure(node: &ClusterNode, e: RpcError) -> ApiError {
     }
 }
 
+/// Characters of a prompt's text (what the router knows before a node tokenizes it).
+fn prompt_chars(prompt: &Prompt) -> usize {
+    match prompt {
+        Prompt::Text(t) => t.len(),
+        // Each message also costs a few template tokens (role markers).
+        Prompt::Chat(turns) => turns.iter().map(|t| t.content.len() + 16).sum(),
+    }
+}
+
 impl Generation {
     /// Places the request, runs its prompt, and returns once output token 0 is known.
     pub async fn start(
@@ -71,7 +81,13 @@ impl Generation {
     ) -> Result<Generation, ApiError> {
         let admission = cluster.admit()?;
         let started = Instant::now();
-        let placement = cluster.place()?;
+        let chars = prompt_chars(&prompt);
+        let policy = cluster.policy();
+        let shape = RequestShape {
+            prompt_tokens: cluster.estimate_tokens(chars),
+            output_tokens: u64::from(sampling.max_tokens).min(policy.expected_output_tokens),
+        };
+        let mut placement = cluster.place(shape)?;
         let id = cluster.next_id();
         let unreachable =
             |n: &ClusterNode| ApiError::Unavailable(format!("node {} is not connected", n.name()));
@@ -85,7 +101,7 @@ impl Generation {
             .ok_or_else(|| unreachable(&placement.decode))?;
         let handoff = placement.is_split().then(|| Handoff {
             decode_addr: placement.decode.addr.clone(),
-            codec: cluster.kv.codec,
+            codec: placement.codec,
             chunk_size: cluster.kv.chunk_size,
             context_limit: placement
                 .decode
@@ -118,7 +134,9 @@ impl Generation {
         } else {
             prefill.await
         };
+        placement.prefill_load = None;
         let reply = reply.map_err(|e| rpc_failure(&placement.prefill, e))??;
+        cluster.observe_prompt(chars, reply.n_prompt);
         let first_at = Instant::now();
         metrics::histogram!("exo_time_to_first_token_seconds")
             .record((first_at - started).as_secs_f64());

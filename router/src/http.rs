@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::cluster::Cluster;
+use crate::costmodel::RequestShape;
 use crate::error::ApiError;
 use crate::generation::{Delta, Generation};
 use crate::openai::{ChatRequest, CommonParams, CompletionRequest, finish_str, usage};
@@ -281,7 +282,11 @@ async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
         .map(|n| json!({ "name": n.name(), "role": n.spec.role, "address": n.addr, "healthy": n.healthy(), "in_flight": n.in_flight() }))
         .collect();
     // Healthy when a request could be placed right now.
-    let ok = cluster.place().is_ok();
+    let probe = RequestShape {
+        prompt_tokens: 1,
+        output_tokens: 1,
+    };
+    let ok = cluster.choose(probe).is_ok();
     let status = if ok {
         StatusCode::OK
     } else {

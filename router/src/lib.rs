@@ -6,13 +6,17 @@
 //! every machine runs (`exo-router node`), also used in-process for embedded nodes.
 
 pub mod cluster;
+pub mod costmodel;
 pub mod error;
 pub mod generation;
+pub mod hardware;
 pub mod http;
+pub mod measure;
 pub mod metrics;
 pub mod node;
 pub mod openai;
 pub mod profile;
+pub mod simulate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -157,6 +161,17 @@ impl Server {
             profile.placement,
             profile.kv,
             profile.max_queued,
+            cluster::CostInputs {
+                policy: profile.policy,
+                links: profile
+                    .links
+                    .iter()
+                    .filter_map(|&(a, b, l)| {
+                        let name = |i: usize| profile.nodes.get(i).map(|n| n.name.clone());
+                        Some((name(a)?, name(b)?, l))
+                    })
+                    .collect(),
+            },
             model_id,
             expected,
         )

@@ -7,6 +7,8 @@ use exo_kvcache::{Codec, DEFAULT_CHUNK_SIZE, KvLayout, KvType, MAX_CHUNK_SIZE};
 use exo_protocol::Role;
 use serde::Deserialize;
 
+use crate::costmodel::{Link, NodePerf, Objective, Policy};
+
 /// The default profile `serve` uses when none is given.
 pub const DEFAULT_PROFILE: &str = "profiles/local.toml";
 /// Requests admitted beyond the decode slots by default.
@@ -51,7 +53,7 @@ pub enum PlacementMode {
     Disaggregated,
     /// Prefill and decode on one `both` node.
     Colocated,
-    /// Disaggregate when both roles are available, otherwise colocate.
+    /// Choose per request with the cost model (needs `perf` for every node).
     Auto,
 }
 
@@ -65,7 +67,7 @@ pub enum NodeAddress {
 }
 
 /// One node of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeSpec {
     /// Unique name (shown in `x-exo-*-node` headers).
     pub name: String,
@@ -75,6 +77,8 @@ pub struct NodeSpec {
     pub role: Role,
     /// Sequence slots of an embedded node's context.
     pub slots: u32,
+    /// Its measured speed (`[nodes.perf]`), needed by the cost model.
+    pub perf: Option<NodePerf>,
 }
 
 /// How the KV cache travels.
@@ -107,13 +111,27 @@ pub struct Profile {
     pub layout: KvLayout,
     /// The nodes.
     pub nodes: Vec<NodeSpec>,
+    /// How `auto` placement chooses (`[policy]`).
+    pub policy: Policy,
+    /// Links between nodes by index into `nodes`; others use `policy.default_link`.
+    pub links: Vec<(usize, usize, Link)>,
 }
+
+/// The default `[policy]` link: gigabit Ethernet.
+pub const DEFAULT_LINK: Link = Link {
+    bandwidth_gbit_s: 1.0,
+    latency_ms: 0.5,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
     model: PathBuf,
     placement: PlacementMode,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    links: Vec<RawLink>,
     #[serde(default)]
     router: RawRouter,
     #[serde(default)]
@@ -122,6 +140,41 @@ struct RawProfile {
     layout: RawLayout,
     #[serde(default)]
     nodes: Vec<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPolicy {
+    objective: Objective,
+    tpot_target_ms: f64,
+    expected_output_tokens: u64,
+    handoff_overhead_ms: f64,
+    kv_bytes_per_token: Option<f64>,
+    default_link: Link,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            objective: Objective::Ttft,
+            tpot_target_ms: 100.0,
+            expected_output_tokens: 256,
+            handoff_overhead_ms: 2.0,
+            kv_bytes_per_token: None,
+            default_link: DEFAULT_LINK,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    between: [String; 2],
+    bandwidth_gbit_s: f64,
+    latency_ms: f64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    kind: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -179,6 +232,12 @@ struct RawNode {
     role: String,
     #[serde(default)]
     slots: Option<u32>,
+    #[serde(default)]
+    perf: Option<NodePerf>,
+    /// What `exo-router profile` found on the machine: informational, kept as written.
+    #[serde(default)]
+    #[allow(dead_code)]
+    hardware: Option<toml::Table>,
 }
 
 impl Profile {
@@ -278,11 +337,16 @@ impl Profile {
                     n.name
                 )));
             }
+            if let Some(perf) = &n.perf {
+                perf.validate()
+                    .map_err(|e| invalid(format!("node {:?} perf: {e}", n.name)))?;
+            }
             nodes.push(NodeSpec {
                 name: n.name,
                 address,
                 role,
                 slots,
+                perf: n.perf,
             });
         }
         let can_split = nodes.iter().any(|n| n.role.prefills())
@@ -303,7 +367,65 @@ impl Profile {
             }
             _ => {}
         }
+        let mut links = Vec::new();
+        for l in raw.links {
+            let index = |name: &str| {
+                nodes
+                    .iter()
+                    .position(|n| n.name == name)
+                    .ok_or_else(|| invalid(format!("link names unknown node {name:?}")))
+            };
+            let (a, b) = (index(&l.between[0])?, index(&l.between[1])?);
+            let link = Link {
+                bandwidth_gbit_s: l.bandwidth_gbit_s,
+                latency_ms: l.latency_ms,
+            };
+            link.validate()
+                .map_err(|e| invalid(format!("link {:?}: {e}", l.between)))?;
+            links.push((a, b, link));
+        }
+        let pol = raw.policy;
+        pol.default_link
+            .validate()
+            .map_err(|e| invalid(format!("policy.default_link: {e}")))?;
+        if !(pol.tpot_target_ms.is_finite() && pol.tpot_target_ms > 0.0) {
+            return Err(invalid("policy.tpot_target_ms must be positive".into()));
+        }
+        if !(pol.handoff_overhead_ms.is_finite() && pol.handoff_overhead_ms >= 0.0) {
+            return Err(invalid("policy.handoff_overhead_ms must be >= 0".into()));
+        }
+        if pol.expected_output_tokens == 0 {
+            return Err(invalid("policy.expected_output_tokens must be >= 1".into()));
+        }
+        if let Some(b) = pol.kv_bytes_per_token
+            && !(b.is_finite() && b > 0.0)
+        {
+            return Err(invalid("policy.kv_bytes_per_token must be positive".into()));
+        }
+        if raw.placement == PlacementMode::Auto {
+            if let Some(n) = nodes.iter().find(|n| n.perf.is_none()) {
+                return Err(invalid(format!(
+                    "placement \"auto\" needs [nodes.perf] for node {:?}: measure it with `exo-router profile`",
+                    n.name
+                )));
+            }
+            if pol.kv_bytes_per_token.is_none() {
+                return Err(invalid(
+                    "placement \"auto\" needs policy.kv_bytes_per_token (`exo-router profile` writes it)".into(),
+                ));
+            }
+        }
+        let policy = Policy {
+            objective: pol.objective,
+            tpot_target_s: pol.tpot_target_ms / 1000.0,
+            expected_output_tokens: pol.expected_output_tokens,
+            handoff_overhead_s: pol.handoff_overhead_ms / 1000.0,
+            kv_bytes_per_token: pol.kv_bytes_per_token.unwrap_or(0.0),
+            default_link: pol.default_link,
+        };
         Ok(Profile {
+            policy,
+            links,
             path: path.to_path_buf(),
             model: raw.model,
             placement: raw.placement,
@@ -317,6 +439,20 @@ impl Profile {
             layout,
             nodes,
         })
+    }
+
+    /// The link between nodes `a` and `b` (by index), if the profile names one.
+    pub fn link(&self, a: usize, b: usize) -> Option<Link> {
+        self.links
+            .iter()
+            .find(|&&(x, y, _)| (x, y) == (a, b) || (x, y) == (b, a))
+            .map(|&(_, _, l)| l)
+    }
+
+    /// True when every node has a perf table and the policy knows the KV size: the cost model
+    /// can run (`plan`, `simulate`, `auto`).
+    pub fn has_cost_model(&self) -> bool {
+        self.policy.kv_bytes_per_token > 0.0 && self.nodes.iter().all(|n| n.perf.is_some())
     }
 
     /// True if any node runs inside the router process (the router then loads the model).

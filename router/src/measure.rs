@@ -1,0 +1,329 @@
+//! Measures how fast this machine runs the model (`exo-router profile`): prefill at several prompt
+//! lengths, decode steps at several batch sizes and context lengths, KV export and import, and each
+//! codec's speed and ratio on the real cache. The result is a [`NodePerf`] for the cost model.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use exo_engine::{ContextConfig, ContextHandle, EngineError, GenEvent, Model};
+use exo_kvcache::{Codec, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout};
+use exo_protocol::SamplingParams;
+
+use crate::costmodel::{CodecPerf, NodePerf};
+
+/// Why a measurement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// The engine failed.
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    /// Encoding or decoding the cache failed.
+    #[error("KV codec: {0}")]
+    Kv(#[from] KvError),
+    /// A measurement could not produce a usable number.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// How much to measure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasurePlan {
+    /// Prompt lengths whose prefill speed is measured.
+    pub prefill_lengths: Vec<u32>,
+    /// Batch sizes whose decode step is measured.
+    pub batches: Vec<u32>,
+    /// Tokens generated per sequence in each decode measurement.
+    pub decode_tokens: u32,
+    /// Context length of the long-context decode measurement (0: skip it).
+    pub long_context: u32,
+}
+
+impl MeasurePlan {
+    /// The full plan (a few minutes on a 2-core CPU with SmolLM2-135M).
+    pub fn full() -> Self {
+        MeasurePlan {
+            prefill_lengths: vec![16, 128, 512, 2048],
+            batches: vec![1, 2, 4, 8],
+            decode_tokens: 48,
+            long_context: 2048,
+        }
+    }
+
+    /// A short plan for tests and a first look (well under a minute).
+    pub fn quick() -> Self {
+        MeasurePlan {
+            prefill_lengths: vec![16, 256],
+            batches: vec![1, 2],
+            decode_tokens: 12,
+            long_context: 512,
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// The node's speed table.
+    pub perf: NodePerf,
+    /// KV cache bytes per token in the measured layout.
+    pub kv_bytes_per_token: f64,
+}
+
+/// Prompt tokens of exactly `n` tokens of varied text.
+fn prompt(model: &Model, n: usize) -> Vec<i32> {
+    let mut text = String::from("Summarise the following weather log.\n");
+    let mut i = 0usize;
+    loop {
+        for _ in 0..32 {
+            text += &format!(
+                "Day {i}: station {} logged {} mm of rain, wind {} km/h. ",
+                i % 17,
+                (i * 37) % 101,
+                (i * 13) % 59
+            );
+            i += 1;
+        }
+        let tokens = model.tokenize(&text, true);
+        if tokens.len() >= n {
+            return tokens[..n].to_vec();
+        }
+    }
+}
+
+fn gb_s(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / 1e9 / d.as_secs_f64().max(1e-9)
+}
+
+/// Runs `batch` sequences with `ctx`-token prompts and returns milliseconds per decode step.
+async fn decode_step_ms(
+    ctx: &ContextHandle,
+    model: &Model,
+    batch: u32,
+    context: u32,
+    tokens: u32,
+) -> Result<f64, MeasureError> {
+    let mut firsts = Vec::new();
+    for seq in 0..batch as i32 {
+        // A different prompt per sequence, all of the same length.
+        let mut p = prompt(model, context as usize + seq as usize);
+        p.drain(1..1 + seq as usize);
+        let out = ctx.prefill(seq, p, SamplingParams::greedy(tokens)).await?;
+        firsts.push(out.first_token);
+    }
+    let started = Instant::now();
+    let runs = firsts.iter().enumerate().map(|(seq, &first)| async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = ctx.generate_stream(seq as i32, first, 1, SamplingParams::greedy(tokens), tx);
+        let count = async {
+            let mut n = 0u32;
+            while let Some(ev) = rx.recv().await {
+                if matches!(ev, GenEvent::Token { .. }) {
+                    n += 1;
+                }
+            }
+            n
+        };
+        let (res, n) = tokio::join!(run, count);
+        res.map(|()| n)
+    });
+    let counts = futures::future::try_join_all(runs).await?;
+    let elapsed = started.elapsed();
+    for seq in 0..batch as i32 {
+        ctx.clear(seq).await?;
+    }
+    // Every step decodes one token for each sequence still going; the longest one saw every step.
+    let steps = counts.iter().copied().max().unwrap_or(0);
+    if steps < 2 {
+        return Err(MeasureError::Unusable(format!(
+            "decode at batch {batch} produced only {steps} tokens"
+        )));
+    }
+    Ok(elapsed.as_secs_f64() * 1e3 / f64::from(steps))
+}
+
+/// Measures the model on this machine with the given KV layout (its `n_seq_max` must cover the
+/// largest batch). `progress` receives one line per step.
+pub async fn measure(
+    model: Arc<Model>,
+    layout: KvLayout,
+    plan: &MeasurePlan,
+    mut progress: impl FnMut(&str),
+) -> Result<Measured, MeasureError> {
+    let ctx = ContextHandle::spawn(
+        Arc::clone(&model),
+        ContextConfig {
+            layout,
+            ..ContextConfig::default()
+        },
+    )?;
+    let room = layout.n_ctx_seq.saturating_sub(plan.decode_tokens + 8);
+    // Warm-up: the first pass pays for allocations.
+    ctx.prefill(0, prompt(&model, 16), SamplingParams::greedy(1))
+        .await?;
+    let mut prefill_tok_s = Vec::new();
+    let mut longest = None;
+    for &n in &plan.prefill_lengths {
+        let n = n.min(room);
+        if n == 0 || prefill_tok_s.iter().any(|&(m, _)| m == n) {
+            continue;
+        }
+        let tokens = prompt(&model, n as usize);
+        let started = Instant::now();
+        ctx.prefill(0, tokens.clone(), SamplingParams::greedy(1))
+            .await?;
+        let took = started.elapsed();
+        let speed = f64::from(n) / took.as_secs_f64().max(1e-9);
+        progress(&format!(
+            "prefill {n:>5} tokens: {:>8.1} ms, {speed:>8.1} tok/s",
+            took.as_secs_f64() * 1e3
+        ));
+        prefill_tok_s.push((n, speed));
+        longest = Some(n);
+    }
+    let longest = longest.ok_or_else(|| MeasureError::Unusable("no prefill length fits".into()))?;
+    // The cache of the longest prompt is still in sequence 0: export, codecs, import.
+    let started = Instant::now();
+    let kv = ctx.export(0).await?;
+    let export = started.elapsed();
+    let bytes = kv.state.len();
+    let kv_bytes_per_token = bytes as f64 / f64::from(longest);
+    progress(&format!(
+        "KV export: {:.1} MB ({kv_bytes_per_token:.0} B/token) in {:.1} ms",
+        bytes as f64 / 1e6,
+        export.as_secs_f64() * 1e3
+    ));
+    let fingerprint = model.fingerprint();
+    let target = ImportTarget {
+        fingerprint,
+        layout,
+    };
+    let mut codecs = std::collections::BTreeMap::new();
+    let mut decoded = None;
+    for codec in Codec::ALL {
+        let started = Instant::now();
+        let enc = KvEncoder::new(
+            &kv.state,
+            kv.tokens.clone(),
+            fingerprint,
+            layout,
+            codec,
+            exo_kvcache::DEFAULT_CHUNK_SIZE,
+        )?;
+        let header = enc.header_frame();
+        let frames: Vec<Vec<u8>> = enc.collect();
+        let enc_t = started.elapsed();
+        let wire = header.len() + frames.iter().map(Vec::len).sum::<usize>();
+        let started = Instant::now();
+        let mut d = KvDecoder::new(&header, &DecodeLimits::default(), &target)?;
+        for f in &frames {
+            d.push_chunk(f)?;
+        }
+        let out = d.finish()?;
+        let dec_t = started.elapsed();
+        let ratio = bytes as f64 / wire as f64;
+        progress(&format!(
+            "codec {:<11}: ratio {ratio:.3}, encode {:.2} GB/s, decode {:.2} GB/s",
+            codec.name(),
+            gb_s(bytes, enc_t),
+            gb_s(bytes, dec_t)
+        ));
+        if codec != Codec::None {
+            codecs.insert(
+                codec.name().to_string(),
+                CodecPerf {
+                    ratio,
+                    encode_gb_s: gb_s(bytes, enc_t),
+                    decode_gb_s: gb_s(bytes, dec_t),
+                },
+            );
+        }
+        decoded = Some(out);
+    }
+    let decoded = decoded.ok_or_else(|| MeasureError::Unusable("no codec ran".into()))?;
+    let started = Instant::now();
+    ctx.import(1, decoded).await?;
+    let import = started.elapsed();
+    progress(&format!("KV import: {:.1} ms", import.as_secs_f64() * 1e3));
+    ctx.clear(0).await?;
+    ctx.clear(1).await?;
+    let short_ctx = 64u32.min(room);
+    let mut decode_step = Vec::new();
+    for &b in &plan.batches {
+        if b == 0 || b > layout.n_seq_max || decode_step.iter().any(|&(x, _)| x == b) {
+            continue;
+        }
+        let ms = decode_step_ms(&ctx, &model, b, short_ctx, plan.decode_tokens).await?;
+        progress(&format!(
+            "decode batch {b:>2} at context {short_ctx}: {ms:>7.2} ms/step, {:>7.1} tok/s",
+            f64::from(b) * 1e3 / ms
+        ));
+        decode_step.push((b, ms));
+    }
+    if decode_step.is_empty() {
+        return Err(MeasureError::Unusable(
+            "no batch size fits the slots".into(),
+        ));
+    }
+    let mut per_1k = 0.0;
+    let long_ctx = plan.long_context.min(room);
+    if long_ctx > short_ctx {
+        let long = decode_step_ms(&ctx, &model, 1, long_ctx, plan.decode_tokens).await?;
+        let (b0, ms0) = decode_step[0];
+        let base = decode_step
+            .iter()
+            .find(|&&(b, _)| b == 1)
+            .map_or(ms0 / f64::from(b0), |&(_, ms)| ms);
+        per_1k = ((long - base) / (f64::from(long_ctx - short_ctx) / 1000.0)).max(0.0);
+        progress(&format!(
+            "decode batch  1 at context {long_ctx}: {long:>7.2} ms/step ({per_1k:.3} ms per 1k context)"
+        ));
+    }
+    let perf = NodePerf {
+        source: format!(
+            "measured by exo-router profile {} on {}, model {}",
+            env!("CARGO_PKG_VERSION"),
+            crate::measure::today(),
+            model.name()
+        ),
+        prefill_tok_s,
+        decode_step_ms: decode_step,
+        decode_ms_per_1k_ctx: per_1k,
+        kv_export_gb_s: gb_s(bytes, export),
+        kv_import_gb_s: gb_s(bytes, import),
+        codecs,
+    };
+    perf.validate()
+        .map_err(|e| MeasureError::Unusable(format!("measured table: {e}")))?;
+    Ok(Measured {
+        perf,
+        kv_bytes_per_token,
+    })
+}
+
+/// Today's date (UTC), `YYYY-MM-DD`.
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn today_is_a_date() {
+        let d = super::today();
+        assert_eq!(d.len(), 10);
+        assert!(d.starts_with("20"), "{d}");
+    }
+}
