@@ -372,11 +372,10 @@ pub fn node_profile_toml(
     };
     let body = toml::to_string(&file)?;
     Ok(format!(
-        "# Written by `exo-router profile` on {} ({}).\n\
+        "# Written by `exo-router profile`: {}.\n\
          # A single-node cluster profile of this machine: `serve`, `plan` and `simulate` accept it\n\
          # as is. Copy its [[nodes]] table into a multi-node profile, change `address` to the\n\
          # machine's host:port and `role` as needed. docs/profiles.md explains every field.\n\n{body}",
-        crate::measure::today(),
         measured.perf.source
     ))
 }

@@ -303,8 +303,8 @@ fn plan(args: &PlanArgs) -> Result<()> {
     );
     println!();
     println!(
-        "  {:<32} {:<14} {:<12} {:>10} {:>11} {:>9} {:>10}  target",
-        "placement", "mode", "codec", "TTFT ms", "hand-off ms", "TPOT ms", "E2E ms"
+        "  {:<32} {:<14} {:<12} {:>10} {:>11} {:>9} {:>9} {:>10}  target",
+        "placement", "mode", "codec", "TTFT ms", "hand-off ms", "step ms", "TPOT ms", "E2E ms"
     );
     for (i, c) in plan.candidates.iter().enumerate() {
         let name = if c.prefill == c.decode {
@@ -313,13 +313,14 @@ fn plan(args: &PlanArgs) -> Result<()> {
             format!("{} -> {}", c.prefill, c.decode)
         };
         println!(
-            "{} {:<32} {:<14} {:<12} {:>10.1} {:>11.1} {:>9.2} {:>10.1}  {}",
+            "{} {:<32} {:<14} {:<12} {:>10.1} {:>11.1} {:>9.2} {:>9.2} {:>10.1}  {}",
             if plan.chosen == Some(i) { "*" } else { " " },
             name,
             c.mode,
             c.codec.unwrap_or("-"),
             c.ttft_s * 1e3,
             c.handoff_s * 1e3,
+            c.steady_tpot_s * 1e3,
             c.tpot_s * 1e3,
             c.e2e_s * 1e3,
             if c.meets_target { "met" } else { "missed" }

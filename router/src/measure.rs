@@ -278,6 +278,19 @@ pub async fn measure(
             "decode batch  1 at context {long_ctx}: {long:>7.2} ms/step ({per_1k:.3} ms per 1k context)"
         ));
     }
+    let round_points =
+        |v: Vec<(u32, f64)>| v.into_iter().map(|(x, y)| (x, significant(y))).collect();
+    let codecs = codecs
+        .into_iter()
+        .map(|(name, c)| {
+            let c = CodecPerf {
+                ratio: significant(c.ratio),
+                encode_gb_s: significant(c.encode_gb_s),
+                decode_gb_s: significant(c.decode_gb_s),
+            };
+            (name, c)
+        })
+        .collect();
     let perf = NodePerf {
         source: format!(
             "measured by exo-router profile {} on {}, model {}",
@@ -285,11 +298,11 @@ pub async fn measure(
             crate::measure::today(),
             model.name()
         ),
-        prefill_tok_s,
-        decode_step_ms: decode_step,
-        decode_ms_per_1k_ctx: per_1k,
-        kv_export_gb_s: gb_s(bytes, export),
-        kv_import_gb_s: gb_s(bytes, import),
+        prefill_tok_s: round_points(prefill_tok_s),
+        decode_step_ms: round_points(decode_step),
+        decode_ms_per_1k_ctx: significant(per_1k),
+        kv_export_gb_s: significant(gb_s(bytes, export)),
+        kv_import_gb_s: significant(gb_s(bytes, import)),
         codecs,
     };
     perf.validate()
@@ -298,6 +311,16 @@ pub async fn measure(
         perf,
         kv_bytes_per_token,
     })
+}
+
+/// `v` rounded to four significant digits: measurements are not more precise than that, and the
+/// written profile stays readable.
+fn significant(v: f64) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    let scale = 10f64.powi(3 - v.abs().log10().floor() as i32);
+    (v * scale).round() / scale
 }
 
 /// Today's date (UTC), `YYYY-MM-DD`.
@@ -320,6 +343,14 @@ pub fn today() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn four_significant_digits() {
+        assert!((super::significant(380.540_654) - 380.5).abs() < 1e-9);
+        assert!((super::significant(0.468_844_279) - 0.4688).abs() < 1e-12);
+        assert!((super::significant(23_052.4) - 23_050.0).abs() < 1e-9);
+        assert!(super::significant(0.0).abs() < f64::EPSILON);
+    }
+
     #[test]
     fn today_is_a_date() {
         let d = super::today();
