@@ -94,6 +94,17 @@ fn gb_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / 1e9 / d.as_secs_f64().max(1e-9)
 }
 
+/// Sampling as chat clients use it (OpenAI's default temperature samples the whole vocabulary,
+/// which costs more per token than greedy argmax), seeded for repeatable runs.
+fn sampling(seed: u64, tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.7,
+        seed,
+        max_tokens: tokens,
+        ..SamplingParams::default()
+    }
+}
+
 /// Runs `batch` sequences with `ctx`-token prompts and returns milliseconds per decode step.
 async fn decode_step_ms(
     ctx: &ContextHandle,
@@ -113,7 +124,7 @@ async fn decode_step_ms(
     let started = Instant::now();
     let runs = firsts.iter().enumerate().map(|(seq, &first)| async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let run = ctx.generate_stream(seq as i32, first, 1, SamplingParams::greedy(tokens), tx);
+        let run = ctx.generate_stream(seq as i32, first, 1, sampling(seq as u64, tokens), tx);
         let count = async {
             let mut n = 0u32;
             while let Some(ev) = rx.recv().await {

@@ -2,7 +2,7 @@
 //!
 //! Series (all prefixed `exo_`): router `requests_total{endpoint,status}`,
 //! `time_to_first_token_seconds`, `time_per_output_token_seconds`, `requests_in_flight`,
-//! `queue_depth`, `node_in_flight{node}`, `placements_total{mode}`, `prompt_tokens_total`,
+//! `queue_depth`, `node_in_flight{node}`, `placements_total{mode,prefill,decode}`, `prompt_tokens_total`,
 //! `completion_tokens_total`; prefill nodes `prefill_tokens_total{node}`, `prefill_seconds{node}`,
 //! `prefill_tokens_per_second{node}`, `kv_exported_bytes_total{node}`, `kv_wire_bytes_total{node}`,
 //! `kv_compression_ratio{node}`, `kv_transfer_seconds{node}`; decode nodes
