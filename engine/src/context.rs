@@ -10,8 +10,10 @@ use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
+use llguidance::Matcher;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use crate::constraint::advance;
 use crate::error::EngineError;
 use crate::model::Model;
 use crate::sampler::choose;
@@ -505,6 +507,8 @@ struct Pending {
     /// Tokens already in the cache.
     done: usize,
     sampling: SamplingParams,
+    /// The constraint's state, when the request has one.
+    matcher: Option<Matcher>,
     reply: Reply<PrefillOutput>,
 }
 
@@ -517,6 +521,8 @@ struct Active {
     /// Output index of `token`.
     index: u32,
     sampling: SamplingParams,
+    /// The constraint's state, advanced over every token chosen so far.
+    matcher: Option<Matcher>,
     text: TextStream,
     events: mpsc::UnboundedSender<GenEvent>,
     reply: Reply<()>,
@@ -530,19 +536,26 @@ impl Worker<'_> {
                 tokens,
                 sampling,
                 reply,
-            } => match self.guard(|w| w.begin_prefill(seq, &tokens)) {
-                Ok(slot) => self.pending.push_back(Pending {
-                    seq,
-                    slot,
-                    tokens,
-                    done: 0,
-                    sampling,
-                    reply,
-                }),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
+            } => {
+                let begun = self.new_matcher(&sampling).and_then(|matcher| {
+                    self.guard(|w| w.begin_prefill(seq, &tokens))
+                        .map(|slot| (slot, matcher))
+                });
+                match begun {
+                    Ok((slot, matcher)) => self.pending.push_back(Pending {
+                        seq,
+                        slot,
+                        tokens,
+                        done: 0,
+                        sampling,
+                        matcher,
+                        reply,
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-            },
+            }
             Command::Export { seq, reply } => {
                 let _ = reply.send(self.guard(|w| w.export(seq)));
             }
@@ -557,16 +570,58 @@ impl Worker<'_> {
                 events,
                 reply,
             } => {
-                if let Err(e) = self.guard(|w| w.check_generate(seq, next)) {
-                    let _ = reply.send(Err(e));
-                    return;
+                let matcher = self
+                    .guard(|w| w.check_generate(seq, next))
+                    .and_then(|()| self.resume_matcher(&sampling, index, next));
+                match matcher {
+                    Ok(matcher) => self.start(Active {
+                        seq,
+                        slot: seq as usize,
+                        token: next,
+                        index,
+                        text: TextStream::new(&sampling.stop),
+                        sampling,
+                        matcher,
+                        events,
+                        reply,
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
                 }
-                self.start(seq, next, index, sampling, events, reply);
             }
             Command::Clear { seq, reply } => {
                 let _ = reply.send(self.guard(|w| w.clear(seq)));
             }
         }
+    }
+
+    /// The matcher a new prompt's first token is chosen with, if the request is constrained.
+    fn new_matcher(&self, p: &SamplingParams) -> Result<Option<Matcher>, EngineError> {
+        p.constraint
+            .as_ref()
+            .map(|c| self.model.matcher(c))
+            .transpose()
+    }
+
+    /// The matcher for generation that continues after output token `next` (index `index`): a
+    /// fresh one advanced over `next`, exactly the state the node that chose `next` was in.
+    fn resume_matcher(
+        &self,
+        p: &SamplingParams,
+        index: u32,
+        next: i32,
+    ) -> Result<Option<Matcher>, EngineError> {
+        let Some(mut m) = self.new_matcher(p)? else {
+            return Ok(None);
+        };
+        if index != 0 {
+            return Err(EngineError::InvalidRequest(
+                "constrained generation can only continue from the first output token".into(),
+            ));
+        }
+        advance(&mut m, next)?;
+        Ok(Some(m))
     }
 
     fn guard<T>(
@@ -687,14 +742,15 @@ impl Worker<'_> {
             return;
         }
         let row = (end - 1 - (end - 1) / n_batch * n_batch) as i32;
-        let result = choose(&self.ctx, row, &p.sampling, 0).map(|first_token| {
-            let n_prompt = p.tokens.len();
-            self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
-            PrefillOutput {
-                first_token,
-                n_prompt,
-            }
-        });
+        let result =
+            choose(&self.ctx, row, &p.sampling, 0, p.matcher.as_mut()).map(|first_token| {
+                let n_prompt = p.tokens.len();
+                self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
+                PrefillOutput {
+                    first_token,
+                    n_prompt,
+                }
+            });
         let _ = p.reply.send(result);
     }
 
@@ -798,29 +854,10 @@ impl Worker<'_> {
     }
 
     /// Adds a sequence to the batch loop; its reply is sent when it finishes.
-    fn start(
-        &mut self,
-        seq: i32,
-        next: i32,
-        index: u32,
-        sampling: SamplingParams,
-        events: mpsc::UnboundedSender<GenEvent>,
-        reply: Reply<()>,
-    ) {
-        let slot = seq as usize;
-        let mut text = TextStream::new(&sampling.stop);
+    fn start(&mut self, mut a: Active) {
         // Token `next` was already sent by whoever sampled it; only its bytes matter here.
-        let _ = text.push(&self.model.token_bytes(next));
-        self.active.push(Active {
-            seq,
-            slot,
-            token: next,
-            index,
-            sampling,
-            text,
-            events,
-            reply,
-        });
+        let _ = a.text.push(&self.model.token_bytes(a.token));
+        self.active.push(a);
     }
 
     /// Ends generation of `active[i]`.
@@ -879,7 +916,13 @@ impl Worker<'_> {
                 let a = &mut self.active[row];
                 self.seq_tokens[a.slot].push(a.token);
                 a.index += 1;
-                match choose(&self.ctx, row as i32, &a.sampling, a.index) {
+                match choose(
+                    &self.ctx,
+                    row as i32,
+                    &a.sampling,
+                    a.index,
+                    a.matcher.as_mut(),
+                ) {
                     Err(e) => Err(e),
                     Ok(tok) if self.model.is_eog(tok) => Ok(Some(FinishReason::Stop)),
                     Ok(tok) => {

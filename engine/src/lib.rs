@@ -7,6 +7,7 @@
 //! context's calibrated [`exo_kvcache::StateShape`] before llama.cpp sees it (llama.cpp aborts the
 //! process on a malformed state). This is the only crate in the workspace that uses `unsafe`.
 
+mod constraint;
 mod context;
 mod error;
 mod model;

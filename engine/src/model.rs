@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use exo_kvcache::ModelFingerprint;
+use exo_protocol::Constraint;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
+use llguidance::Matcher;
 use sha2::{Digest, Sha256};
 
+use crate::constraint::Compiler;
 use crate::error::EngineError;
 
 /// llama.cpp allows one backend per process; every model shares it.
@@ -48,6 +51,8 @@ pub struct Model {
     pub(crate) llama: LlamaModel,
     path: PathBuf,
     fingerprint: ModelFingerprint,
+    /// Built on the first constrained request (it walks the whole vocabulary).
+    constraints: OnceLock<Result<Compiler, String>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -78,6 +83,7 @@ impl Model {
             llama,
             path: path.to_path_buf(),
             fingerprint,
+            constraints: OnceLock::new(),
         }))
     }
 
@@ -150,6 +156,20 @@ impl Model {
         self.llama
             .apply_chat_template(&tmpl, &msgs, true)
             .map_err(|e| EngineError::Prompt(format!("chat template failed: {e}")))
+    }
+
+    /// A fresh matcher enforcing `c` on this model's tokens; an error names what cannot be enforced.
+    pub(crate) fn matcher(&self, c: &Constraint) -> Result<Matcher, EngineError> {
+        self.constraints
+            .get_or_init(|| Compiler::new(&self.llama))
+            .as_ref()
+            .map_err(|e| EngineError::Backend(format!("constrained decoding unavailable: {e}")))?
+            .matcher(c)
+    }
+
+    /// Checks that `c` can be enforced on this model (compiles it once and drops the result).
+    pub fn check_constraint(&self, c: &Constraint) -> Result<(), EngineError> {
+        self.matcher(c).map(drop)
     }
 
     /// Checks that every token id is in the vocabulary (llama.cpp must never see one that is not).

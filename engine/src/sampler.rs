@@ -3,7 +3,9 @@
 use exo_protocol::SamplingParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::sampling::LlamaSampler;
+use llguidance::Matcher;
 
+use crate::constraint::advance;
 use crate::error::EngineError;
 
 /// The seed of the draw for output token `index` of a request seeded with `seed` (splitmix64).
@@ -18,17 +20,51 @@ pub fn draw_seed(seed: u64, index: u32) -> u32 {
     (z >> 32) as u32
 }
 
-/// Picks output token `index` from the logits of batch row `row`.
+/// Picks output token `index` from the logits of batch row `row`. With a constraint, tokens it
+/// does not allow are removed first (before top-k/top-p, so they can never empty the choice), and
+/// the matcher then advances over the chosen token.
 pub(crate) fn choose(
     ctx: &LlamaContext<'_>,
     row: i32,
     p: &SamplingParams,
     index: u32,
+    mut matcher: Option<&mut Matcher>,
 ) -> Result<i32, EngineError> {
-    if p.temperature <= 0.0 {
-        return argmax(ctx.get_logits_ith(row));
+    let mask = match matcher.as_deref_mut() {
+        Some(m) => Some(
+            m.compute_mask_or_eos()
+                .map_err(|e| EngineError::Decode(format!("constraint: {e}")))?,
+        ),
+        None => None,
+    };
+    let allowed = |id: usize| {
+        mask.as_ref()
+            .is_none_or(|m| u32::try_from(id).is_ok_and(|t| m.is_allowed(t)))
+    };
+    let token = if p.temperature <= 0.0 {
+        argmax(ctx.get_logits_ith(row), allowed)?
+    } else {
+        sample(ctx, row, p, index, allowed)?
+    };
+    if let Some(m) = matcher {
+        advance(m, token)?;
     }
+    Ok(token)
+}
+
+fn sample(
+    ctx: &LlamaContext<'_>,
+    row: i32,
+    p: &SamplingParams,
+    index: u32,
+    allowed: impl Fn(usize) -> bool,
+) -> Result<i32, EngineError> {
     let mut candidates = ctx.token_data_array_ith(row);
+    for d in &mut candidates.data {
+        if !usize::try_from(d.id().0).is_ok_and(&allowed) {
+            d.set_logit(f32::NEG_INFINITY);
+        }
+    }
     if p.top_k > 0 {
         candidates.apply_sampler(&mut LlamaSampler::top_k(
             i32::try_from(p.top_k).unwrap_or(i32::MAX),
@@ -48,16 +84,16 @@ pub(crate) fn choose(
         .ok_or_else(|| EngineError::Decode("sampler selected no token".into()))
 }
 
-/// Greedy choice: the highest logit, ties to the lowest token id.
-fn argmax(logits: &[f32]) -> Result<i32, EngineError> {
+/// Greedy choice: the highest logit among allowed tokens, ties to the lowest token id.
+fn argmax(logits: &[f32], allowed: impl Fn(usize) -> bool) -> Result<i32, EngineError> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &l) in logits.iter().enumerate() {
-        if best.is_none_or(|(_, b)| l > b) {
+        if allowed(i) && best.is_none_or(|(_, b)| l > b) {
             best = Some((i, l));
         }
     }
     best.and_then(|(i, _)| i32::try_from(i).ok())
-        .ok_or_else(|| EngineError::Decode("no logits".into()))
+        .ok_or_else(|| EngineError::Decode("no allowed token".into()))
 }
 
 #[cfg(test)]
@@ -73,7 +109,10 @@ mod tests {
 
     #[test]
     fn argmax_takes_the_first_of_equal_maxima() {
-        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]).ok(), Some(1));
-        assert!(argmax(&[]).is_err());
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0], |_| true).ok(), Some(1));
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0], |i| i != 1).ok(), Some(2));
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0], |i| i == 3).ok(), Some(3));
+        assert!(argmax(&[], |_| true).is_err());
+        assert!(argmax(&[1.0], |_| false).is_err());
     }
 }

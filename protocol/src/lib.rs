@@ -37,6 +37,21 @@ pub struct SamplingParams {
     pub max_tokens: u32,
     /// Strings that end generation when produced; they are not part of the output.
     pub stop: Vec<String>,
+    /// What the output must match, enforced token by token; `None`: free text.
+    pub constraint: Option<Constraint>,
+}
+
+/// A constraint on the generated text, enforced by masking every token that could not continue a
+/// match. It travels with the sampling parameters: a decode node rebuilds it and replays the first
+/// token through it, so split generation follows exactly the same masks as colocated generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Constraint {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this JSON Schema (its text).
+    JsonSchema(String),
+    /// A grammar in llguidance's Lark dialect (used for tool calls).
+    Lark(String),
 }
 
 impl Default for SamplingParams {
@@ -49,6 +64,7 @@ impl Default for SamplingParams {
             seed: 0,
             max_tokens: 256,
             stop: Vec::new(),
+            constraint: None,
         }
     }
 }

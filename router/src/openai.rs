@@ -1,6 +1,6 @@
 //! OpenAI request and response shapes for `/v1/chat/completions` and `/v1/completions`.
 
-use exo_protocol::{ChatTurn, FinishReason, SamplingParams};
+use exo_protocol::{ChatTurn, Constraint, FinishReason, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -148,14 +148,10 @@ impl CommonParams {
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad("tools", "tool calls are not supported yet"));
         }
-        if let Some(rf) = &self.response_format
-            && rf.get("type").and_then(Value::as_str) != Some("text")
-        {
-            return Err(ApiError::bad(
-                "response_format",
-                "only response_format type `text` is supported yet",
-            ));
-        }
+        let constraint = match &self.response_format {
+            None => None,
+            Some(rf) => response_format(rf)?,
+        };
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad(
@@ -193,6 +189,7 @@ impl CommonParams {
             seed: self.seed.map_or(fresh_seed, |s| s as u64),
             max_tokens,
             stop,
+            constraint,
         })
     }
 
@@ -201,6 +198,30 @@ impl CommonParams {
         self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// The constraint a `response_format` asks for: `text` (none), `json_object`, or `json_schema`
+/// with `json_schema.schema`. The schema is only checked for shape here; the node that runs the
+/// request compiles it and refuses what it cannot enforce.
+fn response_format(rf: &Value) -> Result<Option<Constraint>, ApiError> {
+    let bad = |msg: &str| ApiError::bad("response_format", msg.to_string());
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::JsonObject)),
+        Some("json_schema") => {
+            let schema = rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| bad("response_format json_schema needs json_schema.schema"))?;
+            if !(schema.is_object() || schema.is_boolean()) {
+                return Err(bad("json_schema.schema must be a JSON Schema object"));
+            }
+            Ok(Some(Constraint::JsonSchema(schema.to_string())))
+        }
+        _ => Err(bad(
+            "response_format type must be `text`, `json_object` or `json_schema`",
+        )),
     }
 }
 
