@@ -12,6 +12,7 @@ mod context;
 mod error;
 mod model;
 mod sampler;
+mod template;
 mod text;
 
 pub use context::{
@@ -20,4 +21,5 @@ pub use context::{
 pub use error::EngineError;
 pub use model::{ChatMessage, Model, ModelOptions, fingerprint_file};
 pub use sampler::draw_seed;
+pub use template::TOOL_FORMAT;
 pub use text::TextStream;

@@ -8,14 +8,15 @@ use std::sync::{Arc, OnceLock};
 use exo_kvcache::ModelFingerprint;
 use exo_protocol::Constraint;
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use llguidance::Matcher;
 use sha2::{Digest, Sha256};
 
 use crate::constraint::Compiler;
 use crate::error::EngineError;
+use crate::template::{ChatTemplate, TEMPLATE_KEY};
 
 /// llama.cpp allows one backend per process; every model shares it.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -38,12 +39,28 @@ pub struct ModelOptions {
 }
 
 /// One chat turn for the model's chat template.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text of the turn.
     pub content: String,
+    /// An assistant turn's tool calls (OpenAI's `tool_calls` array).
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool turn's `tool_call_id`.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain turn: `role` saying `content`.
+    pub fn new(role: &str, content: &str) -> Self {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.to_string(),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
 }
 
 /// A loaded model, shared by every context that runs it.
@@ -53,6 +70,8 @@ pub struct Model {
     fingerprint: ModelFingerprint,
     /// Built on the first constrained request (it walks the whole vocabulary).
     constraints: OnceLock<Result<Compiler, String>>,
+    /// The chat template from the GGUF metadata, compiled on first use.
+    template: OnceLock<Result<ChatTemplate, String>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -84,6 +103,7 @@ impl Model {
             path: path.to_path_buf(),
             fingerprint,
             constraints: OnceLock::new(),
+            template: OnceLock::new(),
         }))
     }
 
@@ -142,20 +162,30 @@ impl Model {
         self.llama.vocab().is_eog(LlamaToken(token))
     }
 
-    /// Renders chat messages with the model's own template, ending with the assistant's turn opened.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let tmpl = self
+    /// Renders chat messages (and OpenAI's `tools` array) with the model's own Jinja chat template,
+    /// ending with the assistant's turn opened.
+    pub fn chat_prompt(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, EngineError> {
+        self.template
+            .get_or_init(|| self.load_template())
+            .as_ref()
+            .map_err(|e| EngineError::Prompt(e.clone()))?
+            .render(messages, tools)
+    }
+
+    fn load_template(&self) -> Result<ChatTemplate, String> {
+        let source = self
             .llama
-            .chat_template(None)
-            .map_err(|e| EngineError::Prompt(format!("model has no usable chat template: {e}")))?;
-        let msgs = messages
-            .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Prompt(e.to_string()))?;
-        self.llama
-            .apply_chat_template(&tmpl, &msgs, true)
-            .map_err(|e| EngineError::Prompt(format!("chat template failed: {e}")))
+            .meta_val_str(TEMPLATE_KEY)
+            .map_err(|e| format!("the model has no `{TEMPLATE_KEY}`: {e}"))?;
+        let special = |t: LlamaToken| {
+            String::from_utf8_lossy(&self.llama.vocab().token_to_piece(t, true, None)).into_owned()
+        };
+        let vocab = self.llama.vocab();
+        ChatTemplate::new(source, special(vocab.bos()), special(vocab.eos()))
     }
 
     /// A fresh matcher enforcing `c` on this model's tokens; an error names what cannot be enforced.

@@ -86,11 +86,10 @@ fn prompt(words: usize) -> Vec<i32> {
         i += 1;
     }
     text += "Summarise the notes above in one sentence.";
-    let msgs = [ChatMessage {
-        role: "user".into(),
-        content: text.trim().to_string(),
-    }];
-    let rendered = model().chat_prompt(&msgs).unwrap_or_else(|e| panic!("{e}"));
+    let msgs = [ChatMessage::new("user", text.trim())];
+    let rendered = model()
+        .chat_prompt(&msgs, None)
+        .unwrap_or_else(|e| panic!("{e}"));
     model().tokenize(&rendered, true)
 }
 

@@ -81,20 +81,40 @@ impl PrefillNode {
         let model = self.ctx.model();
         let text = match prompt {
             Prompt::Text(t) => t.clone(),
-            Prompt::Chat(turns) => {
-                if turns.is_empty() {
+            Prompt::Chat(chat) => {
+                if chat.turns.is_empty() {
                     return Err(NodeError::InvalidRequest(
                         "messages must not be empty".into(),
                     ));
                 }
-                let msgs: Vec<ChatMessage> = turns
+                let json = |what: &str, text: &str| {
+                    serde_json::from_str::<serde_json::Value>(text)
+                        .map_err(|e| NodeError::InvalidRequest(format!("{what} is not JSON: {e}")))
+                };
+                let msgs = chat
+                    .turns
                     .iter()
-                    .map(|t| ChatMessage {
-                        role: t.role.clone(),
-                        content: t.content.clone(),
+                    .map(|t| {
+                        Ok(ChatMessage {
+                            role: t.role.clone(),
+                            content: t.content.clone(),
+                            tool_calls: t
+                                .tool_calls
+                                .as_deref()
+                                .map(|c| json("tool_calls", c))
+                                .transpose()?,
+                            tool_call_id: t.tool_call_id.clone(),
+                        })
                     })
-                    .collect();
-                model.chat_prompt(&msgs).map_err(engine_error)?
+                    .collect::<Result<Vec<_>, NodeError>>()?;
+                let tools = chat
+                    .tools
+                    .as_deref()
+                    .map(|t| json("tools", t))
+                    .transpose()?;
+                model
+                    .chat_prompt(&msgs, tools.as_ref())
+                    .map_err(engine_error)?
             }
         };
         let tokens = model.tokenize(&text, true);

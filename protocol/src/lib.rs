@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
 pub use service::{
-    ChatTurn, Handoff, HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo, NodeService,
-    NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply, PrefillReply,
-    PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
+    ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo,
+    NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
+    PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
 };
 pub use transport::{MAX_FRAME_BYTES, ServerTransport, connect, context_with_deadline, serve};
 

@@ -96,19 +96,33 @@ pub struct NodeInfo {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ChatTurn {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant turn's tool calls, OpenAI's `tool_calls` array as JSON text.
+    pub tool_calls: Option<String>,
+    /// A tool turn's `tool_call_id`.
+    pub tool_call_id: Option<String>,
+}
+
+/// A conversation and the tools the model may call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatPrompt {
+    /// The messages.
+    pub turns: Vec<ChatTurn>,
+    /// OpenAI's `tools` array as JSON text; `None` when the request has none (or `tool_choice`
+    /// is `none`).
+    pub tools: Option<String>,
 }
 
 /// The prompt of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Prompt {
     /// Messages, rendered with the model's chat template.
-    Chat(Vec<ChatTurn>),
+    Chat(ChatPrompt),
     /// Raw text, tokenized as is (with the model's start token).
     Text(String),
 }

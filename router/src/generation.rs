@@ -68,7 +68,15 @@ fn prompt_chars(prompt: &Prompt) -> usize {
     match prompt {
         Prompt::Text(t) => t.len(),
         // Each message also costs a few template tokens (role markers).
-        Prompt::Chat(turns) => turns.iter().map(|t| t.content.len() + 16).sum(),
+        Prompt::Chat(chat) => {
+            let tools = chat.tools.as_ref().map_or(0, String::len);
+            tools
+                + chat
+                    .turns
+                    .iter()
+                    .map(|t| t.content.len() + t.tool_calls.as_ref().map_or(0, String::len) + 16)
+                    .sum::<usize>()
+        }
     }
 }
 

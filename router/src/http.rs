@@ -11,7 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use exo_protocol::Prompt;
+use exo_protocol::{ChatPrompt, Prompt};
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -20,7 +20,9 @@ use crate::cluster::Cluster;
 use crate::costmodel::RequestShape;
 use crate::error::ApiError;
 use crate::generation::{Delta, Generation};
-use crate::openai::{ChatRequest, CommonParams, CompletionRequest, finish_str, usage};
+use crate::openai::{
+    ChatRequest, CommonParams, CompletionRequest, ToolChoice, Tools, finish_str, usage,
+};
 
 /// Header naming the node that ran the prompt.
 pub const PREFILL_HEADER: &str = "x-exo-prefill-node";
@@ -65,9 +67,57 @@ struct Meta {
     created: u64,
     model: String,
     include_usage: bool,
+    /// The chat request's tools, when it has any.
+    tools: Option<Tools>,
 }
 
 impl Meta {
+    /// The tool calls a finished reply makes, if it is one.
+    fn tool_calls(&self, text: &str, finish: &str) -> Option<Vec<Value>> {
+        let id = self.id.trim_start_matches("chatcmpl-");
+        self.tools
+            .as_ref()
+            .filter(|_| finish == "stop")
+            .and_then(|t| t.parse(text, id))
+    }
+
+    /// Whether streamed text must be held back: a reply that must be a tool call, or (with
+    /// `tool_choice: auto`) one that so far could still become one.
+    fn holds(&self, so_far: &str) -> bool {
+        match self.tools.as_ref().map(|t| &t.choice) {
+            None | Some(ToolChoice::None) => false,
+            Some(ToolChoice::Required | ToolChoice::Named(_)) => true,
+            Some(ToolChoice::Auto) => {
+                let t = so_far.trim_start();
+                t.is_empty() || t.starts_with('{')
+            }
+        }
+    }
+
+    /// Streamed tool calls as OpenAI sends them: per call, a chunk with its id and name, then
+    /// its arguments in pieces; then the finish chunk.
+    fn tool_call_chunks(&self, calls: &[Value]) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (i, c) in calls.iter().enumerate() {
+            out.push(self.chunk(
+                json!({ "tool_calls": [{ "index": i, "id": c["id"], "type": "function",
+                                         "function": { "name": c["function"]["name"], "arguments": "" } }] }),
+                None,
+            ));
+            let args = c["function"]["arguments"].as_str().unwrap_or_default();
+            let chars: Vec<char> = args.chars().collect();
+            for piece in chars.chunks(16) {
+                let piece: String = piece.iter().collect();
+                out.push(self.chunk(
+                    json!({ "tool_calls": [{ "index": i, "function": { "arguments": piece } }] }),
+                    None,
+                ));
+            }
+        }
+        out.push(self.chunk(json!({}), Some("tool_calls")));
+        out
+    }
+
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
         match self.kind {
             Kind::Chat => json!({
@@ -94,6 +144,16 @@ impl Meta {
     }
 
     fn whole(&self, text: String, finish: &str, prompt: u32, completion: u32) -> Value {
+        if let Some(calls) = self.tool_calls(&text, finish) {
+            return json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": null,
+                "choices": [{ "index": 0,
+                              "message": { "role": "assistant", "content": null, "tool_calls": calls },
+                              "logprobs": null, "finish_reason": "tool_calls" }],
+                "usage": usage(prompt, completion),
+            });
+        }
         match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -114,8 +174,19 @@ impl Meta {
 async fn chat(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
     let run = async {
         let req: ChatRequest = parse(&body)?;
-        let turns = req.turns()?;
-        serve(&cluster, Kind::Chat, Prompt::Chat(turns), &req.params).await
+        let tools = req.tools()?;
+        let prompt = ChatPrompt {
+            turns: req.turns()?,
+            tools: tools.as_ref().and_then(Tools::prompt_json),
+        };
+        serve(
+            &cluster,
+            Kind::Chat,
+            Prompt::Chat(prompt),
+            &req.params,
+            tools,
+        )
+        .await
     };
     counted(
         "chat",
@@ -144,12 +215,16 @@ async fn metrics_text() -> Response {
 async fn completions(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
     let run = async {
         let req: CompletionRequest = parse(&body)?;
+        if req.params.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::bad("tools", "tools are for /v1/chat/completions"));
+        }
         let prompt = req.prompt_text()?;
         serve(
             &cluster,
             Kind::Completion,
             Prompt::Text(prompt),
             &req.params,
+            None,
         )
         .await
     };
@@ -161,10 +236,20 @@ async fn serve(
     kind: Kind,
     prompt: Prompt,
     params: &CommonParams,
+    tools: Option<Tools>,
 ) -> Result<Response, ApiError> {
     let model = cluster.model_id();
     let id = cluster.next_id();
-    let sampling = params.sampling(&model, id)?;
+    let mut sampling = params.sampling(&model, id)?;
+    if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
+        if sampling.constraint.is_some() {
+            return Err(ApiError::bad(
+                "response_format",
+                "response_format cannot be combined with a required tool call",
+            ));
+        }
+        sampling.constraint = Some(c);
+    }
     let mut generation = Generation::start(cluster, prompt, sampling).await?;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
@@ -177,6 +262,7 @@ async fn serve(
         created: now(),
         model,
         include_usage: params.include_usage(),
+        tools,
     };
     let mut headers = HeaderMap::new();
     for (name, value) in [
@@ -203,7 +289,8 @@ async fn serve(
 
 enum Stage {
     Role,
-    Body,
+    /// Streaming text; the string holds text held back while it may be a tool call.
+    Body(String),
     Tail,
     End,
 }
@@ -216,7 +303,7 @@ fn event_stream(
     let first = if meta.kind == Kind::Chat {
         Stage::Role
     } else {
-        Stage::Body
+        Stage::Body(String::new())
     };
     let data = |v: Value| Event::default().data(v.to_string());
     futures::stream::unfold(
@@ -227,20 +314,33 @@ fn event_stream(
                     vec![data(
                         meta.chunk(json!({"role": "assistant", "content": ""}), None),
                     )],
-                    Stage::Body,
+                    Stage::Body(String::new()),
                 ),
-                Stage::Body => match generation.next().await {
+                Stage::Body(mut held) => match generation.next().await {
                     Some(Ok(Delta { text, finish })) => {
                         let mut events = Vec::new();
-                        if !text.is_empty() {
-                            events.push(data(meta.chunk(json!({ "content": text }), None)));
+                        held.push_str(&text);
+                        if let Some(f) = finish
+                            && let Some(calls) = meta.tool_calls(&held, finish_str(f))
+                        {
+                            let chunks = meta.tool_call_chunks(&calls);
+                            events.extend(chunks.into_iter().map(data));
+                            return Some((
+                                futures::stream::iter(events.into_iter().map(Ok)),
+                                (meta, generation, Stage::Tail),
+                            ));
+                        }
+                        let hold = finish.is_none() && meta.holds(&held);
+                        if !hold && !held.is_empty() {
+                            let out = std::mem::take(&mut held);
+                            events.push(data(meta.chunk(json!({ "content": out }), None)));
                         }
                         match finish {
                             Some(f) => {
                                 events.push(data(meta.chunk(json!({}), Some(finish_str(f)))));
                                 (events, Stage::Tail)
                             }
-                            None => (events, Stage::Body),
+                            None => (events, Stage::Body(held)),
                         }
                     }
                     Some(Err(e)) => (vec![data(e.body())], Stage::End),

@@ -35,6 +35,12 @@ pub struct Message {
     /// Content (may be null for assistant messages).
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant message's tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// A tool message's answer is for this call.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// `stop`: a string or a list of strings.
@@ -80,10 +86,13 @@ pub struct CommonParams {
     pub stop: Option<Stop>,
     /// Completions per prompt; only 1.
     pub n: Option<u32>,
-    /// Tools (not supported yet).
+    /// Functions the model may call (chat only).
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
-    /// Response format (only `text` supported yet).
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name"}}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// `text`, `json_object` or `json_schema`.
     #[serde(default)]
     pub response_format: Option<Value>,
 }
@@ -144,9 +153,6 @@ impl CommonParams {
         }
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::bad("tools", "tool calls are not supported yet"));
         }
         let constraint = match &self.response_format {
             None => None,
@@ -265,7 +271,197 @@ impl ChatRequest {
                 } else {
                     m.role.clone()
                 };
-                Ok(ChatTurn { role, content })
+                let tool_calls = match &m.tool_calls {
+                    None | Some(Value::Null) => None,
+                    Some(calls @ Value::Array(_)) if m.role == "assistant" => {
+                        Some(calls.to_string())
+                    }
+                    Some(_) => {
+                        return Err(ApiError::bad(
+                            "messages",
+                            "tool_calls must be an array on an assistant message",
+                        ));
+                    }
+                };
+                Ok(ChatTurn {
+                    role,
+                    content,
+                    tool_calls,
+                    tool_call_id: m.tool_call_id.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// How the model may use the request's tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Never call a tool (the tools are not shown to the model).
+    None,
+    /// The model decides; a reply in the tool-call format becomes tool calls.
+    Auto,
+    /// The reply must be a call of one of the tools (enforced).
+    Required,
+    /// The reply must be a call of this function (enforced).
+    Named(String),
+}
+
+/// A chat request's validated tools and `tool_choice`.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// OpenAI's `tools` array, each entry checked.
+    pub list: Vec<Value>,
+    /// What the model may do with them.
+    pub choice: ToolChoice,
+}
+
+impl ChatRequest {
+    /// The request's tools, `None` when it has none.
+    pub fn tools(&self) -> Result<Option<Tools>, ApiError> {
+        let list = self.params.tools.clone().unwrap_or_default();
+        let bad = |m: String| ApiError::bad("tools", m);
+        let mut names = Vec::new();
+        for t in &list {
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(bad("each tool needs \"type\": \"function\"".into()));
+            }
+            let f = t
+                .get("function")
+                .filter(|f| f.is_object())
+                .ok_or_else(|| bad("each tool needs a `function` object".into()))?;
+            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(bad(format!(
+                    "function name {name:?} must be 1-64 letters, digits, '_' or '-'"
+                )));
+            }
+            if names.contains(&name) {
+                return Err(bad(format!("function {name:?} is listed twice")));
+            }
+            if let Some(p) = f.get("parameters")
+                && !p.is_object()
+            {
+                return Err(bad(format!(
+                    "function {name:?}: parameters must be a JSON Schema object"
+                )));
+            }
+            names.push(name);
+        }
+        let choice_bad = |m: &str| ApiError::bad("tool_choice", m.to_string());
+        let choice = match &self.params.tool_choice {
+            None => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                _ => {
+                    return Err(choice_bad(
+                        "tool_choice must be none, auto, required or a function",
+                    ));
+                }
+            },
+            Some(v) => {
+                let name = v
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| choice_bad("tool_choice object needs function.name"))?;
+                if !names.contains(&name) {
+                    return Err(choice_bad(&format!(
+                        "tool_choice names unknown function {name:?}"
+                    )));
+                }
+                ToolChoice::Named(name.to_string())
+            }
+        };
+        if list.is_empty() {
+            return match choice {
+                ToolChoice::Required | ToolChoice::Named(_) => {
+                    Err(choice_bad("tool_choice needs tools"))
+                }
+                _ => Ok(None),
+            };
+        }
+        Ok(Some(Tools { list, choice }))
+    }
+}
+
+impl Tools {
+    /// The tools as the prompt shows them; `None` with `tool_choice: none`.
+    pub fn prompt_json(&self) -> Option<String> {
+        (self.choice != ToolChoice::None).then(|| Value::Array(self.list.clone()).to_string())
+    }
+
+    /// The constraint `required` or a named function puts on the reply: one call, in the
+    /// tool-call format, whose arguments match the function's parameters schema.
+    pub fn constraint(&self) -> Option<Constraint> {
+        let allowed: Vec<&Value> = match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::Required => self.list.iter().collect(),
+            ToolChoice::Named(n) => self
+                .list
+                .iter()
+                .filter(|t| t["function"]["name"] == n.as_str())
+                .collect(),
+        };
+        let calls: Vec<Value> = allowed
+            .iter()
+            .map(|t| {
+                let f = &t["function"];
+                let params = f
+                    .get("parameters")
+                    .cloned()
+                    .unwrap_or_else(|| json!({ "type": "object" }));
+                json!({
+                    "type": "object",
+                    "properties": { "name": { "const": f["name"] }, "arguments": params },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "tool_calls": { "type": "array", "items": { "anyOf": calls }, "minItems": 1, "maxItems": 1 }
+            },
+            "required": ["tool_calls"],
+            "additionalProperties": false,
+        });
+        Some(Constraint::JsonSchema(schema.to_string()))
+    }
+
+    /// The tool calls in a finished reply, as OpenAI's `tool_calls` entries with ids from
+    /// `id`; `None` when the reply is not a call of a listed function.
+    pub fn parse(&self, text: &str, id: &str) -> Option<Vec<Value>> {
+        if self.choice == ToolChoice::None {
+            return None;
+        }
+        let v: Value = serde_json::from_str(text.trim()).ok()?;
+        let calls = v.get("tool_calls")?.as_array()?;
+        if calls.is_empty() {
+            return None;
+        }
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let name = c.get("name")?.as_str()?;
+                let known = self.list.iter().any(|t| t["function"]["name"] == name);
+                let args = c.get("arguments").filter(|a| a.is_object())?;
+                known.then(|| {
+                    json!({
+                        "id": format!("call_{id}_{i}"),
+                        "type": "function",
+                        "function": { "name": name, "arguments": args.to_string() },
+                    })
+                })
             })
             .collect()
     }

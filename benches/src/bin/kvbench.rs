@@ -60,11 +60,8 @@ fn prompt_tokens(model: &Model, target: usize) -> Result<Vec<i32>> {
         );
         i += 1;
         if i.is_multiple_of(20) {
-            let msgs = [ChatMessage {
-                role: "user".into(),
-                content: text.clone(),
-            }];
-            let toks = model.tokenize(&model.chat_prompt(&msgs)?, true);
+            let msgs = [ChatMessage::new("user", &text)];
+            let toks = model.tokenize(&model.chat_prompt(&msgs, None)?, true);
             if toks.len() >= target {
                 return Ok(toks);
             }
