@@ -3,6 +3,7 @@
 Usage: python3 openai_client_check.py BASE_URL   (e.g. http://127.0.0.1:52415/v1)
 """
 
+import json
 import sys
 
 from openai import BadRequestError, OpenAI
@@ -11,7 +12,7 @@ from openai import BadRequestError, OpenAI
 def main() -> int:
     client = OpenAI(base_url=sys.argv[1], api_key="unused")
     model = client.models.list().data[0].id
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    msgs = [{"role": "user", "content": "Which city is the capital of France?"}]
 
     raw = client.chat.completions.with_raw_response.create(model=model, messages=msgs, max_tokens=24, temperature=0)
     assert raw.headers.get("x-exo-prefill-node") and raw.headers.get("x-exo-decode-node"), raw.headers
@@ -40,6 +41,39 @@ def main() -> int:
         raise AssertionError("an unknown model must be refused")
     except BadRequestError as e:
         assert e.status_code == 400
+
+    # Tools, as agent frameworks send them: a named call, whole and streamed.
+    tools = [{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+            },
+        },
+    }]
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    called = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=choice,
+                                            max_tokens=48, temperature=0)
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls", called
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments), call
+    args = ""
+    for chunk in client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=choice,
+                                                max_tokens=48, temperature=0, stream=True):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            args += d.function.arguments or ""
+    assert args == call.function.arguments, (args, call.function.arguments)
+
+    # Structured output.
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    shaped = client.chat.completions.create(model=model, messages=msgs, response_format=fmt, max_tokens=48, temperature=0)
+    assert "city" in json.loads(shaped.choices[0].message.content), shaped
 
     print(f"openai client check passed: {text!r}")
     return 0

@@ -21,5 +21,5 @@ pub use context::{
 pub use error::EngineError;
 pub use model::{ChatMessage, Model, ModelOptions, fingerprint_file};
 pub use sampler::draw_seed;
-pub use template::TOOL_FORMAT;
+pub use template::{TOOL_FORMAT, today_utc};
 pub use text::TextStream;

@@ -152,6 +152,19 @@ fn calls_as_text(calls: &Value) -> String {
 
 /// Today's date (UTC) as templates print it, e.g. `25 Nov 2026`.
 fn today() -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (y, m, d) = today_utc();
+    let month = MONTHS
+        .get(m.saturating_sub(1) as usize)
+        .copied()
+        .unwrap_or("Jan");
+    format!("{d:02} {month} {y}")
+}
+
+/// Today's date in UTC as (year, month 1-12, day 1-31), from the system clock.
+pub fn today_utc() -> (i64, u32, u32) {
     let days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() / 86_400) as i64;
@@ -165,11 +178,7 @@ fn today() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.get((m - 1) as usize).copied().unwrap_or("Jan");
-    format!("{d:02} {month} {y}")
+    (y, m as u32, d as u32)
 }
 
 #[cfg(test)]

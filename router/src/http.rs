@@ -21,8 +21,9 @@ use crate::costmodel::RequestShape;
 use crate::error::ApiError;
 use crate::generation::{Delta, Generation};
 use crate::openai::{
-    ChatRequest, CommonParams, CompletionRequest, ToolChoice, Tools, finish_str, usage,
+    ChatRequest, CommonParams, CompletionRequest, ToolChoice, Tools, call_id, finish_str, usage,
 };
+use crate::toolcall::{CallStream, Piece};
 
 /// Header naming the node that ran the prompt.
 pub const PREFILL_HEADER: &str = "x-exo-prefill-node";
@@ -92,6 +93,19 @@ impl Meta {
                 t.is_empty() || t.starts_with('{')
             }
         }
+    }
+
+    /// One piece of a tool call streamed while it is generated (the first call, index 0).
+    fn call_piece(&self, piece: Piece) -> Value {
+        let id = self.id.trim_start_matches("chatcmpl-");
+        let delta = match piece {
+            Piece::Begin(name) => json!({ "tool_calls": [{ "index": 0, "id": call_id(id, 0),
+                "type": "function", "function": { "name": name, "arguments": "" } }] }),
+            Piece::Arguments(a) => {
+                json!({ "tool_calls": [{ "index": 0, "function": { "arguments": a } }] })
+            }
+        };
+        self.chunk(delta, None)
     }
 
     /// Streamed tool calls as OpenAI sends them: per call, a chunk with its id and name, then
@@ -289,8 +303,9 @@ async fn serve(
 
 enum Stage {
     Role,
-    /// Streaming text; the string holds text held back while it may be a tool call.
-    Body(String),
+    /// Streaming text; the string holds text held back while it may be a tool call, and the
+    /// call stream sends that call's name and arguments as they are generated.
+    Body(String, CallStream),
     Tail,
     End,
 }
@@ -303,7 +318,7 @@ fn event_stream(
     let first = if meta.kind == Kind::Chat {
         Stage::Role
     } else {
-        Stage::Body(String::new())
+        Stage::Body(String::new(), CallStream::default())
     };
     let data = |v: Value| Event::default().data(v.to_string());
     futures::stream::unfold(
@@ -314,12 +329,35 @@ fn event_stream(
                     vec![data(
                         meta.chunk(json!({"role": "assistant", "content": ""}), None),
                     )],
-                    Stage::Body(String::new()),
+                    Stage::Body(String::new(), CallStream::default()),
                 ),
-                Stage::Body(mut held) => match generation.next().await {
+                Stage::Body(mut held, mut call) => match generation.next().await {
                     Some(Ok(Delta { text, finish })) => {
                         let mut events = Vec::new();
                         held.push_str(&text);
+                        if call.begun() || meta.holds(&held) {
+                            let pieces = call.advance(&held);
+                            events.extend(pieces.into_iter().map(|p| data(meta.call_piece(p))));
+                        }
+                        if call.begun() {
+                            // The reply is a call being streamed: no content, and its end
+                            // is a tool-call finish unless it was cut off.
+                            if let Some(f) = finish {
+                                let reason = match meta.tool_calls(&held, finish_str(f)) {
+                                    Some(_) => "tool_calls",
+                                    None => finish_str(f),
+                                };
+                                events.push(data(meta.chunk(json!({}), Some(reason))));
+                                return Some((
+                                    futures::stream::iter(events.into_iter().map(Ok)),
+                                    (meta, generation, Stage::Tail),
+                                ));
+                            }
+                            return Some((
+                                futures::stream::iter(events.into_iter().map(Ok)),
+                                (meta, generation, Stage::Body(held, call)),
+                            ));
+                        }
                         if let Some(f) = finish
                             && let Some(calls) = meta.tool_calls(&held, finish_str(f))
                         {
@@ -340,7 +378,7 @@ fn event_stream(
                                 events.push(data(meta.chunk(json!({}), Some(finish_str(f)))));
                                 (events, Stage::Tail)
                             }
-                            None => (events, Stage::Body(held)),
+                            None => (events, Stage::Body(held, call)),
                         }
                     }
                     Some(Err(e)) => (vec![data(e.body())], Stage::End),

@@ -17,6 +17,7 @@ pub mod node;
 pub mod openai;
 pub mod profile;
 pub mod simulate;
+pub mod toolcall;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -448,6 +448,9 @@ impl Tools {
         if calls.is_empty() {
             return None;
         }
+        // The first call's arguments exactly as generated, so a stream that sent them piece by
+        // piece and this answer agree to the byte.
+        let raw_first = crate::toolcall::first_call(text);
         calls
             .iter()
             .enumerate()
@@ -455,16 +458,25 @@ impl Tools {
                 let name = c.get("name")?.as_str()?;
                 let known = self.list.iter().any(|t| t["function"]["name"] == name);
                 let args = c.get("arguments").filter(|a| a.is_object())?;
+                let text = match &raw_first {
+                    Some((n, raw)) if i == 0 && n == name => (*raw).to_string(),
+                    _ => args.to_string(),
+                };
                 known.then(|| {
                     json!({
-                        "id": format!("call_{id}_{i}"),
+                        "id": call_id(id, i),
                         "type": "function",
-                        "function": { "name": name, "arguments": args.to_string() },
+                        "function": { "name": name, "arguments": text },
                     })
                 })
             })
             .collect()
     }
+}
+
+/// The id of call `i` of request `id`.
+pub fn call_id(id: &str, i: usize) -> String {
+    format!("call_{id}_{i}")
 }
 
 impl CompletionRequest {

@@ -120,7 +120,7 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
 
     let body = json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
-        "messages": [{ "role": "user", "content": "What is the capital of France?" }],
+        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
         "max_tokens": 16, "temperature": 0,
     });
     let a = post(addr, "/v1/chat/completions", &body).await;

@@ -62,6 +62,7 @@ async fn stream_call(addr: SocketAddr, body: &Value) -> (String, String, String,
         .unwrap();
     let (mut finish, mut name, mut args, mut id) =
         (String::new(), String::new(), String::new(), String::new());
+    let mut pieces = 0usize;
     for line in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
         if line == "[DONE]" {
             break;
@@ -81,12 +82,16 @@ async fn stream_call(addr: SocketAddr, body: &Value) -> (String, String, String,
                 id = call["id"].as_str().unwrap().to_string();
                 assert_eq!(call["type"], "function");
             }
-            args += call["function"]["arguments"].as_str().unwrap_or_default();
+            let piece = call["function"]["arguments"].as_str().unwrap_or_default();
+            pieces += usize::from(!piece.is_empty());
+            args += piece;
         }
         if let Some(f) = choice["finish_reason"].as_str() {
             finish = f.to_string();
         }
     }
+    // The arguments arrive as they are generated, not in one piece at the end.
+    assert!(pieces > 3, "arguments came in {pieces} pieces: {args}");
     (finish, name, args, id)
 }
 
