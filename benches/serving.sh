@@ -4,7 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-cargo build --release -q -p exo-router -p exo-benches
+cargo build --release -q -p exo-launcher -p exo-benches
 what="${1:-all}"
 scaling_profile="${2:-profiles/local.toml}"
 port=52477

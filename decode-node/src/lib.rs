@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use exo_engine::{ContextHandle, GenEvent, SlotLease};
+use exo_engine::{ContextHandle, EventSink, GenEvent, SlotLease};
 use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder, chunk_index};
 use exo_protocol::{KvBegin, KvFrame, NodeError, PollReply, RequestId, SamplingParams};
 use tokio::sync::mpsc;
@@ -73,6 +73,27 @@ impl Entry {
             last_progress: now,
             last_poll: now,
         }
+    }
+}
+
+/// The engine's events for one request, put straight into the request's entry (and counted) on
+/// the engine thread as they are made. When the entry is gone (cancelled, timed out) nobody
+/// listens, and the engine drops the sequence before its next token.
+struct EntrySink {
+    tx: mpsc::UnboundedSender<Event>,
+    tokens: metrics::Counter,
+}
+
+impl EventSink for EntrySink {
+    fn send(&mut self, event: GenEvent) -> bool {
+        if matches!(event, GenEvent::Token { .. }) {
+            self.tokens.increment(1);
+        }
+        self.tx.send(Ok(event)).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
     }
 }
 
@@ -235,7 +256,7 @@ impl DecodeNode {
                 let _ = tx.send(Err(NodeError::Transfer(e.to_string())));
                 return;
             }
-            tracing::debug!(id, seq = lease.seq(), "KV imported, generating");
+            tracing::debug!(%id, seq = lease.seq(), "KV imported, generating");
             node.generate(lease, first_token, sampling, tx).await;
         });
     }
@@ -263,26 +284,16 @@ impl DecodeNode {
         sampling: SamplingParams,
         out: mpsc::UnboundedSender<Event>,
     ) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
         let active = metrics::gauge!("exo_decode_active_sequences", "node" => self.name.clone());
-        let tokens = metrics::counter!("exo_decode_tokens_total", "node" => self.name.clone());
         active.increment(1.0);
+        let sink = EntrySink {
+            tx: out.clone(),
+            tokens: metrics::counter!("exo_decode_tokens_total", "node" => self.name.clone()),
+        };
         let run = self
             .ctx
-            .generate_stream(lease.seq(), first_token, 0, sampling, tx);
-        // Forward until the entry's receiver is gone (cancel): dropping `rx` then stops the engine.
-        let forward = async {
-            while let Some(ev) = rx.recv().await {
-                if matches!(ev, GenEvent::Token { .. }) {
-                    tokens.increment(1);
-                }
-                if out.send(Ok(ev)).is_err() {
-                    break;
-                }
-            }
-        };
-        let (res, ()) = tokio::join!(run, forward);
-        if let Err(e) = res {
+            .generate_stream(lease.seq(), first_token, 0, sampling, sink);
+        if let Err(e) = run.await {
             let _ = out.send(Err(NodeError::Engine(e.to_string())));
         }
         active.decrement(1.0);
@@ -336,7 +347,7 @@ impl DecodeNode {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, Instant::now());
         if self.lock().remove(&id).is_some() {
-            tracing::debug!(id, "request cancelled");
+            tracing::debug!(%id, "request cancelled");
         }
     }
 
@@ -351,7 +362,7 @@ impl DecodeNode {
                 let stalled = !matches!(e.stage, Stage::Running)
                     && now - e.last_progress > self.timeouts.transfer;
                 if stalled {
-                    tracing::warn!(id, "KV transfer timed out");
+                    tracing::warn!(%id, "KV transfer timed out");
                     let _ =
                         e.tx.send(Err(NodeError::Transfer("transfer timed out".into())));
                     e.stage = Stage::Running;
@@ -359,7 +370,7 @@ impl DecodeNode {
                 }
                 let idle = now - e.last_poll > self.timeouts.idle;
                 if idle {
-                    tracing::warn!(id, "request not polled for too long; cancelling");
+                    tracing::warn!(%id, "request not polled for too long; cancelling");
                 }
                 !idle
             });

@@ -3,26 +3,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use exo_decode_node::{DecodeNode, DecodeTimeouts};
-use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_engine::{ContextConfig, ContextHandle};
 use exo_kvcache::{Codec, DecodeLimits, KvEncoder, KvLayout};
-use exo_protocol::{FinishReason, KvBegin, KvFrame, NodeError, SamplingParams};
+use exo_protocol::{FinishReason, KvBegin, KvFrame, NodeError, RequestId, SamplingParams};
 
-fn model() -> Arc<Model> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    Model::load(&path, &ModelOptions::default())
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model)"))
-}
+use exo_test_support::model;
 
 async fn collect(node: &DecodeNode, id: u64) -> Result<(String, FinishReason), NodeError> {
     let mut text = String::new();
     loop {
-        let r = node.poll(id, Duration::from_millis(500)).await?;
+        let r = node.poll(RequestId(id), Duration::from_millis(500)).await?;
         text += &r.text;
         if let Some(f) = r.finish {
             return Ok((text, f));
@@ -95,8 +89,8 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         .unwrap();
         (enc.header_frame(), enc.collect::<Vec<_>>())
     };
-    let begin = |id, header: Vec<u8>| KvBegin {
-        id,
+    let begin = |id: u64, header: Vec<u8>| KvBegin {
+        id: RequestId(id),
         header,
         first_token: pre.first_token,
         sampling: sampling.clone(),
@@ -112,7 +106,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     node.kv_begin(begin(1, header.clone())).unwrap();
     for bytes in chunks.iter().rev() {
         node.kv_chunk(KvFrame {
-            id: 1,
+            id: RequestId(1),
             bytes: bytes.clone(),
         })
         .unwrap();
@@ -127,7 +121,10 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     let n = bad.len();
     bad[n - 1] ^= 1;
     assert!(matches!(
-        node.kv_chunk(KvFrame { id: 2, bytes: bad }),
+        node.kv_chunk(KvFrame {
+            id: RequestId(2),
+            bytes: bad
+        }),
         Err(NodeError::Transfer(_))
     ));
     assert!(matches!(
@@ -136,10 +133,10 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     ));
 
     // A transfer for a request cancelled before it began is refused.
-    node.cancel(3);
+    node.cancel(RequestId(3));
     assert!(matches!(
         node.kv_begin(begin(3, header.clone())),
-        Err(NodeError::UnknownRequest(3))
+        Err(NodeError::UnknownRequest(RequestId(3)))
     ));
 
     // Polling first, then the transfer, works too.
@@ -150,7 +147,11 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     tokio::time::sleep(Duration::from_millis(100)).await;
     node.kv_begin(begin(4, header)).unwrap();
     for bytes in chunks {
-        node.kv_chunk(KvFrame { id: 4, bytes }).unwrap();
+        node.kv_chunk(KvFrame {
+            id: RequestId(4),
+            bytes,
+        })
+        .unwrap();
     }
     let (again, _) = poller.await.unwrap().unwrap();
     assert_eq!(again, text);

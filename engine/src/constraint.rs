@@ -1,7 +1,7 @@
 //! Constrained generation with llguidance: compiles a request's [`Constraint`] into a matcher that
 //! masks every token that could not continue a match, and advances it over the chosen tokens.
 
-use exo_protocol::Constraint;
+use exo_sampling::Constraint;
 use llama_cpp_2::sampling::LlamaSampler;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};

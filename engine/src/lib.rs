@@ -16,10 +16,11 @@ mod template;
 mod text;
 
 pub use context::{
-    ContextConfig, ContextHandle, ExportedKv, GenEvent, Generated, PrefillOutput, SlotLease,
+    ContextConfig, ContextHandle, EventSink, ExportedKv, GenEvent, Generated, PrefillOutput,
+    SlotLease,
 };
 pub use error::EngineError;
-pub use model::{ChatMessage, Model, ModelOptions, fingerprint_file};
+pub use model::{ChatMessage, FirstOutput, Model, ModelOptions, fingerprint_file};
 pub use sampler::draw_seed;
 pub use template::{TOOL_FORMAT, today_utc};
 pub use text::TextStream;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use exo_kvcache::ModelFingerprint;
-use exo_protocol::Constraint;
+use exo_sampling::{Constraint, FinishReason, SamplingParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::constraint::Compiler;
 use crate::error::EngineError;
 use crate::template::{ChatTemplate, TEMPLATE_KEY};
+use crate::text::TextStream;
 
 /// llama.cpp allows one backend per process; every model shares it.
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
@@ -83,7 +84,37 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Output token 0, decided once, where it was sampled: its text, and whether the request ends
+/// with it. The context that continues the request primes its own text stream with the same token
+/// (and sends nothing for it), so the text is neither lost nor sent twice across a hand-off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstOutput {
+    /// Text that became final with the token (a stop string and what follows it are cut).
+    pub text: String,
+    /// Set when the request ends with this token.
+    pub finish: Option<FinishReason>,
+}
+
 impl Model {
+    /// What output token `token` (index 0) says, and whether it ends a request sampled with
+    /// `sampling`: an end token (no text), a stop string, or `max_tokens` of 1.
+    pub fn first_output(&self, token: i32, sampling: &SamplingParams) -> FirstOutput {
+        let mut stream = TextStream::new(&sampling.stop);
+        let mut text = stream.push(&self.token_bytes(token));
+        let finish = if self.is_eog(token) {
+            text.clear();
+            Some(FinishReason::Stop)
+        } else if stream.stopped() {
+            Some(FinishReason::Stop)
+        } else if sampling.max_tokens <= 1 {
+            text += &stream.finish();
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        FirstOutput { text, finish }
+    }
+
     /// Loads a GGUF file and computes its fingerprint.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Arc<Model>, EngineError> {
         let load_err = |detail: String| EngineError::ModelLoad {

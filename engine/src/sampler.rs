@@ -1,6 +1,6 @@
 //! Choosing the next token from a context's logits, reproducibly across machines.
 
-use exo_protocol::SamplingParams;
+use exo_sampling::SamplingParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::sampling::LlamaSampler;
 use llguidance::Matcher;

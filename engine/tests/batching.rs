@@ -3,19 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_engine::{ContextConfig, ContextHandle};
 use exo_kvcache::KvLayout;
-use exo_protocol::SamplingParams;
+use exo_sampling::SamplingParams;
 
-fn model() -> Arc<Model> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    Model::load(&path, &ModelOptions::default())
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model)"))
-}
+use exo_test_support::model;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_generation_equals_solo_generation() {

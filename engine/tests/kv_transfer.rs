@@ -3,17 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 
-use exo_engine::{
-    ChatMessage, ContextConfig, ContextHandle, EngineError, ExportedKv, Model, ModelOptions,
-};
+use exo_engine::{ChatMessage, ContextConfig, ContextHandle, EngineError, ExportedKv};
 use exo_kvcache::{
     Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
     ModelFingerprint,
 };
-use exo_protocol::SamplingParams;
+use exo_sampling::SamplingParams;
 
 /// llama.cpp work is serialised: parallel tests would only oversubscribe the cores.
 fn serial() -> MutexGuard<'static, ()> {
@@ -21,21 +18,7 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn model() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = std::env::var_os("EXO_MODEL")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-                });
-            Model::load(&path, &ModelOptions::default())
-                .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model first)"))
-        })
-        .clone()
-}
+use exo_test_support::model;
 
 fn context(n_seq_max: u32, flash_attn: bool, kv: KvType) -> ContextHandle {
     let layout = KvLayout {

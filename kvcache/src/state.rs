@@ -291,12 +291,36 @@ fn parse(state: &[u8], cell_ext_len: u32) -> Result<Parsed, KvError> {
     })
 }
 
+/// Parses one stream's cells and layers (its `cell_count` already read and non-zero) and returns the
+/// cache shape they show.
 fn parse_stream(
     r: &mut Reader<'_>,
     cell_count: u32,
     ext_len: u32,
     n_stream: u32,
 ) -> Result<StateShape, KvError> {
+    parse_cells(r, cell_count, ext_len)?;
+    let v_trans = read_v_trans(r)?;
+    let n_layer = r.u32()?;
+    let n_rot_k = r.u32()?;
+    let n_rot_v = r.u32()?;
+    let cells = u64::from(cell_count);
+    let k = parse_k_layers(r, n_layer, cells)?;
+    let v = parse_v_layers(r, n_layer, cells, v_trans)?;
+    Ok(StateShape {
+        n_stream,
+        cell_ext_len: ext_len,
+        v_trans,
+        n_rot_k,
+        n_rot_v,
+        k,
+        v,
+    })
+}
+
+/// Reads `cell_count` cells, each with exactly one sequence id, whose positions are `0..cell_count`
+/// in any order, each once.
+fn parse_cells(r: &mut Reader<'_>, cell_count: u32, ext_len: u32) -> Result<(), KvError> {
     let n = cell_count as usize;
     // Every cell takes at least 12 bytes: refuse an absurd count before allocating the position map.
     if (n as u64) * 12 > r.remaining() as u64 {
@@ -308,15 +332,7 @@ fn parse_stream(
     }
     let mut seen = vec![false; n];
     for _ in 0..n {
-        let pos = r.i32()?;
-        let n_seq_id = r.u32()?;
-        r.skip(u64::from(ext_len))?;
-        if n_seq_id != 1 {
-            return Err(malformed(format!(
-                "cell with {n_seq_id} sequence ids (expected 1)"
-            )));
-        }
-        let _seq = r.i32()?;
+        let pos = read_cell(r, ext_len)?;
         let slot = usize::try_from(pos).ok().and_then(|p| seen.get_mut(p));
         match slot {
             Some(s) if !*s => *s = true,
@@ -327,35 +343,62 @@ fn parse_stream(
             }
         }
     }
-    let v_trans = match r.u32()? {
-        0 => false,
-        1 => true,
-        v => return Err(malformed(format!("v_trans {v}"))),
-    };
-    let n_layer = r.u32()?;
-    let n_rot_k = r.u32()?;
-    let n_rot_v = r.u32()?;
-    let cells = u64::from(cell_count);
-    let rows = |r: &mut Reader<'_>, row: u64| -> Result<(), KvError> {
-        let bytes = row
-            .checked_mul(cells)
-            .ok_or_else(|| malformed("row size overflows"))?;
-        r.skip(bytes)
-    };
+    Ok(())
+}
+
+/// Reads one cell and returns its position; refuses a cell in other than exactly one sequence.
+fn read_cell(r: &mut Reader<'_>, ext_len: u32) -> Result<i32, KvError> {
+    let pos = r.i32()?;
+    let n_seq_id = r.u32()?;
+    r.skip(u64::from(ext_len))?;
+    if n_seq_id != 1 {
+        return Err(malformed(format!(
+            "cell with {n_seq_id} sequence ids (expected 1)"
+        )));
+    }
+    let _seq = r.i32()?;
+    Ok(pos)
+}
+
+/// Reads the `v_trans` field, which must be 0 or 1.
+fn read_v_trans(r: &mut Reader<'_>) -> Result<bool, KvError> {
+    match r.u32()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(malformed(format!("v_trans {v}"))),
+    }
+}
+
+/// Reads `n_layer` K layers (type id, row size, then `cells` rows each).
+fn parse_k_layers(
+    r: &mut Reader<'_>,
+    n_layer: u32,
+    cells: u64,
+) -> Result<Vec<LayerShape>, KvError> {
     let mut k = Vec::new();
     for _ in 0..n_layer {
         let type_id = r.i32()?;
         let row_size = r.u64()?;
-        rows(r, row_size)?;
+        skip_rows(r, row_size, cells)?;
         k.push(LayerShape { type_id, row_size });
     }
+    Ok(k)
+}
+
+/// Reads `n_layer` V layers: rows like K, or when transposed element size and count, then the runs.
+fn parse_v_layers(
+    r: &mut Reader<'_>,
+    n_layer: u32,
+    cells: u64,
+    v_trans: bool,
+) -> Result<Vec<VShape>, KvError> {
     let mut v = Vec::new();
     for _ in 0..n_layer {
         let type_id = r.i32()?;
         if v_trans {
             let elem_size = r.u32()?;
             let n_embd = r.u32()?;
-            rows(r, u64::from(elem_size) * u64::from(n_embd))?;
+            skip_rows(r, u64::from(elem_size) * u64::from(n_embd), cells)?;
             v.push(VShape::Transposed {
                 type_id,
                 elem_size,
@@ -363,19 +406,19 @@ fn parse_stream(
             });
         } else {
             let row_size = r.u64()?;
-            rows(r, row_size)?;
+            skip_rows(r, row_size, cells)?;
             v.push(VShape::Rows(LayerShape { type_id, row_size }));
         }
     }
-    Ok(StateShape {
-        n_stream,
-        cell_ext_len: ext_len,
-        v_trans,
-        n_rot_k,
-        n_rot_v,
-        k,
-        v,
-    })
+    Ok(v)
+}
+
+/// Skips `cells` rows of `row` bytes each, refusing a total that overflows.
+fn skip_rows(r: &mut Reader<'_>, row: u64, cells: u64) -> Result<(), KvError> {
+    let bytes = row
+        .checked_mul(cells)
+        .ok_or_else(|| malformed("row size overflows"))?;
+    r.skip(bytes)
 }
 
 #[cfg(test)]
@@ -427,6 +470,17 @@ pub(crate) mod tests {
             }
         }
         b
+    }
+
+    #[test]
+    fn a_row_size_near_the_top_of_u64_is_refused_not_overflowed() {
+        let mut st = synthetic_state(1, 0, &[0], false);
+        // The first K layer's row size sits after the 28-byte cell header, v_trans, n_layer, the
+        // two 64-bit widths (44 bytes) and the layer's type (4 bytes).
+        st[48..56].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        let refused = StateShape::calibrate(&st);
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(to_single_stream(st).is_err());
     }
 
     #[test]

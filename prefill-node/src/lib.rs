@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease, TextStream};
+use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease};
 use exo_kvcache::KvEncoder;
 use exo_protocol::{
-    FinishReason, Handoff, KvBegin, KvFrame, NodeError, NodeServiceClient, PrefillReply,
-    PrefillRequest, Prompt, RequestId, SamplingParams, connect, context_with_deadline,
+    Handoff, KvBegin, KvFrame, NodeError, NodeServiceClient, PrefillReply, PrefillRequest, Prompt,
+    RequestId, SamplingParams, connect, context_with_deadline,
 };
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Mutex;
@@ -164,26 +164,14 @@ impl PrefillNode {
                 .set(out.n_prompt as f64 / took);
         }
         let model = self.ctx.model();
-        let mut text = TextStream::new(&sampling.stop);
-        let mut first_text = text.push(&model.token_bytes(out.first_token));
-        let finish = if model.is_eog(out.first_token) {
-            first_text.clear();
-            Some(FinishReason::Stop)
-        } else if text.stopped() {
-            Some(FinishReason::Stop)
-        } else if sampling.max_tokens <= 1 {
-            first_text += &text.finish();
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
+        let first = model.first_output(out.first_token, &sampling);
         let reply = PrefillReply {
             first_token: out.first_token,
-            first_text,
+            first_text: first.text,
             n_prompt: out.n_prompt as u32,
-            finish,
+            finish: first.finish,
         };
-        if finish.is_some() {
+        if first.finish.is_some() {
             return Ok((reply, None));
         }
         match request.handoff {
@@ -196,33 +184,47 @@ impl PrefillNode {
                 }),
             )),
             Some(handoff) => {
-                let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
-                drop(lease);
-                metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
-                    .increment(kv.state.len() as u64);
-                let encoder = KvEncoder::new(
-                    kv.state,
-                    kv.tokens,
-                    model.fingerprint(),
-                    self.ctx.config().layout,
-                    handoff.codec,
-                    handoff.chunk_size,
-                )
-                .map_err(|e| NodeError::Transfer(e.to_string()))?;
-                let node = Arc::clone(self);
                 let first_token = out.first_token;
-                tokio::spawn(async move {
-                    let id = request.id;
-                    if let Err(e) = node
-                        .ship(id, &handoff, encoder, first_token, sampling)
-                        .await
-                    {
-                        tracing::warn!(id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
-                    }
-                });
+                self.hand_off(request.id, lease, handoff, first_token, sampling)
+                    .await?;
                 Ok((reply, None))
             }
         }
+    }
+
+    /// Exports the prompt's cache from `lease` (then frees the slot), frames it and ships it to
+    /// the decode node on a task of its own.
+    async fn hand_off(
+        self: &Arc<Self>,
+        id: RequestId,
+        lease: SlotLease,
+        handoff: Handoff,
+        first_token: i32,
+        sampling: SamplingParams,
+    ) -> Result<(), NodeError> {
+        let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
+        drop(lease);
+        metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
+            .increment(kv.state.len() as u64);
+        let encoder = KvEncoder::new(
+            kv.state,
+            kv.tokens,
+            self.ctx.model().fingerprint(),
+            self.ctx.config().layout,
+            handoff.codec,
+            handoff.chunk_size,
+        )
+        .map_err(|e| NodeError::Transfer(e.to_string()))?;
+        let node = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = node
+                .ship(id, &handoff, encoder, first_token, sampling)
+                .await
+            {
+                tracing::warn!(%id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
+            }
+        });
+        Ok(())
     }
 
     async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {

@@ -1,93 +1,20 @@
 //! The RPC protocol between the router and the nodes: the tarpc service, its messages, and the TCP
 //! transport (bincode frames, `TCP_NODELAY`, explicit frame limits and deadlines).
 //!
-//! No llama.cpp here, so the router can depend on it without linking an inference engine.
+//! Also the facts a node reports or measures about itself ([`NodeInfo`], [`NodePerf`]), which the
+//! router reads. No llama.cpp here, so the router can depend on it without linking an inference
+//! engine.
 
+mod perf;
 mod service;
 mod transport;
 
-use serde::{Deserialize, Serialize};
-
 pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
+pub use exo_sampling::{Constraint, FinishReason, SamplingParams};
+pub use perf::{CodecPerf, NodePerf, PerfError, positive};
 pub use service::{
     ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo,
     NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
     PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
 };
 pub use transport::{MAX_FRAME_BYTES, ServerTransport, connect, context_with_deadline, serve};
-
-/// How the next token is chosen and when generation stops.
-///
-/// Each token's random draw is seeded from `(seed, index of the output token)`, never from a running
-/// RNG, so generation can move between machines mid-sequence and still produce the same tokens.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamplingParams {
-    /// Softmax temperature; 0 or below means greedy (argmax, ties to the lowest token id).
-    pub temperature: f32,
-    /// Keep only the k most likely tokens; 0 disables.
-    pub top_k: u32,
-    /// Keep the smallest set of tokens whose probability reaches p; 1.0 disables.
-    pub top_p: f32,
-    /// Drop tokens less likely than `min_p` times the most likely one; 0 disables.
-    pub min_p: f32,
-    /// Seed of the per-token draws.
-    pub seed: u64,
-    /// Largest number of tokens to generate.
-    pub max_tokens: u32,
-    /// Strings that end generation when produced; they are not part of the output.
-    pub stop: Vec<String>,
-    /// What the output must match, enforced token by token; `None`: free text.
-    pub constraint: Option<Constraint>,
-}
-
-/// A constraint on the generated text, enforced by masking every token that could not continue a
-/// match. It travels with the sampling parameters: a decode node rebuilds it and replays the first
-/// token through it, so split generation follows exactly the same masks as colocated generation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Constraint {
-    /// Any JSON object (`response_format: {"type": "json_object"}`).
-    JsonObject,
-    /// JSON valid against this JSON Schema (its text).
-    JsonSchema(String),
-    /// A grammar in llguidance's Lark dialect (used for tool calls).
-    Lark(String),
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 0,
-            max_tokens: 256,
-            stop: Vec::new(),
-            constraint: None,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Greedy decoding of at most `max_tokens` tokens.
-    pub fn greedy(max_tokens: u32) -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ..SamplingParams::default()
-        }
-    }
-}
-
-/// Why generation ended (OpenAI's `finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-generation token or a stop string.
-    Stop,
-    /// `max_tokens` or the context length was reached.
-    Length,
-    /// The client went away or the request was cancelled.
-    Cancelled,
-}

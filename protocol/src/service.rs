@@ -11,8 +11,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::{FinishReason, KvLayout, ModelFingerprint, SamplingParams};
 
-/// A request's id, chosen by the router, unique within the cluster for its lifetime.
-pub type RequestId = u64;
+/// A request's id, made once by the router's HTTP layer and unique within the cluster for its
+/// lifetime: the same in the API response (`chatcmpl-<id>`), in every log line about the request
+/// (`request=<id>` on the router, `id=<id>` on the nodes) and in every RPC. Shown as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
 
 /// What a node does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,6 +45,13 @@ impl Role {
     /// True if the node generates.
     pub fn decodes(self) -> bool {
         matches!(self, Role::Decode | Role::Both)
+    }
+
+    /// Sequence slots a node of this role gets when none are configured: one for a prefill-only
+    /// node (prompts are compute-bound, running two at once only splits the compute), four for a
+    /// node that generates (decode steps batch well).
+    pub fn default_slots(self) -> u32 {
+        if self == Role::Prefill { 1 } else { 4 }
     }
 }
 
@@ -96,6 +113,10 @@ pub struct NodeInfo {
 }
 
 /// One chat message.
+///
+/// Tool calls and tool lists travel as JSON *text*, not as `serde_json::Value`: the RPC's bincode
+/// frames are not self-describing and cannot carry a `Value` (it needs `deserialize_any`). The
+/// prefill node parses the text once, for the chat template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ChatTurn {
     /// `system`, `user`, `assistant` or `tool`.

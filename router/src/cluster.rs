@@ -1,4 +1,6 @@
-//! The router's view of the cluster: connections to the nodes, their health, and placement.
+//! The router's view of the cluster: membership (connections to the nodes, the model and KV layout
+//! each must share), health checks, admission (429 past the queue limit), and the live load the
+//! placer reads; [`Cluster::place`] counts a request on its nodes until it ends.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -6,12 +8,14 @@ use std::time::Duration;
 
 use exo_kvcache::Codec;
 use exo_protocol::{
-    ModelFingerprint, NodeInfo, NodeServiceClient, Role, connect, context_with_deadline,
+    ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, connect, context_with_deadline,
 };
 
-use crate::costmodel::{self, Candidates, Link, NodeLoad, NodeView, Policy, RequestShape};
-use crate::error::ApiError;
-use crate::profile::{KvShipping, NodeSpec, PlacementMode};
+use crate::api::error::ApiError;
+use crate::placement::{
+    self, Choice, NodeId, NodeLoad, NodeView, PlacementMode, Placer, Prediction, RequestShape,
+};
+use crate::profile::{KvShipping, NodeSpec, Profile};
 
 /// Characters per prompt token assumed until the first prefill reports a real count.
 const INITIAL_CHARS_PER_TOKEN: f64 = 4.0;
@@ -23,6 +27,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// One node as the router sees it.
 pub struct ClusterNode {
+    /// Its position in the profile.
+    pub id: NodeId,
     /// Its profile entry.
     pub spec: NodeSpec,
     /// Its RPC address.
@@ -163,7 +169,7 @@ pub struct Placement {
     /// The KV codec for this request's hand-off.
     pub codec: Codec,
     /// The cost model's prediction, when it chose.
-    pub predicted: Option<costmodel::Prediction>,
+    pub predicted: Option<Prediction>,
 }
 
 impl Placement {
@@ -177,6 +183,7 @@ impl Placement {
 pub struct Cluster {
     nodes: Vec<Arc<ClusterNode>>,
     mode: PlacementMode,
+    placer: Box<dyn Placer>,
     /// How KV caches travel.
     pub kv: KvShipping,
     model_id: RwLock<String>,
@@ -184,40 +191,47 @@ pub struct Cluster {
     next_id: AtomicU64,
     admitted: AtomicUsize,
     max_queued: usize,
-    policy: Policy,
-    links: Vec<(String, String, Link)>,
+    expected_output_tokens: u64,
     chars_per_token: Mutex<f64>,
 }
 
-/// The cost model's inputs from the profile.
-pub struct CostInputs {
-    /// The placement policy.
-    pub policy: Policy,
-    /// Links between nodes, by name.
-    pub links: Vec<(String, String, Link)>,
+/// The model a cluster serves, when the router already knows it (it loaded it for embedded nodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    /// The id clients name.
+    pub id: String,
+    /// What every node must run.
+    pub fingerprint: ModelFingerprint,
 }
 
 impl Cluster {
-    /// Connects to every node (nodes that do not answer yet are retried by [`Cluster::run_health`]).
-    /// `expected` is the model the router itself loaded, when it hosts embedded nodes.
+    /// Connects to the nodes of `profile`, node `i` at `addrs[i]` (nodes that do not answer yet are
+    /// retried by [`Cluster::run_health`]). `model` is the model the launcher loaded, when it hosts
+    /// embedded nodes; otherwise the first node to answer sets it.
     pub async fn connect(
-        nodes: Vec<(NodeSpec, String)>,
-        mode: PlacementMode,
-        kv: KvShipping,
-        max_queued: usize,
-        cost: CostInputs,
-        model_id: String,
-        expected: Option<ModelFingerprint>,
+        profile: &Profile,
+        addrs: Vec<String>,
+        model: Option<ServedModel>,
     ) -> Arc<Cluster> {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
+        let stem = || {
+            let stem = profile.model.file_stem();
+            stem.map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let (model_id, expected) = match model {
+            Some(m) => (m.id, Some(m.fingerprint)),
+            None => (stem(), None),
+        };
+        let nodes = profile.nodes.iter().zip(addrs).enumerate();
         let cluster = Arc::new(Cluster {
             nodes: nodes
-                .into_iter()
-                .map(|(spec, addr)| {
+                .map(|(id, (spec, addr))| {
                     Arc::new(ClusterNode {
-                        spec,
+                        id,
+                        spec: spec.clone(),
                         addr,
                         client: RwLock::new(None),
                         info: RwLock::new(None),
@@ -229,15 +243,15 @@ impl Cluster {
                     })
                 })
                 .collect(),
-            mode,
-            kv,
+            mode: profile.placement,
+            placer: placement::for_mode(profile.placement, profile.cost_model(PlacementMode::Auto)),
+            kv: profile.kv,
             model_id: RwLock::new(model_id),
             fingerprint: RwLock::new(expected),
             next_id: AtomicU64::new(seed << 16),
             admitted: AtomicUsize::new(0),
-            max_queued,
-            policy: cost.policy,
-            links: cost.links,
+            max_queued: profile.max_queued,
+            expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
@@ -254,9 +268,10 @@ impl Cluster {
         &self.nodes
     }
 
-    /// A fresh request id.
-    pub fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+    /// A fresh request id (the HTTP layer takes one per request; it names the request in the
+    /// response, the logs and every RPC).
+    pub fn next_id(&self) -> RequestId {
+        RequestId(self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Connects (if needed) and says hello; marks the node up or down.
@@ -345,19 +360,6 @@ impl Cluster {
         }
     }
 
-    fn least_loaded(
-        &self,
-        want: impl Fn(&ClusterNode) -> bool,
-        prefer: Role,
-        not: Option<&Arc<ClusterNode>>,
-    ) -> Option<Arc<ClusterNode>> {
-        self.nodes
-            .iter()
-            .filter(|n| n.healthy() && want(n) && not.is_none_or(|x| !Arc::ptr_eq(x, n)))
-            .min_by_key(|n| (n.in_flight(), n.spec.role != prefer))
-            .cloned()
-    }
-
     /// Sequence slots of the healthy nodes that generate.
     pub fn decode_capacity(&self) -> usize {
         self.nodes
@@ -424,102 +426,50 @@ impl Cluster {
         }
     }
 
-    /// The policy the cost model runs with.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// Output tokens the cost model assumes for a request (its `max_tokens`, at most the
+    /// profile's `policy.expected_output_tokens`).
+    pub fn expected_output(&self, max_tokens: u32) -> u64 {
+        u64::from(max_tokens).min(self.expected_output_tokens)
     }
 
-    /// Asks the cost model, over the healthy nodes and their live load.
-    fn cost_model_choice(&self, shape: RequestShape) -> Option<costmodel::Prediction> {
-        let live: Vec<&Arc<ClusterNode>> = self
-            .nodes
+    /// The healthy nodes as placers see them, with their live load.
+    fn views(&self) -> Vec<NodeView<'_>> {
+        self.nodes
             .iter()
-            .filter(|n| n.healthy() && n.spec.perf.is_some())
-            .collect();
-        let views: Vec<NodeView> = live
-            .iter()
-            .filter_map(|n| {
-                Some(NodeView {
-                    name: n.name(),
-                    prefills: n.spec.role.prefills(),
-                    decodes: n.spec.role.decodes(),
-                    colocates: n.spec.role == Role::Both,
-                    slots: n.info().map_or(n.spec.slots, |i| i.layout.n_seq_max),
-                    perf: n.spec.perf.as_ref()?,
-                    load: n.load(),
-                })
+            .filter(|n| n.healthy())
+            .map(|n| NodeView {
+                id: n.id,
+                role: n.spec.role,
+                slots: n.info().map_or(n.spec.slots, |i| i.layout.n_seq_max),
+                perf: n.spec.perf.as_ref(),
+                load: n.load(),
+                in_flight: n.in_flight(),
             })
-            .collect();
-        let link = |a: usize, b: usize| {
-            let (a, b) = (live.get(a)?.name(), live.get(b)?.name());
-            self.links
-                .iter()
-                .find(|(x, y, _)| (x == a && y == b) || (x == b && y == a))
-                .map(|&(_, _, l)| l)
-        };
-        let plan = costmodel::plan(&self.policy, &views, link, shape, Candidates::All);
-        plan.chosen().cloned()
+            .collect()
     }
 
     /// Chooses where a request would run now, without counting it anywhere.
-    #[allow(clippy::type_complexity)]
-    pub fn choose(
-        &self,
-        shape: RequestShape,
-    ) -> Result<
-        (
-            Arc<ClusterNode>,
-            Arc<ClusterNode>,
-            Option<costmodel::Prediction>,
-        ),
-        ApiError,
-    > {
-        let split = || {
-            let p = self.least_loaded(|n| n.spec.role.prefills(), Role::Prefill, None)?;
-            let d = self.least_loaded(|n| n.spec.role.decodes(), Role::Decode, Some(&p))?;
-            Some((p, d))
-        };
-        let colocated = || {
-            self.least_loaded(|n| n.spec.role == Role::Both, Role::Both, None)
-                .map(|n| (n.clone(), n))
-        };
-        let by_name = |name: &str| self.nodes.iter().find(|n| n.name() == name).cloned();
-        let mut predicted = None;
-        let chosen = match self.mode {
-            PlacementMode::Disaggregated => split(),
-            PlacementMode::Colocated => colocated(),
-            PlacementMode::Auto => match self.cost_model_choice(shape) {
-                Some(p) => {
-                    let nodes = by_name(&p.prefill).zip(by_name(&p.decode));
-                    predicted = Some(p);
-                    nodes
-                }
-                None => split().or_else(colocated),
-            },
-        };
-        let (prefill, decode) = chosen.ok_or_else(|| {
+    pub fn choose(&self, shape: RequestShape) -> Result<Choice, ApiError> {
+        self.placer.choose(&self.views(), shape).ok_or_else(|| {
             ApiError::Unavailable(format!(
-                "no healthy node can serve this request ({:?} placement)",
+                "no healthy node can serve this request ({} placement)",
                 self.mode
             ))
-        })?;
-        Ok((prefill, decode, predicted))
+        })
     }
 
     /// Chooses where a request runs, by the profile's placement mode and the nodes' current load,
     /// and counts it on those nodes until the returned placement is dropped.
     pub fn place(&self, shape: RequestShape) -> Result<Placement, ApiError> {
-        let (prefill, decode, predicted) = self.choose(shape)?;
-        let mode = if Arc::ptr_eq(&prefill, &decode) {
-            "colocated"
-        } else {
-            "disaggregated"
+        let choice = self.choose(shape)?;
+        let node = |id: NodeId| {
+            let node = self.nodes.get(id).cloned();
+            node.ok_or_else(|| ApiError::Internal(format!("placement chose unknown node {id}")))
         };
-        let codec = predicted
-            .as_ref()
-            .and_then(|p| p.codec)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(self.kv.codec);
+        let (prefill, decode) = (node(choice.prefill)?, node(choice.decode)?);
+        let mode = choice.kind().name();
+        let codec = choice.codec.unwrap_or(self.kv.codec);
+        let predicted = choice.predicted;
         match &predicted {
             Some(p) => tracing::info!(
                 mode,

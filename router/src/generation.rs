@@ -4,14 +4,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exo_protocol::{
-    FinishReason, Handoff, NodeServiceClient, PrefillRequest, Prompt, RequestId, SamplingParams,
-    context_with_deadline,
+    FinishReason, Handoff, NodeServiceClient, PrefillReply, PrefillRequest, Prompt, RequestId,
+    SamplingParams, context_with_deadline,
 };
 use tarpc::client::RpcError;
 
+use crate::api::error::ApiError;
 use crate::cluster::{Admission, Cluster, ClusterNode, Placement};
-use crate::costmodel::RequestShape;
-use crate::error::ApiError;
+use crate::placement::RequestShape;
 
 /// Deadline of a prefill call: long prompts on slow machines legitimately take minutes.
 const PREFILL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -80,23 +80,50 @@ fn prompt_chars(prompt: &Prompt) -> usize {
     }
 }
 
+/// Runs the prompt on the prefill node. A split request also checks the decode node while the
+/// prompt runs: the two legs fail together, so a dead decode node fails the request at once
+/// (dropping the prefill call cancels it on the prefill node) instead of after the prompt.
+async fn run_prefill(
+    placement: &Placement,
+    prefill_client: &NodeServiceClient,
+    decode_client: &NodeServiceClient,
+    request: PrefillRequest,
+) -> Result<PrefillReply, ApiError> {
+    let prefill = async {
+        let reply = prefill_client
+            .prefill(context_with_deadline(PREFILL_TIMEOUT), request)
+            .await;
+        Ok(reply.map_err(|e| rpc_failure(&placement.prefill, e))??)
+    };
+    if !placement.is_split() {
+        return prefill.await;
+    }
+    let ping = async {
+        let info = decode_client
+            .hello(context_with_deadline(PING_TIMEOUT))
+            .await;
+        info.map_err(|e| rpc_failure(&placement.decode, e))
+    };
+    let (reply, _) = tokio::try_join!(prefill, ping)?;
+    Ok(reply)
+}
+
 impl Generation {
-    /// Places the request, runs its prompt, and returns once output token 0 is known.
+    /// Places request `id`, runs its prompt, and returns once output token 0 is known.
     pub async fn start(
         cluster: &Arc<Cluster>,
+        id: RequestId,
         prompt: Prompt,
         sampling: SamplingParams,
     ) -> Result<Generation, ApiError> {
         let admission = cluster.admit()?;
         let started = Instant::now();
         let chars = prompt_chars(&prompt);
-        let policy = cluster.policy();
         let shape = RequestShape {
             prompt_tokens: cluster.estimate_tokens(chars),
-            output_tokens: u64::from(sampling.max_tokens).min(policy.expected_output_tokens),
+            output_tokens: cluster.expected_output(sampling.max_tokens),
         };
         let mut placement = cluster.place(shape)?;
-        let id = cluster.next_id();
         let unreachable =
             |n: &ClusterNode| ApiError::Unavailable(format!("node {} is not connected", n.name()));
         let prefill_client = placement
@@ -123,27 +150,14 @@ impl Generation {
             handoff,
         };
         tracing::debug!(
-            id,
+            %id,
             prefill = placement.prefill.name(),
             decode = placement.decode.name(),
             "placed"
         );
-        let prefill = prefill_client.prefill(context_with_deadline(PREFILL_TIMEOUT), request);
-        let reply = if placement.is_split() {
-            // Check the decode node while the prompt runs, so a dead one fails the request now.
-            let (reply, ping) = tokio::join!(
-                prefill,
-                decode_client.hello(context_with_deadline(PING_TIMEOUT))
-            );
-            if let Err(e) = ping {
-                return Err(rpc_failure(&placement.decode, e));
-            }
-            reply
-        } else {
-            prefill.await
-        };
+        let reply = run_prefill(&placement, &prefill_client, &decode_client, request).await;
         placement.prefill_load = None;
-        let reply = reply.map_err(|e| rpc_failure(&placement.prefill, e))??;
+        let reply = reply?;
         cluster.observe_prompt(chars, reply.n_prompt);
         let first_at = Instant::now();
         metrics::histogram!("exo_time_to_first_token_seconds")
@@ -187,7 +201,7 @@ impl Generation {
             metrics::histogram!("exo_time_per_output_token_seconds").record(per);
         }
         tracing::debug!(
-            id = self.id,
+            id = %self.id,
             seconds = (Instant::now() - self.started).as_secs_f64(),
             tokens = self.completion_tokens,
             "request done"
@@ -267,7 +281,7 @@ impl Drop for Generation {
         // The client went away mid-request: free the sequence on the decode node.
         let client = self.decode_client.clone();
         let id = self.id;
-        tracing::debug!(id, "request dropped before the end; cancelling");
+        tracing::debug!(%id, "request dropped before the end; cancelling");
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = client.cancel(context_with_deadline(PING_TIMEOUT), id).await;

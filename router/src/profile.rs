@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use exo_kvcache::{Codec, DEFAULT_CHUNK_SIZE, KvLayout, KvType, MAX_CHUNK_SIZE};
-use exo_protocol::Role;
+use exo_protocol::{NodePerf, Role};
 use serde::Deserialize;
 
-use crate::costmodel::{Link, NodePerf, Objective, Policy};
+use crate::placement::cost_model::{CostModel, link_between};
+use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMode, Policy};
 
 /// The default profile `serve` uses when none is given.
 pub const DEFAULT_PROFILE: &str = "profiles/local.toml";
@@ -43,18 +44,6 @@ pub enum ProfileError {
         /// What is wrong.
         detail: String,
     },
-}
-
-/// How the router splits requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlacementMode {
-    /// Prefill on one node, decode on another.
-    Disaggregated,
-    /// Prefill and decode on one `both` node.
-    Colocated,
-    /// Choose per request with the cost model (needs `perf` for every node).
-    Auto,
 }
 
 /// Where a node is.
@@ -113,8 +102,8 @@ pub struct Profile {
     pub nodes: Vec<NodeSpec>,
     /// How `auto` placement chooses (`[policy]`).
     pub policy: Policy,
-    /// Links between nodes by index into `nodes`; others use `policy.default_link`.
-    pub links: Vec<(usize, usize, Link)>,
+    /// Links between nodes; others use `policy.default_link`.
+    pub links: Vec<(NodeId, NodeId, Link)>,
 }
 
 /// The default `[policy]` link: gigabit Ethernet.
@@ -240,6 +229,183 @@ struct RawNode {
     hardware: Option<toml::Table>,
 }
 
+impl RawKv {
+    fn validate(self) -> Result<KvShipping, String> {
+        let codec: Codec = self.codec.parse().map_err(|e| format!("kv.codec: {e}"))?;
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return Err(format!("kv.chunk_size must be within 1..={MAX_CHUNK_SIZE}"));
+        }
+        Ok(KvShipping {
+            codec,
+            chunk_size: self.chunk_size,
+            chunks_in_flight: self.chunks_in_flight.max(1),
+        })
+    }
+}
+
+impl RawLayout {
+    fn validate(self) -> Result<KvLayout, String> {
+        let kv_type = |name: &str, v: &str| -> Result<KvType, String> {
+            v.parse().map_err(|e| format!("layout.{name}: {e}"))
+        };
+        let (type_k, type_v) = (
+            kv_type("type_k", &self.type_k)?,
+            kv_type("type_v", &self.type_v)?,
+        );
+        if self.n_ctx_seq < 16 {
+            return Err("layout.n_ctx_seq must be at least 16".into());
+        }
+        Ok(KvLayout {
+            type_k,
+            type_v,
+            flash_attn: self.flash_attn,
+            kv_unified: self.kv_unified,
+            n_seq_max: 1,
+            n_ctx_seq: self.n_ctx_seq,
+        })
+    }
+}
+
+impl RawNode {
+    /// The node's entry, checked against the nodes before it.
+    fn validate(self, before: &[NodeSpec]) -> Result<NodeSpec, String> {
+        let role: Role = self
+            .role
+            .parse()
+            .map_err(|e| format!("node {:?}: {e}", self.name))?;
+        let name_ok = !self.name.is_empty()
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            return Err(format!(
+                "node name {:?}: use letters, digits, '-', '_' or '.'",
+                self.name
+            ));
+        }
+        if before.iter().any(|m| m.name == self.name) {
+            return Err(format!("node name {:?} appears twice", self.name));
+        }
+        let address = if self.address == "embedded" {
+            NodeAddress::Embedded
+        } else if self
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok())
+        {
+            NodeAddress::Remote(self.address)
+        } else {
+            return Err(format!(
+                "node {:?}: address must be \"embedded\" or host:port",
+                self.name
+            ));
+        };
+        let slots = self.slots.unwrap_or(role.default_slots());
+        if slots == 0 || slots > 256 {
+            return Err(format!(
+                "node {:?}: slots must be within 1..=256",
+                self.name
+            ));
+        }
+        if let Some(perf) = &self.perf {
+            perf.validate()
+                .map_err(|e| format!("node {:?} perf: {e}", self.name))?;
+        }
+        Ok(NodeSpec {
+            name: self.name,
+            address,
+            role,
+            slots,
+            perf: self.perf,
+        })
+    }
+}
+
+impl RawLink {
+    fn validate(self, nodes: &[NodeSpec]) -> Result<(NodeId, NodeId, Link), String> {
+        let index = |name: &str| {
+            nodes
+                .iter()
+                .position(|n| n.name == name)
+                .ok_or_else(|| format!("link names unknown node {name:?}"))
+        };
+        let (a, b) = (index(&self.between[0])?, index(&self.between[1])?);
+        let link = Link {
+            bandwidth_gbit_s: self.bandwidth_gbit_s,
+            latency_ms: self.latency_ms,
+        };
+        link.validate()
+            .map_err(|e| format!("link {:?}: {e}", self.between))?;
+        Ok((a, b, link))
+    }
+}
+
+impl RawPolicy {
+    fn validate(self, placement: PlacementMode, nodes: &[NodeSpec]) -> Result<Policy, String> {
+        self.default_link
+            .validate()
+            .map_err(|e| format!("policy.default_link: {e}"))?;
+        if !(self.tpot_target_ms.is_finite() && self.tpot_target_ms > 0.0) {
+            return Err("policy.tpot_target_ms must be positive".into());
+        }
+        if !(self.handoff_overhead_ms.is_finite() && self.handoff_overhead_ms >= 0.0) {
+            return Err("policy.handoff_overhead_ms must be >= 0".into());
+        }
+        if self.expected_output_tokens == 0 {
+            return Err("policy.expected_output_tokens must be >= 1".into());
+        }
+        if let Some(b) = self.kv_bytes_per_token
+            && !(b.is_finite() && b > 0.0)
+        {
+            return Err("policy.kv_bytes_per_token must be positive".into());
+        }
+        if placement == PlacementMode::Auto {
+            if let Some(n) = nodes.iter().find(|n| n.perf.is_none()) {
+                return Err(format!(
+                    "placement \"auto\" needs [nodes.perf] for node {:?}: measure it with `exo-router profile`",
+                    n.name
+                ));
+            }
+            if self.kv_bytes_per_token.is_none() {
+                return Err(
+                    "placement \"auto\" needs policy.kv_bytes_per_token (`exo-router profile` writes it)".into(),
+                );
+            }
+        }
+        Ok(Policy {
+            objective: self.objective,
+            tpot_target_s: self.tpot_target_ms / 1000.0,
+            expected_output_tokens: self.expected_output_tokens,
+            handoff_overhead_s: self.handoff_overhead_ms / 1000.0,
+            kv_bytes_per_token: self.kv_bytes_per_token.unwrap_or(0.0),
+            default_link: self.default_link,
+        })
+    }
+}
+
+/// A placement mode needs nodes that can serve it.
+fn check_placement(placement: PlacementMode, nodes: &[NodeSpec]) -> Result<(), String> {
+    let can_split = nodes.iter().any(|n| n.role.prefills())
+        && nodes.iter().any(|n| n.role.decodes())
+        && nodes.len() >= 2;
+    let can_colocate = nodes.iter().any(|n| n.role == Role::Both);
+    match placement {
+        PlacementMode::Disaggregated if !can_split => Err(
+            "placement \"disaggregated\" needs a prefill-capable and another decode-capable node"
+                .into(),
+        ),
+        PlacementMode::Colocated if !can_colocate => {
+            Err("placement \"colocated\" needs a node with role \"both\"".into())
+        }
+        PlacementMode::Auto if !can_split && !can_colocate => Err(
+            "no node can serve a request: add a \"both\" node or a prefill and a decode node"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 impl Profile {
     /// Reads and validates a profile file.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
@@ -257,172 +423,30 @@ impl Profile {
             path: p.clone(),
             detail: e.to_string(),
         })?;
-        let invalid = |detail: String| ProfileError::Invalid {
-            path: p.clone(),
-            detail,
-        };
+        let invalid = |detail: String| ProfileError::Invalid { path: p, detail };
+        Profile::validate(raw, path).map_err(invalid)
+    }
+
+    /// Turns the file's fields into typed values; the error says what is wrong.
+    fn validate(raw: RawProfile, path: &Path) -> Result<Profile, String> {
         let listen = raw.router.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen
             .parse()
-            .map_err(|e| invalid(format!("router.listen {listen:?}: {e}")))?;
-        let codec: Codec = raw
-            .kv
-            .codec
-            .parse()
-            .map_err(|e| invalid(format!("kv.codec: {e}")))?;
-        if raw.kv.chunk_size == 0 || raw.kv.chunk_size > MAX_CHUNK_SIZE {
-            return Err(invalid(format!(
-                "kv.chunk_size must be within 1..={MAX_CHUNK_SIZE}"
-            )));
-        }
-        let type_k: KvType = raw
-            .layout
-            .type_k
-            .parse()
-            .map_err(|e| invalid(format!("layout.type_k: {e}")))?;
-        let type_v: KvType = raw
-            .layout
-            .type_v
-            .parse()
-            .map_err(|e| invalid(format!("layout.type_v: {e}")))?;
-        if raw.layout.n_ctx_seq < 16 {
-            return Err(invalid("layout.n_ctx_seq must be at least 16".into()));
-        }
-        let layout = KvLayout {
-            type_k,
-            type_v,
-            flash_attn: raw.layout.flash_attn,
-            kv_unified: raw.layout.kv_unified,
-            n_seq_max: 1,
-            n_ctx_seq: raw.layout.n_ctx_seq,
-        };
-        let mut nodes = Vec::new();
-        for n in raw.nodes {
-            let role: Role = n
-                .role
-                .parse()
-                .map_err(|e| invalid(format!("node {:?}: {e}", n.name)))?;
-            if n.name.is_empty()
-                || !n
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(invalid(format!(
-                    "node name {:?}: use letters, digits, '-', '_' or '.'",
-                    n.name
-                )));
-            }
-            if nodes.iter().any(|m: &NodeSpec| m.name == n.name) {
-                return Err(invalid(format!("node name {:?} appears twice", n.name)));
-            }
-            let address = if n.address == "embedded" {
-                NodeAddress::Embedded
-            } else if n
-                .address
-                .rsplit_once(':')
-                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok())
-            {
-                NodeAddress::Remote(n.address)
-            } else {
-                return Err(invalid(format!(
-                    "node {:?}: address must be \"embedded\" or host:port",
-                    n.name
-                )));
-            };
-            let slots = n.slots.unwrap_or(if role == Role::Prefill { 1 } else { 4 });
-            if slots == 0 || slots > 256 {
-                return Err(invalid(format!(
-                    "node {:?}: slots must be within 1..=256",
-                    n.name
-                )));
-            }
-            if let Some(perf) = &n.perf {
-                perf.validate()
-                    .map_err(|e| invalid(format!("node {:?} perf: {e}", n.name)))?;
-            }
-            nodes.push(NodeSpec {
-                name: n.name,
-                address,
-                role,
-                slots,
-                perf: n.perf,
-            });
-        }
-        let can_split = nodes.iter().any(|n| n.role.prefills())
-            && nodes.iter().any(|n| n.role.decodes())
-            && nodes.len() >= 2;
-        let can_colocate = nodes.iter().any(|n| n.role == Role::Both);
-        match raw.placement {
-            PlacementMode::Disaggregated if !can_split => {
-                return Err(invalid("placement \"disaggregated\" needs a prefill-capable and another decode-capable node".into()));
-            }
-            PlacementMode::Colocated if !can_colocate => {
-                return Err(invalid(
-                    "placement \"colocated\" needs a node with role \"both\"".into(),
-                ));
-            }
-            PlacementMode::Auto if !can_split && !can_colocate => {
-                return Err(invalid("no node can serve a request: add a \"both\" node or a prefill and a decode node".into()));
-            }
-            _ => {}
-        }
-        let mut links = Vec::new();
-        for l in raw.links {
-            let index = |name: &str| {
-                nodes
-                    .iter()
-                    .position(|n| n.name == name)
-                    .ok_or_else(|| invalid(format!("link names unknown node {name:?}")))
-            };
-            let (a, b) = (index(&l.between[0])?, index(&l.between[1])?);
-            let link = Link {
-                bandwidth_gbit_s: l.bandwidth_gbit_s,
-                latency_ms: l.latency_ms,
-            };
-            link.validate()
-                .map_err(|e| invalid(format!("link {:?}: {e}", l.between)))?;
-            links.push((a, b, link));
-        }
-        let pol = raw.policy;
-        pol.default_link
-            .validate()
-            .map_err(|e| invalid(format!("policy.default_link: {e}")))?;
-        if !(pol.tpot_target_ms.is_finite() && pol.tpot_target_ms > 0.0) {
-            return Err(invalid("policy.tpot_target_ms must be positive".into()));
-        }
-        if !(pol.handoff_overhead_ms.is_finite() && pol.handoff_overhead_ms >= 0.0) {
-            return Err(invalid("policy.handoff_overhead_ms must be >= 0".into()));
-        }
-        if pol.expected_output_tokens == 0 {
-            return Err(invalid("policy.expected_output_tokens must be >= 1".into()));
-        }
-        if let Some(b) = pol.kv_bytes_per_token
-            && !(b.is_finite() && b > 0.0)
-        {
-            return Err(invalid("policy.kv_bytes_per_token must be positive".into()));
-        }
-        if raw.placement == PlacementMode::Auto {
-            if let Some(n) = nodes.iter().find(|n| n.perf.is_none()) {
-                return Err(invalid(format!(
-                    "placement \"auto\" needs [nodes.perf] for node {:?}: measure it with `exo-router profile`",
-                    n.name
-                )));
-            }
-            if pol.kv_bytes_per_token.is_none() {
-                return Err(invalid(
-                    "placement \"auto\" needs policy.kv_bytes_per_token (`exo-router profile` writes it)".into(),
-                ));
-            }
-        }
-        let policy = Policy {
-            objective: pol.objective,
-            tpot_target_s: pol.tpot_target_ms / 1000.0,
-            expected_output_tokens: pol.expected_output_tokens,
-            handoff_overhead_s: pol.handoff_overhead_ms / 1000.0,
-            kv_bytes_per_token: pol.kv_bytes_per_token.unwrap_or(0.0),
-            default_link: pol.default_link,
-        };
+            .map_err(|e| format!("router.listen {listen:?}: {e}"))?;
+        let kv = raw.kv.validate()?;
+        let layout = raw.layout.validate()?;
+        let nodes = raw.nodes.into_iter().try_fold(Vec::new(), |mut nodes, n| {
+            let spec = n.validate(&nodes)?;
+            nodes.push(spec);
+            Ok::<_, String>(nodes)
+        })?;
+        check_placement(raw.placement, &nodes)?;
+        let links = raw
+            .links
+            .into_iter()
+            .map(|l| l.validate(&nodes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let policy = raw.policy.validate(raw.placement, &nodes)?;
         Ok(Profile {
             policy,
             links,
@@ -431,22 +455,40 @@ impl Profile {
             placement: raw.placement,
             listen,
             max_queued: raw.router.max_queued.unwrap_or(DEFAULT_MAX_QUEUED),
-            kv: KvShipping {
-                codec,
-                chunk_size: raw.kv.chunk_size,
-                chunks_in_flight: raw.kv.chunks_in_flight.max(1),
-            },
+            kv,
             layout,
             nodes,
         })
     }
 
-    /// The link between nodes `a` and `b` (by index), if the profile names one.
-    pub fn link(&self, a: usize, b: usize) -> Option<Link> {
-        self.links
+    /// The cost model over this profile's policy and links, weighing the placements `mode` admits.
+    pub fn cost_model(&self, mode: PlacementMode) -> CostModel {
+        CostModel {
+            policy: self.policy,
+            links: self.links.clone(),
+            mode,
+        }
+    }
+
+    /// The link between nodes `a` and `b`: the one the profile names, else `policy.default_link`.
+    pub fn link(&self, a: NodeId, b: NodeId) -> Link {
+        link_between(&self.links, a, b).unwrap_or(self.policy.default_link)
+    }
+
+    /// Every node as a placer sees it on an idle cluster (`plan`, and the simulator's start).
+    pub fn idle_views(&self) -> Vec<NodeView<'_>> {
+        self.nodes
             .iter()
-            .find(|&&(x, y, _)| (x, y) == (a, b) || (x, y) == (b, a))
-            .map(|&(_, _, l)| l)
+            .enumerate()
+            .map(|(id, n)| NodeView {
+                id,
+                role: n.role,
+                slots: n.slots,
+                perf: n.perf.as_ref(),
+                load: NodeLoad::default(),
+                in_flight: 0,
+            })
+            .collect()
     }
 
     /// True when every node has a perf table and the policy knows the KV size: the cost model

@@ -4,11 +4,12 @@
 //! `cargo run --release -p exo-benches --bin kvbench -- [--model PATH] [--tokens N] [--reps R]`
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use exo_engine::{ChatMessage, ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_engine::{ChatMessage, ContextConfig, ContextHandle, ExportedKv, Model, ModelOptions};
 use exo_kvcache::{
     Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
 };
@@ -69,6 +70,120 @@ fn prompt_tokens(model: &Model, target: usize) -> Result<Vec<i32>> {
     }
 }
 
+/// One KV layout's exported cache and what the codecs must reproduce.
+struct Exported {
+    name: &'static str,
+    layout: KvLayout,
+    kv: ExportedKv,
+    first_token: i32,
+    /// The tokens the original context generates next.
+    reference: Vec<i32>,
+    prefill: Duration,
+    export: Duration,
+}
+
+/// Prefills `tokens` in a fresh context of `layout` and exports the cache (best of `reps`).
+async fn export(
+    model: &Arc<Model>,
+    name: &'static str,
+    layout: KvLayout,
+    tokens: &[i32],
+    reps: usize,
+) -> Result<Exported> {
+    let cfg = ContextConfig {
+        layout,
+        ..ContextConfig::default()
+    };
+    let src = ContextHandle::spawn(model.clone(), cfg)?;
+    let t = Instant::now();
+    let pre = src
+        .prefill(0, tokens.to_vec(), SamplingParams::greedy(1))
+        .await?;
+    let prefill = t.elapsed();
+    let mut export = Duration::MAX;
+    let mut kv = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        kv = Some(src.export(0).await?);
+        export = export.min(t.elapsed());
+    }
+    let kv = kv.context("no export")?;
+    let reference = src
+        .generate(0, pre.first_token, 0, SamplingParams::greedy(16))
+        .await?;
+    Ok(Exported {
+        name,
+        layout,
+        kv,
+        first_token: pre.first_token,
+        reference: reference.tokens,
+        prefill,
+        export,
+    })
+}
+
+/// Encodes, decodes and imports `e` with `codec` into `dst` (best of `reps`), checks the imported
+/// cache continues like the original, and prints the table row.
+async fn codec_row(
+    model: &Model,
+    e: &Exported,
+    dst: &ContextHandle,
+    codec: Codec,
+    reps: usize,
+) -> Result<()> {
+    let target = ImportTarget {
+        fingerprint: model.fingerprint(),
+        layout: dst.config().layout,
+    };
+    let (enc_t, (header, frames)) = best(reps, || {
+        let enc = KvEncoder::new(
+            &e.kv.state,
+            e.kv.tokens.clone(),
+            model.fingerprint(),
+            e.layout,
+            codec,
+            DEFAULT_CHUNK_SIZE,
+        )?;
+        let h = enc.header_frame();
+        Ok((h, enc.collect::<Vec<_>>()))
+    })?;
+    let wire: usize = header.len() + frames.iter().map(Vec::len).sum::<usize>();
+    let (dec_t, decoded) = best(reps, || {
+        let mut d = KvDecoder::new(&header, &DecodeLimits::default(), &target)?;
+        for f in &frames {
+            d.push_chunk(f)?;
+        }
+        Ok(d.finish()?)
+    })?;
+    let mut import = Duration::MAX;
+    for _ in 0..reps {
+        let copy = decoded.clone();
+        let t = Instant::now();
+        dst.import(1, copy).await?;
+        import = import.min(t.elapsed());
+    }
+    // The imported cache must continue like the original.
+    let b = dst
+        .generate(1, e.first_token, 0, SamplingParams::greedy(16))
+        .await?;
+    if b.tokens != e.reference {
+        bail!("{} {codec}: imported cache diverged", e.name);
+    }
+    let raw = e.kv.state.len();
+    println!(
+        "| {} | {:.1} | {:.2} | {:.1} | {codec} | {:.3} | {:.0} | {:.0} | {:.1} |",
+        e.name,
+        raw as f64 / 1e6,
+        e.prefill.as_secs_f64(),
+        e.export.as_secs_f64() * 1e3,
+        raw as f64 / wire as f64,
+        mbps(raw, enc_t),
+        mbps(raw, dec_t),
+        import.as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -92,97 +207,28 @@ async fn main() -> Result<()> {
         ("q8_0, FA on", KvType::Q8_0, true),
     ];
     for (name, kv, fa) in layouts {
-        let n_ctx_seq = u32::try_from(tokens.len() + 256)?;
         let layout = KvLayout {
             type_k: kv,
             type_v: kv,
             flash_attn: fa,
             kv_unified: false,
             n_seq_max: 1,
-            n_ctx_seq,
+            n_ctx_seq: u32::try_from(tokens.len() + 256)?,
         };
-        let cfg = ContextConfig {
-            layout,
-            ..ContextConfig::default()
+        let exported = export(&model, name, layout, &tokens, args.reps).await?;
+        let dst_layout = KvLayout {
+            n_seq_max: 4,
+            ..layout
         };
-        let src = ContextHandle::spawn(model.clone(), cfg)?;
         let dst = ContextHandle::spawn(
             model.clone(),
             ContextConfig {
-                layout: KvLayout {
-                    n_seq_max: 4,
-                    ..layout
-                },
-                ..cfg
+                layout: dst_layout,
+                ..ContextConfig::default()
             },
         )?;
-        let t = Instant::now();
-        let pre = src
-            .prefill(0, tokens.clone(), SamplingParams::greedy(1))
-            .await?;
-        let prefill = t.elapsed();
-        let mut export = Duration::MAX;
-        let mut kv_state = None;
-        for _ in 0..args.reps {
-            let t = Instant::now();
-            let kv = src.export(0).await?;
-            export = export.min(t.elapsed());
-            kv_state = Some(kv);
-        }
-        let kv_state = kv_state.context("no export")?;
-        let reference = src
-            .generate(0, pre.first_token, 0, SamplingParams::greedy(16))
-            .await?;
-        let raw = kv_state.state.len();
-        let target = ImportTarget {
-            fingerprint: model.fingerprint(),
-            layout: dst.config().layout,
-        };
         for codec in Codec::ALL {
-            let (enc_t, (header, frames)) = best(args.reps, || {
-                let enc = KvEncoder::new(
-                    &kv_state.state,
-                    kv_state.tokens.clone(),
-                    model.fingerprint(),
-                    layout,
-                    codec,
-                    DEFAULT_CHUNK_SIZE,
-                )?;
-                let h = enc.header_frame();
-                Ok((h, enc.collect::<Vec<_>>()))
-            })?;
-            let wire: usize = header.len() + frames.iter().map(Vec::len).sum::<usize>();
-            let (dec_t, decoded) = best(args.reps, || {
-                let mut d = KvDecoder::new(&header, &DecodeLimits::default(), &target)?;
-                for f in &frames {
-                    d.push_chunk(f)?;
-                }
-                Ok(d.finish()?)
-            })?;
-            let mut import = Duration::MAX;
-            for _ in 0..args.reps {
-                let copy = decoded.clone();
-                let t = Instant::now();
-                dst.import(1, copy).await?;
-                import = import.min(t.elapsed());
-            }
-            // The imported cache must continue like the original.
-            let b = dst
-                .generate(1, pre.first_token, 0, SamplingParams::greedy(16))
-                .await?;
-            if b.tokens != reference.tokens {
-                bail!("{name} {codec}: imported cache diverged");
-            }
-            println!(
-                "| {name} | {:.1} | {:.2} | {:.1} | {codec} | {:.3} | {:.0} | {:.0} | {:.1} |",
-                raw as f64 / 1e6,
-                prefill.as_secs_f64(),
-                export.as_secs_f64() * 1e3,
-                raw as f64 / wire as f64,
-                mbps(raw, enc_t),
-                mbps(raw, dec_t),
-                import.as_secs_f64() * 1e3,
-            );
+            codec_row(&model, &exported, &dst, codec, args.reps).await?;
         }
     }
     Ok(())

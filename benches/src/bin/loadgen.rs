@@ -162,48 +162,25 @@ fn row(name: &str, mut v: Vec<Duration>) -> String {
     )
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::parse();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .build()?;
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => {
-            let v: Value = client
-                .get(format!("{}/v1/models", args.url))
-                .send()
-                .await?
-                .json()
-                .await?;
-            v["data"][0]["id"]
-                .as_str()
-                .context("no model listed")?
-                .to_string()
-        }
-    };
-    let started = Instant::now();
-    let results: Vec<Result<Sample>> = futures::stream::iter(0..args.requests)
-        .map(|i| {
-            let (client, args, model) = (&client, &args, &model);
-            async move { one(client, args, model, i).await }
-        })
-        .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
-    let wall = started.elapsed().as_secs_f64();
-    let mut errors = 0;
-    let mut samples = Vec::new();
-    for r in results {
-        match r {
-            Ok(s) => samples.push(s),
-            Err(e) => {
-                errors += 1;
-                eprintln!("error: {e:#}");
-            }
-        }
+/// The model to ask for: `--model`, or the first the server lists.
+async fn model_id(client: &reqwest::Client, args: &Args) -> Result<String> {
+    if let Some(m) = &args.model {
+        return Ok(m.clone());
     }
+    let v: Value = client
+        .get(format!("{}/v1/models", args.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["data"][0]["id"]
+        .as_str()
+        .context("no model listed")?
+        .to_string())
+}
+
+/// Prints the run's summary and the latency table.
+fn report(args: &Args, model: &str, wall: f64, samples: &[Sample], errors: usize) {
     let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
     println!(
         "{} | model {model} | {} requests, concurrency {}, max_tokens {}, long prompt every {} ({} words), short {} words",
@@ -228,20 +205,41 @@ async fn main() -> Result<()> {
         if class.is_empty() {
             continue;
         }
-        println!(
-            "{}",
-            row(
-                &format!("TTFT {label}"),
-                class.iter().map(|s| s.ttft).collect()
-            )
-        );
-        println!(
-            "{}",
-            row(
-                &format!("TPOT {label}"),
-                class.iter().filter_map(|s| s.tpot).collect()
-            )
-        );
+        let ttft = class.iter().map(|s| s.ttft).collect();
+        println!("{}", row(&format!("TTFT {label}"), ttft));
+        let tpot = class.iter().filter_map(|s| s.tpot).collect();
+        println!("{}", row(&format!("TPOT {label}"), tpot));
     }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+    let model = model_id(&client, &args).await?;
+    let started = Instant::now();
+    let results: Vec<Result<Sample>> = futures::stream::iter(0..args.requests)
+        .map(|i| {
+            let (client, args, model) = (&client, &args, &model);
+            async move { one(client, args, model, i).await }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
+    let wall = started.elapsed().as_secs_f64();
+    let mut errors = 0;
+    let mut samples = Vec::new();
+    for r in results {
+        match r {
+            Ok(s) => samples.push(s),
+            Err(e) => {
+                errors += 1;
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    report(&args, &model, wall, &samples, errors);
     Ok(())
 }

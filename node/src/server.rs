@@ -1,4 +1,5 @@
-//! A node daemon: one engine context serving the node RPC service in the roles it was given.
+//! The node RPC service: one engine context serving the prefill side, the decode side, or both,
+//! as the node's role says; calls for a side the node lacks are refused with `WrongRole`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -164,33 +165,42 @@ impl NodeService for NodeServer {
     }
 }
 
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The engine could not create the node's context.
+    #[error(transparent)]
+    Engine(#[from] exo_engine::EngineError),
+    /// The RPC socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
 /// Binds `addr`, then serves a node there on a task; returns the bound address.
 pub async fn spawn_node(
     model: Arc<Model>,
     options: &NodeOptions,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<SocketAddr> {
+) -> Result<SocketAddr, SpawnError> {
     let server = NodeServer::new(model, options)?;
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+    let bind = |source| SpawnError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind)?;
+    let bound = listener.local_addr().map_err(bind)?;
     tokio::spawn(server.run(listener, shutdown));
     Ok(bound)
 }
 
-/// This machine's facts from the OS (the hardware profile issue adds hwloc and GPU probing).
+/// This machine's facts from the OS, as a node reports them in `hello`.
 pub fn hardware_facts() -> HardwareFacts {
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
     HardwareFacts {
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        memory_bytes,
+        memory_bytes: crate::hardware::os_memory().unwrap_or(0),
         os: std::env::consts::OS.into(),
         arch: std::env::consts::ARCH.into(),
     }

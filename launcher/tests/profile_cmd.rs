@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use common::{model_path, post};
-use exo_router::Server;
 use exo_router::profile::Profile;
 use serde_json::{Value, json};
 
@@ -106,7 +105,7 @@ async fn profile_measures_this_machine_and_its_file_serves() {
     assert!(plan["candidates"][0]["ttft_s"].as_f64().unwrap() > 0.0);
 
     // `serve` accepts it and answers.
-    let server = Server::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
+    let server = exo_launcher::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap();
     let answer = post(

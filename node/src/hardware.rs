@@ -133,7 +133,7 @@ impl HardwareReport {
 }
 
 /// Total memory from `/proc/meminfo`, in bytes.
-fn os_memory() -> Option<u64> {
+pub fn os_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -330,7 +330,7 @@ struct NodeOut<'a> {
     role: &'static str,
     slots: u32,
     hardware: &'a HardwareReport,
-    perf: &'a crate::costmodel::NodePerf,
+    perf: &'a exo_protocol::NodePerf,
 }
 
 /// Why a profile could not be written.

@@ -1,10 +1,12 @@
-//! OpenAI request and response shapes for `/v1/chat/completions` and `/v1/completions`.
+//! OpenAI request bodies for `/v1/chat/completions` and `/v1/completions`, checked and turned into
+//! the typed values the router works with (chat turns, sampling parameters, tools).
 
-use exo_protocol::{ChatTurn, Constraint, FinishReason, SamplingParams};
+use exo_protocol::{ChatTurn, Constraint, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
+use crate::api::response::{FunctionCall, ToolCall};
 
 /// A chat message's content: a string or a list of parts (only text parts are supported).
 #[derive(Debug, Deserialize)]
@@ -437,9 +439,9 @@ impl Tools {
         Some(Constraint::JsonSchema(schema.to_string()))
     }
 
-    /// The tool calls in a finished reply, as OpenAI's `tool_calls` entries with ids from
-    /// `id`; `None` when the reply is not a call of a listed function.
-    pub fn parse(&self, text: &str, id: &str) -> Option<Vec<Value>> {
+    /// The tool calls in a finished reply, call `i` with id `call_id(i)`; `None` when the reply is
+    /// not a call of a listed function.
+    pub fn calls(&self, text: &str, call_id: impl Fn(usize) -> String) -> Option<Vec<ToolCall>> {
         if self.choice == ToolChoice::None {
             return None;
         }
@@ -450,7 +452,7 @@ impl Tools {
         }
         // The first call's arguments exactly as generated, so a stream that sent them piece by
         // piece and this answer agree to the byte.
-        let raw_first = crate::toolcall::first_call(text);
+        let raw_first = crate::api::toolcall::first_call(text);
         calls
             .iter()
             .enumerate()
@@ -458,25 +460,21 @@ impl Tools {
                 let name = c.get("name")?.as_str()?;
                 let known = self.list.iter().any(|t| t["function"]["name"] == name);
                 let args = c.get("arguments").filter(|a| a.is_object())?;
-                let text = match &raw_first {
+                let arguments = match &raw_first {
                     Some((n, raw)) if i == 0 && n == name => (*raw).to_string(),
                     _ => args.to_string(),
                 };
-                known.then(|| {
-                    json!({
-                        "id": call_id(id, i),
-                        "type": "function",
-                        "function": { "name": name, "arguments": text },
-                    })
+                known.then(|| ToolCall {
+                    id: call_id(i),
+                    kind: "function",
+                    function: FunctionCall {
+                        name: name.to_string(),
+                        arguments,
+                    },
                 })
             })
             .collect()
     }
-}
-
-/// The id of call `i` of request `id`.
-pub fn call_id(id: &str, i: usize) -> String {
-    format!("call_{id}_{i}")
 }
 
 impl CompletionRequest {
@@ -493,17 +491,4 @@ impl CompletionRequest {
             },
         }
     }
-}
-
-/// OpenAI's `finish_reason` string.
-pub fn finish_str(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-/// The `usage` object.
-pub fn usage(prompt: u32, completion: u32) -> Value {
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }

@@ -3,32 +3,18 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use exo_router::Server;
 use exo_router::profile::Profile;
 use serde_json::Value;
 
-/// The repository root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The default model, fetched by scripts/fetch-model.
-pub fn model_path() -> PathBuf {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} missing: run scripts/fetch-model",
-        p.display()
-    );
-    p
-}
+pub use exo_test_support::{model_path, root};
 
 /// Starts an in-process router for a shipped profile, on a free port.
 pub async fn start_profile(name: &str) -> Server {
     let profile = Profile::load(&root().join("profiles").join(name)).unwrap();
-    Server::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
+    exo_launcher::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap()
 }
@@ -37,7 +23,7 @@ pub async fn start_profile(name: &str) -> Server {
 pub async fn start_text(text: &str) -> Server {
     let text = text.replace("MODEL", &model_path().display().to_string());
     let profile = Profile::parse(&text, Path::new("test-profile.toml")).unwrap();
-    Server::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
+    exo_launcher::start(&profile, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .unwrap()
 }

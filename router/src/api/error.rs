@@ -4,7 +4,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use exo_protocol::NodeError;
-use serde_json::json;
+use serde::Serialize;
 
 /// An error answered to an API client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,15 +56,38 @@ impl ApiError {
     }
 
     /// OpenAI's error body.
-    pub fn body(&self) -> serde_json::Value {
+    pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
             ApiError::BadRequest { param, code, .. } => ("invalid_request_error", *param, *code),
             ApiError::Unavailable(_) => ("service_unavailable", None, Some("no_capacity")),
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
             ApiError::Internal(_) => ("server_error", None, None),
         };
-        json!({ "error": { "message": self.to_string(), "type": kind, "param": param, "code": code } })
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                param,
+                code,
+            },
+        }
     }
+}
+
+/// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong, for the client.
+#[derive(Debug, Serialize)]
+struct ErrorDetail {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
 }
 
 impl From<NodeError> for ApiError {

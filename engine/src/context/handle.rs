@@ -1,0 +1,216 @@
+//! The async side: [`ContextHandle`] and the configuration a context is created with.
+
+use std::sync::Arc;
+
+use exo_kvcache::{DecodedKv, KvLayout, StateShape};
+use exo_sampling::{FinishReason, SamplingParams};
+use tokio::sync::{mpsc, oneshot};
+
+use super::slots::{SlotLease, SlotPool};
+use super::worker::worker_main;
+use super::{Command, EventSink, ExportedKv, GenEvent, PrefillOutput, Reply};
+use crate::error::EngineError;
+use crate::model::Model;
+
+/// How a context is created; both sides of a KV transfer must use compatible layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextConfig {
+    /// KV types, flash attention, stream layout, slots and per-sequence context.
+    pub layout: KvLayout,
+    /// Tokens per llama.cpp batch during prefill.
+    pub n_batch: u32,
+    /// CPU threads; 0 means all available cores.
+    pub n_threads: u32,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            layout: KvLayout::default(),
+            n_batch: 512,
+            n_threads: 0,
+        }
+    }
+}
+
+/// The whole output of a generation, for callers that do not stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    /// Generated token ids, the continuation token first.
+    pub tokens: Vec<i32>,
+    /// Generated text.
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+}
+
+/// Async handle to one context; cheap to clone, the worker stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct ContextHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    slots: Arc<SlotPool>,
+    config: ContextConfig,
+    shape: Arc<StateShape>,
+    model: Arc<Model>,
+}
+
+impl std::fmt::Debug for ContextHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextHandle")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl ContextHandle {
+    /// Creates the context on a new worker thread and learns its KV cache shape.
+    pub fn spawn(model: Arc<Model>, config: ContextConfig) -> Result<ContextHandle, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker_model = Arc::clone(&model);
+        std::thread::Builder::new()
+            .name("exo-engine-ctx".into())
+            .spawn(move || worker_main(worker_model, config, rx, ready_tx))
+            .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
+        let shape = ready_rx.recv().map_err(|_| EngineError::WorkerGone)??;
+        let n = config.layout.n_seq_max as usize;
+        let slots = Arc::new(SlotPool::new(n));
+        Ok(ContextHandle {
+            tx,
+            slots,
+            config,
+            shape: Arc::new(shape),
+            model,
+        })
+    }
+
+    /// Waits for a free sequence slot; waiters are served first come, first served. The slot's KV is
+    /// cleared when the lease is dropped.
+    pub async fn acquire_slot(&self) -> SlotLease {
+        self.slots.acquire(&self.tx).await
+    }
+
+    /// Takes a free sequence slot now, or `None` when all are in use.
+    pub fn try_acquire_slot(&self) -> Option<SlotLease> {
+        self.slots.try_acquire(&self.tx)
+    }
+
+    /// Sequence slots not leased right now.
+    pub fn free_slots(&self) -> usize {
+        self.slots.available()
+    }
+
+    /// The configuration this context was created with.
+    pub fn config(&self) -> &ContextConfig {
+        &self.config
+    }
+
+    /// The KV cache shape learned at start-up.
+    pub fn shape(&self) -> &StateShape {
+        &self.shape
+    }
+
+    /// The model this context runs.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| EngineError::WorkerGone)?;
+        rx.await.map_err(|_| EngineError::WorkerGone)?
+    }
+
+    /// Runs the prompt into sequence `seq` (cleared first) and samples output token 0.
+    pub async fn prefill(
+        &self,
+        seq: i32,
+        tokens: Vec<i32>,
+        sampling: SamplingParams,
+    ) -> Result<PrefillOutput, EngineError> {
+        self.call(|reply| Command::Prefill {
+            seq,
+            tokens,
+            sampling,
+            reply,
+        })
+        .await
+    }
+
+    /// Exports sequence `seq`'s KV cache in the single-stream wire form.
+    pub async fn export(&self, seq: i32) -> Result<ExportedKv, EngineError> {
+        self.call(|reply| Command::Export { seq, reply }).await
+    }
+
+    /// Checks a received state against this context and imports it into sequence `seq`.
+    pub async fn import(&self, seq: i32, kv: DecodedKv) -> Result<(), EngineError> {
+        self.call(|reply| Command::Import { seq, kv, reply }).await
+    }
+
+    /// Continues sequence `seq`: feeds `next` (output token `index`, already sampled) and streams the
+    /// following tokens until an end token, a stop string, `max_tokens` in all, the context's end, or
+    /// nobody listens to `events` any more. `next` itself is not sent as an event.
+    pub async fn generate_stream(
+        &self,
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: SamplingParams,
+        events: impl EventSink,
+    ) -> Result<(), EngineError> {
+        self.call(|reply| Command::Generate {
+            seq,
+            next,
+            index,
+            sampling,
+            events: Box::new(events),
+            reply,
+        })
+        .await
+    }
+
+    /// [`Self::generate_stream`] collected: the returned tokens start with `next`.
+    pub async fn generate(
+        &self,
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: SamplingParams,
+    ) -> Result<Generated, EngineError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<GenEvent>();
+        let first = self.model.first_output(next, &sampling);
+        let mut out = Generated {
+            tokens: vec![next],
+            text: first.text,
+            finish: first.finish.unwrap_or(FinishReason::Length),
+        };
+        if first.finish.is_some() {
+            return Ok(out);
+        }
+        let run = self.generate_stream(seq, next, index, sampling, tx);
+        let collect = async {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    GenEvent::Token { id, text: t, .. } => {
+                        out.tokens.push(id);
+                        out.text += &t;
+                    }
+                    GenEvent::Done { finish, tail } => {
+                        out.text += &tail;
+                        out.finish = finish;
+                    }
+                }
+            }
+        };
+        let (res, ()) = tokio::join!(run, collect);
+        res?;
+        Ok(out)
+    }
+
+    /// Frees sequence `seq`.
+    pub async fn clear(&self, seq: i32) -> Result<(), EngineError> {
+        self.call(|reply| Command::Clear { seq, reply }).await
+    }
+}

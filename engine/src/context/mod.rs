@@ -1,0 +1,116 @@
+//! A llama.cpp context on its own worker thread, driven over a channel from async code.
+//!
+//! The async side ([`ContextHandle`], in `handle`) only sends `Command`s, each with a oneshot
+//! reply, to one OS thread that owns the llama.cpp context for its whole life (`worker`). Sequence
+//! slots are leased on the async side (`slots`); dropping a lease queues the clearing of its KV
+//! behind whatever the slot's request still has in flight. Between commands the worker runs the
+//! batch loop (`batch`): one prompt chunk, then one decode step for every generating sequence.
+
+use exo_kvcache::DecodedKv;
+use exo_sampling::{FinishReason, SamplingParams};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::EngineError;
+
+mod batch;
+mod handle;
+mod slots;
+mod worker;
+
+pub use handle::{ContextConfig, ContextHandle, Generated};
+
+/// Where a generation's events go: delivered on the engine thread as each token is made, so the
+/// receiver gets them with no forwarding task in between (a decode node's request queue, or a
+/// channel).
+pub trait EventSink: Send + 'static {
+    /// Delivers `event`; false once nobody listens any more (generation then stops).
+    fn send(&mut self, event: GenEvent) -> bool;
+    /// True once nobody listens: checked before every step, so a cancelled sequence leaves the
+    /// batch before its next token.
+    fn is_closed(&self) -> bool;
+}
+
+impl EventSink for mpsc::UnboundedSender<GenEvent> {
+    fn send(&mut self, event: GenEvent) -> bool {
+        mpsc::UnboundedSender::send(self, event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        mpsc::UnboundedSender::is_closed(self)
+    }
+}
+pub use slots::SlotLease;
+
+/// Result of a prefill: the first output token, sampled on the prefill side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefillOutput {
+    /// Output token 0.
+    pub first_token: i32,
+    /// Prompt tokens now in the sequence's KV cache.
+    pub n_prompt: usize,
+}
+
+/// One sequence's KV cache in the single-stream wire form, with the tokens it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedKv {
+    /// The llama.cpp sequence state, one stream.
+    pub state: Vec<u8>,
+    /// Token ids at positions `0..tokens.len()`.
+    pub tokens: Vec<i32>,
+}
+
+/// What a generation streams back, token by token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenEvent {
+    /// A generated token and the text that became final with it (may be empty mid-character).
+    Token {
+        /// Token id.
+        id: i32,
+        /// Output index of this token (0 is the prefill's token).
+        index: u32,
+        /// Newly final text.
+        text: String,
+    },
+    /// Generation ended; `tail` is text held back until the end (a possible stop-string prefix or an
+    /// incomplete character), released now that no stop string can follow.
+    Done {
+        /// Why it ended.
+        finish: FinishReason,
+        /// Final text.
+        tail: String,
+    },
+}
+
+/// Where the worker sends a command's result.
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// What the async side asks of the worker thread, served in the order sent.
+enum Command {
+    Prefill {
+        seq: i32,
+        tokens: Vec<i32>,
+        sampling: SamplingParams,
+        reply: Reply<PrefillOutput>,
+    },
+    Export {
+        seq: i32,
+        reply: Reply<ExportedKv>,
+    },
+    Import {
+        seq: i32,
+        kv: DecodedKv,
+        reply: Reply<()>,
+    },
+    Generate {
+        seq: i32,
+        next: i32,
+        index: u32,
+        sampling: SamplingParams,
+        events: Box<dyn EventSink>,
+        reply: Reply<()>,
+    },
+    Clear {
+        seq: i32,
+        reply: Reply<()>,
+    },
+}

@@ -1,0 +1,413 @@
+//! The worker thread: creates the llama.cpp context, serves commands in order and runs the batch loop
+//! between them.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use exo_kvcache::{DecodedKv, ImportTarget, KvType, StateShape, to_single_stream};
+use exo_sampling::SamplingParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
+use llguidance::Matcher;
+use tokio::sync::mpsc;
+
+use super::batch::{Active, Pending};
+use super::{Command, ContextConfig, ExportedKv};
+use crate::constraint::advance;
+use crate::error::EngineError;
+use crate::model::Model;
+use crate::text::TextStream;
+
+fn kv_cache_type(t: KvType) -> KvCacheType {
+    match t {
+        KvType::F32 => KvCacheType::F32,
+        KvType::F16 => KvCacheType::F16,
+        KvType::Bf16 => KvCacheType::BF16,
+        KvType::Q8_0 => KvCacheType::Q8_0,
+        KvType::Q4_0 => KvCacheType::Q4_0,
+        KvType::Q4_1 => KvCacheType::Q4_1,
+        KvType::Q5_0 => KvCacheType::Q5_0,
+        KvType::Q5_1 => KvCacheType::Q5_1,
+    }
+}
+
+fn context_params(config: &ContextConfig) -> Result<LlamaContextParams, EngineError> {
+    let l = &config.layout;
+    let n_ctx = u32::try_from(l.n_ctx_total())
+        .ok()
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| {
+            EngineError::ContextCreate(format!("context size {} is out of range", l.n_ctx_total()))
+        })?;
+    if l.n_seq_max == 0 || config.n_batch == 0 {
+        return Err(EngineError::ContextCreate(
+            "n_seq_max and n_batch must be positive".into(),
+        ));
+    }
+    let threads = if config.n_threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+    } else {
+        i32::try_from(config.n_threads).unwrap_or(i32::MAX)
+    };
+    let fa = if l.flash_attn {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+    } else {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+    };
+    Ok(LlamaContextParams::default()
+        .with_n_ctx(Some(n_ctx))
+        .with_n_batch(config.n_batch)
+        .with_n_ubatch(config.n_batch)
+        .with_n_seq_max(l.n_seq_max)
+        .with_kv_unified(l.kv_unified)
+        .with_type_k(kv_cache_type(l.type_k))
+        .with_type_v(kv_cache_type(l.type_v))
+        .with_flash_attention_policy(fa)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads))
+}
+
+/// The worker: owns the context for its whole life and serves commands in order.
+pub(super) fn worker_main(
+    model: Arc<Model>,
+    config: ContextConfig,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    ready: std::sync::mpsc::Sender<Result<StateShape, EngineError>>,
+) {
+    let params = match context_params(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let created = crate::model::backend().and_then(|backend| {
+        model
+            .llama
+            .new_context(backend, params)
+            .map_err(|e| EngineError::ContextCreate(e.to_string()))
+    });
+    let ctx = match created {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut w = Worker {
+        model: &model,
+        ctx,
+        config,
+        shape: None,
+        seq_tokens: vec![Vec::new(); config.layout.n_seq_max as usize],
+        retired: false,
+        active: Vec::new(),
+        pending: std::collections::VecDeque::new(),
+    };
+    match w.calibrate() {
+        Ok(shape) => {
+            w.shape = Some(shape.clone());
+            let _ = ready.send(Ok(shape));
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    }
+    w.run(&mut rx);
+}
+
+/// The worker thread's state: the context it owns and the sequences the batch loop is running.
+pub(super) struct Worker<'m> {
+    pub(super) model: &'m Model,
+    pub(super) ctx: LlamaContext<'m>,
+    pub(super) config: ContextConfig,
+    shape: Option<StateShape>,
+    /// Tokens whose KV each sequence holds.
+    pub(super) seq_tokens: Vec<Vec<i32>>,
+    retired: bool,
+    /// Sequences generating; each step decodes one token for all of them in one batch.
+    pub(super) active: Vec<Active>,
+    /// Prompts being prefilled, one `n_batch` chunk per turn.
+    pub(super) pending: std::collections::VecDeque<Pending>,
+}
+
+impl Worker<'_> {
+    /// Serves commands until every handle is gone and no work is left.
+    fn run(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) {
+        loop {
+            // Idle: sleep until a command arrives. Generating: take whatever arrived, then one step.
+            if self.active.is_empty() && self.pending.is_empty() {
+                match rx.blocking_recv() {
+                    Some(cmd) => self.serve(cmd),
+                    None => break,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.serve(cmd),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        if self.active.is_empty() && self.pending.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            // Prompts and generating sequences take turns: one prompt chunk, then one decode step.
+            self.prefill_chunk();
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn serve(&mut self, cmd: Command) {
+        match cmd {
+            Command::Prefill {
+                seq,
+                tokens,
+                sampling,
+                reply,
+            } => {
+                let begun = self.new_matcher(&sampling).and_then(|matcher| {
+                    self.guard(|w| w.begin_prefill(seq, &tokens))
+                        .map(|slot| (slot, matcher))
+                });
+                match begun {
+                    Ok((slot, matcher)) => self.pending.push_back(Pending {
+                        seq,
+                        slot,
+                        tokens,
+                        done: 0,
+                        sampling,
+                        matcher,
+                        reply,
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Export { seq, reply } => {
+                let _ = reply.send(self.guard(|w| w.export(seq)));
+            }
+            Command::Import { seq, kv, reply } => {
+                let _ = reply.send(self.guard(|w| w.import(seq, kv)));
+            }
+            Command::Generate {
+                seq,
+                next,
+                index,
+                sampling,
+                events,
+                reply,
+            } => {
+                let matcher = self
+                    .guard(|w| w.check_generate(seq, next))
+                    .and_then(|()| self.resume_matcher(&sampling, index, next));
+                match matcher {
+                    Ok(matcher) => self.start(Active {
+                        seq,
+                        slot: seq as usize,
+                        token: next,
+                        index,
+                        text: TextStream::new(&sampling.stop),
+                        sampling,
+                        matcher,
+                        events,
+                        reply,
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::Clear { seq, reply } => {
+                let _ = reply.send(self.guard(|w| w.clear(seq)));
+            }
+        }
+    }
+
+    /// The matcher a new prompt's first token is chosen with, if the request is constrained.
+    fn new_matcher(&self, p: &SamplingParams) -> Result<Option<Matcher>, EngineError> {
+        p.constraint
+            .as_ref()
+            .map(|c| self.model.matcher(c))
+            .transpose()
+    }
+
+    /// The matcher for generation that continues after output token `next` (index `index`): a
+    /// fresh one advanced over `next`, exactly the state the node that chose `next` was in.
+    fn resume_matcher(
+        &self,
+        p: &SamplingParams,
+        index: u32,
+        next: i32,
+    ) -> Result<Option<Matcher>, EngineError> {
+        let Some(mut m) = self.new_matcher(p)? else {
+            return Ok(None);
+        };
+        if index != 0 {
+            return Err(EngineError::InvalidRequest(
+                "constrained generation can only continue from the first output token".into(),
+            ));
+        }
+        advance(&mut m, next)?;
+        Ok(Some(m))
+    }
+
+    fn guard<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if self.retired {
+            return Err(EngineError::ContextRetired);
+        }
+        f(self)
+    }
+
+    pub(super) fn slot(&self, seq: i32) -> Result<usize, EngineError> {
+        usize::try_from(seq)
+            .ok()
+            .filter(|&s| s < self.seq_tokens.len())
+            .ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "sequence {seq} is outside 0..{}",
+                    self.seq_tokens.len()
+                ))
+            })
+    }
+
+    /// Decodes one token in sequence 0, exports it and clears it: the state tells the cache's shape.
+    fn calibrate(&mut self) -> Result<StateShape, EngineError> {
+        let bos = self.model.tokenize("", true).first().copied().unwrap_or(0);
+        self.decode_tokens(0, &[bos], 0)?;
+        let raw = self.export_raw(0)?;
+        self.clear(0)?;
+        let shape = StateShape::calibrate(&raw)?;
+        tracing::debug!(
+            n_stream = shape.n_stream,
+            bytes_per_token = shape.bytes_per_token(),
+            "context calibrated"
+        );
+        Ok(shape)
+    }
+
+    fn export_raw(&self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        if size == 0 {
+            return Err(EngineError::Export(
+                "llama.cpp reports an empty state".into(),
+            ));
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(size);
+        // SAFETY: the buffer has room for `size` bytes, the size llama.cpp just reported for this
+        // sequence; nothing else touches the context in between (this thread owns it).
+        let written = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(buf.as_mut_ptr(), seq, flags)
+        };
+        if written != size {
+            return Err(EngineError::Export(format!(
+                "llama.cpp wrote {written} bytes, announced {size}"
+            )));
+        }
+        // SAFETY: llama.cpp initialised exactly `written` bytes.
+        unsafe { buf.set_len(written) };
+        Ok(buf)
+    }
+
+    fn export(&mut self, seq: i32) -> Result<ExportedKv, EngineError> {
+        let slot = self.slot(seq)?;
+        if self.seq_tokens[slot].is_empty() {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {seq} is empty"
+            )));
+        }
+        let (state, info) = to_single_stream(self.export_raw(seq)?)?;
+        let tokens = self.seq_tokens[slot].clone();
+        if info.cell_count as usize != tokens.len() {
+            return Err(EngineError::Export(format!(
+                "{} cells for {} tokens",
+                info.cell_count,
+                tokens.len()
+            )));
+        }
+        Ok(ExportedKv { state, tokens })
+    }
+
+    fn import(&mut self, seq: i32, kv: DecodedKv) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        let shape = self.shape.as_ref().ok_or(EngineError::ContextRetired)?;
+        // The decoder checked this already; the engine checks again so no caller can skip it.
+        ImportTarget {
+            fingerprint: self.model.fingerprint(),
+            layout: self.config.layout,
+        }
+        .check(&kv.header)?;
+        let tokens = kv.header.tokens;
+        if tokens.len() >= self.config.layout.n_ctx_seq as usize {
+            return Err(EngineError::InvalidRequest(
+                "state does not fit the per-sequence context".into(),
+            ));
+        }
+        self.model.check_tokens(&tokens)?;
+        shape.check(&kv.state, tokens.len())?;
+        let mut state = kv.state;
+        shape.reframe_for_import(&mut state)?;
+        self.clear(seq)?;
+        // SAFETY: `state` passed every check llama.cpp would otherwise abort on: magic, one non-empty
+        // stream re-framed to this context's stream count, one sequence id per cell, distinct positions,
+        // and layer count, types, row sizes and V transposition equal to this context's own export.
+        let ok = unsafe {
+            self.ctx
+                .state_seq_set_data_ext(&state, seq, LlamaStateSeqFlags::empty())
+        };
+        if !ok {
+            // llama.cpp #27052: after a failed restore the context may be corrupt. Never reuse it.
+            self.retired = true;
+            tracing::error!(
+                seq,
+                "llama.cpp rejected a checked KV state; retiring the context"
+            );
+            return Err(EngineError::ImportRejected);
+        }
+        self.seq_tokens[slot] = tokens;
+        Ok(())
+    }
+
+    fn check_generate(&mut self, seq: i32, next: i32) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        if self.seq_tokens[slot].is_empty() {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {seq} is empty"
+            )));
+        }
+        if self.active.iter().any(|a| a.seq == seq) {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {seq} is already generating"
+            )));
+        }
+        self.model.check_tokens(&[next])
+    }
+
+    pub(super) fn clear(&mut self, seq: i32) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        self.stop_active(seq);
+        if let Some(i) = self.pending.iter().position(|p| p.seq == seq)
+            && let Some(p) = self.pending.remove(i)
+        {
+            let msg = format!("prefill of sequence {seq} was superseded");
+            let _ = p.reply.send(Err(EngineError::InvalidRequest(msg)));
+        }
+        self.ctx
+            .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None)
+            .map_err(|e| EngineError::Decode(format!("clearing sequence {seq}: {e}")))?;
+        self.seq_tokens[slot].clear();
+        Ok(())
+    }
+}

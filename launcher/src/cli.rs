@@ -1,0 +1,164 @@
+//! The command line, as clap derive structs: what each subcommand accepts. `node` and `profile`
+//! share the engine flags ([`EngineArgs`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use exo_kvcache::{KvLayout, KvType};
+use exo_protocol::Role;
+
+/// `exo-router`.
+#[derive(Parser)]
+#[command(
+    name = "exo-router",
+    version,
+    about = "Disaggregated LLM serving across mixed machines"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible API over the cluster a profile describes.
+    Serve(ServeArgs),
+    /// Run a node daemon (one per machine) that the router connects to.
+    Node(NodeArgs),
+    /// Measure this machine (hardware and model speed) and write a profile for it.
+    Profile(ProfileArgs),
+    /// Print the placement the cost model would choose for one request, with every candidate.
+    Plan(PlanArgs),
+    /// Simulate the cluster under a workload and compare placement policies.
+    Simulate(SimulateArgs),
+}
+
+/// The model and KV cache a node runs with (`node` and `profile`).
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    /// GGUF model (every node of a cluster must run the same file).
+    #[arg(
+        long,
+        env = "EXO_MODEL",
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub model: PathBuf,
+    /// Context per sequence, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    pub n_ctx_seq: u32,
+    /// KV cache type for K and V: f16, q8_0, ... (must match the other nodes).
+    #[arg(long, default_value = "f16")]
+    pub kv_type: KvType,
+    /// Flash attention on (must match the other nodes).
+    #[arg(long)]
+    pub flash_attn: bool,
+}
+
+impl EngineArgs {
+    /// The KV layout of a context with `slots` sequence slots.
+    pub fn layout(&self, slots: u32) -> KvLayout {
+        KvLayout {
+            type_k: self.kv_type,
+            type_v: self.kv_type,
+            flash_attn: self.flash_attn,
+            kv_unified: false,
+            n_seq_max: slots,
+            n_ctx_seq: self.n_ctx_seq,
+        }
+    }
+}
+
+/// `exo-router serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Cluster profile (TOML); see docs/profiles.md.
+    #[arg(long, env = "EXO_PROFILE")]
+    pub profile: Option<PathBuf>,
+    /// HTTP listen address (overrides the profile's router.listen).
+    #[arg(long, env = "EXO_LISTEN")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `exo-router node`.
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// What this node does: prefill, decode or both.
+    #[arg(long, env = "EXO_ROLE")]
+    pub role: Role,
+    /// The model and KV cache.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// RPC listen address; port 0 picks a free port (printed on start).
+    #[arg(long, env = "EXO_NODE_LISTEN", default_value = "0.0.0.0:52416")]
+    pub listen: SocketAddr,
+    /// Node name (defaults to the host name and port).
+    #[arg(long, env = "EXO_NODE_NAME")]
+    pub name: Option<String>,
+    /// Sequence slots (concurrent requests); default 1 for prefill, 4 otherwise.
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Chunk calls in flight when shipping a KV cache.
+    #[arg(long, default_value_t = 2)]
+    pub chunks_in_flight: usize,
+    /// Serve this node's Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "EXO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `exo-router profile`.
+#[derive(clap::Args)]
+pub struct ProfileArgs {
+    /// The model and KV cache to measure with.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Write the profile here (default: print it).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Node name in the profile (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Decode slots to measure up to and to write in the profile.
+    #[arg(long, default_value_t = 8)]
+    pub slots: u32,
+    /// A short measurement (seconds instead of minutes), for tests and a first look.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// `exo-router plan`.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// Cluster profile with [nodes.perf] for every node.
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// Prompt tokens of the request.
+    #[arg(long, default_value_t = 2048)]
+    pub prompt_tokens: u64,
+    /// Output tokens of the request (default: the profile's policy.expected_output_tokens).
+    #[arg(long)]
+    pub output_tokens: Option<u64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `exo-router simulate`.
+#[derive(clap::Args)]
+pub struct SimulateArgs {
+    /// Cluster profile with [nodes.perf] for every node.
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// Workload: comma-separated key=value among requests, rate (requests/s) or concurrency,
+    /// prompt (tokens, or MIN-MAX), output (tokens, or MIN-MAX), long_every, long_tokens, seed.
+    #[arg(
+        long,
+        default_value = "requests=200,rate=1,prompt=100-400,output=64-256,long_every=0,seed=1"
+    )]
+    pub workload: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

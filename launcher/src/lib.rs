@@ -1,0 +1,135 @@
+//! exo-launcher: the `exo-router` command, which composes the router (`exo-router`, no inference
+//! engine) and the node daemon (`exo-node`, llama.cpp). This library holds what the command and the
+//! system tests share: [`start`] brings up a profile's cluster, embedded nodes and router together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use exo_engine::{EngineError, Model, ModelOptions};
+use exo_kvcache::KvLayout;
+use exo_node::{NodeOptions, SpawnError, spawn_node};
+use exo_router::cluster::ServedModel;
+use exo_router::profile::{NodeAddress, NodeSpec, Profile};
+use exo_router::{Deployment, ServeError, Server};
+use tokio::sync::watch;
+
+/// Why a cluster could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The model of the embedded nodes was not found.
+    #[error(
+        "model file {model} not found (looked in {tried}); run scripts/fetch-model or fix the profile"
+    )]
+    ModelMissing {
+        /// As written in the profile.
+        model: String,
+        /// Where it was looked for.
+        tried: String,
+    },
+    /// The engine failed to load the model.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// An embedded node failed to start.
+    #[error("embedded node {name} failed to start: {source}")]
+    Node {
+        /// Node name.
+        name: String,
+        /// What went wrong.
+        source: SpawnError,
+    },
+    /// The router failed to start.
+    #[error(transparent)]
+    Router(#[from] ServeError),
+}
+
+/// Finds the profile's model: as written (relative to the working directory), then relative to the
+/// profile's folder and that folder's parent (so `profiles/x.toml` can name `models/...`).
+pub fn resolve_model(profile: &Profile) -> Result<PathBuf, LaunchError> {
+    let m = &profile.model;
+    let mut tried = vec![m.clone()];
+    if m.is_relative()
+        && let Some(dir) = profile.path.parent()
+    {
+        tried.push(dir.join(m));
+        if let Some(up) = dir.parent() {
+            tried.push(up.join(m));
+        }
+    }
+    tried
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| LaunchError::ModelMissing {
+            model: m.display().to_string(),
+            tried: tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Starts one embedded node on a free loopback port; it stops when `stop` turns true.
+async fn start_embedded(
+    model: &Arc<Model>,
+    profile: &Profile,
+    spec: &NodeSpec,
+    stop: &watch::Sender<bool>,
+) -> Result<String, LaunchError> {
+    let options = NodeOptions {
+        name: spec.name.clone(),
+        role: spec.role,
+        layout: KvLayout {
+            n_seq_max: spec.slots,
+            ..profile.layout
+        },
+        chunks_in_flight: profile.kv.chunks_in_flight,
+    };
+    let mut stopped = stop.subscribe();
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let local: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let bound = spawn_node(Arc::clone(model), &options, local, shutdown)
+        .await
+        .map_err(|source| LaunchError::Node {
+            name: spec.name.clone(),
+            source,
+        })?;
+    tracing::info!(node = %spec.name, role = %spec.role, %bound, "embedded node started");
+    Ok(bound.to_string())
+}
+
+/// Starts the cluster a profile describes: starts the embedded nodes (if any, loading the model
+/// once for all of them), then the router, which connects to every node and serves the API on
+/// `listen`. [`Server::shutdown`] stops the embedded nodes too.
+pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, LaunchError> {
+    let (stop, _) = watch::channel(false);
+    let mut model: Option<Arc<Model>> = None;
+    let mut addrs = Vec::new();
+    for spec in &profile.nodes {
+        let addr = match &spec.address {
+            NodeAddress::Remote(a) => a.clone(),
+            NodeAddress::Embedded => {
+                let loaded = match &model {
+                    Some(m) => Arc::clone(m),
+                    None => Model::load(&resolve_model(profile)?, &ModelOptions::default())?,
+                };
+                let addr = start_embedded(&loaded, profile, spec, &stop).await?;
+                model = Some(loaded);
+                addr
+            }
+        };
+        addrs.push(addr);
+    }
+    let deployment = Deployment {
+        profile,
+        addrs,
+        model: model.map(|m| ServedModel {
+            id: m.name(),
+            fingerprint: m.fingerprint(),
+        }),
+    };
+    Ok(Server::start(deployment, listen, stop).await?)
+}

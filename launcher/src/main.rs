@@ -1,0 +1,253 @@
+//! The `exo-router` command line: `serve` the API over a cluster, run a `node` daemon, `profile` a
+//! machine, `plan` one request's placement, or `simulate` a workload.
+
+mod cli;
+mod output;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use exo_engine::{Model, ModelOptions};
+use exo_node::measure::MeasurePlan;
+use exo_node::{NodeOptions, spawn_node};
+use exo_router::placement::{PlacementMode, RequestShape};
+use exo_router::profile::{NodeAddress, Profile};
+use exo_router::simulate::Workload;
+
+use cli::{Cli, Command, NodeArgs, PlanArgs, ProfileArgs, ServeArgs, SimulateArgs};
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama-cpp-2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Command::Serve(args) = &cli.command {
+        spin_openmp_for_embedded_nodes(args)?;
+    }
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Node(args) => rt.block_on(node(args)),
+        Command::Profile(args) => rt.block_on(profile(args)),
+        Command::Plan(args) => plan(&args),
+        Command::Simulate(args) => simulate(&args),
+    }
+}
+
+fn load_model(path: &Path) -> Result<Arc<Model>> {
+    Model::load(path, &ModelOptions::default()).with_context(|| {
+        format!(
+            "loading {} (scripts/fetch-model puts the default model in place)",
+            path.display()
+        )
+    })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+async fn profile(args: ProfileArgs) -> Result<()> {
+    let model = load_model(&args.engine.model)?;
+    anyhow::ensure!(
+        (1..=256).contains(&args.slots),
+        "--slots must be within 1..=256"
+    );
+    let layout = args.engine.layout(args.slots);
+    eprintln!("[1/2] hardware");
+    let hardware = exo_node::hardware::probe();
+    for line in hardware.summary() {
+        eprintln!("      {line}");
+    }
+    let plan = MeasurePlan::for_slots(args.quick, args.slots);
+    eprintln!("[2/2] model {} (this takes a while)", model.name());
+    let started = std::time::Instant::now();
+    let measured = exo_node::measure::measure(Arc::clone(&model), layout, &plan, |line| {
+        eprintln!("      [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+    })
+    .await?;
+    let name = args.name.unwrap_or_else(host_name);
+    let text = exo_node::hardware::node_profile_toml(
+        &args.engine.model,
+        &name,
+        layout,
+        &hardware,
+        &measured,
+    )?;
+    match args.out {
+        Some(path) => {
+            std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("profile written to {}", path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+fn load_costed(path: &Path) -> Result<Profile> {
+    let profile = Profile::load(path)?;
+    anyhow::ensure!(
+        profile.has_cost_model(),
+        "profile {} has no cost model: every node needs [nodes.perf] and [policy] needs kv_bytes_per_token (see docs/profiles.md)",
+        path.display()
+    );
+    Ok(profile)
+}
+
+fn plan(args: &PlanArgs) -> Result<()> {
+    let profile = load_costed(&args.profile)?;
+    let shape = RequestShape {
+        prompt_tokens: args.prompt_tokens.max(1),
+        output_tokens: args
+            .output_tokens
+            .unwrap_or(profile.policy.expected_output_tokens)
+            .max(1),
+    };
+    let plan = profile
+        .cost_model(profile.placement)
+        .plan(&profile.idle_views(), shape);
+    if args.json {
+        println!("{}", output::plan_json(&profile, shape, &plan)?);
+    } else {
+        output::plan_table(&profile, shape, &plan);
+    }
+    Ok(())
+}
+
+fn simulate(args: &SimulateArgs) -> Result<()> {
+    let profile = load_costed(&args.profile)?;
+    let workload: Workload = args.workload.parse()?;
+    let reports = PlacementMode::ALL
+        .into_iter()
+        .map(|mode| exo_router::simulate::simulate(&profile, &workload, mode))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        output::simulate_table(&profile, &args.workload, &reports);
+    }
+    Ok(())
+}
+
+/// Environment variable that marks a process already restarted with OpenMP set up.
+const OPENMP_SET: &str = "EXO_OPENMP_SET";
+
+/// Several llama.cpp contexts in one process (embedded nodes) make libgomp stop spin-waiting
+/// between parallel regions, which doubles the decode step on a small machine (docs/placement.md
+/// measures it). libgomp reads `OMP_WAIT_POLICY` once, when it is loaded, so this process is
+/// started again with `OMP_WAIT_POLICY=active`, unless the user set the variable themselves.
+#[cfg(unix)]
+fn spin_openmp_for_embedded_nodes(args: &ServeArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os(OPENMP_SET).is_some() {
+        return Ok(());
+    }
+    let path = args
+        .profile
+        .clone()
+        .unwrap_or_else(|| exo_router::default_profile().to_path_buf());
+    // A profile that does not load is reported by `serve` itself.
+    let Ok(profile) = Profile::load(&path) else {
+        return Ok(());
+    };
+    let embedded = profile
+        .nodes
+        .iter()
+        .filter(|n| n.address == NodeAddress::Embedded)
+        .count();
+    if embedded < 2 {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("finding this executable to restart it")?;
+    tracing::debug!("restarting with OMP_WAIT_POLICY=active for {embedded} embedded nodes");
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("OMP_WAIT_POLICY", "active")
+        .env(OPENMP_SET, "1")
+        .exec();
+    // `exec` only returns on failure; serve anyway, just slower.
+    tracing::warn!(error = %err, "could not restart with OMP_WAIT_POLICY=active");
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn spin_openmp_for_embedded_nodes(_args: &ServeArgs) -> Result<()> {
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let path = args
+        .profile
+        .unwrap_or_else(|| exo_router::default_profile().to_path_buf());
+    let profile = Profile::load(&path)?;
+    let listen = args.listen.unwrap_or(profile.listen);
+    let server = exo_launcher::start(&profile, listen).await?;
+    println!(
+        "exo-router serving {} (profile {}), listening on http://{}",
+        server.cluster.model_id(),
+        path.display(),
+        server.addr
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    eprintln!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Serves this node's Prometheus metrics at `http://addr/metrics`.
+async fn serve_node_metrics(addr: std::net::SocketAddr) -> Result<()> {
+    exo_router::metrics::handle();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics listener {addr}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async { exo_router::metrics::render() }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    eprintln!("metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+async fn node(args: NodeArgs) -> Result<()> {
+    let model = load_model(&args.engine.model)?;
+    let slots = args.slots.unwrap_or(args.role.default_slots());
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("{}-{}", host_name(), args.listen.port()));
+    let options = NodeOptions {
+        name: name.clone(),
+        role: args.role,
+        layout: args.engine.layout(slots),
+        chunks_in_flight: args.chunks_in_flight,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let bound = spawn_node(Arc::clone(&model), &options, args.listen, async move {
+        let _ = stop_rx.await;
+    })
+    .await?;
+    if let Some(addr) = args.metrics_listen {
+        serve_node_metrics(addr).await?;
+    }
+    println!(
+        "exo-router node {name} ({}) listening on {bound}",
+        args.role
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    let _ = stop_tx.send(());
+    Ok(())
+}

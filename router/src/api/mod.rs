@@ -1,0 +1,221 @@
+//! The OpenAI-compatible HTTP API (axum): routes, request parsing ([`openai`]), the one error ->
+//! status map ([`error`]), tool-call shaping ([`shape`]), typed response bodies ([`response`]) and
+//! server-sent events ([`sse`]).
+//!
+//! Each request gets its id here, once: it is the response `id`, the `request` field of every log
+//! line about it, and the id of every RPC the request makes.
+
+pub mod error;
+pub mod openai;
+pub mod response;
+pub mod shape;
+pub mod sse;
+pub mod toolcall;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use exo_protocol::{ChatPrompt, Prompt};
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use crate::cluster::Cluster;
+use crate::generation::Generation;
+use crate::placement::RequestShape;
+use error::ApiError;
+use openai::{ChatRequest, CommonParams, CompletionRequest, Tools};
+use response::{Completion, Endpoint, Health, ModelList, NodeHealth, ResponseMeta, Usage};
+use shape::Shaper;
+
+/// Header naming the node that ran the prompt.
+pub const PREFILL_HEADER: &str = "x-exo-prefill-node";
+/// Header naming the node that generated.
+pub const DECODE_HEADER: &str = "x-exo-decode-node";
+
+/// The HTTP routes over a cluster.
+pub fn router(cluster: Arc<Cluster>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .with_state(cluster)
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
+        message: format!("invalid request body: {e}"),
+        param: None,
+        code: None,
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What one API call asks for, parsed and checked.
+struct Call {
+    endpoint: Endpoint,
+    prompt: Prompt,
+    params: CommonParams,
+    tools: Option<Tools>,
+}
+
+async fn chat(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
+    let call = || -> Result<Call, ApiError> {
+        let req: ChatRequest = parse(&body)?;
+        let tools = req.tools()?;
+        let prompt = ChatPrompt {
+            turns: req.turns()?,
+            tools: tools.as_ref().and_then(Tools::prompt_json),
+        };
+        Ok(Call {
+            endpoint: Endpoint::Chat,
+            prompt: Prompt::Chat(prompt),
+            params: req.params,
+            tools,
+        })
+    };
+    counted("chat", answer(&cluster, call()).await)
+}
+
+async fn completions(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
+    let call = || -> Result<Call, ApiError> {
+        let req: CompletionRequest = parse(&body)?;
+        if req.params.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::bad("tools", "tools are for /v1/chat/completions"));
+        }
+        Ok(Call {
+            endpoint: Endpoint::Completion,
+            prompt: Prompt::Text(req.prompt_text()?),
+            params: req.params,
+            tools: None,
+        })
+    };
+    counted("completions", answer(&cluster, call()).await)
+}
+
+fn counted(endpoint: &'static str, response: Response) -> Response {
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("exo_requests_total", "endpoint" => endpoint, "status" => status)
+        .increment(1);
+    response
+}
+
+/// Runs a parsed call under a new request id and answers it (errors become their status).
+async fn answer(cluster: &Arc<Cluster>, call: Result<Call, ApiError>) -> Response {
+    let id = cluster.next_id();
+    let span = tracing::info_span!("request", request = %id);
+    let run = async { serve(cluster, id, call?).await };
+    run.instrument(span)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn serve(
+    cluster: &Arc<Cluster>,
+    id: exo_protocol::RequestId,
+    call: Call,
+) -> Result<Response, ApiError> {
+    let Call {
+        endpoint,
+        prompt,
+        params,
+        tools,
+    } = call;
+    let model = cluster.model_id();
+    let mut sampling = params.sampling(&model, id.0)?;
+    if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
+        if sampling.constraint.is_some() {
+            return Err(ApiError::bad(
+                "response_format",
+                "response_format cannot be combined with a required tool call",
+            ));
+        }
+        sampling.constraint = Some(c);
+    }
+    let mut generation = Generation::start(cluster, id, prompt, sampling).await?;
+    let meta = ResponseMeta {
+        endpoint,
+        id,
+        created: now(),
+        model,
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        (PREFILL_HEADER, generation.prefill_node()),
+        (DECODE_HEADER, generation.decode_node()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    }
+    let shaper = Shaper::new(meta.clone(), tools);
+    if params.stream {
+        let events = sse::events(meta, params.include_usage(), generation, shaper);
+        let sse = Sse::new(events).keep_alive(KeepAlive::default());
+        return Ok((headers, sse).into_response());
+    }
+    let (text, finish) = generation.collect().await?;
+    let (reply, finish) = shaper.whole(text, finish);
+    let usage = Usage::new(generation.prompt_tokens, generation.completion_tokens);
+    let body = Completion::new(&meta, reply, finish, usage);
+    Ok((StatusCode::OK, headers, Json(body)).into_response())
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+async fn models(State(cluster): State<Arc<Cluster>>) -> Json<ModelList> {
+    Json(ModelList::one(cluster.model_id()))
+}
+
+async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
+    let nodes = cluster
+        .nodes()
+        .iter()
+        .map(|n| NodeHealth {
+            name: n.name().to_string(),
+            role: n.spec.role,
+            address: n.addr.clone(),
+            healthy: n.healthy(),
+            in_flight: n.in_flight(),
+        })
+        .collect();
+    // Healthy when a request could be placed right now.
+    let probe = RequestShape {
+        prompt_tokens: 1,
+        output_tokens: 1,
+    };
+    let ok = cluster.choose(probe).is_ok();
+    let (status, word) = if ok {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    let body = Health {
+        status: word,
+        model: cluster.model_id(),
+        nodes,
+    };
+    (status, Json(body)).into_response()
+}

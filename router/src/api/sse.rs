@@ -1,0 +1,63 @@
+//! Server-sent events of one generation: frames the shaped [`ReplyEvent`]s as OpenAI chunks, then
+//! the usage chunk (when asked for) and `[DONE]`. Dropping the stream (the client went away) drops
+//! the [`Generation`], which cancels the request on its decode node.
+
+use std::convert::Infallible;
+
+use axum::response::sse::Event;
+use futures::{Stream, StreamExt};
+
+use crate::api::response::{Chunk, Delta, Endpoint, ResponseMeta, Usage};
+use crate::api::shape::{ReplyEvent, Shaper};
+use crate::generation::Generation;
+
+fn data(chunk: &impl serde::Serialize) -> Event {
+    Event::default().data(serde_json::to_string(chunk).unwrap_or_default())
+}
+
+fn frame(meta: &ResponseMeta, event: ReplyEvent) -> Event {
+    let chunk = match event {
+        ReplyEvent::Content(text) => Chunk::new(meta, Delta::content(text), None),
+        ReplyEvent::CallBegin { index, id, name } => {
+            Chunk::new(meta, Delta::call_begin(index, id, name), None)
+        }
+        ReplyEvent::CallArgs { index, text } => {
+            Chunk::new(meta, Delta::call_args(index, text), None)
+        }
+        ReplyEvent::Finish(f) => Chunk::new(meta, Delta::default(), Some(f)),
+    };
+    data(&chunk)
+}
+
+/// The events of one streamed response.
+pub fn events(
+    meta: ResponseMeta,
+    include_usage: bool,
+    generation: Generation,
+    shaper: Shaper,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let role =
+        (meta.endpoint == Endpoint::Chat).then(|| data(&Chunk::new(&meta, Delta::role(), None)));
+    let body = futures::stream::unfold(Some((meta, generation, shaper)), move |state| async move {
+        let (meta, mut generation, mut shaper) = state?;
+        let events = match generation.next().await {
+            Some(Ok(delta)) => {
+                let events = shaper.push(delta).into_iter().map(|e| frame(&meta, e));
+                return Some((events.collect(), Some((meta, generation, shaper))));
+            }
+            Some(Err(e)) => vec![data(&e.body())],
+            None => {
+                let usage = Usage::new(generation.prompt_tokens, generation.completion_tokens);
+                let usage = include_usage.then(|| data(&Chunk::usage(&meta, usage)));
+                usage
+                    .into_iter()
+                    .chain([Event::default().data("[DONE]")])
+                    .collect()
+            }
+        };
+        Some((events, None))
+    });
+    futures::stream::iter(role)
+        .chain(body.flat_map(|events: Vec<Event>| futures::stream::iter(events)))
+        .map(Ok)
+}

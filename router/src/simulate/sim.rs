@@ -1,0 +1,401 @@
+//! The event loop of the simulation: nodes as workers taking turns, requests as they travel.
+
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+
+use exo_kvcache::Codec;
+
+use super::{Arrival, Workload};
+use crate::placement::cost_model::PREFILL_CHUNK;
+use crate::placement::{NodeLoad, NodeView, PlacementMode, Placer, RequestShape};
+use crate::profile::Profile;
+use exo_protocol::NodePerf;
+
+/// One request of the workload and what became of it.
+#[derive(Debug, Clone)]
+pub(super) struct Req {
+    pub(super) prompt: u64,
+    pub(super) output: u64,
+    pub(super) long: bool,
+    pub(super) arrival: f64,
+    pub(super) prefill: usize,
+    pub(super) decode: usize,
+    pub(super) codec: Codec,
+    pub(super) first_token: Option<f64>,
+    pub(super) finished: Option<f64>,
+    pub(super) generated: u64,
+}
+
+/// Work for a node's worker.
+#[derive(Debug)]
+enum Job {
+    /// Import a cache, then generate.
+    Import(usize),
+    /// Export a finished prompt's cache.
+    Export(usize),
+}
+
+#[derive(Debug, Default)]
+struct SimNode {
+    slots: usize,
+    /// Slots held.
+    used: usize,
+    /// Requests waiting for a slot to start their prompt (FIFO).
+    prompt_wait: VecDeque<usize>,
+    /// Requests whose cache arrived and wait for a decode slot (FIFO).
+    import_wait: VecDeque<usize>,
+    /// Prompts being prefilled: (request, tokens done).
+    prefilling: VecDeque<(usize, u64)>,
+    jobs: VecDeque<Job>,
+    /// Sequences generating.
+    active: Vec<usize>,
+    busy: bool,
+    load: NodeLoad,
+}
+
+impl SimNode {
+    /// Prompts take free slots first come, first served; so do arrived caches (first).
+    fn take_slots(&mut self) {
+        while self.used < self.slots {
+            if let Some(r) = self.import_wait.pop_front() {
+                self.used += 1;
+                self.jobs.push_back(Job::Import(r));
+            } else if let Some(r) = self.prompt_wait.pop_front() {
+                self.used += 1;
+                self.prefilling.push_back((r, 0));
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Event {
+    Arrive(usize),
+    /// A worker turn ends.
+    TurnDone {
+        node: usize,
+        chunk: Option<(usize, u64)>,
+        stepped: Vec<usize>,
+    },
+    /// A cache reaches its decode node.
+    Delivered(usize),
+}
+
+/// An event at a time; the heap pops the earliest, ties in insertion order.
+struct Timed(f64, u64, Event);
+
+impl PartialEq for Timed {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0 && self.1 == o.1
+    }
+}
+impl Eq for Timed {}
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Timed {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.total_cmp(&self.0).then(o.1.cmp(&self.1))
+    }
+}
+
+/// The simulated cluster: its nodes, the requests, and the events still to happen.
+pub(super) struct Sim<'a> {
+    pub(super) profile: &'a Profile,
+    perf: Vec<&'a NodePerf>,
+    pub(super) mode: PlacementMode,
+    placer: Box<dyn Placer>,
+    nodes: Vec<SimNode>,
+    pub(super) reqs: Vec<Req>,
+    events: BinaryHeap<Timed>,
+    seq: u64,
+    now: f64,
+    /// When each directed link is free again.
+    link_free: BTreeMap<(usize, usize), f64>,
+    pub(super) unplaced: usize,
+    workload: Workload,
+    issued: usize,
+}
+
+impl<'a> Sim<'a> {
+    /// A cluster of `profile`'s nodes (every one with a perf table) about to serve `reqs`, placed
+    /// by `placer`.
+    pub(super) fn new(
+        profile: &'a Profile,
+        workload: &Workload,
+        mode: PlacementMode,
+        placer: Box<dyn Placer>,
+        reqs: Vec<Req>,
+    ) -> Self {
+        Sim {
+            profile,
+            perf: profile
+                .nodes
+                .iter()
+                .filter_map(|n| n.perf.as_ref())
+                .collect(),
+            mode,
+            placer,
+            nodes: profile
+                .nodes
+                .iter()
+                .map(|n| SimNode {
+                    slots: n.slots.max(1) as usize,
+                    ..SimNode::default()
+                })
+                .collect(),
+            reqs,
+            events: BinaryHeap::new(),
+            seq: 0,
+            now: 0.0,
+            link_free: BTreeMap::new(),
+            unplaced: 0,
+            workload: workload.clone(),
+            issued: 0,
+        }
+    }
+
+    /// Issues the workload's arrivals and runs every event to the end.
+    pub(super) fn run(&mut self) {
+        match self.workload.arrival {
+            Arrival::Rate(_) => {
+                for r in 0..self.reqs.len() {
+                    let at = self.reqs[r].arrival;
+                    self.at(at, Event::Arrive(r));
+                }
+                self.issued = self.reqs.len();
+            }
+            Arrival::Concurrency(c) => {
+                for _ in 0..c.min(self.reqs.len()) {
+                    self.next_closed_loop();
+                }
+            }
+        }
+        while let Some(Timed(t, _, e)) = self.events.pop() {
+            self.now = t;
+            match e {
+                Event::Arrive(r) => self.arrive(r),
+                Event::TurnDone {
+                    node,
+                    chunk,
+                    stepped,
+                } => self.turn_done(node, chunk, stepped),
+                Event::Delivered(r) => self.delivered(r),
+            }
+        }
+    }
+
+    fn at(&mut self, t: f64, e: Event) {
+        self.seq += 1;
+        self.events.push(Timed(t, self.seq, e));
+    }
+
+    fn bytes(&self, r: usize) -> f64 {
+        self.reqs[r].prompt as f64 * self.profile.policy.kv_bytes_per_token
+    }
+
+    fn views(&self) -> Vec<NodeView<'_>> {
+        self.profile
+            .nodes
+            .iter()
+            .zip(&self.nodes)
+            .zip(&self.perf)
+            .enumerate()
+            .map(|(id, ((spec, n), perf))| NodeView {
+                id,
+                role: spec.role,
+                slots: spec.slots,
+                perf: Some(perf),
+                load: n.load,
+                in_flight: 0,
+            })
+            .collect()
+    }
+
+    fn place(&mut self, r: usize) -> bool {
+        let shape = RequestShape {
+            prompt_tokens: self.reqs[r].prompt,
+            output_tokens: self.reqs[r].output,
+        };
+        let views = self.views();
+        let chosen = self
+            .placer
+            .choose(&views, shape)
+            .map(|c| (c.prefill, c.decode, c.codec.unwrap_or(Codec::None)));
+        let Some((p, d, codec)) = chosen else {
+            return false;
+        };
+        let req = &mut self.reqs[r];
+        req.prefill = p;
+        req.decode = d;
+        req.codec = codec;
+        self.nodes[p].load.prefill_backlog += req.prompt;
+        self.nodes[d].load.decoding += 1;
+        self.nodes[d].load.decode_ctx += req.prompt;
+        self.nodes[p].prompt_wait.push_back(r);
+        true
+    }
+
+    fn arrive(&mut self, r: usize) {
+        self.reqs[r].arrival = self.now;
+        if self.place(r) {
+            let p = self.reqs[r].prefill;
+            self.kick(p);
+        } else {
+            self.unplaced += 1;
+            self.next_closed_loop();
+        }
+    }
+
+    fn next_closed_loop(&mut self) {
+        if let Arrival::Concurrency(_) = self.workload.arrival
+            && self.issued < self.reqs.len()
+        {
+            let r = self.issued;
+            self.issued += 1;
+            self.at(self.now, Event::Arrive(r));
+        }
+    }
+
+    /// Starts the node's next turn if it is idle and has work.
+    fn kick(&mut self, n: usize) {
+        if self.nodes[n].busy {
+            return;
+        }
+        self.nodes[n].take_slots();
+        let perf = self.perf[n];
+        let kv_bytes =
+            |r: usize| self.reqs[r].prompt as f64 * self.profile.policy.kv_bytes_per_token;
+        let node = &mut self.nodes[n];
+        let jobs_done: Vec<Job> = node.jobs.drain(..).collect();
+        let mut took: f64 = jobs_done
+            .iter()
+            .map(|job| match *job {
+                Job::Import(r) => kv_bytes(r) / (perf.kv_import_gb_s * 1e9),
+                Job::Export(r) => kv_bytes(r) / (perf.kv_export_gb_s * 1e9),
+            })
+            .sum();
+        let chunk = node.prefilling.pop_front().map(|(r, done)| {
+            let total = self.reqs[r].prompt;
+            let len = (total - done).min(u64::from(PREFILL_CHUNK));
+            // Per-token speed at the prompt's full length, as the prefill table measures it.
+            took += perf.prefill_s(total) * len as f64 / total as f64;
+            (r, done + len)
+        });
+        let stepped = node.active.clone();
+        if !stepped.is_empty() {
+            let ctx: u64 = stepped
+                .iter()
+                .map(|&r| self.reqs[r].prompt + self.reqs[r].generated)
+                .sum();
+            let batch = stepped.len() as u32;
+            took += perf.step_s(batch, ctx as f64 / f64::from(batch));
+        }
+        if took == 0.0 && chunk.is_none() && stepped.is_empty() && jobs_done.is_empty() {
+            return;
+        }
+        node.busy = true;
+        // Imports and exports take effect at the start of the turn's compute: close enough.
+        for job in jobs_done {
+            match job {
+                Job::Import(r) => self.nodes[n].active.push(r),
+                Job::Export(r) => {
+                    self.nodes[n].used -= 1;
+                    let at = self.ship(n, r);
+                    self.at(at, Event::Delivered(r));
+                }
+            }
+        }
+        let t = self.now + took;
+        self.at(
+            t,
+            Event::TurnDone {
+                node: n,
+                chunk,
+                stepped,
+            },
+        );
+    }
+
+    /// Sends request `r`'s exported cache from node `n` to its decode node, one transfer at a time
+    /// per link direction; returns when it arrives.
+    fn ship(&mut self, n: usize, r: usize) -> f64 {
+        let d = self.reqs[r].decode;
+        let bytes = self.reqs[r].prompt as f64 * self.profile.policy.kv_bytes_per_token;
+        let link = self.profile.link(n, d);
+        let move_s = crate::placement::cost_model::transfer_s(
+            bytes,
+            self.perf[n],
+            self.perf[d],
+            &link,
+            self.reqs[r].codec,
+        )
+        .unwrap_or(f64::INFINITY);
+        // Import is a job on the decode node; the link carries the rest.
+        let wire = move_s - bytes / (self.perf[d].kv_import_gb_s * 1e9)
+            + self.profile.policy.handoff_overhead_s;
+        let start = self.now.max(*self.link_free.get(&(n, d)).unwrap_or(&0.0));
+        self.link_free.insert((n, d), start + wire);
+        start + wire
+    }
+
+    fn turn_done(&mut self, n: usize, chunk: Option<(usize, u64)>, stepped: Vec<usize>) {
+        self.nodes[n].busy = false;
+        if let Some((r, done)) = chunk {
+            if done < self.reqs[r].prompt {
+                self.nodes[n].prefilling.push_back((r, done));
+            } else {
+                self.prompt_done(n, r);
+            }
+        }
+        for r in stepped {
+            let req = &mut self.reqs[r];
+            req.generated += 1;
+            if req.generated >= req.output {
+                req.finished = Some(self.now);
+                let node = &mut self.nodes[n];
+                node.active.retain(|&x| x != r);
+                node.used -= 1;
+                node.load.decoding -= 1;
+                node.load.decode_ctx -= req.prompt;
+                self.next_closed_loop();
+            }
+        }
+        self.kick(n);
+    }
+
+    fn prompt_done(&mut self, n: usize, r: usize) {
+        self.nodes[n].load.prefill_backlog -= self.reqs[r].prompt;
+        let req = &mut self.reqs[r];
+        req.generated = 1;
+        if req.output <= 1 {
+            req.first_token = Some(self.now);
+            req.finished = Some(self.now);
+            let d = req.decode;
+            let node = &mut self.nodes[n];
+            node.used -= 1;
+            self.nodes[d].load.decoding -= 1;
+            self.nodes[d].load.decode_ctx -= self.reqs[r].prompt;
+            self.next_closed_loop();
+            return;
+        }
+        if req.decode == n {
+            req.first_token = Some(self.now);
+            self.nodes[n].active.push(r);
+        } else {
+            // The first token reaches the client once the cache is exported.
+            let export = self.bytes(r) / (self.perf[n].kv_export_gb_s * 1e9);
+            self.reqs[r].first_token = Some(self.now + export);
+            self.nodes[n].jobs.push_back(Job::Export(r));
+        }
+    }
+
+    fn delivered(&mut self, r: usize) {
+        let d = self.reqs[r].decode;
+        self.nodes[d].import_wait.push_back(r);
+        self.kick(d);
+    }
+}
