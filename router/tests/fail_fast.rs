@@ -1,0 +1,181 @@
+//! The router against stand-in nodes (real tarpc over real TCP, no llama.cpp): when the decode
+//! node dies while a split request's prompt runs, the request fails at once with 503 and the
+//! prefill call is cancelled on the prefill node, instead of waiting for the prompt to end (up to
+//! the 600 s prefill deadline).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use exo_protocol::{
+    HardwareFacts, KvBegin, KvFrame, KvLayout, KvType, ModelFingerprint, NodeError, NodeInfo,
+    NodeService, PollReply, PrefillReply, PrefillRequest, RequestId, Role,
+};
+use exo_router::profile::Profile;
+use exo_router::{Deployment, Server};
+use futures::StreamExt;
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot, watch};
+
+/// What the test sees of a stand-in node.
+#[derive(Default)]
+struct Signals {
+    /// `hello` hangs instead of answering (health checks answer until this is set).
+    hang_hello: AtomicBool,
+    /// A prefill call arrived.
+    prefill_started: Notify,
+    /// A prefill call's handler was dropped before it answered (the call was cancelled).
+    prefill_cancelled: AtomicBool,
+}
+
+/// A node that answers `hello` and never finishes a prompt.
+#[derive(Clone)]
+struct StandIn {
+    info: NodeInfo,
+    signals: Arc<Signals>,
+}
+
+/// Marks the prefill cancelled when dropped unanswered.
+struct Unanswered(Arc<Signals>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.prefill_cancelled.store(true, Ordering::SeqCst);
+    }
+}
+
+impl NodeService for StandIn {
+    async fn hello(self, _: Context) -> NodeInfo {
+        if self.signals.hang_hello.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.info.clone()
+    }
+
+    async fn prefill(self, _: Context, _: PrefillRequest) -> Result<PrefillReply, NodeError> {
+        let _guard = Unanswered(Arc::clone(&self.signals));
+        self.signals.prefill_started.notify_one();
+        std::future::pending().await
+    }
+
+    async fn kv_begin(self, _: Context, _: KvBegin) -> Result<(), NodeError> {
+        Err(NodeError::Busy)
+    }
+
+    async fn kv_chunk(self, _: Context, _: KvFrame) -> Result<(), NodeError> {
+        Err(NodeError::Busy)
+    }
+
+    async fn poll(self, _: Context, _: RequestId, _: u32) -> Result<PollReply, NodeError> {
+        std::future::pending().await
+    }
+
+    async fn cancel(self, _: Context, _: RequestId) {}
+}
+
+/// Serves a stand-in with `role` on a free port until `stop` fires (then its connections close).
+async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<Signals>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let layout = KvLayout {
+        type_k: KvType::F16,
+        type_v: KvType::F16,
+        flash_attn: false,
+        kv_unified: false,
+        n_seq_max: 4,
+        n_ctx_seq: 4096,
+    };
+    let signals = Arc::new(Signals::default());
+    let node = StandIn {
+        info: NodeInfo {
+            name: format!("{role}"),
+            role,
+            model: "stand-in".into(),
+            fingerprint: ModelFingerprint([7; 32]),
+            layout,
+            hardware: HardwareFacts::default(),
+            version: "test".into(),
+        },
+        signals: Arc::clone(&signals),
+    };
+    let shutdown = async move {
+        let _ = stop.await;
+    };
+    tokio::spawn(exo_protocol::serve(listener, shutdown, move |transport| {
+        let node = node.clone();
+        async move {
+            BaseChannel::with_defaults(transport)
+                .execute(node.serve())
+                .for_each(|response| async move {
+                    tokio::spawn(response);
+                })
+                .await;
+        }
+    }));
+    (addr, signals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_prefill() {
+    let (_keep_prefill, prefill_stop) = oneshot::channel();
+    let (kill_decode, decode_stop) = oneshot::channel();
+    let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
+    let (d_addr, decode) = stand_in(Role::Decode, decode_stop).await;
+    let text = format!(
+        "model = \"m.gguf\"\nplacement = \"disaggregated\"\n\
+         [[nodes]]\nname = \"p\"\naddress = \"{p_addr}\"\nrole = \"prefill\"\n\
+         [[nodes]]\nname = \"d\"\naddress = \"{d_addr}\"\nrole = \"decode\"\n"
+    );
+    let profile = Profile::parse(&text, Path::new("fail-fast.toml")).unwrap();
+    let deployment = Deployment {
+        profile: &profile,
+        addrs: vec![p_addr.to_string(), d_addr.to_string()],
+        model: None,
+    };
+    let (stop, _) = watch::channel(false);
+    let server = Server::start(deployment, SocketAddr::from(([127, 0, 0, 1], 0)), stop)
+        .await
+        .unwrap();
+    assert!(server.cluster.nodes().iter().all(|n| n.healthy()));
+
+    // From now on the decode node's `hello` (the router's liveness ping) hangs; the node dies
+    // while the prompt runs, with the ping outstanding.
+    decode.hang_hello.store(true, Ordering::SeqCst);
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let request = tokio::spawn(async move {
+        let body = serde_json::json!({
+            "model": "stand-in",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "stream": true
+        });
+        reqwest::Client::new().post(url).json(&body).send().await
+    });
+    prefill.prefill_started.notified().await;
+    let _ = kill_decode.send(());
+
+    // Generous: without fail-fast legs the answer would wait for the prompt, which never ends.
+    let answer = tokio::time::timeout(Duration::from_secs(60), request)
+        .await
+        .expect("the request must fail once the decode node is gone, not wait for the prompt")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 503);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
+
+    // The abandoned prefill call is cancelled on the prefill node.
+    for _ in 0..100 {
+        if prefill.prefill_cancelled.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(prefill.prefill_cancelled.load(Ordering::SeqCst));
+    server.shutdown().await;
+}
