@@ -149,12 +149,6 @@ impl Generation {
             sampling,
             handoff,
         };
-        tracing::debug!(
-            %id,
-            prefill = placement.prefill.name(),
-            decode = placement.decode.name(),
-            "placed"
-        );
         let reply = run_prefill(&placement, &prefill_client, &decode_client, request).await;
         placement.prefill_load = None;
         let reply = reply?;
