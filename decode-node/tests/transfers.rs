@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exo_decode_node::{DecodeNode, DecodeTimeouts};
-use exo_engine::{ContextConfig, ContextHandle};
 use exo_kvcache::{Codec, DecodeLimits, KvEncoder, KvLayout};
 use exo_protocol::{FinishReason, KvBegin, KvFrame, NodeError, RequestId, SamplingParams};
 
-use exo_test_support::model;
+use exo_test_support::{context, model};
 
 async fn collect(node: &DecodeNode, id: u64) -> Result<(String, FinishReason), NodeError> {
     let mut text = String::new();
@@ -31,25 +30,11 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         n_seq_max: 2,
         ..KvLayout::default()
     };
-    let src = ContextHandle::spawn(
-        model.clone(),
-        ContextConfig {
-            layout: KvLayout {
-                n_seq_max: 1,
-                ..layout
-            },
-            ..ContextConfig::default()
-        },
-    )
-    .unwrap();
-    let dst = ContextHandle::spawn(
-        model.clone(),
-        ContextConfig {
-            layout,
-            ..ContextConfig::default()
-        },
-    )
-    .unwrap();
+    let src = context(KvLayout {
+        n_seq_max: 1,
+        ..layout
+    });
+    let dst = context(layout);
     let node = DecodeNode::new(
         "test",
         dst,

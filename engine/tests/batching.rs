@@ -3,11 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use exo_engine::{ContextConfig, ContextHandle};
 use exo_kvcache::KvLayout;
 use exo_sampling::SamplingParams;
 
-use exo_test_support::model;
+use exo_test_support::{context, model};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_generation_equals_solo_generation() {
@@ -17,14 +16,7 @@ async fn batched_generation_equals_solo_generation() {
         n_ctx_seq: 512,
         ..KvLayout::default()
     };
-    let ctx = ContextHandle::spawn(
-        model.clone(),
-        ContextConfig {
-            layout,
-            ..ContextConfig::default()
-        },
-    )
-    .unwrap();
+    let ctx = context(layout);
     let topics = [
         "rivers",
         "volcanoes",
@@ -117,14 +109,7 @@ async fn prompts_take_turns_and_keep_their_results() {
         n_ctx_seq: 4096,
         ..KvLayout::default()
     };
-    let ctx = ContextHandle::spawn(
-        model.clone(),
-        ContextConfig {
-            layout,
-            ..ContextConfig::default()
-        },
-    )
-    .unwrap();
+    let ctx = context(layout);
     let long = model.tokenize(
         &"The lighthouse keeper logged the weather at dawn and at dusk. ".repeat(140),
         true,

@@ -5,7 +5,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use exo_engine::{ChatMessage, ContextConfig, ContextHandle, EngineError, ExportedKv};
+use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv};
 use exo_kvcache::{
     Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
     ModelFingerprint,
@@ -29,14 +29,7 @@ fn context(n_seq_max: u32, flash_attn: bool, kv: KvType) -> ContextHandle {
         n_seq_max,
         n_ctx_seq: 4096,
     };
-    ContextHandle::spawn(
-        model(),
-        ContextConfig {
-            layout,
-            ..ContextConfig::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("context: {e}"))
+    exo_test_support::context(layout)
 }
 
 /// A chat prompt of roughly `words` words of varied text (2 tokens a word, about); 0 gives a plain

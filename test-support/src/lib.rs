@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use exo_engine::{Model, ModelOptions};
+use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_kvcache::KvLayout;
 
 /// The default model's path relative to the repository root (`scripts/fetch-model` puts it there).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -37,4 +38,13 @@ pub fn model() -> Arc<Model> {
                 .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model first)"))
         })
         .clone()
+}
+
+/// A context of the test model with `layout` and the default configuration otherwise.
+pub fn context(layout: KvLayout) -> ContextHandle {
+    let config = ContextConfig {
+        layout,
+        ..ContextConfig::default()
+    };
+    ContextHandle::spawn(model(), config).unwrap_or_else(|e| panic!("context: {e}"))
 }
