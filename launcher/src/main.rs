@@ -13,7 +13,7 @@ use exo_engine::{Model, ModelOptions};
 use exo_node::measure::MeasurePlan;
 use exo_node::{NodeOptions, spawn_node};
 use exo_router::placement::{PlacementMode, RequestShape};
-use exo_router::profile::{NodeAddress, Profile};
+use exo_router::profile::Profile;
 use exo_router::simulate::Workload;
 
 use cli::{Cli, Command, NodeArgs, PlanArgs, ProfileArgs, ServeArgs, SimulateArgs};
@@ -27,9 +27,6 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Command::Serve(args) = &cli.command {
-        spin_openmp_for_embedded_nodes(args)?;
-    }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
@@ -136,52 +133,6 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
     } else {
         output::simulate_table(&profile, &args.workload, &reports);
     }
-    Ok(())
-}
-
-/// Environment variable that marks a process already restarted with OpenMP set up.
-const OPENMP_SET: &str = "EXO_OPENMP_SET";
-
-/// Several llama.cpp contexts in one process (embedded nodes) make libgomp stop spin-waiting
-/// between parallel regions, which doubles the decode step on a small machine (docs/placement.md
-/// measures it). libgomp reads `OMP_WAIT_POLICY` once, when it is loaded, so this process is
-/// started again with `OMP_WAIT_POLICY=active`, unless the user set the variable themselves.
-#[cfg(unix)]
-fn spin_openmp_for_embedded_nodes(args: &ServeArgs) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os(OPENMP_SET).is_some() {
-        return Ok(());
-    }
-    let path = args
-        .profile
-        .clone()
-        .unwrap_or_else(|| exo_router::default_profile().to_path_buf());
-    // A profile that does not load is reported by `serve` itself.
-    let Ok(profile) = Profile::load(&path) else {
-        return Ok(());
-    };
-    let embedded = profile
-        .nodes
-        .iter()
-        .filter(|n| n.address == NodeAddress::Embedded)
-        .count();
-    if embedded < 2 {
-        return Ok(());
-    }
-    let exe = std::env::current_exe().context("finding this executable to restart it")?;
-    tracing::debug!("restarting with OMP_WAIT_POLICY=active for {embedded} embedded nodes");
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("OMP_WAIT_POLICY", "active")
-        .env(OPENMP_SET, "1")
-        .exec();
-    // `exec` only returns on failure; serve anyway, just slower.
-    tracing::warn!(error = %err, "could not restart with OMP_WAIT_POLICY=active");
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn spin_openmp_for_embedded_nodes(_args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 

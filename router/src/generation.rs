@@ -21,6 +21,8 @@ const POLL_WAIT_MS: u32 = 1000;
 const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of the liveness check on the decode node.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the decode node is checked while a split request's prompt runs.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Text that became final, and whether the request ended with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,9 +82,10 @@ fn prompt_chars(prompt: &Prompt) -> usize {
     }
 }
 
-/// Runs the prompt on the prefill node. A split request also checks the decode node while the
-/// prompt runs: the two legs fail together, so a dead decode node fails the request at once
-/// (dropping the prefill call cancels it on the prefill node) instead of after the prompt.
+/// Runs the prompt on the prefill node. A split request also watches the decode node while the
+/// prompt runs (`hello` every [`PING_INTERVAL`]): the two legs fail together, so a decode node that
+/// dies or stops answering fails the request at once with 503 (dropping the prefill call cancels it
+/// on the prefill node) instead of after the prompt.
 async fn run_prefill(
     placement: &Placement,
     prefill_client: &NodeServiceClient,
@@ -98,14 +101,24 @@ async fn run_prefill(
     if !placement.is_split() {
         return prefill.await;
     }
-    let ping = async {
-        let info = decode_client
-            .hello(context_with_deadline(PING_TIMEOUT))
-            .await;
-        info.map_err(|e| rpc_failure(&placement.decode, e))
+    let decode_gone = async {
+        loop {
+            let ping = decode_client
+                .hello(context_with_deadline(PING_TIMEOUT))
+                .await;
+            if let Err(e) = ping {
+                let node = &placement.decode;
+                node.mark_down(&e.to_string());
+                let why = format!("decode node {} stopped answering: {e}", node.name());
+                return ApiError::Unavailable(why);
+            }
+            tokio::time::sleep(PING_INTERVAL).await;
+        }
     };
-    let (reply, _) = tokio::try_join!(prefill, ping)?;
-    Ok(reply)
+    tokio::select! {
+        reply = prefill => reply,
+        gone = decode_gone => Err(gone),
+    }
 }
 
 impl Generation {

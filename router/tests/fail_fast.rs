@@ -1,5 +1,5 @@
 //! The router against stand-in nodes (real tarpc over real TCP, no llama.cpp): when the decode
-//! node dies while a split request's prompt runs, the request fails at once with 503 and the
+//! node dies or hangs while a split request's prompt runs, the request fails with 503 and the
 //! prefill call is cancelled on the prefill node, instead of waiting for the prompt to end (up to
 //! the 600 s prefill deadline).
 
@@ -121,8 +121,19 @@ async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<S
     (addr, signals)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_prefill() {
+/// How the decode node fails while the prompt runs.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// Its process goes away (connections close) after it answered the first liveness check.
+    Dies,
+    /// It stays connected but stops answering (every `hello` hangs).
+    Hangs,
+}
+
+/// Starts a split cluster of stand-ins, sends one streaming chat, fails the decode node as
+/// `failure` says once the prompt is running, and checks the request fails with 503 and the
+/// prefill call is cancelled.
+async fn decode_node_fails_mid_prompt(failure: Failure) {
     let (_keep_prefill, prefill_stop) = oneshot::channel();
     let (kill_decode, decode_stop) = oneshot::channel();
     let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
@@ -144,9 +155,6 @@ async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_pr
         .unwrap();
     assert!(server.cluster.nodes().iter().all(|n| n.healthy()));
 
-    // From now on the decode node's `hello` (the router's liveness ping) hangs; the node dies
-    // while the prompt runs, with the ping outstanding.
-    decode.hang_hello.store(true, Ordering::SeqCst);
     let url = format!("http://{}/v1/chat/completions", server.addr);
     let request = tokio::spawn(async move {
         let body = serde_json::json!({
@@ -157,15 +165,23 @@ async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_pr
         reqwest::Client::new().post(url).json(&body).send().await
     });
     prefill.prefill_started.notified().await;
-    let _ = kill_decode.send(());
+    match failure {
+        Failure::Dies => {
+            // Let the check that runs alongside the prompt see the node alive first.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = kill_decode.send(());
+        }
+        Failure::Hangs => decode.hang_hello.store(true, Ordering::SeqCst),
+    }
 
-    // Generous: without fail-fast legs the answer would wait for the prompt, which never ends.
+    // Generous: without the decode leg watched for the whole prompt, the answer would wait for
+    // the prompt, which never ends.
     let answer = tokio::time::timeout(Duration::from_secs(60), request)
         .await
-        .expect("the request must fail once the decode node is gone, not wait for the prompt")
+        .unwrap_or_else(|_| panic!("{failure:?}: the request must fail, not wait for the prompt"))
         .unwrap()
         .unwrap();
-    assert_eq!(answer.status().as_u16(), 503);
+    assert_eq!(answer.status().as_u16(), 503, "{failure:?}");
     let body: serde_json::Value = answer.json().await.unwrap();
     assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
 
@@ -176,6 +192,19 @@ async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_pr
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(prefill.prefill_cancelled.load(Ordering::SeqCst));
+    assert!(
+        prefill.prefill_cancelled.load(Ordering::SeqCst),
+        "{failure:?}"
+    );
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_prefill() {
+    decode_node_fails_mid_prompt(Failure::Dies).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_node_that_hangs_mid_prompt_fails_the_request_and_cancels_the_prefill() {
+    decode_node_fails_mid_prompt(Failure::Hangs).await;
 }

@@ -18,11 +18,9 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The model the tests run: `EXO_MODEL` if set, else the default model.
+/// The model the tests run: always the default model, so expected texts hold.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("EXO_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(DEFAULT_MODEL));
+    let path = root().join(DEFAULT_MODEL);
     if !path.is_file() {
         panic!("{} missing: run scripts/fetch-model", path.display());
     }

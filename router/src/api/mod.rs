@@ -163,7 +163,8 @@ async fn serve(
     }
     let shaper = Shaper::new(meta.clone(), tools);
     if params.stream {
-        let events = sse::events(meta, params.include_usage(), generation, shaper);
+        let span = tracing::Span::current();
+        let events = sse::events(meta, params.include_usage(), generation, shaper, span);
         let sse = Sse::new(events).keep_alive(KeepAlive::default());
         return Ok((headers, sse).into_response());
     }

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 
 use axum::response::sse::Event;
 use futures::{Stream, StreamExt};
+use tracing::Instrument;
 
 use crate::api::response::{Chunk, Delta, Endpoint, ResponseMeta, Usage};
 use crate::api::shape::{ReplyEvent, Shaper};
@@ -29,33 +30,39 @@ fn frame(meta: &ResponseMeta, event: ReplyEvent) -> Event {
     data(&chunk)
 }
 
-/// The events of one streamed response.
+/// The events of one streamed response; each step runs in the request's `span`, so log lines made
+/// while streaming carry the request id.
 pub fn events(
     meta: ResponseMeta,
     include_usage: bool,
     generation: Generation,
     shaper: Shaper,
+    span: tracing::Span,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let role =
         (meta.endpoint == Endpoint::Chat).then(|| data(&Chunk::new(&meta, Delta::role(), None)));
-    let body = futures::stream::unfold(Some((meta, generation, shaper)), move |state| async move {
-        let (meta, mut generation, mut shaper) = state?;
-        let events = match generation.next().await {
-            Some(Ok(delta)) => {
-                let events = shaper.push(delta).into_iter().map(|e| frame(&meta, e));
-                return Some((events.collect(), Some((meta, generation, shaper))));
-            }
-            Some(Err(e)) => vec![data(&e.body())],
-            None => {
-                let usage = Usage::new(generation.prompt_tokens, generation.completion_tokens);
-                let usage = include_usage.then(|| data(&Chunk::usage(&meta, usage)));
-                usage
-                    .into_iter()
-                    .chain([Event::default().data("[DONE]")])
-                    .collect()
-            }
-        };
-        Some((events, None))
+    let body = futures::stream::unfold(Some((meta, generation, shaper)), move |state| {
+        let span = span.clone();
+        async move {
+            let (meta, mut generation, mut shaper) = state?;
+            let events = match generation.next().await {
+                Some(Ok(delta)) => {
+                    let events = shaper.push(delta).into_iter().map(|e| frame(&meta, e));
+                    return Some((events.collect(), Some((meta, generation, shaper))));
+                }
+                Some(Err(e)) => vec![data(&e.body())],
+                None => {
+                    let usage = Usage::new(generation.prompt_tokens, generation.completion_tokens);
+                    let usage = include_usage.then(|| data(&Chunk::usage(&meta, usage)));
+                    usage
+                        .into_iter()
+                        .chain([Event::default().data("[DONE]")])
+                        .collect()
+                }
+            };
+            Some((events, None))
+        }
+        .instrument(span)
     });
     futures::stream::iter(role)
         .chain(body.flat_map(|events: Vec<Event>| futures::stream::iter(events)))
