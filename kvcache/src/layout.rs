@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::KvError;
+use crate::transpose::transposable_elem_size;
 
 /// A KV cache element type, with the numeric id ggml uses for it (`ggml_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -98,7 +99,8 @@ impl FromStr for KvType {
 
 /// How a context lays out its KV cache; sender and receiver must agree on the parts that change the bytes.
 ///
-/// `type_k`, `type_v` and `flash_attn` (which decides whether V is stored transposed) must match exactly.
+/// `type_k` and `type_v` must match exactly. `flash_attn` (which decides whether V is stored transposed)
+/// may differ when V has a fixed element size (f32, f16, bf16): the receiver transposes V on import.
 /// `kv_unified` and `n_seq_max` may differ: the receiver re-frames the state into its own stream count.
 /// `n_ctx_seq` is the per-sequence context; the receiver needs room for the cached tokens and more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -140,7 +142,12 @@ impl KvLayout {
         if sender.type_v != self.type_v {
             return Err(KvError::type_mismatch("type_v", sender.type_v, self.type_v));
         }
-        if sender.flash_attn != self.flash_attn {
+        // Flash attention decides whether V is stored transposed; the receiver translates V
+        // element by element (`StateShape::match_v_layout`), which only types with a fixed
+        // element size allow.
+        if sender.flash_attn != self.flash_attn
+            && transposable_elem_size(self.type_v.ggml_id() as i32).is_none()
+        {
             return Err(KvError::layout(
                 "flash_attn",
                 sender.flash_attn,
@@ -198,7 +205,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_accepts_other_stream_counts_but_not_other_types() {
+    fn layout_accepts_other_stream_counts_and_translatable_v_but_not_other_types() {
         let recv = KvLayout {
             n_seq_max: 8,
             ..KvLayout::default()
@@ -220,12 +227,26 @@ mod tests {
                 ..
             })
         ));
+        // f16 V translates between flash attention on and off; quantized V cannot be transposed.
         let fa = KvLayout {
             flash_attn: true,
             ..send
         };
+        assert_eq!(recv.accepts(&fa), Ok(()));
+        let q8_recv = KvLayout {
+            type_k: KvType::Q8_0,
+            type_v: KvType::Q8_0,
+            flash_attn: false,
+            ..recv
+        };
+        let q8_fa = KvLayout {
+            type_k: KvType::Q8_0,
+            type_v: KvType::Q8_0,
+            flash_attn: true,
+            ..send
+        };
         assert!(matches!(
-            recv.accepts(&fa),
+            q8_recv.accepts(&q8_fa),
             Err(KvError::LayoutMismatch {
                 field: "flash_attn",
                 ..

@@ -14,6 +14,7 @@ mod error;
 mod frame;
 mod layout;
 mod state;
+mod transpose;
 
 pub use codec::Codec;
 pub use error::KvError;
@@ -23,3 +24,4 @@ pub use frame::{
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
 pub use state::{LayerShape, SeqStateInfo, StateShape, VShape, to_single_stream};
+pub use transpose::transposable_elem_size;

@@ -43,7 +43,8 @@ pub enum VShape {
 }
 
 impl VShape {
-    fn bytes_per_cell(&self) -> Option<u64> {
+    /// Bytes of one cell's V in this layer.
+    pub(crate) fn bytes_per_cell(&self) -> Option<u64> {
         match *self {
             VShape::Rows(l) => Some(l.row_size),
             VShape::Transposed {
@@ -225,6 +226,24 @@ fn write_n_stream(state: &mut [u8], n: u32) -> Result<(), KvError> {
         })?;
     field.copy_from_slice(&n.to_le_bytes());
     Ok(())
+}
+
+/// Parses a single-stream state with cells (the wire form): what it holds and its cache shape.
+pub(crate) fn parse_single(
+    state: &[u8],
+    cell_ext_len: u32,
+) -> Result<(SeqStateInfo, StateShape), KvError> {
+    let parsed = parse(state, cell_ext_len)?;
+    if parsed.info.n_stream != 1 {
+        return Err(malformed(format!(
+            "{} streams, the wire form has 1",
+            parsed.info.n_stream
+        )));
+    }
+    let shape = parsed
+        .shape
+        .ok_or_else(|| malformed("state holds no cells"))?;
+    Ok((parsed.info, shape))
 }
 
 fn parse_any(state: &[u8]) -> Result<Parsed, KvError> {
@@ -568,6 +587,9 @@ pub(crate) mod tests {
             let _ = StateShape::calibrate(&bad);
             if let Ok((single, _)) = to_single_stream(bad) {
                 let _ = shape.check(&single, 3);
+                // Translating V to the other layout never panics either, whatever the bytes.
+                let other = StateShape { v_trans: !v_trans, ..shape.clone() };
+                let _ = other.match_v_layout(single);
             }
         }
     }

@@ -203,9 +203,42 @@ fn wrong_model_and_layout_are_refused_before_any_payload() {
             ..
         })
     ));
-    let fa = forge_header(&h, |b| b[48] = 1);
+    // Flash attention on at the sender, off here: f16 V is transposed on import, so the transfer
+    // is accepted; with quantized V (which cannot be transposed) it is refused.
+    let t = target();
+    let fa_layout = KvLayout {
+        flash_attn: true,
+        ..t.layout
+    };
+    let enc = KvEncoder::new(
+        payload(100),
+        vec![1, 2, 3],
+        t.fingerprint,
+        fa_layout,
+        Codec::None,
+        64,
+    )
+    .unwrap();
+    let fa = enc.header_frame();
+    assert_eq!(decode(&fa, &enc.collect::<Vec<_>>()), Ok(payload(100)));
+    let q8_types = |b: &mut Vec<u8>| {
+        b[40..44].copy_from_slice(&KvType::Q8_0.ggml_id().to_le_bytes());
+        b[44..48].copy_from_slice(&KvType::Q8_0.ggml_id().to_le_bytes());
+    };
+    let q8_fa = forge_header(&h, |b| {
+        q8_types(b);
+        b[48] = 1;
+    });
+    let q8_target = ImportTarget {
+        layout: KvLayout {
+            type_k: KvType::Q8_0,
+            type_v: KvType::Q8_0,
+            ..KvLayout::default()
+        },
+        ..target()
+    };
     assert!(matches!(
-        decode(&fa, &c),
+        KvDecoder::new(&q8_fa, &DecodeLimits::default(), &q8_target),
         Err(KvError::LayoutMismatch {
             field: "flash_attn",
             ..

@@ -66,6 +66,11 @@ proptest! {
     fn arbitrary_state_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = StateShape::calibrate(&bytes);
         let _ = to_single_stream(bytes.clone());
+        if let Ok(shape) = StateShape::calibrate(&bytes) {
+            for v_trans in [false, true] {
+                let _ = StateShape { v_trans, ..shape.clone() }.match_v_layout(bytes.clone());
+            }
+        }
     }
 
     #[test]

@@ -356,8 +356,9 @@ impl Worker<'_> {
             ));
         }
         self.model.check_tokens(&tokens)?;
-        shape.check(&kv.state, tokens.len())?;
-        let mut state = kv.state;
+        // A sender with the other flash-attention setting stores V the other way: transpose it.
+        let mut state = shape.match_v_layout(kv.state)?;
+        shape.check(&state, tokens.len())?;
         shape.reframe_for_import(&mut state)?;
         self.clear(seq)?;
         // SAFETY: `state` passed every check llama.cpp would otherwise abort on: magic, one non-empty
