@@ -11,6 +11,7 @@ mod constraint;
 mod context;
 mod error;
 mod model;
+mod offload;
 mod sampler;
 mod template;
 mod text;
@@ -21,6 +22,7 @@ pub use context::{
 };
 pub use error::EngineError;
 pub use model::{ChatMessage, FirstOutput, Model, ModelOptions, fingerprint_file};
+pub use offload::{GpuDevice, GpuLayers, Offload, gpu_devices};
 pub use sampler::draw_seed;
 pub use template::{TOOL_FORMAT, today_utc};
 pub use text::TextStream;

@@ -9,13 +9,13 @@ use exo_kvcache::ModelFingerprint;
 use exo_sampling::{Constraint, FinishReason, SamplingParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 use llguidance::Matcher;
 use sha2::{Digest, Sha256};
 
 use crate::constraint::Compiler;
 use crate::error::EngineError;
+use crate::offload::{self, GpuLayers, Offload};
 use crate::template::{ChatTemplate, TEMPLATE_KEY};
 use crate::text::TextStream;
 
@@ -35,8 +35,10 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
 /// How a model is loaded.
 #[derive(Debug, Clone, Default)]
 pub struct ModelOptions {
-    /// Layers to offload to a GPU (0 on CPU-only builds).
-    pub n_gpu_layers: u32,
+    /// Layers to offload to a GPU (default: all when a GPU is present, else none).
+    pub gpu_layers: GpuLayers,
+    /// Run on this GPU only (llama.cpp's device index); `None`: every GPU present.
+    pub main_gpu: Option<usize>,
 }
 
 /// One chat turn for the model's chat template.
@@ -71,6 +73,7 @@ pub struct Model {
     fingerprint: ModelFingerprint,
     /// Built on the first constrained request (it walks the whole vocabulary).
     constraints: OnceLock<Result<Compiler, String>>,
+    offload: Offload,
     /// The chat template from the GGUF metadata, compiled on first use.
     template: OnceLock<Result<ChatTemplate, String>>,
 }
@@ -125,17 +128,41 @@ impl Model {
             return Err(load_err("no such file".into()));
         }
         let fingerprint = fingerprint_file(path).map_err(|e| load_err(e.to_string()))?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(options.n_gpu_layers);
-        let llama = LlamaModel::load_from_file(backend()?, path, &params)
+        let backend = backend()?;
+        let (params, devices, requested) = offload::params(options.gpu_layers, options.main_gpu)?;
+        let llama = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| load_err(e.to_string()))?;
-        tracing::info!(path = %path.display(), %fingerprint, n_layer = llama.n_layer(), "model loaded");
+        let n_layer = llama.n_layer();
+        let offload = Offload {
+            gpu_layers: if devices.is_empty() {
+                0
+            } else {
+                requested.min(n_layer)
+            },
+            n_layer,
+            devices,
+        };
+        tracing::info!(
+            path = %path.display(),
+            %fingerprint,
+            n_layer,
+            gpu_layers = offload.gpu_layers,
+            gpus = offload.devices.len(),
+            "model loaded"
+        );
         Ok(Arc::new(Model {
+            offload,
             llama,
             path: path.to_path_buf(),
             fingerprint,
             constraints: OnceLock::new(),
             template: OnceLock::new(),
         }))
+    }
+
+    /// Where the model runs: layers on a GPU and the GPUs it may use.
+    pub fn offload(&self) -> &Offload {
+        &self.offload
     }
 
     /// The model's identity on the wire.

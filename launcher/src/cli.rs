@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use exo_engine::{GpuLayers, ModelOptions};
 use exo_kvcache::{KvLayout, KvType};
 use exo_protocol::Role;
 
@@ -52,12 +53,28 @@ pub struct EngineArgs {
     /// KV cache type for K and V: f16, q8_0, ... (must match the other nodes).
     #[arg(long, default_value = "f16")]
     pub kv_type: KvType,
-    /// Flash attention on (must match the other nodes).
+    /// Flash attention on. Nodes that differ here still exchange caches when the KV type is
+    /// f32, f16 or bf16 (V is transposed on import).
     #[arg(long)]
     pub flash_attn: bool,
+    /// Model layers to run on a GPU: auto (all when the build has a GPU backend and a GPU is
+    /// present, else none), all, or a number (0: CPU only).
+    #[arg(long, env = "EXO_N_GPU_LAYERS", default_value = "auto")]
+    pub n_gpu_layers: GpuLayers,
+    /// Run on this GPU only (llama.cpp's device index, as `exo-router profile` lists them).
+    #[arg(long, env = "EXO_MAIN_GPU")]
+    pub main_gpu: Option<usize>,
 }
 
 impl EngineArgs {
+    /// How the model is loaded.
+    pub fn model_options(&self) -> ModelOptions {
+        ModelOptions {
+            gpu_layers: self.n_gpu_layers,
+            main_gpu: self.main_gpu,
+        }
+    }
+
     /// The KV layout of a context with `slots` sequence slots.
     pub fn layout(&self, slots: u32) -> KvLayout {
         KvLayout {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use exo_engine::{Model, ModelOptions};
+use exo_engine::Model;
 use exo_node::measure::MeasurePlan;
 use exo_node::{NodeOptions, spawn_node};
 use exo_router::placement::{PlacementMode, RequestShape};
@@ -37,13 +37,35 @@ fn main() -> Result<()> {
     }
 }
 
-fn load_model(path: &Path) -> Result<Arc<Model>> {
-    Model::load(path, &ModelOptions::default()).with_context(|| {
+fn load_model(engine: &cli::EngineArgs) -> Result<Arc<Model>> {
+    let path = &engine.model;
+    let model = Model::load(path, &engine.model_options()).with_context(|| {
         format!(
             "loading {} (scripts/fetch-model puts the default model in place)",
             path.display()
         )
-    })
+    })?;
+    let offload = model.offload();
+    match offload.devices.first() {
+        Some(gpu) => eprintln!(
+            "model {}: {} of {} layers on {} ({}){}",
+            model.name(),
+            offload.gpu_layers,
+            offload.n_layer,
+            gpu.name,
+            gpu.description,
+            if offload.devices.len() > 1 {
+                format!(" and {} more GPUs", offload.devices.len() - 1)
+            } else {
+                String::new()
+            }
+        ),
+        None => eprintln!(
+            "model {}: on the CPU (no GPU in this build or machine)",
+            model.name()
+        ),
+    }
+    Ok(model)
 }
 
 fn host_name() -> String {
@@ -55,7 +77,7 @@ fn host_name() -> String {
 }
 
 async fn profile(args: ProfileArgs) -> Result<()> {
-    let model = load_model(&args.engine.model)?;
+    let model = load_model(&args.engine)?;
     anyhow::ensure!(
         (1..=256).contains(&args.slots),
         "--slots must be within 1..=256"
@@ -79,6 +101,7 @@ async fn profile(args: ProfileArgs) -> Result<()> {
         &name,
         layout,
         &hardware,
+        model.offload(),
         &measured,
     )?;
     match args.out {
@@ -173,7 +196,7 @@ async fn serve_node_metrics(addr: std::net::SocketAddr) -> Result<()> {
 }
 
 async fn node(args: NodeArgs) -> Result<()> {
-    let model = load_model(&args.engine.model)?;
+    let model = load_model(&args.engine)?;
     let slots = args.slots.unwrap_or(args.role.default_slots());
     let name = args
         .name

@@ -85,6 +85,19 @@ async fn profile_measures_this_machine_and_its_file_serves() {
     );
     assert!(int("packages") >= 1);
     assert!(!hw["numa"].as_array().unwrap().is_empty(), "{hw:?}");
+    // Where the model ran: this CPU-only build registers no GPU, so no layer was offloaded.
+    let offload = hw["offload"].as_table().unwrap();
+    assert_eq!(offload["gpu_layers"].as_integer(), Some(0), "{offload:?}");
+    assert_eq!(
+        offload["n_layer"].as_integer(),
+        Some(30),
+        "SmolLM2-135M: {offload:?}"
+    );
+    assert!(
+        offload["devices"].as_array().unwrap().is_empty(),
+        "{offload:?}"
+    );
+    assert!(progress.contains("on the CPU"), "{progress}");
 
     // The measurements are the model's: a real KV size and ordered speed tables.
     let profile = Profile::load(&file).unwrap();

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use exo_engine::Offload;
 use exo_kvcache::KvLayout;
 use serde::Serialize;
 
@@ -329,8 +330,51 @@ struct NodeOut<'a> {
     address: &'static str,
     role: &'static str,
     slots: u32,
-    hardware: &'a HardwareReport,
+    hardware: HardwareOut<'a>,
     perf: &'a exo_protocol::NodePerf,
+}
+
+/// `[nodes.hardware]`: the probe's report and where the measured model ran.
+#[derive(Serialize)]
+struct HardwareOut<'a> {
+    #[serde(flatten)]
+    report: &'a HardwareReport,
+    offload: OffloadOut,
+}
+
+/// Layers on a GPU during the measurement, and the GPUs llama.cpp used.
+#[derive(Serialize)]
+struct OffloadOut {
+    gpu_layers: u32,
+    n_layer: u32,
+    devices: Vec<DeviceOut>,
+}
+
+#[derive(Serialize)]
+struct DeviceOut {
+    index: usize,
+    name: String,
+    description: String,
+    memory_bytes: u64,
+}
+
+impl From<&Offload> for OffloadOut {
+    fn from(o: &Offload) -> Self {
+        OffloadOut {
+            gpu_layers: o.gpu_layers,
+            n_layer: o.n_layer,
+            devices: o
+                .devices
+                .iter()
+                .map(|d| DeviceOut {
+                    index: d.index,
+                    name: d.name.clone(),
+                    description: d.description.clone(),
+                    memory_bytes: d.memory_bytes,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Why a profile could not be written.
@@ -346,6 +390,7 @@ pub fn node_profile_toml(
     name: &str,
     layout: KvLayout,
     hardware: &HardwareReport,
+    offload: &Offload,
     measured: &Measured,
 ) -> Result<String, WriteError> {
     let file = ProfileFile {
@@ -366,7 +411,10 @@ pub fn node_profile_toml(
             address: "embedded",
             role: "both",
             slots: layout.n_seq_max,
-            hardware,
+            hardware: HardwareOut {
+                report: hardware,
+                offload: offload.into(),
+            },
             perf: &measured.perf,
         }],
     };
