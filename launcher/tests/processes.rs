@@ -1,5 +1,6 @@
 //! A real multi-process cluster: prefill node, decode node and router as three OS processes on
-//! loopback ports, started by the test; then the decode node is killed and requests get 503.
+//! loopback ports, started by the test; then the decode node is killed and requests get 503. Also a
+//! pair that differs in flash attention, served together.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -153,5 +154,68 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
     .unwrap();
     assert_eq!(dead.status, 503, "{}", dead.body);
     assert_eq!(dead.body["error"]["type"], "service_unavailable");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A prefill node with flash attention and a decode node without (V stored the other way): the
+/// router accepts the pair, the cache is transposed on import, and the answer is the one every
+/// other configuration gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_attention_on_prefill_and_off_decode_serve_together() {
+    let model = model_path().display().to_string();
+    let node = |role: &str, name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "--role",
+            role,
+            "--name",
+            name,
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        spawn(&args, "listening on")
+    };
+    let (_prefill, line) = node("prefill", "fa-prefill", &["--flash-attn"]);
+    let prefill_addr = last_word(&line);
+    let (_decode, line) = node("decode", "plain-decode", &[]);
+    let decode_addr = last_word(&line);
+    let dir = std::env::temp_dir().join(format!("exo-router-fa-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let profile = dir.join("cluster.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
+             [[nodes]]\nname = \"fa-prefill\"\naddress = \"{prefill_addr}\"\nrole = \"prefill\"\n\
+             [[nodes]]\nname = \"plain-decode\"\naddress = \"{decode_addr}\"\nrole = \"decode\"\n"
+        ),
+    )
+    .unwrap();
+    let (_router, line) = spawn(
+        &[
+            "serve",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "listening on http",
+    );
+    let addr = last_word(&line).parse().unwrap();
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
+        "max_tokens": 16, "temperature": 0,
+    });
+    let a = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.text, "The capital of France is Paris.");
+    assert_eq!(
+        (a.prefill_node.as_str(), a.decode_node.as_str()),
+        ("fa-prefill", "plain-decode")
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
