@@ -169,3 +169,71 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     assert!(server.cluster.nodes().iter().all(|n| n.in_flight() == 0));
     server.shutdown().await;
 }
+
+/// The value of `metric{node="NODE"}` in a Prometheus text page (0 when absent).
+fn node_metric(page: &str, metric: &str, node: &str) -> f64 {
+    let key = format!("{metric}{{node=\"{node}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Cancellation reaches the engine: a stream dropped after a few tokens stops generating on its
+/// decode node within a token or two (counted, not timed), instead of running on to `max_tokens`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_stops_generating_at_once() {
+    // Node names of its own: the metrics registry is shared by the tests of this binary.
+    let server = start_text(
+        &SMALL
+            .replace("\"p\"", "\"p-drop\"")
+            .replace("\"d\"", "\"d-drop\""),
+    )
+    .await;
+    let model = server.cluster.model_id();
+    let long = json!({
+        "model": model, "messages": [{ "role": "user", "content": "Write a very long story." }],
+        "max_tokens": 180, "stream": true, "temperature": 1.0, "seed": 3,
+    });
+    let mut resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", server.addr))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut seen = String::new();
+    while seen.matches("\"content\":\"").count() < 5 {
+        seen += &String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap());
+    }
+    drop(resp);
+    let metrics = || async {
+        reqwest::get(format!("http://{}/metrics", server.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Wait for the sequence to leave the decode node, however long that takes...
+    let mut page = metrics().await;
+    for _ in 0..600 {
+        if node_metric(&page, "exo_decode_active_sequences", "d-drop") == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        page = metrics().await;
+    }
+    assert_eq!(
+        node_metric(&page, "exo_decode_active_sequences", "d-drop"),
+        0.0,
+        "{page}"
+    );
+    // ...then count what it generated: a few tokens past the five read, not the 180 asked for.
+    let generated = node_metric(&page, "exo_decode_tokens_total", "d-drop");
+    assert!(
+        (4.0..40.0).contains(&generated),
+        "{generated} tokens generated after the drop"
+    );
+    server.shutdown().await;
+}
