@@ -7,6 +7,8 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -51,63 +53,47 @@ fn last_word(line: &str) -> String {
         .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
-    let model = model_path().display().to_string();
-    let node = |role: &str, name: &str| {
-        spawn(
-            &[
-                "node",
-                "--role",
-                role,
-                "--name",
-                name,
-                "--model",
-                &model,
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            "listening on",
-        )
-    };
-    let (_prefill, line) = node("prefill", "proc-prefill");
-    let prefill_addr = last_word(&line);
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let (decode, line) = spawn(
-        &[
-            "node",
-            "--role",
-            "decode",
-            "--name",
-            "proc-decode",
-            "--model",
-            &model,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            &metrics_addr,
-        ],
-        "listening on",
-    );
-    let decode_addr = last_word(&line);
+/// Starts `exo-router node` for `role` as `name` on a free port with `extra` flags; returns the
+/// process and its RPC address.
+fn spawn_node(model: &str, role: &str, name: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "node",
+        "--role",
+        role,
+        "--name",
+        name,
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (proc, line) = spawn(&args, "listening on");
+    (proc, last_word(&line))
+}
 
-    let dir = std::env::temp_dir().join(format!("exo-router-test-{}", std::process::id()));
+/// Writes a disaggregated profile for `prefill` and `decode` (name, address) under a folder named
+/// with `tag`, and starts `exo-router serve` on it: the process, its HTTP address, the folder.
+fn serve_split(
+    model: &str,
+    prefill: (&str, &str),
+    decode: (&str, &str),
+    tag: &str,
+) -> (Proc, SocketAddr, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("exo-router-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let profile = dir.join("cluster.toml");
     std::fs::write(
         &profile,
         format!(
             "model = \"{model}\"\nplacement = \"disaggregated\"\n\
-             [[nodes]]\nname = \"proc-prefill\"\naddress = \"{prefill_addr}\"\nrole = \"prefill\"\n\
-             [[nodes]]\nname = \"proc-decode\"\naddress = \"{decode_addr}\"\nrole = \"decode\"\n"
+             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"prefill\"\n\
+             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"decode\"\n",
+            prefill.0, prefill.1, decode.0, decode.1
         ),
     )
     .unwrap();
-    let (_router, line) = spawn(
+    let (router, line) = spawn(
         &[
             "serve",
             "--profile",
@@ -117,7 +103,26 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
         ],
         "listening on http",
     );
-    let addr = last_word(&line).parse().unwrap();
+    (router, last_word(&line).parse().unwrap(), dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
+    let model = model_path().display().to_string();
+    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "proc-prefill", &[]);
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let metrics_flag = ["--metrics-listen", metrics_addr.as_str()];
+    let (decode, decode_addr) = spawn_node(&model, "decode", "proc-decode", &metrics_flag);
+    let (_router, addr, dir) = serve_split(
+        &model,
+        ("proc-prefill", &prefill_addr),
+        ("proc-decode", &decode_addr),
+        "test",
+    );
 
     let body = json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
@@ -163,48 +168,14 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flash_attention_on_prefill_and_off_decode_serve_together() {
     let model = model_path().display().to_string();
-    let node = |role: &str, name: &str, extra: &[&str]| {
-        let mut args = vec![
-            "node",
-            "--role",
-            role,
-            "--name",
-            name,
-            "--model",
-            &model,
-            "--listen",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        spawn(&args, "listening on")
-    };
-    let (_prefill, line) = node("prefill", "fa-prefill", &["--flash-attn"]);
-    let prefill_addr = last_word(&line);
-    let (_decode, line) = node("decode", "plain-decode", &[]);
-    let decode_addr = last_word(&line);
-    let dir = std::env::temp_dir().join(format!("exo-router-fa-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let profile = dir.join("cluster.toml");
-    std::fs::write(
-        &profile,
-        format!(
-            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
-             [[nodes]]\nname = \"fa-prefill\"\naddress = \"{prefill_addr}\"\nrole = \"prefill\"\n\
-             [[nodes]]\nname = \"plain-decode\"\naddress = \"{decode_addr}\"\nrole = \"decode\"\n"
-        ),
-    )
-    .unwrap();
-    let (_router, line) = spawn(
-        &[
-            "serve",
-            "--profile",
-            profile.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        "listening on http",
+    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "fa-prefill", &["--flash-attn"]);
+    let (_decode, decode_addr) = spawn_node(&model, "decode", "plain-decode", &[]);
+    let (_router, addr, dir) = serve_split(
+        &model,
+        ("fa-prefill", &prefill_addr),
+        ("plain-decode", &decode_addr),
+        "fa-test",
     );
-    let addr = last_word(&line).parse().unwrap();
     let body = json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
         "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],

@@ -56,10 +56,15 @@ fn is_connection_error(e: &RpcError) -> bool {
     )
 }
 
+/// `node` did not answer: marked down (the health loop reconnects it), and a 503 for the client.
+fn unreachable_node(node: &ClusterNode, e: &RpcError) -> ApiError {
+    node.mark_down(&e.to_string());
+    ApiError::Unavailable(format!("node {} is unreachable: {e}", node.name()))
+}
+
 fn rpc_failure(node: &ClusterNode, e: RpcError) -> ApiError {
     if is_connection_error(&e) {
-        node.mark_down(&e.to_string());
-        ApiError::Unavailable(format!("node {} is unreachable: {e}", node.name()))
+        unreachable_node(node, &e)
     } else {
         ApiError::Internal(format!("node {}: {e}", node.name()))
     }
@@ -106,11 +111,9 @@ async fn run_prefill(
             let ping = decode_client
                 .hello(context_with_deadline(PING_TIMEOUT))
                 .await;
+            // Any failure counts here, a missed deadline too: a hung node is as gone as a dead one.
             if let Err(e) = ping {
-                let node = &placement.decode;
-                node.mark_down(&e.to_string());
-                let why = format!("decode node {} stopped answering: {e}", node.name());
-                return ApiError::Unavailable(why);
+                return unreachable_node(&placement.decode, &e);
             }
             tokio::time::sleep(PING_INTERVAL).await;
         }
