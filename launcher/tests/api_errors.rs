@@ -140,21 +140,31 @@ async fn no_reachable_node_gives_503_quickly() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
-    let server = start_text(SMALL).await;
-    let model = server.cluster.model_id();
+/// Starts a streaming request for a long story of up to `max_tokens` tokens; its response is open.
+async fn long_stream(
+    addr: std::net::SocketAddr,
+    model: &str,
+    max_tokens: u32,
+) -> reqwest::Response {
     let long = json!({
         "model": model, "messages": [{ "role": "user", "content": "Write a very long story." }],
-        "max_tokens": 200, "stream": true, "temperature": 1.0, "seed": 3,
+        "max_tokens": max_tokens, "stream": true, "temperature": 1.0, "seed": 3,
     });
-    let mut resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", server.addr))
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
         .json(&long)
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
+    let server = start_text(SMALL).await;
+    let model = server.cluster.model_id();
+    let mut resp = long_stream(server.addr, &model, 200).await;
     let mut seen = String::new();
     while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 4 {
         seen += &String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap());
@@ -191,19 +201,11 @@ async fn a_dropped_stream_stops_generating_at_once() {
     )
     .await;
     let model = server.cluster.model_id();
-    let long = json!({
-        "model": model, "messages": [{ "role": "user", "content": "Write a very long story." }],
-        "max_tokens": 180, "stream": true, "temperature": 1.0, "seed": 3,
-    });
-    let mut resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", server.addr))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    let mut resp = long_stream(server.addr, &model, 180).await;
+    // Token 0 comes from the prefill node; read five more content deltas, so the decode node has
+    // generated at least five tokens (the role chunk's empty content does not count).
     let mut seen = String::new();
-    while seen.matches("\"content\":\"").count() < 5 {
+    while seen.matches("\"delta\":{\"content\":\"").count() < 6 {
         seen += &String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap());
     }
     drop(resp);
