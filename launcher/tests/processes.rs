@@ -1,6 +1,6 @@
 //! A real multi-process cluster: prefill node, decode node and router as three OS processes on
 //! loopback ports, started by the test; then the decode node is killed and requests get 503. Also a
-//! pair that differs in flash attention, served together.
+//! pair that differs in flash attention, served together, and a KV transfer cut by a faulty link.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{model_path, post};
+use exo_test_support::proxy::{Fault, FaultProxy};
 use serde_json::json;
 
 /// Kills the process when dropped, so a failing test leaves nothing running.
@@ -188,5 +189,54 @@ async fn flash_attention_on_prefill_and_off_decode_serve_together() {
         (a.prefill_node.as_str(), a.decode_node.as_str()),
         ("fa-prefill", "plain-decode")
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A KV transfer cut midway: a proxy in front of the decode node closes the prefill node's
+/// connection after 64 KiB of KV. The client hears the prefill node's reason at once (not
+/// "transfer timed out" at the decode node's one-minute transfer timeout), and the next request,
+/// whose connection the proxy leaves alone, is served: nothing stays stuck on either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_midway_fails_at_once_with_its_reason() {
+    let model = model_path().display().to_string();
+    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "cut-prefill", &[]);
+    let (_decode, decode_addr) = spawn_node(&model, "decode", "cut-decode", &["--slots", "1"]);
+    let fault = Fault::CutAfter {
+        bytes: 64 << 10,
+        times: 1,
+    };
+    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
+        .await
+        .unwrap();
+    let proxied = proxy.addr().to_string();
+    let (_router, addr, dir) = serve_split(
+        &model,
+        ("cut-prefill", &prefill_addr),
+        ("cut-decode", &proxied),
+        "cut-test",
+    );
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
+        "max_tokens": 16, "temperature": 0,
+    });
+    let cut = tokio::time::timeout(
+        Duration::from_secs(20),
+        post(addr, "/v1/chat/completions", &body),
+    )
+    .await
+    .expect("the failure must arrive long before the decode node's transfer timeout");
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(cut.status, 500, "{}", cut.body);
+    let message = cut.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("from prefill node cut-prefill"),
+        "{message}"
+    );
+
+    let again = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.text, "The capital of France is Paris.");
+    assert_eq!(proxy.cuts(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

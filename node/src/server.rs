@@ -153,6 +153,12 @@ impl NodeService for NodeServer {
         self.decode_side("receive a KV cache")?.kv_chunk(frame)
     }
 
+    async fn kv_abort(self, _: Context, id: RequestId, reason: String) {
+        if let Some(d) = &self.decode {
+            d.kv_abort(id, reason);
+        }
+    }
+
     async fn poll(self, _: Context, id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError> {
         let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_POLL_WAIT);
         self.decode_side("generate")?.poll(id, wait).await

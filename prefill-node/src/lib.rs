@@ -16,6 +16,8 @@ use tokio::sync::Mutex;
 
 /// Deadline of one KV call to a decode node.
 const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of the call that tells a decode node a transfer failed.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a prefill node ships caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,21 +224,50 @@ impl PrefillNode {
                 .await
             {
                 tracing::warn!(%id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
+                // The connection may be what broke: the abort (and the next transfer) reconnect.
+                node.peers.lock().await.remove(&handoff.decode_addr);
+                node.abort(id, &handoff.decode_addr, e).await;
             }
         });
         Ok(())
     }
 
+    /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the
+    /// request fails there now (and the router's poll returns the reason) rather than at the decode
+    /// node's transfer timeout. Best effort: an unreachable decode node is the router's to notice.
+    async fn abort(&self, id: RequestId, addr: &str, error: NodeError) {
+        let reason = match error {
+            NodeError::Transfer(why) => format!("from prefill node {}: {why}", self.name),
+            other => format!("from prefill node {}: {other}", self.name),
+        };
+        let sent = match self.client(addr).await {
+            Ok(c) => c
+                .kv_abort(context_with_deadline(ABORT_TIMEOUT), id, reason)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer");
+        }
+    }
+
+    /// The cached connection to decode node `addr`, made if there is none. The map is not locked
+    /// while connecting, so one unreachable decode node does not hold up shipping to the others.
     async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(addr) {
+        if let Some(c) = self.peers.lock().await.get(addr) {
             return Ok(c.clone());
         }
         let c = connect(addr)
             .await
             .map_err(|e| NodeError::Transfer(format!("cannot reach decode node {addr}: {e}")))?;
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+        Ok(self
+            .peers
+            .lock()
+            .await
+            .entry(addr.to_string())
+            .or_insert(c)
+            .clone())
     }
 
     /// Sends the header, then the chunks with up to `chunks_in_flight` calls outstanding.
@@ -258,14 +289,10 @@ impl PrefillNode {
             first_token,
             sampling,
         };
-        let sent = client
+        client
             .kv_begin(context_with_deadline(KV_CALL_TIMEOUT), begin)
-            .await;
-        if sent.is_err() {
-            // A broken cached connection: forget it so the next transfer reconnects.
-            self.peers.lock().await.remove(&handoff.decode_addr);
-        }
-        sent.map_err(rpc)??;
+            .await
+            .map_err(rpc)??;
         let depth = self.ship.chunks_in_flight.max(1);
         futures::stream::iter(encoder.by_ref())
             .map(|bytes| {

@@ -72,6 +72,8 @@ impl NodeService for StandIn {
         Err(NodeError::Busy)
     }
 
+    async fn kv_abort(self, _: Context, _: RequestId, _: String) {}
+
     async fn poll(self, _: Context, _: RequestId, _: u32) -> Result<PollReply, NodeError> {
         std::future::pending().await
     }
