@@ -83,6 +83,7 @@ impl NodeServer {
             layout: options.layout,
             hardware: hardware_facts(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            fault: None,
         };
         Ok(NodeServer {
             info: Arc::new(info),
@@ -91,9 +92,20 @@ impl NodeServer {
         })
     }
 
-    /// What the node reports about itself.
+    /// What the node reports about itself (`fault` as at start-up; `hello` reports it live).
     pub fn info(&self) -> &NodeInfo {
         &self.info
+    }
+
+    /// Why the node's engine cannot serve any more, if it cannot.
+    fn fault(&self) -> Option<String> {
+        let prefill = self.prefill.as_ref().map(|p| p.context());
+        let decode = self.decode.as_ref().map(|d| d.context());
+        prefill
+            .into_iter()
+            .chain(decode)
+            .find_map(|ctx| ctx.fault())
+            .map(|e| e.to_string())
     }
 
     fn wrong_role(&self, what: &str) -> NodeError {
@@ -126,7 +138,10 @@ impl NodeServer {
 
 impl NodeService for NodeServer {
     async fn hello(self, _: Context) -> NodeInfo {
-        (*self.info).clone()
+        NodeInfo {
+            fault: self.fault(),
+            ..(*self.info).clone()
+        }
     }
 
     async fn prefill(self, _: Context, request: PrefillRequest) -> Result<PrefillReply, NodeError> {

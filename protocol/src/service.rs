@@ -110,6 +110,9 @@ pub struct NodeInfo {
     pub hardware: HardwareFacts,
     /// exo-router version.
     pub version: String,
+    /// Why the node cannot serve, when it cannot (its engine context was retired after llama.cpp
+    /// rejected a KV state, or its engine stopped); the router marks such a node down.
+    pub fault: Option<String>,
 }
 
 /// One chat message.
