@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease};
@@ -53,6 +54,17 @@ pub struct PrefillNode {
     ctx: ContextHandle,
     ship: ShipConfig,
     peers: Mutex<HashMap<String, NodeServiceClient>>,
+    /// Requests between the start of `prefill` and the end of their KV transfer.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// One request counted in [`PrefillNode::in_flight`] while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn engine_error(e: EngineError) -> NodeError {
@@ -70,7 +82,18 @@ impl PrefillNode {
             ctx,
             ship,
             peers: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Requests this node is working on: waiting for a slot, prefilling, or shipping their cache.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn hold(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.in_flight))
     }
 
     /// The engine context.
@@ -132,6 +155,7 @@ impl PrefillNode {
         self: &Arc<Self>,
         request: PrefillRequest,
     ) -> Result<(PrefillReply, Option<LocalContinuation>), NodeError> {
+        let held = self.hold();
         let tokens = self.tokenize(&request.prompt)?;
         let own = self.ctx.config().layout.n_ctx_seq;
         let limit = request
@@ -187,7 +211,7 @@ impl PrefillNode {
             )),
             Some(handoff) => {
                 let first_token = out.first_token;
-                self.hand_off(request.id, lease, handoff, first_token, sampling)
+                self.hand_off(request.id, lease, handoff, first_token, sampling, held)
                     .await?;
                 Ok((reply, None))
             }
@@ -195,7 +219,7 @@ impl PrefillNode {
     }
 
     /// Exports the prompt's cache from `lease` (then frees the slot), frames it and ships it to
-    /// the decode node on a task of its own.
+    /// the decode node on a task of its own, which keeps the request counted (`held`) until done.
     async fn hand_off(
         self: &Arc<Self>,
         id: RequestId,
@@ -203,6 +227,7 @@ impl PrefillNode {
         handoff: Handoff,
         first_token: i32,
         sampling: SamplingParams,
+        held: InFlight,
     ) -> Result<(), NodeError> {
         let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
         drop(lease);
@@ -219,6 +244,7 @@ impl PrefillNode {
         .map_err(|e| NodeError::Transfer(e.to_string()))?;
         let node = Arc::clone(self);
         tokio::spawn(async move {
+            let _held = held;
             if let Err(e) = node
                 .ship(id, &handoff, encoder, first_token, sampling)
                 .await

@@ -364,6 +364,11 @@ impl Cluster {
         }
     }
 
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
     /// Sequence slots of the healthy nodes that generate.
     pub fn decode_capacity(&self) -> usize {
         self.nodes
