@@ -50,7 +50,8 @@ enum Stage {
         sampling: SamplingParams,
         ahead: BTreeMap<u32, Vec<u8>>,
     },
-    /// Imported (or prefilled here) and generating.
+    /// Imported (or prefilled here) and generating, or failed with the error queued: no transfer
+    /// is expected any more.
     Running,
 }
 
@@ -146,17 +147,19 @@ impl DecodeNode {
             fingerprint: self.ctx.model().fingerprint(),
             layout: self.ctx.config().layout,
         };
-        let decoder = KvDecoder::new(&begin.header, &self.limits, &target)
-            .map_err(|e| NodeError::Transfer(e.to_string()))?;
-        let complete = decoder.is_complete();
-        if self
-            .cancelled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&begin.id)
-        {
+        if self.was_cancelled(begin.id) {
             return Err(NodeError::UnknownRequest(begin.id));
         }
+        let decoder = match KvDecoder::new(&begin.header, &self.limits, &target) {
+            Ok(d) => d,
+            Err(e) => {
+                // The request cannot go on: say why to whoever polls it, now.
+                let e = NodeError::Transfer(e.to_string());
+                self.fail_transfer(begin.id, e.clone());
+                return Err(e);
+            }
+        };
+        let complete = decoder.is_complete();
         let mut map = self.lock();
         let entry = map.entry(begin.id).or_insert_with(Entry::new);
         if !matches!(entry.stage, Stage::Waiting) {
@@ -176,6 +179,34 @@ impl DecodeNode {
             self.start_import(begin.id, entry);
         }
         Ok(())
+    }
+
+    /// The prefill node gave up on request `id`'s transfer: the request fails now with `reason`.
+    pub fn kv_abort(&self, id: RequestId, reason: String) {
+        if !self.was_cancelled(id) {
+            tracing::debug!(%id, %reason, "transfer aborted by the prefill node");
+            self.fail_transfer(id, NodeError::Transfer(reason));
+        }
+    }
+
+    /// Fails request `id` with `error` unless its cache is already in (then the transfer is over
+    /// and this is stale); the error waits in the entry for the router's poll, made here if the
+    /// router has not polled yet.
+    fn fail_transfer(&self, id: RequestId, error: NodeError) {
+        let mut map = self.lock();
+        let entry = map.entry(id).or_insert_with(Entry::new);
+        if !matches!(entry.stage, Stage::Running) {
+            let _ = entry.tx.send(Err(error));
+            entry.stage = Stage::Running;
+            entry.last_poll = Instant::now();
+        }
+    }
+
+    fn was_cancelled(&self, id: RequestId) -> bool {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
     }
 
     /// Accepts one chunk (in any order within the reorder window). A refused chunk fails the request.

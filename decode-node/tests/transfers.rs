@@ -1,5 +1,6 @@
-//! The decode node with the real model: chunks arriving out of order are reordered, bad chunks fail
-//! the request, and a transfer for a cancelled request is refused.
+//! The decode node with the real model: chunks arriving out of order are reordered, bad chunks, a
+//! refused header and the prefill node's abort fail the request at once, and a transfer for a
+//! cancelled request is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -124,7 +125,37 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         Err(NodeError::UnknownRequest(RequestId(3)))
     ));
 
-    // Polling first, then the transfer, works too.
+    // A header the node refuses fails the request at once: the first poll says why, rather than
+    // "transfer timed out" a minute later.
+    let mut bad_header = header.clone();
+    let n = bad_header.len();
+    bad_header[n - 1] ^= 1;
+    assert!(matches!(
+        node.kv_begin(begin(5, bad_header)),
+        Err(NodeError::Transfer(_))
+    ));
+    let refused = node.poll(RequestId(5), Duration::from_secs(30)).await;
+    assert!(
+        matches!(refused, Err(NodeError::Transfer(_))),
+        "{refused:?}"
+    );
+
+    // The prefill node gives up mid-transfer, or before sending anything: the request fails with
+    // the prefill node's reason.
+    node.kv_begin(begin(6, header.clone())).unwrap();
+    node.kv_chunk(KvFrame {
+        id: RequestId(6),
+        bytes: chunks[0].clone(),
+    })
+    .unwrap();
+    for id in [6, 7] {
+        node.kv_abort(RequestId(id), "the link broke".into());
+        let aborted = node.poll(RequestId(id), Duration::from_secs(30)).await;
+        assert_eq!(aborted, Err(NodeError::Transfer("the link broke".into())));
+    }
+
+    // Polling first, then the transfer, works too; an abort that arrives after the last chunk
+    // changes nothing.
     let poller = {
         let node = Arc::clone(&node);
         tokio::spawn(async move { collect(&node, 4).await })
@@ -138,6 +169,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         })
         .unwrap();
     }
+    node.kv_abort(RequestId(4), "too late".into());
     let (again, _) = poller.await.unwrap().unwrap();
     assert_eq!(again, text);
     assert_eq!(node.active_requests(), 0);

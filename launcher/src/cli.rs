@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// HTTP listen address (overrides the profile's router.listen).
     #[arg(long, env = "EXO_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// On SIGTERM or ctrl-c: seconds the requests in flight (streams too) may take to finish
+    /// before they are dropped; no new connection is accepted meanwhile.
+    #[arg(long, env = "EXO_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
 }
 
 /// `exo-router node`.
@@ -120,6 +124,10 @@ pub struct NodeArgs {
     /// Chunk calls in flight when shipping a KV cache.
     #[arg(long, default_value_t = 2)]
     pub chunks_in_flight: usize,
+    /// On SIGTERM or ctrl-c: seconds to finish the requests this node holds (it takes no new
+    /// prompt and tells the router it is out of service meanwhile).
+    #[arg(long, env = "EXO_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
     /// Serve this node's Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "EXO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

@@ -91,7 +91,8 @@ async fn start_embedded(
         let _ = stopped.wait_for(|s| *s).await;
     };
     let local: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let bound = spawn_node(Arc::clone(model), &options, local, shutdown)
+    // Embedded nodes serve only this router, which drains its requests before it stops them.
+    let (bound, _) = spawn_node(Arc::clone(model), &options, local, shutdown)
         .await
         .map_err(|source| LaunchError::Node {
             name: spec.name.clone(),

@@ -6,6 +6,7 @@ mod output;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -172,12 +173,35 @@ async fn serve(args: ServeArgs) -> Result<()> {
         path.display(),
         server.addr
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for ctrl-c")?;
-    eprintln!("shutting down");
-    server.shutdown().await;
+    let signal = stop_signal().await?;
+    eprintln!(
+        "{signal}: draining {} requests in flight (up to {} s)",
+        server.cluster.in_flight(),
+        args.drain_timeout
+    );
+    server.drain(Duration::from_secs(args.drain_timeout)).await;
+    eprintln!("stopped");
     Ok(())
+}
+
+/// Waits for ctrl-c (SIGINT) or, on Unix, SIGTERM; returns which came.
+async fn stop_signal() -> Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("waiting for ctrl-c"),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .map(|()| "ctrl-c")
+            .context("waiting for ctrl-c")
+    }
 }
 
 /// Serves this node's Prometheus metrics at `http://addr/metrics`.
@@ -208,7 +232,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         chunks_in_flight: args.chunks_in_flight,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let bound = spawn_node(Arc::clone(&model), &options, args.listen, async move {
+    let (bound, server) = spawn_node(Arc::clone(&model), &options, args.listen, async move {
         let _ = stop_rx.await;
     })
     .await?;
@@ -219,9 +243,10 @@ async fn node(args: NodeArgs) -> Result<()> {
         "exo-router node {name} ({}) listening on {bound}",
         args.role
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for ctrl-c")?;
+    let signal = stop_signal().await?;
+    eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);
+    let left = server.drain(Duration::from_secs(args.drain_timeout)).await;
+    eprintln!("stopped with {left} requests unfinished");
     let _ = stop_tx.send(());
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! A real multi-process cluster: prefill node, decode node and router as three OS processes on
 //! loopback ports, started by the test; then the decode node is killed and requests get 503. Also a
-//! pair that differs in flash attention, served together.
+//! pair that differs in flash attention, served together, and a KV transfer cut by a faulty link.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{model_path, post};
+use exo_test_support::proxy::{Fault, FaultProxy};
 use serde_json::json;
 
 /// Kills the process when dropped, so a failing test leaves nothing running.
@@ -27,11 +28,16 @@ impl Drop for Proc {
 
 /// Starts `exo-router ARGS` and returns it with the first stdout line containing `marker`.
 fn spawn(args: &[&str], marker: &str) -> (Proc, String) {
+    spawn_logged(args, marker, Stdio::inherit())
+}
+
+/// [`spawn`] with the process's stderr going to `stderr`.
+fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_exo-router"))
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -56,6 +62,17 @@ fn last_word(line: &str) -> String {
 /// Starts `exo-router node` for `role` as `name` on a free port with `extra` flags; returns the
 /// process and its RPC address.
 fn spawn_node(model: &str, role: &str, name: &str, extra: &[&str]) -> (Proc, String) {
+    spawn_node_logged(model, role, name, extra, Stdio::inherit())
+}
+
+/// [`spawn_node`] with the node's stderr going to `stderr`.
+fn spawn_node_logged(
+    model: &str,
+    role: &str,
+    name: &str,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (Proc, String) {
     let mut args = vec![
         "node",
         "--role",
@@ -68,7 +85,7 @@ fn spawn_node(model: &str, role: &str, name: &str, extra: &[&str]) -> (Proc, Str
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    let (proc, line) = spawn(&args, "listening on");
+    let (proc, line) = spawn_logged(&args, "listening on", stderr);
     (proc, last_word(&line))
 }
 
@@ -189,4 +206,132 @@ async fn flash_attention_on_prefill_and_off_decode_serve_together() {
         ("fa-prefill", "plain-decode")
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A KV transfer cut midway: a proxy in front of the decode node closes the prefill node's
+/// connection after 64 KiB of KV. The client hears the prefill node's reason at once (not
+/// "transfer timed out" at the decode node's one-minute transfer timeout), and the next request,
+/// whose connection the proxy leaves alone, is served: nothing stays stuck on either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_midway_fails_at_once_with_its_reason() {
+    let model = model_path().display().to_string();
+    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "cut-prefill", &[]);
+    let (_decode, decode_addr) = spawn_node(&model, "decode", "cut-decode", &["--slots", "1"]);
+    let fault = Fault::CutAfter {
+        bytes: 64 << 10,
+        times: 1,
+    };
+    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
+        .await
+        .unwrap();
+    let proxied = proxy.addr().to_string();
+    let (_router, addr, dir) = serve_split(
+        &model,
+        ("cut-prefill", &prefill_addr),
+        ("cut-decode", &proxied),
+        "cut-test",
+    );
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
+        "max_tokens": 16, "temperature": 0,
+    });
+    let cut = tokio::time::timeout(
+        Duration::from_secs(20),
+        post(addr, "/v1/chat/completions", &body),
+    )
+    .await
+    .expect("the failure must arrive long before the decode node's transfer timeout");
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(cut.status, 500, "{}", cut.body);
+    let message = cut.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("from prefill node cut-prefill"),
+        "{message}"
+    );
+
+    let again = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.text, "The capital of France is Paris.");
+    assert_eq!(proxy.cuts(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends SIGTERM to `proc` and waits (up to a minute) for it to exit; its exit status.
+fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
+    let pid = proc.0.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+    for _ in 0..600 {
+        if let Some(status) = proc.0.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("process {pid} did not exit within a minute of SIGTERM");
+}
+
+/// SIGTERM to the router and both nodes while a stream runs: the stream still ends normally with
+/// every token asked for (each drains what it holds instead of dying), then all three exit
+/// cleanly, the nodes with nothing left unfinished (their request counts went back to zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_stream_in_flight_before_stopping() {
+    let model = model_path().display().to_string();
+    let dir = std::env::temp_dir().join(format!("exo-router-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
+    let (mut prefill, prefill_addr) =
+        spawn_node_logged(&model, "prefill", "drain-prefill", &[], log("prefill.log"));
+    let (mut decode, decode_addr) =
+        spawn_node_logged(&model, "decode", "drain-decode", &[], log("decode.log"));
+    let (mut router, addr, profile_dir) = serve_split(
+        &model,
+        ("drain-prefill", &prefill_addr),
+        ("drain-decode", &decode_addr),
+        "drain-test",
+    );
+
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "Write a very long story." }],
+        "max_tokens": 48, "stream": true, "temperature": 1.0, "seed": 3,
+        "stream_options": { "include_usage": true },
+    });
+    let mut resp = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") {
+        seen += &String::from_utf8_lossy(&resp.chunk().await.unwrap().unwrap());
+    }
+
+    // All three stop while the stream runs; each is waited for on its own thread of the test.
+    let exits = [
+        std::thread::spawn(move || terminate(&mut router)),
+        std::thread::spawn(move || terminate(&mut decode)),
+        std::thread::spawn(move || terminate(&mut prefill)),
+    ];
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        seen += &String::from_utf8_lossy(&chunk);
+    }
+    assert!(seen.contains("\"finish_reason\":\"length\""), "{seen}");
+    assert!(seen.contains("\"completion_tokens\":48"), "{seen}");
+    assert!(seen.trim_end().ends_with("data: [DONE]"), "{seen}");
+
+    for exit in exits {
+        assert!(exit.join().unwrap().success());
+    }
+    for node in ["prefill.log", "decode.log"] {
+        let log = std::fs::read_to_string(dir.join(node)).unwrap();
+        assert!(
+            log.contains("stopped with 0 requests unfinished"),
+            "{node}: {log}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&profile_dir);
 }

@@ -3,7 +3,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use exo_decode_node::{DecodeNode, DecodeTimeouts};
 use exo_engine::{ContextConfig, ContextHandle, Model};
@@ -40,6 +41,8 @@ pub struct NodeServer {
     info: Arc<NodeInfo>,
     prefill: Option<Arc<PrefillNode>>,
     decode: Option<Arc<DecodeNode>>,
+    /// Set by [`NodeServer::drain`]: no new prompts, `hello` reports the node out of service.
+    draining: Arc<AtomicBool>,
 }
 
 impl NodeServer {
@@ -83,17 +86,57 @@ impl NodeServer {
             layout: options.layout,
             hardware: hardware_facts(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            fault: None,
         };
         Ok(NodeServer {
             info: Arc::new(info),
             prefill,
             decode,
+            draining: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// What the node reports about itself.
+    /// What the node reports about itself (`fault` as at start-up; `hello` reports it live).
     pub fn info(&self) -> &NodeInfo {
         &self.info
+    }
+
+    /// Drains the node for shutdown: takes no new prompt, reports itself out of service in
+    /// `hello` (so the router places nothing more here), and waits until the requests it holds
+    /// (prompts running or queued, transfers, generations) are done, or `deadline` passes. Returns
+    /// the requests still held then.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.draining.store(true, Ordering::Relaxed);
+        let until = Instant::now() + deadline;
+        loop {
+            let held = self.requests_held();
+            if held == 0 || Instant::now() >= until {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Requests this node holds: prompts in a slot or waiting for one, and requests the decode
+    /// side knows (receiving, generating, or waiting to be polled).
+    fn requests_held(&self) -> usize {
+        let prompts = self.prefill.as_ref().map_or(0, |p| p.in_flight());
+        let decoding = self.decode.as_ref().map_or(0, |d| d.active_requests());
+        prompts + decoding
+    }
+
+    /// Why the node cannot serve any more, if it cannot: draining, or a faulty engine.
+    fn fault(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("draining for shutdown".into());
+        }
+        let prefill = self.prefill.as_ref().map(|p| p.context());
+        let decode = self.decode.as_ref().map(|d| d.context());
+        prefill
+            .into_iter()
+            .chain(decode)
+            .find_map(|ctx| ctx.fault())
+            .map(|e| e.to_string())
     }
 
     fn wrong_role(&self, what: &str) -> NodeError {
@@ -126,7 +169,10 @@ impl NodeServer {
 
 impl NodeService for NodeServer {
     async fn hello(self, _: Context) -> NodeInfo {
-        (*self.info).clone()
+        NodeInfo {
+            fault: self.fault(),
+            ..(*self.info).clone()
+        }
     }
 
     async fn prefill(self, _: Context, request: PrefillRequest) -> Result<PrefillReply, NodeError> {
@@ -134,6 +180,9 @@ impl NodeService for NodeServer {
             .prefill
             .as_ref()
             .ok_or_else(|| self.wrong_role("prefill"))?;
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(NodeError::Busy);
+        }
         if request.handoff.is_none() && self.decode.is_none() {
             return Err(self.wrong_role("generate without a decode node"));
         }
@@ -151,6 +200,12 @@ impl NodeService for NodeServer {
 
     async fn kv_chunk(self, _: Context, frame: KvFrame) -> Result<(), NodeError> {
         self.decode_side("receive a KV cache")?.kv_chunk(frame)
+    }
+
+    async fn kv_abort(self, _: Context, id: RequestId, reason: String) {
+        if let Some(d) = &self.decode {
+            d.kv_abort(id, reason);
+        }
     }
 
     async fn poll(self, _: Context, id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError> {
@@ -181,19 +236,20 @@ pub enum SpawnError {
     },
 }
 
-/// Binds `addr`, then serves a node there on a task; returns the bound address.
+/// Binds `addr`, then serves a node there on a task until `shutdown` completes; returns the
+/// bound address and the server (to [`NodeServer::drain`] it before shutting down).
 pub async fn spawn_node(
     model: Arc<Model>,
     options: &NodeOptions,
     addr: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<SocketAddr, SpawnError> {
+) -> Result<(SocketAddr, NodeServer), SpawnError> {
     let server = NodeServer::new(model, options)?;
     let bind = |source| SpawnError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind)?;
     let bound = listener.local_addr().map_err(bind)?;
-    tokio::spawn(server.run(listener, shutdown));
-    Ok(bound)
+    tokio::spawn(server.clone().run(listener, shutdown));
+    Ok((bound, server))
 }
 
 /// This machine's facts from the OS, as a node reports them in `hello`.

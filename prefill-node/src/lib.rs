@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease};
@@ -16,6 +17,8 @@ use tokio::sync::Mutex;
 
 /// Deadline of one KV call to a decode node.
 const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Deadline of the call that tells a decode node a transfer failed.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a prefill node ships caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,17 @@ pub struct PrefillNode {
     ctx: ContextHandle,
     ship: ShipConfig,
     peers: Mutex<HashMap<String, NodeServiceClient>>,
+    /// Requests between the start of `prefill` and the end of their KV transfer.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// One request counted in [`PrefillNode::in_flight`] while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn engine_error(e: EngineError) -> NodeError {
@@ -68,7 +82,18 @@ impl PrefillNode {
             ctx,
             ship,
             peers: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Requests this node is working on: waiting for a slot, prefilling, or shipping their cache.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn hold(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(&self.in_flight))
     }
 
     /// The engine context.
@@ -130,6 +155,7 @@ impl PrefillNode {
         self: &Arc<Self>,
         request: PrefillRequest,
     ) -> Result<(PrefillReply, Option<LocalContinuation>), NodeError> {
+        let held = self.hold();
         let tokens = self.tokenize(&request.prompt)?;
         let own = self.ctx.config().layout.n_ctx_seq;
         let limit = request
@@ -185,7 +211,7 @@ impl PrefillNode {
             )),
             Some(handoff) => {
                 let first_token = out.first_token;
-                self.hand_off(request.id, lease, handoff, first_token, sampling)
+                self.hand_off(request.id, lease, handoff, first_token, sampling, held)
                     .await?;
                 Ok((reply, None))
             }
@@ -193,7 +219,7 @@ impl PrefillNode {
     }
 
     /// Exports the prompt's cache from `lease` (then frees the slot), frames it and ships it to
-    /// the decode node on a task of its own.
+    /// the decode node on a task of its own, which keeps the request counted (`held`) until done.
     async fn hand_off(
         self: &Arc<Self>,
         id: RequestId,
@@ -201,6 +227,7 @@ impl PrefillNode {
         handoff: Handoff,
         first_token: i32,
         sampling: SamplingParams,
+        held: InFlight,
     ) -> Result<(), NodeError> {
         let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
         drop(lease);
@@ -217,26 +244,56 @@ impl PrefillNode {
         .map_err(|e| NodeError::Transfer(e.to_string()))?;
         let node = Arc::clone(self);
         tokio::spawn(async move {
+            let _held = held;
             if let Err(e) = node
                 .ship(id, &handoff, encoder, first_token, sampling)
                 .await
             {
                 tracing::warn!(%id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
+                // The connection may be what broke: the abort (and the next transfer) reconnect.
+                node.peers.lock().await.remove(&handoff.decode_addr);
+                node.abort(id, &handoff.decode_addr, e).await;
             }
         });
         Ok(())
     }
 
+    /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the
+    /// request fails there now (and the router's poll returns the reason) rather than at the decode
+    /// node's transfer timeout. Best effort: an unreachable decode node is the router's to notice.
+    async fn abort(&self, id: RequestId, addr: &str, error: NodeError) {
+        let reason = match error {
+            NodeError::Transfer(why) => format!("from prefill node {}: {why}", self.name),
+            other => format!("from prefill node {}: {other}", self.name),
+        };
+        let sent = match self.client(addr).await {
+            Ok(c) => c
+                .kv_abort(context_with_deadline(ABORT_TIMEOUT), id, reason)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer");
+        }
+    }
+
+    /// The cached connection to decode node `addr`, made if there is none. The map is not locked
+    /// while connecting, so one unreachable decode node does not hold up shipping to the others.
     async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(addr) {
+        if let Some(c) = self.peers.lock().await.get(addr) {
             return Ok(c.clone());
         }
         let c = connect(addr)
             .await
             .map_err(|e| NodeError::Transfer(format!("cannot reach decode node {addr}: {e}")))?;
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
+        Ok(self
+            .peers
+            .lock()
+            .await
+            .entry(addr.to_string())
+            .or_insert(c)
+            .clone())
     }
 
     /// Sends the header, then the chunks with up to `chunks_in_flight` calls outstanding.
@@ -258,14 +315,10 @@ impl PrefillNode {
             first_token,
             sampling,
         };
-        let sent = client
+        client
             .kv_begin(context_with_deadline(KV_CALL_TIMEOUT), begin)
-            .await;
-        if sent.is_err() {
-            // A broken cached connection: forget it so the next transfer reconnects.
-            self.peers.lock().await.remove(&handoff.decode_addr);
-        }
-        sent.map_err(rpc)??;
+            .await
+            .map_err(rpc)??;
         let depth = self.ship.chunks_in_flight.max(1);
         futures::stream::iter(encoder.by_ref())
             .map(|bytes| {

@@ -17,4 +17,6 @@ pub use service::{
     NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
     PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
 };
-pub use transport::{MAX_FRAME_BYTES, ServerTransport, connect, context_with_deadline, serve};
+pub use transport::{
+    CONNECT_TIMEOUT, MAX_FRAME_BYTES, ServerTransport, connect, context_with_deadline, serve,
+};

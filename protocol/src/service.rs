@@ -3,8 +3,8 @@
 //! A disaggregated request: the router calls `prefill` on the prefill node with a [`Handoff`] naming the
 //! decode node. The prefill node runs the prompt, samples output token 0, replies to the router at once
 //! (the router streams that token to the client) and meanwhile ships the KV cache straight to the
-//! decode node (`kv_begin`, then `kv_chunk` per chunk). The decode node imports it when the last chunk
-//! arrives and generates; the router long-polls it with `poll` and calls `cancel` when the client goes.
+//! decode node (`kv_begin`, then `kv_chunk` per chunk; `kv_abort` when it cannot finish). The decode
+//! node imports the cache when the last chunk arrives and generates; the router long-polls it with `poll` and calls `cancel` when the client goes.
 //! A colocated request is a `prefill` without handoff on a `both` node, which then generates itself.
 
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,9 @@ pub struct NodeInfo {
     pub hardware: HardwareFacts,
     /// exo-router version.
     pub version: String,
+    /// Why the node cannot serve, when it cannot (its engine context was retired after llama.cpp
+    /// rejected a KV state, or its engine stopped); the router marks such a node down.
+    pub fault: Option<String>,
 }
 
 /// One chat message.
@@ -269,6 +272,10 @@ pub trait NodeService {
     async fn kv_begin(begin: KvBegin) -> Result<(), NodeError>;
     /// Receives the next chunk of a transfer (decode nodes).
     async fn kv_chunk(frame: KvFrame) -> Result<(), NodeError>;
+    /// The prefill node gave up on a request's transfer (it could not export, encode or send it):
+    /// the request fails on the decode node at once with `reason`, which its next `poll` returns,
+    /// instead of at the transfer timeout. Ignored for a request whose transfer completed.
+    async fn kv_abort(id: RequestId, reason: String);
     /// Waits up to `wait_ms` for generated output, then returns what there is.
     async fn poll(id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError>;
     /// Stops a request and frees its slot.

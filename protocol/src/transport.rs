@@ -22,9 +22,24 @@ fn framed(
         .new_framed(stream))
 }
 
-/// Connects to a node.
+/// Longest a connection attempt to a node may take. A host that drops packets (down, firewalled,
+/// or a listener whose backlog is full) would otherwise hold the caller for the kernel's SYN
+/// retries, about two minutes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects to a node, giving up after [`CONNECT_TIMEOUT`] (an error of kind `TimedOut`).
 pub async fn connect(addr: &str) -> std::io::Result<NodeServiceClient> {
-    let stream = TcpStream::connect(addr).await?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from {addr} within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+        })??;
     let transport = tarpc::serde_transport::new(framed(stream)?, Bincode::default());
     Ok(NodeServiceClient::new(tarpc::client::Config::default(), transport).spawn())
 }

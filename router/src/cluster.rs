@@ -308,8 +308,12 @@ impl Cluster {
         }
     }
 
-    /// A node joins only with the cluster's model and the role the profile gives it.
+    /// A node joins only with the cluster's model and the role the profile gives it, and stays
+    /// only while it reports no fault.
     fn accept_node(&self, node: &ClusterNode, info: &NodeInfo) -> Result<(), String> {
+        if let Some(fault) = &info.fault {
+            return Err(format!("cannot serve: {fault}"));
+        }
         if info.role != node.spec.role {
             return Err(format!(
                 "reports role {}, the profile says {}",
@@ -358,6 +362,11 @@ impl Cluster {
             tick.tick().await;
             futures::future::join_all(self.nodes.iter().map(|n| self.check(n))).await;
         }
+    }
+
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.admitted.load(Ordering::Relaxed)
     }
 
     /// Sequence slots of the healthy nodes that generate.

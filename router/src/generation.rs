@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exo_protocol::{
-    FinishReason, Handoff, NodeServiceClient, PrefillReply, PrefillRequest, Prompt, RequestId,
-    SamplingParams, context_with_deadline,
+    FinishReason, Handoff, NodeInfo, NodeServiceClient, PrefillReply, PrefillRequest, Prompt,
+    RequestId, SamplingParams, context_with_deadline,
 };
 use tarpc::client::RpcError;
 
@@ -57,9 +57,14 @@ fn is_connection_error(e: &RpcError) -> bool {
 }
 
 /// `node` did not answer: marked down (the health loop reconnects it), and a 503 for the client.
+/// Marks `node` down because it `why` (e.g. "is unreachable: ...") and fails the request: 503.
+fn node_down(node: &ClusterNode, why: String) -> ApiError {
+    node.mark_down(&why);
+    ApiError::Unavailable(format!("node {} {why}", node.name()))
+}
+
 fn unreachable_node(node: &ClusterNode, e: &RpcError) -> ApiError {
-    node.mark_down(&e.to_string());
-    ApiError::Unavailable(format!("node {} is unreachable: {e}", node.name()))
+    node_down(node, format!("is unreachable: {e}"))
 }
 
 fn rpc_failure(node: &ClusterNode, e: RpcError) -> ApiError {
@@ -112,8 +117,13 @@ async fn run_prefill(
                 .hello(context_with_deadline(PING_TIMEOUT))
                 .await;
             // Any failure counts here, a missed deadline too: a hung node is as gone as a dead one.
-            if let Err(e) = ping {
-                return unreachable_node(&placement.decode, &e);
+            // So does a node that says it cannot serve.
+            match ping {
+                Err(e) => return unreachable_node(&placement.decode, &e),
+                Ok(NodeInfo {
+                    fault: Some(fault), ..
+                }) => return node_down(&placement.decode, format!("cannot serve: {fault}")),
+                Ok(_) => {}
             }
             tokio::time::sleep(PING_INTERVAL).await;
         }

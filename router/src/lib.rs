@@ -19,6 +19,7 @@ pub mod simulate;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -56,14 +57,17 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The cluster.
     pub cluster: Arc<Cluster>,
+    /// Stops what runs beside the router (embedded nodes), after the HTTP side.
     stop: watch::Sender<bool>,
+    /// Stops the HTTP side: no new connections, in-flight requests run to their end.
+    http_stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    /// Connects to the deployment's nodes and serves the API on `listen` until `stop` is set to
-    /// true ([`Server::shutdown`] sets it; whatever else watches it, such as embedded nodes, stops
-    /// with the router).
+    /// Connects to the deployment's nodes and serves the API on `listen` until [`Server::drain`]
+    /// or [`Server::shutdown`], which set `stop` to true once the HTTP side has stopped: whatever
+    /// watches it, such as embedded nodes, outlives the requests it serves.
     pub async fn start(
         deployment: Deployment<'_>,
         listen: SocketAddr,
@@ -80,7 +84,7 @@ impl Server {
         let listener = TcpListener::bind(listen).await.map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
         let app = api::router(Arc::clone(&cluster));
-        let mut stopped = stop.subscribe();
+        let (http_stop, mut stopped) = watch::channel(false);
         let http = tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -96,14 +100,35 @@ impl Server {
             addr,
             cluster,
             stop,
+            http_stop,
             http,
         })
     }
 
-    /// Stops the HTTP API and everything else that watches the stop signal.
-    pub async fn shutdown(self) {
+    /// Stops gracefully: accepts no new connection, lets the requests in flight (streams too)
+    /// finish for up to `deadline`, drops those still running then (their clients see the
+    /// connection close; their nodes cancel them), and only then stops the embedded nodes.
+    pub async fn drain(mut self, deadline: Duration) {
+        let in_flight = self.cluster.in_flight();
+        tracing::info!(in_flight, deadline_s = deadline.as_secs_f64(), "draining");
+        let _ = self.http_stop.send(true);
+        if tokio::time::timeout(deadline, &mut self.http)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.cluster.in_flight(),
+                "drain deadline passed; dropping the requests still in flight"
+            );
+            self.http.abort();
+            let _ = (&mut self.http).await;
+        }
         let _ = self.stop.send(true);
-        let _ = self.http.await;
+    }
+
+    /// Stops at once: [`Server::drain`] with no time for requests in flight.
+    pub async fn shutdown(self) {
+        self.drain(Duration::ZERO).await;
     }
 }
 

@@ -1,14 +1,15 @@
 //! The router against stand-in nodes (real tarpc over real TCP, no llama.cpp): when the decode
-//! node dies or hangs while a split request's prompt runs, the request fails with 503 and the
-//! prefill call is cancelled on the prefill node, instead of waiting for the prompt to end (up to
-//! the 600 s prefill deadline).
+//! node dies, hangs or reports a fault while a split request's prompt runs, the request fails with
+//! 503 and the prefill call is cancelled on the prefill node, instead of waiting for the prompt to
+//! end (up to the 600 s prefill deadline); and health checks take a node that reports a fault out
+//! of service.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use exo_protocol::{
@@ -28,6 +29,8 @@ use tokio::sync::{Notify, oneshot, watch};
 struct Signals {
     /// `hello` hangs instead of answering (health checks answer until this is set).
     hang_hello: AtomicBool,
+    /// What `hello` reports as the node's fault (a retired engine context, say).
+    fault: Mutex<Option<String>>,
     /// A prefill call arrived.
     prefill_started: Notify,
     /// A prefill call's handler was dropped before it answered (the call was cancelled).
@@ -55,7 +58,10 @@ impl NodeService for StandIn {
         if self.signals.hang_hello.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
-        self.info.clone()
+        NodeInfo {
+            fault: self.signals.fault.lock().unwrap().clone(),
+            ..self.info.clone()
+        }
     }
 
     async fn prefill(self, _: Context, _: PrefillRequest) -> Result<PrefillReply, NodeError> {
@@ -71,6 +77,8 @@ impl NodeService for StandIn {
     async fn kv_chunk(self, _: Context, _: KvFrame) -> Result<(), NodeError> {
         Err(NodeError::Busy)
     }
+
+    async fn kv_abort(self, _: Context, _: RequestId, _: String) {}
 
     async fn poll(self, _: Context, _: RequestId, _: u32) -> Result<PollReply, NodeError> {
         std::future::pending().await
@@ -101,6 +109,7 @@ async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<S
             layout,
             hardware: HardwareFacts::default(),
             version: "test".into(),
+            fault: None,
         },
         signals: Arc::clone(&signals),
     };
@@ -121,23 +130,8 @@ async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<S
     (addr, signals)
 }
 
-/// How the decode node fails while the prompt runs.
-#[derive(Clone, Copy, Debug)]
-enum Failure {
-    /// Its process goes away (connections close) after it answered the first liveness check.
-    Dies,
-    /// It stays connected but stops answering (every `hello` hangs).
-    Hangs,
-}
-
-/// Starts a split cluster of stand-ins, sends one streaming chat, fails the decode node as
-/// `failure` says once the prompt is running, and checks the request fails with 503 and the
-/// prefill call is cancelled.
-async fn decode_node_fails_mid_prompt(failure: Failure) {
-    let (_keep_prefill, prefill_stop) = oneshot::channel();
-    let (kill_decode, decode_stop) = oneshot::channel();
-    let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
-    let (d_addr, decode) = stand_in(Role::Decode, decode_stop).await;
+/// Starts a router over a split cluster: prefill node `p` at `p_addr`, decode node `d` at `d_addr`.
+async fn start_split(p_addr: SocketAddr, d_addr: SocketAddr) -> Server {
     let text = format!(
         "model = \"m.gguf\"\nplacement = \"disaggregated\"\n\
          [[nodes]]\nname = \"p\"\naddress = \"{p_addr}\"\nrole = \"prefill\"\n\
@@ -150,9 +144,31 @@ async fn decode_node_fails_mid_prompt(failure: Failure) {
         model: None,
     };
     let (stop, _) = watch::channel(false);
-    let server = Server::start(deployment, SocketAddr::from(([127, 0, 0, 1], 0)), stop)
+    Server::start(deployment, SocketAddr::from(([127, 0, 0, 1], 0)), stop)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// How the decode node fails while the prompt runs.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// Its process goes away (connections close) after it answered the first liveness check.
+    Dies,
+    /// It stays connected but stops answering (every `hello` hangs).
+    Hangs,
+    /// It answers, saying it cannot serve (its engine context was retired).
+    ReportsFault,
+}
+
+/// Starts a split cluster of stand-ins, sends one streaming chat, fails the decode node as
+/// `failure` says once the prompt is running, and checks the request fails with 503 and the
+/// prefill call is cancelled.
+async fn decode_node_fails_mid_prompt(failure: Failure) {
+    let (_keep_prefill, prefill_stop) = oneshot::channel();
+    let (kill_decode, decode_stop) = oneshot::channel();
+    let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
+    let (d_addr, decode) = stand_in(Role::Decode, decode_stop).await;
+    let server = start_split(p_addr, d_addr).await;
     assert!(server.cluster.nodes().iter().all(|n| n.healthy()));
 
     let url = format!("http://{}/v1/chat/completions", server.addr);
@@ -172,6 +188,7 @@ async fn decode_node_fails_mid_prompt(failure: Failure) {
             let _ = kill_decode.send(());
         }
         Failure::Hangs => decode.hang_hello.store(true, Ordering::SeqCst),
+        Failure::ReportsFault => *decode.fault.lock().unwrap() = Some(RETIRED.into()),
     }
 
     // Generous: without the decode leg watched for the whole prompt, the answer would wait for
@@ -207,4 +224,36 @@ async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_pr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_node_that_hangs_mid_prompt_fails_the_request_and_cancels_the_prefill() {
     decode_node_fails_mid_prompt(Failure::Hangs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_node_that_reports_a_fault_mid_prompt_fails_the_request_and_cancels_the_prefill() {
+    decode_node_fails_mid_prompt(Failure::ReportsFault).await;
+}
+
+/// What a node whose engine context was retired reports.
+const RETIRED: &str = "context retired after an earlier failed import";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_a_node_that_reports_a_fault_out_of_service() {
+    let (_keep_prefill, prefill_stop) = oneshot::channel();
+    let (_keep_decode, decode_stop) = oneshot::channel();
+    let (p_addr, _prefill) = stand_in(Role::Prefill, prefill_stop).await;
+    let (d_addr, decode) = stand_in(Role::Decode, decode_stop).await;
+    let server = start_split(p_addr, d_addr).await;
+    assert!(server.cluster.nodes().iter().all(|n| n.healthy()));
+
+    *decode.fault.lock().unwrap() = Some(RETIRED.into());
+    // Health checks run every 2 s; a fault must take the node out within a few rounds.
+    let mut down = false;
+    for _ in 0..100 {
+        down = !server.cluster.nodes()[1].healthy();
+        if down {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(down, "a node reporting a fault stayed in service");
+    assert!(server.cluster.nodes()[0].healthy());
+    server.shutdown().await;
 }

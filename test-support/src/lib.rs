@@ -1,8 +1,10 @@
-//! Helpers the test suites share: the repository root, the default model's path, and the model
-//! loaded once per test binary. Only ever a dev-dependency: a missing model is a broken test set-up,
+//! Helpers the test suites share: the repository root, the default model's path, the model
+//! loaded once per test binary, and a fault-injecting TCP proxy ([`proxy`]). Only ever a dev-dependency: a missing model is a broken test set-up,
 //! so these panic with the fix (`scripts/fetch-model`) instead of returning errors.
 
 #![allow(clippy::panic)]
+
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

@@ -1,6 +1,7 @@
 //! The async side: [`ContextHandle`] and the configuration a context is created with.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use exo_kvcache::{DecodedKv, KvLayout, StateShape};
 use exo_sampling::{FinishReason, SamplingParams};
@@ -52,6 +53,7 @@ pub struct ContextHandle {
     config: ContextConfig,
     shape: Arc<StateShape>,
     model: Arc<Model>,
+    retired: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ContextHandle {
@@ -68,9 +70,11 @@ impl ContextHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker_model = Arc::clone(&model);
+        let retired = Arc::new(AtomicBool::new(false));
+        let worker_retired = Arc::clone(&retired);
         std::thread::Builder::new()
             .name("exo-engine-ctx".into())
-            .spawn(move || worker_main(worker_model, config, rx, ready_tx))
+            .spawn(move || worker_main(worker_model, config, rx, ready_tx, worker_retired))
             .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
         let shape = ready_rx.recv().map_err(|_| EngineError::WorkerGone)??;
         let n = config.layout.n_seq_max as usize;
@@ -81,7 +85,22 @@ impl ContextHandle {
             config,
             shape: Arc::new(shape),
             model,
+            retired,
         })
+    }
+
+    /// Why this context can no longer serve, if it cannot: llama.cpp rejected a KV state and the
+    /// context was retired ([`EngineError::ContextRetired`]), or its worker thread is gone
+    /// ([`EngineError::WorkerGone`]). A node reports this in `hello`, and the router stops placing
+    /// requests on it.
+    pub fn fault(&self) -> Option<EngineError> {
+        if self.retired.load(Ordering::Relaxed) {
+            Some(EngineError::ContextRetired)
+        } else if self.tx.is_closed() {
+            Some(EngineError::WorkerGone)
+        } else {
+            None
+        }
     }
 
     /// Waits for a free sequence slot; waiters are served first come, first served. The slot's KV is

@@ -3,6 +3,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use exo_kvcache::{DecodedKv, ImportTarget, KvType, StateShape, to_single_stream};
 use exo_sampling::SamplingParams;
@@ -74,6 +75,7 @@ pub(super) fn worker_main(
     config: ContextConfig,
     mut rx: mpsc::UnboundedReceiver<Command>,
     ready: std::sync::mpsc::Sender<Result<StateShape, EngineError>>,
+    retired: Arc<AtomicBool>,
 ) {
     let params = match context_params(&config) {
         Ok(p) => p,
@@ -101,7 +103,7 @@ pub(super) fn worker_main(
         config,
         shape: None,
         seq_tokens: vec![Vec::new(); config.layout.n_seq_max as usize],
-        retired: false,
+        retired,
         active: Vec::new(),
         pending: std::collections::VecDeque::new(),
     };
@@ -126,7 +128,8 @@ pub(super) struct Worker<'m> {
     shape: Option<StateShape>,
     /// Tokens whose KV each sequence holds.
     pub(super) seq_tokens: Vec<Vec<i32>>,
-    retired: bool,
+    /// Set for good once llama.cpp rejected a state; the handle reports it as the node's fault.
+    retired: Arc<AtomicBool>,
     /// Sequences generating; each step decodes one token for all of them in one batch.
     pub(super) active: Vec<Active>,
     /// Prompts being prefilled, one `n_batch` chunk per turn.
@@ -263,7 +266,7 @@ impl Worker<'_> {
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        if self.retired {
+        if self.retired.load(Ordering::Relaxed) {
             return Err(EngineError::ContextRetired);
         }
         f(self)
@@ -370,7 +373,7 @@ impl Worker<'_> {
         };
         if !ok {
             // llama.cpp #27052: after a failed restore the context may be corrupt. Never reuse it.
-            self.retired = true;
+            self.retired.store(true, Ordering::Relaxed);
             tracing::error!(
                 seq,
                 "llama.cpp rejected a checked KV state; retiring the context"
