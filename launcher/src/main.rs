@@ -48,6 +48,12 @@ fn load_model(engine: &cli::EngineArgs) -> Result<Arc<Model>> {
     })?;
     let offload = model.offload();
     match offload.devices.first() {
+        Some(gpu) if offload.gpu_layers == 0 => eprintln!(
+            "model {}: on the CPU (--n-gpu-layers 0; {} ({}) is not used for layers)",
+            model.name(),
+            gpu.name,
+            gpu.description
+        ),
         Some(gpu) => eprintln!(
             "model {}: {} of {} layers on {} ({}){}",
             model.name(),

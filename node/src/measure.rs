@@ -176,6 +176,11 @@ struct Run<'a, P: FnMut(&str)> {
     layout: KvLayout,
     /// Longest prompt that leaves room for the generated tokens.
     room: u32,
+    /// Run each prompt length and batch size once untimed first: on a GPU the first use of a
+    /// shape pays one-off costs (cuBLAS set-up, kernel loading, graph capture) that the first
+    /// H200 run measured as a 128-token prompt taking 128 ms where 512 tokens took 21 ms. On the
+    /// CPU the one warm-up prompt is enough, and repeating every length would double a slow run.
+    warm_each: bool,
     progress: P,
 }
 
@@ -204,6 +209,10 @@ impl<P: FnMut(&str)> Run<'_, P> {
                 continue;
             }
             let tokens = prompt(self.model, n as usize);
+            if self.warm_each {
+                let greedy = SamplingParams::greedy(1);
+                self.ctx.prefill(0, tokens.clone(), greedy).await?;
+            }
             let started = Instant::now();
             self.ctx
                 .prefill(0, tokens, SamplingParams::greedy(1))
@@ -319,6 +328,9 @@ impl<P: FnMut(&str)> Run<'_, P> {
             if b == 0 || b > self.layout.n_seq_max || steps.iter().any(|&(x, _)| x == b) {
                 continue;
             }
+            if self.warm_each {
+                decode_step_ms(&self.ctx, self.model, b, short_ctx, tokens).await?;
+            }
             let ms = decode_step_ms(&self.ctx, self.model, b, short_ctx, tokens).await?;
             (self.progress)(&format!(
                 "decode batch {b:>2} at context {short_ctx}: {ms:>7.2} ms/step, {:>7.1} tok/s",
@@ -379,6 +391,7 @@ pub async fn measure(
         model: &model,
         layout,
         room: layout.n_ctx_seq.saturating_sub(plan.decode_tokens + 8),
+        warm_each: model.offload().gpu_layers > 0,
         progress,
     };
     let (prefill_tok_s, longest) = run.prefill_speeds(&plan.prefill_lengths).await?;

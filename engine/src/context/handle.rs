@@ -45,7 +45,8 @@ pub struct Generated {
     pub finish: FinishReason,
 }
 
-/// Async handle to one context; cheap to clone, the worker stops when the last handle is dropped.
+/// Async handle to one context; cheap to clone. Dropping the last handle stops the worker and waits
+/// for it to free the context (sequences still generating are dropped).
 #[derive(Clone)]
 pub struct ContextHandle {
     tx: mpsc::UnboundedSender<Command>,
@@ -54,6 +55,25 @@ pub struct ContextHandle {
     shape: Arc<StateShape>,
     model: Arc<Model>,
     retired: Arc<AtomicBool>,
+    /// Held for its `Drop`: the last handle stops and joins the worker.
+    _worker: Arc<WorkerThread>,
+}
+
+/// The worker thread, stopped and joined when the last [`ContextHandle`] goes: the llama.cpp
+/// context is freed there and then, not while the process exits. A CUDA context freed on the
+/// worker thread while `main` returns aborts in the CUDA runtime ("driver shutting down").
+struct WorkerThread {
+    tx: mpsc::UnboundedSender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for ContextHandle {
@@ -72,10 +92,14 @@ impl ContextHandle {
         let worker_model = Arc::clone(&model);
         let retired = Arc::new(AtomicBool::new(false));
         let worker_retired = Arc::clone(&retired);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("exo-engine-ctx".into())
             .spawn(move || worker_main(worker_model, config, rx, ready_tx, worker_retired))
             .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
+        let worker = Arc::new(WorkerThread {
+            tx: tx.clone(),
+            thread: Some(thread),
+        });
         let shape = ready_rx.recv().map_err(|_| EngineError::WorkerGone)??;
         let n = config.layout.n_seq_max as usize;
         let slots = Arc::new(SlotPool::new(n));
@@ -86,6 +110,7 @@ impl ContextHandle {
             shape: Arc::new(shape),
             model,
             retired,
+            _worker: worker,
         })
     }
 

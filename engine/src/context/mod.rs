@@ -113,4 +113,6 @@ enum Command {
         seq: i32,
         reply: Reply<()>,
     },
+    /// Stop now (the last handle is gone): sequences still running are dropped with the context.
+    Stop,
 }

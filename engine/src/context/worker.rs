@@ -143,12 +143,13 @@ impl Worker<'_> {
             // Idle: sleep until a command arrives. Generating: take whatever arrived, then one step.
             if self.active.is_empty() && self.pending.is_empty() {
                 match rx.blocking_recv() {
+                    Some(Command::Stop) | None => break,
                     Some(cmd) => self.serve(cmd),
-                    None => break,
                 }
             }
             loop {
                 match rx.try_recv() {
+                    Ok(Command::Stop) => return,
                     Ok(cmd) => self.serve(cmd),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -231,6 +232,8 @@ impl Worker<'_> {
             Command::Clear { seq, reply } => {
                 let _ = reply.send(self.guard(|w| w.clear(seq)));
             }
+            // `run` stops on it before serving.
+            Command::Stop => {}
         }
     }
 
