@@ -26,10 +26,42 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            #[cfg(feature = "dynamic-backends")]
+            load_backend_modules();
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| EngineError::Backend(e.clone()))
+}
+
+/// Loads ggml's backend modules (builds with loadable backends, feature `dynamic-backends`), once,
+/// before the backend starts: from `EXO_BACKENDS_DIR` when set, else from the running binary's
+/// folder when the modules were shipped beside it (`libggml-cpu*.so` there), else from the folder
+/// the build installed them in. A module that cannot load (the CUDA one on a machine without the
+/// CUDA libraries) is skipped by ggml; the CPU module picked is the best variant this CPU runs.
+#[cfg(feature = "dynamic-backends")]
+fn load_backend_modules() {
+    use std::path::PathBuf;
+    let beside_binary = || {
+        let dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+        let has_modules = std::fs::read_dir(&dir).ok()?.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("libggml-cpu") && n.contains(".so"))
+        });
+        has_modules.then_some(dir)
+    };
+    let dir = std::env::var_os("EXO_BACKENDS_DIR")
+        .map(PathBuf::from)
+        .or_else(beside_binary);
+    // llama-cpp-2 panics on a path that is not UTF-8 or holds a NUL: check before handing it over.
+    match dir.filter(|d| d.to_str().is_some_and(|s| !s.contains('\0'))) {
+        Some(dir) => {
+            tracing::info!(dir = %dir.display(), "loading ggml backend modules");
+            llama_cpp_2::llama_backend::load_backends_from_path(&dir);
+        }
+        None => llama_cpp_2::llama_backend::load_backends(),
+    }
 }
 
 /// How a model is loaded.
