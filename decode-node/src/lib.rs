@@ -4,9 +4,11 @@
 //! Each request has an entry keyed by its id. The entry is created by whichever arrives first: the
 //! transfer's `kv_begin` (from the prefill node) or the router's first `poll`. Chunks may arrive out of
 //! order when several are in flight; they are reordered within a bounded window and fed to the
-//! [`KvDecoder`] in order. When the last chunk is in, the cache is imported into a free slot and
-//! generation starts; its events queue in the entry until polled. Dropping the entry (cancel, finish,
-//! or a timeout) stops generation at the next token and frees the slot.
+//! [`KvDecoder`] in order, on blocking threads under the transfer's own lock (decompression and
+//! checksums never run on the async threads or under the map lock every poll takes). When the last
+//! chunk is in, the cache is imported into a free slot and generation starts; its events queue in
+//! the entry until polled. Dropping the entry (cancel, finish, or a timeout) stops generation at the
+//! next token and frees the slot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -43,16 +45,56 @@ type Event = Result<GenEvent, NodeError>;
 enum Stage {
     /// Polled, but no transfer has begun.
     Waiting,
-    /// Chunks arriving.
-    Receiving {
-        decoder: Box<KvDecoder>,
-        first_token: i32,
-        sampling: SamplingParams,
-        ahead: BTreeMap<u32, Vec<u8>>,
-    },
+    /// Chunks arriving. The transfer has a lock of its own: chunks are checked and decompressed
+    /// under it on blocking threads, never under the node-wide map lock that polls take.
+    Receiving(Arc<Mutex<Transfer>>),
     /// Imported (or prefilled here) and generating, or failed with the error queued: no transfer
     /// is expected any more.
     Running,
+}
+
+/// A transfer in progress.
+struct Transfer {
+    /// `None` once the transfer completed and the import took it.
+    decoder: Option<Box<KvDecoder>>,
+    first_token: i32,
+    sampling: SamplingParams,
+    /// Chunks that arrived ahead of the next expected one.
+    ahead: BTreeMap<u32, Vec<u8>>,
+}
+
+impl Transfer {
+    /// Feeds a chunk to the decoder, or parks it until its predecessors arrive; true once complete.
+    /// Decompression and checksums happen here: call it off the async threads.
+    fn accept(&mut self, bytes: Vec<u8>) -> Result<bool, NodeError> {
+        let transfer = |e: exo_kvcache::KvError| NodeError::Transfer(e.to_string());
+        let Some(decoder) = self.decoder.as_mut() else {
+            return Err(NodeError::Transfer(
+                "the transfer is already complete".into(),
+            ));
+        };
+        let index = chunk_index(&bytes).map_err(transfer)?;
+        let next = decoder.chunks_received();
+        if index > next {
+            if index - next > REORDER_WINDOW || self.ahead.contains_key(&index) {
+                return Err(NodeError::Transfer(format!(
+                    "chunk {index} is outside the reorder window at {next}"
+                )));
+            }
+            self.ahead.insert(index, bytes);
+        } else {
+            decoder.push_chunk(&bytes).map_err(transfer)?;
+            while let Some(parked) = self.ahead.remove(&decoder.chunks_received()) {
+                decoder.push_chunk(&parked).map_err(transfer)?;
+            }
+        }
+        Ok(decoder.is_complete())
+    }
+}
+
+/// Locks `m`, whatever an earlier holder's panic left: the data is only ever replaced whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Entry {
@@ -138,7 +180,7 @@ impl DecodeNode {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Entry>> {
-        self.requests.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.requests)
     }
 
     /// Starts a transfer: checks the header against this node's model, layout and limits.
@@ -168,12 +210,12 @@ impl DecodeNode {
                 begin.id
             )));
         }
-        entry.stage = Stage::Receiving {
-            decoder: Box::new(decoder),
+        entry.stage = Stage::Receiving(Arc::new(Mutex::new(Transfer {
+            decoder: Some(Box::new(decoder)),
             first_token: begin.first_token,
             sampling: begin.sampling,
             ahead: BTreeMap::new(),
-        };
+        })));
         entry.last_progress = Instant::now();
         if complete {
             self.start_import(begin.id, entry);
@@ -203,76 +245,73 @@ impl DecodeNode {
     }
 
     fn was_cancelled(&self, id: RequestId) -> bool {
-        self.cancelled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
+        lock(&self.cancelled).contains_key(&id)
     }
 
-    /// Accepts one chunk (in any order within the reorder window). A refused chunk fails the request.
-    pub fn kv_chunk(self: &Arc<Self>, frame: KvFrame) -> Result<(), NodeError> {
-        let mut map = self.lock();
-        let entry = map
-            .get_mut(&frame.id)
-            .ok_or(NodeError::UnknownRequest(frame.id))?;
-        let result = Self::accept_chunk(entry, frame.bytes);
-        match result {
+    /// Accepts one chunk (in any order within the reorder window). The chunk is checked and
+    /// decompressed on a blocking thread under its transfer's own lock. A refused chunk fails
+    /// the request.
+    pub async fn kv_chunk(self: &Arc<Self>, frame: KvFrame) -> Result<(), NodeError> {
+        let id = frame.id;
+        let transfer = {
+            let mut map = self.lock();
+            let entry = map.get_mut(&id).ok_or(NodeError::UnknownRequest(id))?;
+            let Stage::Receiving(transfer) = &entry.stage else {
+                return Err(NodeError::Transfer("no transfer in progress".into()));
+            };
+            entry.last_progress = Instant::now();
+            Arc::clone(transfer)
+        };
+        let accepted =
+            tokio::task::spawn_blocking(move || lock(&transfer).accept(frame.bytes)).await;
+        let accepted = accepted
+            .map_err(|e| NodeError::Transfer(format!("chunk check failed: {e}")))
+            .and_then(|r| r);
+        match accepted {
             Ok(true) => {
-                self.start_import(frame.id, entry);
+                let mut map = self.lock();
+                if let Some(entry) = map.get_mut(&id) {
+                    entry.last_progress = Instant::now();
+                    self.start_import(id, entry);
+                }
                 Ok(())
             }
             Ok(false) => Ok(()),
             Err(e) => {
-                let _ = entry.tx.send(Err(e.clone()));
-                entry.stage = Stage::Running;
+                self.fail_transfer(id, e.clone());
                 Err(e)
             }
         }
     }
 
-    /// Feeds a chunk to the decoder, or parks it until its predecessors arrive; true once complete.
-    fn accept_chunk(entry: &mut Entry, bytes: Vec<u8>) -> Result<bool, NodeError> {
-        let Stage::Receiving { decoder, ahead, .. } = &mut entry.stage else {
-            return Err(NodeError::Transfer("no transfer in progress".into()));
-        };
-        let transfer = |e: exo_kvcache::KvError| NodeError::Transfer(e.to_string());
-        let index = chunk_index(&bytes).map_err(transfer)?;
-        let next = decoder.chunks_received();
-        if index > next {
-            if index - next > REORDER_WINDOW || ahead.contains_key(&index) {
-                return Err(NodeError::Transfer(format!(
-                    "chunk {index} is outside the reorder window at {next}"
-                )));
-            }
-            ahead.insert(index, bytes);
-        } else {
-            decoder.push_chunk(&bytes).map_err(transfer)?;
-            while let Some(parked) = ahead.remove(&decoder.chunks_received()) {
-                decoder.push_chunk(&parked).map_err(transfer)?;
-            }
-        }
-        entry.last_progress = Instant::now();
-        Ok(decoder.is_complete())
-    }
-
     /// The transfer is complete: import into a free slot and generate, on a task.
     fn start_import(self: &Arc<Self>, id: RequestId, entry: &mut Entry) {
-        let Stage::Receiving {
-            decoder,
-            first_token,
-            sampling,
-            ..
-        } = std::mem::replace(&mut entry.stage, Stage::Running)
-        else {
+        let Stage::Receiving(transfer) = std::mem::replace(&mut entry.stage, Stage::Running) else {
             return;
         };
         let tx = entry.tx.clone();
         let node = Arc::clone(self);
         tokio::spawn(async move {
-            let kv = match decoder.finish() {
-                Ok(kv) => kv,
-                Err(e) => {
+            // The whole-state checksum runs on a blocking thread.
+            let (decoded, first_token, sampling) = {
+                let mut t = lock(&transfer);
+                let decoder = t.decoder.take();
+                let finish = move || decoder.map(|d| d.finish());
+                (
+                    tokio::task::spawn_blocking(finish),
+                    t.first_token,
+                    t.sampling.clone(),
+                )
+            };
+            let kv = match decoded.await {
+                Ok(Some(Ok(kv))) => kv,
+                Ok(Some(Err(e))) => {
                     let _ = tx.send(Err(NodeError::Transfer(e.to_string())));
+                    return;
+                }
+                Ok(None) | Err(_) => {
+                    let why = "the transfer's decoder was lost";
+                    let _ = tx.send(Err(NodeError::Transfer(why.into())));
                     return;
                 }
             };
@@ -373,10 +412,7 @@ impl DecodeNode {
 
     /// Stops request `id`: generation ends before its next token and the slot is freed.
     pub fn cancel(&self, id: RequestId) {
-        self.cancelled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Instant::now());
+        lock(&self.cancelled).insert(id, Instant::now());
         if self.lock().remove(&id).is_some() {
             tracing::debug!(%id, "request cancelled");
         }
@@ -406,10 +442,7 @@ impl DecodeNode {
                 !idle
             });
             drop(map);
-            self.cancelled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|_, at| now - *at <= self.timeouts.transfer);
+            lock(&self.cancelled).retain(|_, at| now - *at <= self.timeouts.transfer);
             if Arc::strong_count(&self) == 1 {
                 return;
             }

@@ -95,6 +95,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
             id: RequestId(1),
             bytes: bytes.clone(),
         })
+        .await
         .unwrap();
     }
     let (text, finish) = collect(&node, 1).await.unwrap();
@@ -110,7 +111,8 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         node.kv_chunk(KvFrame {
             id: RequestId(2),
             bytes: bad
-        }),
+        })
+        .await,
         Err(NodeError::Transfer(_))
     ));
     assert!(matches!(
@@ -147,6 +149,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         id: RequestId(6),
         bytes: chunks[0].clone(),
     })
+    .await
     .unwrap();
     for id in [6, 7] {
         node.kv_abort(RequestId(id), "the link broke".into());
@@ -167,6 +170,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
             id: RequestId(4),
             bytes,
         })
+        .await
         .unwrap();
     }
     node.kv_abort(RequestId(4), "too late".into());

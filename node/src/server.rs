@@ -199,7 +199,9 @@ impl NodeService for NodeServer {
     }
 
     async fn kv_chunk(self, _: Context, frame: KvFrame) -> Result<(), NodeError> {
-        self.decode_side("receive a KV cache")?.kv_chunk(frame)
+        self.decode_side("receive a KV cache")?
+            .kv_chunk(frame)
+            .await
     }
 
     async fn kv_abort(self, _: Context, id: RequestId, reason: String) {

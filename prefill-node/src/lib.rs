@@ -233,15 +233,15 @@ impl PrefillNode {
         drop(lease);
         metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
             .increment(kv.state.len() as u64);
-        let encoder = KvEncoder::new(
-            kv.state,
-            kv.tokens,
-            self.ctx.model().fingerprint(),
-            self.ctx.config().layout,
-            handoff.codec,
-            handoff.chunk_size,
-        )
-        .map_err(|e| NodeError::Transfer(e.to_string()))?;
+        // Checksums and compression run on a blocking thread, not on the async threads.
+        let (fingerprint, layout) = (self.ctx.model().fingerprint(), self.ctx.config().layout);
+        let (codec, chunk_size) = (handoff.codec, handoff.chunk_size);
+        let encode =
+            move || KvEncoder::new(kv.state, kv.tokens, fingerprint, layout, codec, chunk_size);
+        let encoder = tokio::task::spawn_blocking(encode)
+            .await
+            .map_err(|e| NodeError::Transfer(format!("encoding stopped: {e}")))?
+            .map_err(|e| NodeError::Transfer(e.to_string()))?;
         let node = Arc::clone(self);
         tokio::spawn(async move {
             let _held = held;
@@ -301,7 +301,7 @@ impl PrefillNode {
         &self,
         id: RequestId,
         handoff: &Handoff,
-        mut encoder: KvEncoder<Vec<u8>>,
+        encoder: KvEncoder<Vec<u8>>,
         first_token: i32,
         sampling: SamplingParams,
     ) -> Result<(), NodeError> {
@@ -320,7 +320,20 @@ impl PrefillNode {
             .await
             .map_err(rpc)??;
         let depth = self.ship.chunks_in_flight.max(1);
-        futures::stream::iter(encoder.by_ref())
+        // A blocking thread frames the chunks (a checksum each, a copy when uncompressed), at most
+        // `depth` ahead of the calls; it stops when the receiver goes (a failed call).
+        let (frames_tx, frames_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(depth);
+        tokio::task::spawn_blocking(move || {
+            for frame in encoder {
+                if frames_tx.blocking_send(frame).is_err() {
+                    break;
+                }
+            }
+        });
+        let frames = futures::stream::unfold(frames_rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        frames
             .map(|bytes| {
                 let client = client.clone();
                 async move {

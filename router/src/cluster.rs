@@ -191,6 +191,8 @@ pub struct Cluster {
     next_id: AtomicU64,
     admitted: AtomicUsize,
     max_queued: usize,
+    /// Longest a request may go without output (the profile's `router.progress_timeout_s`).
+    pub progress_timeout: Duration,
     expected_output_tokens: u64,
     chars_per_token: Mutex<f64>,
 }
@@ -251,6 +253,7 @@ impl Cluster {
             next_id: AtomicU64::new(seed << 16),
             admitted: AtomicUsize::new(0),
             max_queued: profile.max_queued,
+            progress_timeout: profile.progress_timeout,
             expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
         });

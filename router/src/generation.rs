@@ -43,6 +43,10 @@ pub struct Generation {
     decode_client: NodeServiceClient,
     first: Option<Delta>,
     done: bool,
+    /// When the decode node last produced output (or the request started on it).
+    last_progress: Instant,
+    /// Longest the decode node may go without output before the request fails (504).
+    progress_timeout: Duration,
     /// Prompt tokens.
     pub prompt_tokens: u32,
     /// Tokens generated so far.
@@ -56,13 +60,13 @@ fn is_connection_error(e: &RpcError) -> bool {
     )
 }
 
-/// `node` did not answer: marked down (the health loop reconnects it), and a 503 for the client.
 /// Marks `node` down because it `why` (e.g. "is unreachable: ...") and fails the request: 503.
 fn node_down(node: &ClusterNode, why: String) -> ApiError {
     node.mark_down(&why);
     ApiError::Unavailable(format!("node {} {why}", node.name()))
 }
 
+/// `node` did not answer: marked down (the health loop reconnects it), and a 503 for the client.
 fn unreachable_node(node: &ClusterNode, e: &RpcError) -> ApiError {
     node_down(node, format!("is unreachable: {e}"))
 }
@@ -194,6 +198,8 @@ impl Generation {
                 finish: reply.finish,
             }),
             done: false,
+            last_progress: Instant::now(),
+            progress_timeout: cluster.progress_timeout,
             prompt_tokens: reply.n_prompt,
             completion_tokens: u32::from(produced),
             placement,
@@ -268,6 +274,18 @@ impl Generation {
             };
             self.completion_tokens += reply.n_tokens;
             self.done = reply.finish.is_some();
+            if reply.n_tokens > 0 || self.done {
+                self.last_progress = Instant::now();
+            } else if self.last_progress.elapsed() > self.progress_timeout {
+                // A wedged engine answers every poll with nothing: give up, cancel it there.
+                self.cancel_on_node();
+                self.done = true;
+                return Some(Err(ApiError::Timeout(format!(
+                    "decode node {} produced no output for {} s",
+                    self.placement.decode.name(),
+                    self.progress_timeout.as_secs_f64()
+                ))));
+            }
             if !reply.text.is_empty() || reply.finish.is_some() {
                 return Some(Ok(Delta {
                     text: reply.text,
@@ -293,19 +311,26 @@ impl Generation {
     }
 }
 
+impl Generation {
+    /// Frees the request's sequence on its decode node, on a task (best effort).
+    fn cancel_on_node(&self) {
+        let client = self.decode_client.clone();
+        let id = self.id;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = client.cancel(context_with_deadline(PING_TIMEOUT), id).await;
+            });
+        }
+    }
+}
+
 impl Drop for Generation {
     fn drop(&mut self) {
         if self.done {
             return;
         }
         // The client went away mid-request: free the sequence on the decode node.
-        let client = self.decode_client.clone();
-        let id = self.id;
-        tracing::debug!(%id, "request dropped before the end; cancelling");
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = client.cancel(context_with_deadline(PING_TIMEOUT), id).await;
-            });
-        }
+        tracing::debug!(id = %self.id, "request dropped before the end; cancelling");
+        self.cancel_on_node();
     }
 }

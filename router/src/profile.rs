@@ -14,6 +14,9 @@ use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMod
 pub const DEFAULT_PROFILE: &str = "profiles/local.toml";
 /// Requests admitted beyond the decode slots by default.
 pub const DEFAULT_MAX_QUEUED: usize = 64;
+/// Default `router.progress_timeout_s`: above the decode node's own waits (a cache queued for a
+/// slot, a stalled transfer: 60 s each), so it only fires for a node that stopped working.
+pub const DEFAULT_PROGRESS_TIMEOUT_S: f64 = 120.0;
 /// The router's default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:52415";
 
@@ -94,6 +97,9 @@ pub struct Profile {
     pub listen: SocketAddr,
     /// Requests admitted beyond the decode slots before the API answers 429.
     pub max_queued: usize,
+    /// Longest a request may go without output from its decode node before it fails with 504
+    /// (a wedged engine that answers polls with nothing).
+    pub progress_timeout: std::time::Duration,
     /// KV shipping.
     pub kv: KvShipping,
     /// KV layout of embedded nodes (slots per node come from each node).
@@ -171,6 +177,7 @@ struct RawLink {
 struct RawRouter {
     listen: Option<String>,
     max_queued: Option<usize>,
+    progress_timeout_s: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -406,6 +413,17 @@ fn check_placement(placement: PlacementMode, nodes: &[NodeSpec]) -> Result<(), S
     }
 }
 
+/// `router.progress_timeout_s`, checked: a positive, finite number of seconds.
+fn progress_timeout(secs: Option<f64>) -> Result<std::time::Duration, String> {
+    let secs = secs.unwrap_or(DEFAULT_PROGRESS_TIMEOUT_S);
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            format!("router.progress_timeout_s must be a positive number of seconds, not {secs}")
+        })
+}
+
 impl Profile {
     /// Reads and validates a profile file.
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
@@ -455,6 +473,7 @@ impl Profile {
             placement: raw.placement,
             listen,
             max_queued: raw.router.max_queued.unwrap_or(DEFAULT_MAX_QUEUED),
+            progress_timeout: progress_timeout(raw.router.progress_timeout_s)?,
             kv,
             layout,
             nodes,

@@ -31,6 +31,12 @@ struct Signals {
     hang_hello: AtomicBool,
     /// What `hello` reports as the node's fault (a retired engine context, say).
     fault: Mutex<Option<String>>,
+    /// `prefill` answers at once (output token 0) instead of never.
+    answer_prefill: AtomicBool,
+    /// `poll` answers with no output after its wait, forever (a wedged engine).
+    wedged: AtomicBool,
+    /// A `cancel` arrived.
+    cancelled: AtomicBool,
     /// A prefill call arrived.
     prefill_started: Notify,
     /// A prefill call's handler was dropped before it answered (the call was cancelled).
@@ -65,6 +71,14 @@ impl NodeService for StandIn {
     }
 
     async fn prefill(self, _: Context, _: PrefillRequest) -> Result<PrefillReply, NodeError> {
+        if self.signals.answer_prefill.load(Ordering::SeqCst) {
+            return Ok(PrefillReply {
+                first_token: 1,
+                first_text: "Once".into(),
+                n_prompt: 3,
+                finish: None,
+            });
+        }
         let _guard = Unanswered(Arc::clone(&self.signals));
         self.signals.prefill_started.notify_one();
         std::future::pending().await
@@ -80,11 +94,17 @@ impl NodeService for StandIn {
 
     async fn kv_abort(self, _: Context, _: RequestId, _: String) {}
 
-    async fn poll(self, _: Context, _: RequestId, _: u32) -> Result<PollReply, NodeError> {
+    async fn poll(self, _: Context, _: RequestId, wait_ms: u32) -> Result<PollReply, NodeError> {
+        if self.signals.wedged.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(u64::from(wait_ms))).await;
+            return Ok(PollReply::default());
+        }
         std::future::pending().await
     }
 
-    async fn cancel(self, _: Context, _: RequestId) {}
+    async fn cancel(self, _: Context, _: RequestId) {
+        self.signals.cancelled.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Serves a stand-in with `role` on a free port until `stop` fires (then its connections close).
@@ -132,8 +152,13 @@ async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<S
 
 /// Starts a router over a split cluster: prefill node `p` at `p_addr`, decode node `d` at `d_addr`.
 async fn start_split(p_addr: SocketAddr, d_addr: SocketAddr) -> Server {
+    start_split_with(p_addr, d_addr, "").await
+}
+
+/// [`start_split`] with `router` (TOML keys) as the profile's `[router]` table.
+async fn start_split_with(p_addr: SocketAddr, d_addr: SocketAddr, router: &str) -> Server {
     let text = format!(
-        "model = \"m.gguf\"\nplacement = \"disaggregated\"\n\
+        "model = \"m.gguf\"\nplacement = \"disaggregated\"\n[router]\n{router}\n\
          [[nodes]]\nname = \"p\"\naddress = \"{p_addr}\"\nrole = \"prefill\"\n\
          [[nodes]]\nname = \"d\"\naddress = \"{d_addr}\"\nrole = \"decode\"\n"
     );
@@ -255,5 +280,43 @@ async fn health_checks_take_a_node_that_reports_a_fault_out_of_service() {
     }
     assert!(down, "a node reporting a fault stayed in service");
     assert!(server.cluster.nodes()[0].healthy());
+    server.shutdown().await;
+}
+
+/// A decode node whose engine is wedged answers every poll with nothing: the request fails with
+/// 504 once `router.progress_timeout_s` passes without output (instead of never), and the request
+/// is cancelled on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_decode_node_fails_the_request_at_the_progress_deadline() {
+    let (_keep_prefill, prefill_stop) = oneshot::channel();
+    let (_keep_decode, decode_stop) = oneshot::channel();
+    let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
+    let (d_addr, decode) = stand_in(Role::Decode, decode_stop).await;
+    prefill.answer_prefill.store(true, Ordering::SeqCst);
+    decode.wedged.store(true, Ordering::SeqCst);
+    let server = start_split_with(p_addr, d_addr, "progress_timeout_s = 1.5").await;
+
+    let body = serde_json::json!({
+        "model": "stand-in",
+        "messages": [{"role": "user", "content": "Hello"}],
+    });
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        reqwest::Client::new().post(url).json(&body).send(),
+    )
+    .await
+    .expect("the request must fail at its progress deadline, not wait forever")
+    .unwrap();
+    assert_eq!(answer.status().as_u16(), 504);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    for _ in 0..100 {
+        if decode.cancelled.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(decode.cancelled.load(Ordering::SeqCst));
     server.shutdown().await;
 }

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// Something failed inside the cluster (500).
     #[error("{0}")]
     Internal(String),
+    /// A node stopped making progress on the request (504).
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl ApiError {
@@ -52,6 +55,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -62,6 +66,7 @@ impl ApiError {
             ApiError::Unavailable(_) => ("service_unavailable", None, Some("no_capacity")),
             ApiError::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
             ApiError::Internal(_) => ("server_error", None, None),
+            ApiError::Timeout(_) => ("server_error", None, Some("timeout")),
         };
         ErrorBody {
             error: ErrorDetail {
