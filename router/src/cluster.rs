@@ -43,12 +43,44 @@ pub struct ClusterNode {
     decoding: AtomicUsize,
     /// Their context tokens, summed.
     decode_ctx: AtomicU64,
+    /// One permit per sequence slot of the node (once it has said how many it has): a request
+    /// holds one from before its prompt runs until it ends, so a cache is only shipped to a
+    /// decode node with a slot waiting for it, and decode-node memory stays bounded by its slots.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The slot count the permits were made for (0 until the node first answered).
+    slot_count: AtomicUsize,
 }
 
 impl ClusterNode {
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Waits up to `timeout` for one of the node's sequence slots and holds it until the permit
+    /// is dropped; `None` when none freed in time.
+    pub async fn reserve_slot(&self, timeout: Duration) -> Option<SlotPermit> {
+        let permit = Arc::clone(&self.slots).acquire_owned();
+        match tokio::time::timeout(timeout, permit).await {
+            Ok(Ok(permit)) => Some(SlotPermit { _permit: permit }),
+            _ => None,
+        }
+    }
+
+    /// Slots free for new requests (permits not held).
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// Makes the permits for `n` slots the first time the node says how many it has.
+    fn set_slot_count(&self, n: usize) {
+        if self
+            .slot_count
+            .compare_exchange(0, n, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.slots.add_permits(n);
+        }
     }
 
     /// What it reported on connect, once connected.
@@ -111,6 +143,12 @@ impl Drop for InFlight {
             .saturating_sub(1);
         metrics::gauge!("exo_node_in_flight", "node" => self.0.spec.name.clone()).set(n as f64);
     }
+}
+
+/// One sequence slot of a decode node, reserved for a request from before its prompt runs until
+/// it ends (see [`ClusterNode::reserve_slot`]); dropping it frees the slot for the next request.
+pub struct SlotPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A prompt's share of its prefill node's backlog; released when the prefill ends.
@@ -242,6 +280,8 @@ impl Cluster {
                         prefill_backlog: AtomicU64::new(0),
                         decoding: AtomicUsize::new(0),
                         decode_ctx: AtomicU64::new(0),
+                        slots: Arc::new(tokio::sync::Semaphore::new(0)),
+                        slot_count: AtomicUsize::new(0),
                     })
                 })
                 .collect(),
@@ -303,6 +343,7 @@ impl Cluster {
         if let Ok(mut c) = node.client.write() {
             *c = Some(client);
         }
+        node.set_slot_count(info.layout.n_seq_max as usize);
         if let Ok(mut i) = node.info.write() {
             *i = Some(info);
         }

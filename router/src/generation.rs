@@ -10,7 +10,7 @@ use exo_protocol::{
 use tarpc::client::RpcError;
 
 use crate::api::error::ApiError;
-use crate::cluster::{Admission, Cluster, ClusterNode, Placement};
+use crate::cluster::{Admission, Cluster, ClusterNode, Placement, SlotPermit};
 use crate::placement::RequestShape;
 
 /// Deadline of a prefill call: long prompts on slow machines legitimately take minutes.
@@ -23,6 +23,8 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the decode node is checked while a split request's prompt runs.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest a request waits for a sequence slot on its decode node before its prompt runs.
+const SLOT_WAIT: Duration = Duration::from_secs(60);
 
 /// Text that became final, and whether the request ended with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,8 @@ pub struct Generation {
     decode_client: NodeServiceClient,
     first: Option<Delta>,
     done: bool,
+    /// The decode slot this request holds until it is dropped.
+    _slot: SlotPermit,
     /// When the decode node last produced output (or the request started on it).
     last_progress: Instant,
     /// Longest the decode node may go without output before the request fails (504).
@@ -164,6 +168,18 @@ impl Generation {
             .decode
             .client()
             .ok_or_else(|| unreachable(&placement.decode))?;
+        // The decode slot first, then the prompt: a cache is never shipped to wait for a slot.
+        let slot = placement
+            .decode
+            .reserve_slot(SLOT_WAIT)
+            .await
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "every sequence slot of decode node {} stayed busy for {} s",
+                    placement.decode.name(),
+                    SLOT_WAIT.as_secs()
+                ))
+            })?;
         let handoff = placement.is_split().then(|| Handoff {
             decode_addr: placement.decode.addr.clone(),
             codec: placement.codec,
@@ -198,6 +214,7 @@ impl Generation {
                 finish: reply.finish,
             }),
             done: false,
+            _slot: slot,
             last_progress: Instant::now(),
             progress_timeout: cluster.progress_timeout,
             prompt_tokens: reply.n_prompt,

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ struct Signals {
     wedged: AtomicBool,
     /// A `cancel` arrived.
     cancelled: AtomicBool,
+    /// `prefill` calls received.
+    prefill_calls: AtomicUsize,
     /// A prefill call arrived.
     prefill_started: Notify,
     /// A prefill call's handler was dropped before it answered (the call was cancelled).
@@ -71,6 +73,7 @@ impl NodeService for StandIn {
     }
 
     async fn prefill(self, _: Context, _: PrefillRequest) -> Result<PrefillReply, NodeError> {
+        self.signals.prefill_calls.fetch_add(1, Ordering::SeqCst);
         if self.signals.answer_prefill.load(Ordering::SeqCst) {
             return Ok(PrefillReply {
                 first_token: 1,
@@ -109,6 +112,15 @@ impl NodeService for StandIn {
 
 /// Serves a stand-in with `role` on a free port until `stop` fires (then its connections close).
 async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<Signals>) {
+    stand_in_with_slots(role, stop, 4).await
+}
+
+/// [`stand_in`] reporting `slots` sequence slots.
+async fn stand_in_with_slots(
+    role: Role,
+    stop: oneshot::Receiver<()>,
+    slots: u32,
+) -> (SocketAddr, Arc<Signals>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let layout = KvLayout {
@@ -116,7 +128,7 @@ async fn stand_in(role: Role, stop: oneshot::Receiver<()>) -> (SocketAddr, Arc<S
         type_v: KvType::F16,
         flash_attn: false,
         kv_unified: false,
-        n_seq_max: 4,
+        n_seq_max: slots,
         n_ctx_seq: 4096,
     };
     let signals = Arc::new(Signals::default());
@@ -318,5 +330,64 @@ async fn a_wedged_decode_node_fails_the_request_at_the_progress_deadline() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(decode.cancelled.load(Ordering::SeqCst));
+    server.shutdown().await;
+}
+
+/// Waits (up to 10 s) until `done` holds.
+async fn eventually(done: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+/// A request reserves a sequence slot on its decode node before its prompt runs: with the only
+/// slot held by a running request, a second request's prompt does not run (its cache would only
+/// wait in the decode node's memory); it runs once the first request's client goes away and its
+/// slot is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_runs_only_once_a_decode_slot_is_reserved_for_it() {
+    let (_keep_prefill, prefill_stop) = oneshot::channel();
+    let (_keep_decode, decode_stop) = oneshot::channel();
+    let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
+    let (d_addr, decode) = stand_in_with_slots(Role::Decode, decode_stop, 1).await;
+    prefill.answer_prefill.store(true, Ordering::SeqCst);
+    // Requests on the decode node never end: the first one keeps the only slot.
+    decode.wedged.store(true, Ordering::SeqCst);
+    let server = start_split(p_addr, d_addr).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let body = |stream: bool| {
+        serde_json::json!({
+            "model": "stand-in",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "stream": stream,
+        })
+    };
+
+    let first = reqwest::Client::new()
+        .post(&url)
+        .json(&body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(prefill.prefill_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(server.cluster.nodes()[1].free_slots(), 0);
+
+    let second = tokio::spawn(reqwest::Client::new().post(&url).json(&body(false)).send());
+    // Give the second request every chance to run its prompt early (it must not).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(prefill.prefill_calls.load(Ordering::SeqCst), 1);
+
+    drop(first);
+    let calls = || prefill.prefill_calls.load(Ordering::SeqCst) == 2;
+    assert!(
+        eventually(calls).await,
+        "the released slot must go to the waiting request"
+    );
+    second.abort();
     server.shutdown().await;
 }
