@@ -64,6 +64,12 @@ struct Transfer {
 }
 
 impl Transfer {
+    /// Bytes this transfer holds: the state decoded so far and the chunks parked ahead.
+    fn bytes_held(&self) -> usize {
+        let decoded = self.decoder.as_ref().map_or(0, |d| d.bytes_held());
+        decoded + self.ahead.values().map(Vec::len).sum::<usize>()
+    }
+
     /// Feeds a chunk to the decoder, or parks it until its predecessors arrive; true once complete.
     /// Decompression and checksums happen here: call it off the async threads.
     fn accept(&mut self, bytes: Vec<u8>) -> Result<bool, NodeError> {
@@ -418,7 +424,34 @@ impl DecodeNode {
         }
     }
 
-    /// Enforces the timeouts every second until the node is dropped elsewhere.
+    /// What this node holds right now, published as gauges (labelled with the node's name):
+    /// `exo_decode_slots_in_use` (sequence slots leased), `exo_kv_transfers_pending` (requests
+    /// whose cache is awaited or arriving) and `exo_kv_bytes_held` (their bytes received so far).
+    /// After every request has ended, all three are 0: anything else is a stranded resource.
+    pub fn publish_holdings(&self) {
+        let (pending, bytes) = {
+            let map = self.lock();
+            map.values()
+                .fold((0usize, 0usize), |(n, b), e| match &e.stage {
+                    Stage::Waiting => (n + 1, b),
+                    // A transfer busy with a chunk is counted without its bytes this time.
+                    Stage::Receiving(t) => {
+                        let held = t.try_lock().map_or(0, |t| t.bytes_held());
+                        (n + 1, b + held)
+                    }
+                    Stage::Running => (n, b),
+                })
+        };
+        let slots = self.ctx.config().layout.n_seq_max as usize;
+        let in_use = slots.saturating_sub(self.ctx.free_slots());
+        let node = self.name.clone();
+        metrics::gauge!("exo_decode_slots_in_use", "node" => node.clone()).set(in_use as f64);
+        metrics::gauge!("exo_kv_transfers_pending", "node" => node.clone()).set(pending as f64);
+        metrics::gauge!("exo_kv_bytes_held", "node" => node).set(bytes as f64);
+    }
+
+    /// Enforces the timeouts every second until the node is dropped elsewhere, and publishes
+    /// what the node holds ([`DecodeNode::publish_holdings`]) on the same tick.
     pub async fn run_reaper(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -443,6 +476,7 @@ impl DecodeNode {
             });
             drop(map);
             lock(&self.cancelled).retain(|_, at| now - *at <= self.timeouts.transfer);
+            self.publish_holdings();
             if Arc::strong_count(&self) == 1 {
                 return;
             }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{long_message, post, start_text};
+use common::{long_message, node_metric, post, start_text};
 use serde_json::{Value, json};
 
 /// A split cluster with a small context and a single decode slot.
@@ -178,15 +178,6 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot() {
     }
     assert!(server.cluster.nodes().iter().all(|n| n.in_flight() == 0));
     server.shutdown().await;
-}
-
-/// The value of `metric{node="NODE"}` in a Prometheus text page (0 when absent).
-fn node_metric(page: &str, metric: &str, node: &str) -> f64 {
-    let key = format!("{metric}{{node=\"{node}\"}} ");
-    page.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Cancellation reaches the engine: a stream dropped after a few tokens stops generating on its

@@ -1,6 +1,7 @@
 //! A real multi-process cluster: prefill node, decode node and router as three OS processes on
 //! loopback ports, started by the test; then the decode node is killed and requests get 503. Also a
-//! pair that differs in flash attention, served together, and a KV transfer cut by a faulty link.
+//! pair that differs in flash attention, served together, KV transfers cut by a faulty link, and a
+//! drain on SIGTERM.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,8 +13,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{model_path, post};
+use common::{model_path, node_metric, post};
 use exo_test_support::proxy::{Fault, FaultProxy};
+use futures::StreamExt;
 use serde_json::json;
 
 /// Kills the process when dropped, so a failing test leaves nothing running.
@@ -334,4 +336,141 @@ async fn sigterm_drains_a_stream_in_flight_before_stopping() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&profile_dir);
+}
+
+/// A free loopback address for a metrics listener.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The Prometheus page at `http://addr/metrics`.
+async fn metrics(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// At least 200 KV transfers through a link that refuses and cuts connections at random (a
+/// seeded proxy in front of the decode node: one connection in four refused, every other one cut
+/// after a random number of client bytes below 16 MiB, which a transfer of about 0.9 MB reaches
+/// every few transfers). Every request is answered or fails with a clear error inside 30 s,
+/// no process dies, and once the load stops nothing is stranded: no decode slot in use or
+/// reserved, no transfer pending, no received bytes held, no request in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_through_a_faulty_link_strand_nothing() {
+    let model = model_path().display().to_string();
+    let (p_metrics, d_metrics) = (free_addr(), free_addr());
+    let (mut prefill, prefill_addr) = spawn_node(
+        &model,
+        "prefill",
+        "chaos-prefill",
+        &["--metrics-listen", &p_metrics, "--slots", "2"],
+    );
+    let (mut decode, decode_addr) = spawn_node(
+        &model,
+        "decode",
+        "chaos-decode",
+        &["--metrics-listen", &d_metrics],
+    );
+    let fault = Fault::Chaos {
+        refuse_one_in: 4,
+        max_bytes: 16 << 20,
+        seed: 7,
+    };
+    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
+        .await
+        .unwrap();
+    let proxied = proxy.addr().to_string();
+    let (mut router, addr, dir) = serve_split(
+        &model,
+        ("chaos-prefill", &prefill_addr),
+        ("chaos-decode", &proxied),
+        "chaos-test",
+    );
+
+    let (mut ok, mut failed, mut sent) = (0usize, 0usize, 0usize);
+    let transfers = |page: &str| node_metric(page, "exo_prefill_seconds_count", "chaos-prefill");
+    while transfers(&metrics(&p_metrics).await) < 200.0 {
+        assert!(
+            sent < 1500,
+            "{sent} requests made only {} transfers",
+            transfers(&metrics(&p_metrics).await)
+        );
+        let batch = futures::stream::iter(sent..sent + 8)
+            .map(|i| async move {
+                let body = json!({
+                    "model": "SmolLM2-135M-Instruct.Q4_1",
+                    "messages": [{ "role": "user", "content": format!("Count to {i}.") }],
+                    "max_tokens": 2, "temperature": 0,
+                });
+                // Well inside the decode node's 60 s transfer timeout, which only a broken
+                // transfer whose failure never reached the decode node would wait for.
+                tokio::time::timeout(
+                    Duration::from_secs(30),
+                    post(addr, "/v1/chat/completions", &body),
+                )
+                .await
+                .expect("every request must be answered or failed inside 30 s")
+            })
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+            .await;
+        sent += batch.len();
+        for a in batch {
+            match a.status {
+                200 => ok += 1,
+                500 | 503 | 504 => {
+                    let message = a.body["error"]["message"].as_str().unwrap_or_default();
+                    assert!(!message.is_empty(), "{}", a.body);
+                    failed += 1;
+                }
+                other => panic!("unexpected status {other}: {}", a.body),
+            }
+        }
+    }
+    eprintln!(
+        "{sent} requests, {} transfers: {ok} answered, {failed} failed clearly; {} connections cut or refused",
+        transfers(&metrics(&p_metrics).await),
+        proxy.cuts()
+    );
+    assert!(ok > 0 && failed > 0 && proxy.cuts() > 0);
+
+    // Nothing stranded: the gauges go back to zero (they are published every second).
+    let mut left = String::new();
+    for _ in 0..100 {
+        let (d, r) = (metrics(&d_metrics).await, metrics(&addr.to_string()).await);
+        let held = [
+            node_metric(&d, "exo_decode_slots_in_use", "chaos-decode"),
+            node_metric(&d, "exo_kv_transfers_pending", "chaos-decode"),
+            node_metric(&d, "exo_kv_bytes_held", "chaos-decode"),
+            node_metric(&r, "exo_decode_slots_reserved", "chaos-decode"),
+        ];
+        let in_flight = r
+            .lines()
+            .find_map(|l| l.strip_prefix("exo_requests_in_flight "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        left = format!("slots in use, transfers, bytes, reserved: {held:?}; in flight {in_flight}");
+        if held.iter().all(|&v| v == 0.0) && in_flight == 0.0 {
+            left.clear();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(left.is_empty(), "stranded: {left}");
+    for (name, proc) in [
+        ("prefill", &mut prefill),
+        ("decode", &mut decode),
+        ("router", &mut router),
+    ] {
+        assert!(
+            proc.0.try_wait().unwrap().is_none(),
+            "the {name} process died"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

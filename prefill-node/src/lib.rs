@@ -19,6 +19,8 @@ use tokio::sync::Mutex;
 const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of the call that tells a decode node a transfer failed.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections tried for that call.
+const ABORT_TRIES: usize = 3;
 
 /// How a prefill node ships caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,21 +262,28 @@ impl PrefillNode {
 
     /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the
     /// request fails there now (and the router's poll returns the reason) rather than at the decode
-    /// node's transfer timeout. Best effort: an unreachable decode node is the router's to notice.
+    /// node's transfer timeout. Best effort, on up to [`ABORT_TRIES`] fresh connections: an
+    /// unreachable decode node is the router's to notice.
     async fn abort(&self, id: RequestId, addr: &str, error: NodeError) {
         let reason = match error {
             NodeError::Transfer(why) => format!("from prefill node {}: {why}", self.name),
             other => format!("from prefill node {}: {other}", self.name),
         };
-        let sent = match self.client(addr).await {
-            Ok(c) => c
-                .kv_abort(context_with_deadline(ABORT_TIMEOUT), id, reason)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = sent {
-            tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer");
+        for _ in 0..ABORT_TRIES {
+            let sent = match self.client(addr).await {
+                Ok(c) => c
+                    .kv_abort(context_with_deadline(ABORT_TIMEOUT), id, reason.clone())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer");
+                    self.peers.lock().await.remove(addr);
+                }
+            }
         }
     }
 

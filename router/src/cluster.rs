@@ -59,12 +59,18 @@ impl ClusterNode {
 
     /// Waits up to `timeout` for one of the node's sequence slots and holds it until the permit
     /// is dropped; `None` when none freed in time.
-    pub async fn reserve_slot(&self, timeout: Duration) -> Option<SlotPermit> {
+    pub async fn reserve_slot(self: &Arc<Self>, timeout: Duration) -> Option<SlotPermit> {
         let permit = Arc::clone(&self.slots).acquire_owned();
-        match tokio::time::timeout(timeout, permit).await {
-            Ok(Ok(permit)) => Some(SlotPermit { _permit: permit }),
-            _ => None,
-        }
+        let permit = match tokio::time::timeout(timeout, permit).await {
+            Ok(Ok(permit)) => permit,
+            _ => return None,
+        };
+        let permit = SlotPermit {
+            permit: Some(permit),
+            node: Arc::clone(self),
+        };
+        permit.publish();
+        Some(permit)
     }
 
     /// Slots free for new requests (permits not held).
@@ -148,7 +154,28 @@ impl Drop for InFlight {
 /// One sequence slot of a decode node, reserved for a request from before its prompt runs until
 /// it ends (see [`ClusterNode::reserve_slot`]); dropping it frees the slot for the next request.
 pub struct SlotPermit {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    node: Arc<ClusterNode>,
+}
+
+impl SlotPermit {
+    /// Publishes `exo_decode_slots_reserved{node}`: the node's slots held by requests.
+    fn publish(&self) {
+        let node = &self.node;
+        let reserved = node
+            .slot_count
+            .load(Ordering::Relaxed)
+            .saturating_sub(node.slots.available_permits());
+        metrics::gauge!("exo_decode_slots_reserved", "node" => node.spec.name.clone())
+            .set(reserved as f64);
+    }
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.publish();
+    }
 }
 
 /// A prompt's share of its prefill node's backlog; released when the prefill ends.

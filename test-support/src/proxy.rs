@@ -25,6 +25,55 @@ pub enum Fault {
         /// Connections to cut.
         times: usize,
     },
+    /// Each connection is refused (closed as soon as it is accepted) with probability
+    /// 1/`refuse_one_in`, and otherwise cut after a random number of client bytes below
+    /// `max_bytes`: a busy connection is cut sooner or later, a quiet one may never be. The draws
+    /// come from `seed`, so a run can be repeated.
+    Chaos {
+        /// One refused connection in this many.
+        refuse_one_in: u64,
+        /// Cuts happen below this many client bytes.
+        max_bytes: u64,
+        /// Seed of the draws.
+        seed: u64,
+    },
+}
+
+/// What happens to one connection.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Pass,
+    Refuse,
+    Cut(u64),
+}
+
+/// A small deterministic generator (splitmix64) for the proxy's draws.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Fault {
+    /// The fate of connection number `n` (from 0).
+    fn fate(self, n: u64) -> Fate {
+        match self {
+            Fault::Chaos {
+                refuse_one_in,
+                max_bytes,
+                seed,
+            } => {
+                let draw = splitmix(seed ^ splitmix(n));
+                if refuse_one_in > 0 && draw.is_multiple_of(refuse_one_in) {
+                    Fate::Refuse
+                } else {
+                    Fate::Cut(splitmix(draw) % max_bytes.max(1))
+                }
+            }
+            Fault::None | Fault::CutAfter { .. } => Fate::Pass,
+        }
+    }
 }
 
 /// A running proxy; stops when dropped.
@@ -42,11 +91,18 @@ impl FaultProxy {
         let cuts = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&cuts);
         let task = tokio::spawn(async move {
+            let mut n = 0u64;
             while let Ok((inbound, _)) = listener.accept().await {
                 let cuts = Arc::clone(&counted);
+                let fate = fault.fate(n);
+                n += 1;
                 tokio::spawn(async move {
+                    if let Fate::Refuse = fate {
+                        cuts.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
                     if let Ok(outbound) = TcpStream::connect(target).await {
-                        forward(inbound, outbound, fault, &cuts).await;
+                        forward(inbound, outbound, fault, fate, &cuts).await;
                     }
                 });
             }
@@ -59,7 +115,7 @@ impl FaultProxy {
         self.addr
     }
 
-    /// Connections cut so far.
+    /// Connections cut (or refused) so far.
     pub fn cuts(&self) -> usize {
         self.cuts.load(Ordering::SeqCst)
     }
@@ -73,7 +129,13 @@ impl Drop for FaultProxy {
 
 /// Copies both ways until either side closes or the fault cuts the connection; dropping the
 /// streams then closes both ends.
-async fn forward(inbound: TcpStream, outbound: TcpStream, fault: Fault, cuts: &AtomicUsize) {
+async fn forward(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    fault: Fault,
+    fate: Fate,
+    cuts: &AtomicUsize,
+) {
     let (mut from_client, mut to_client) = inbound.into_split();
     let (mut from_server, mut to_server) = outbound.into_split();
     let up = async {
@@ -84,7 +146,12 @@ async fn forward(inbound: TcpStream, outbound: TcpStream, fault: Fault, cuts: &A
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if let Fault::CutAfter { bytes, times } = fault
+            let limit = match (fault, fate) {
+                (Fault::CutAfter { bytes, times }, _) => Some((bytes, times)),
+                (_, Fate::Cut(bytes)) => Some((bytes, usize::MAX)),
+                _ => None,
+            };
+            if let Some((bytes, times)) = limit
                 && sent + n as u64 > bytes
                 && claim(cuts, times)
             {

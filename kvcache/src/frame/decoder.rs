@@ -80,6 +80,11 @@ impl KvDecoder {
         &self.header
     }
 
+    /// Bytes of decoded state held so far.
+    pub fn bytes_held(&self) -> usize {
+        self.state.len()
+    }
+
     /// Chunks accepted so far.
     pub fn chunks_received(&self) -> u32 {
         self.next

@@ -142,3 +142,12 @@ pub fn long_message(words: usize) -> String {
     }
     text + "Which district appears most often?"
 }
+
+/// The value of `metric{node="NODE"}` in a Prometheus text page (0 when absent).
+pub fn node_metric(page: &str, metric: &str, node: &str) -> f64 {
+    let key = format!("{metric}{{node=\"{node}\"}} ");
+    page.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
