@@ -17,6 +17,10 @@ use crate::placement::{
 };
 use crate::profile::{KvShipping, NodeSpec, Profile};
 
+mod guards;
+
+pub use guards::{Admission, DecodeLoad, InFlight, PrefillLoad, SlotPermit};
+
 /// Characters per prompt token assumed until the first prefill reports a real count.
 const INITIAL_CHARS_PER_TOKEN: f64 = 4.0;
 
@@ -126,96 +130,6 @@ impl ClusterNode {
         if let Ok(mut c) = self.client.write() {
             *c = None;
         }
-    }
-}
-
-/// Counts a request on a node while alive.
-pub struct InFlight(Arc<ClusterNode>);
-
-impl InFlight {
-    fn new(node: &Arc<ClusterNode>) -> Self {
-        let n = node.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!("exo_node_in_flight", "node" => node.spec.name.clone()).set(n as f64);
-        InFlight(Arc::clone(node))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let n = self
-            .0
-            .in_flight
-            .fetch_sub(1, Ordering::Relaxed)
-            .saturating_sub(1);
-        metrics::gauge!("exo_node_in_flight", "node" => self.0.spec.name.clone()).set(n as f64);
-    }
-}
-
-/// One sequence slot of a decode node, reserved for a request from before its prompt runs until
-/// it ends (see [`ClusterNode::reserve_slot`]); dropping it frees the slot for the next request.
-pub struct SlotPermit {
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    node: Arc<ClusterNode>,
-}
-
-impl SlotPermit {
-    /// Publishes `exo_decode_slots_reserved{node}`: the node's slots held by requests.
-    fn publish(&self) {
-        let node = &self.node;
-        let reserved = node
-            .slot_count
-            .load(Ordering::Relaxed)
-            .saturating_sub(node.slots.available_permits());
-        metrics::gauge!("exo_decode_slots_reserved", "node" => node.spec.name.clone())
-            .set(reserved as f64);
-    }
-}
-
-impl Drop for SlotPermit {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        self.publish();
-    }
-}
-
-/// A prompt's share of its prefill node's backlog; released when the prefill ends.
-pub struct PrefillLoad {
-    node: Arc<ClusterNode>,
-    tokens: u64,
-}
-
-impl Drop for PrefillLoad {
-    fn drop(&mut self) {
-        self.node
-            .prefill_backlog
-            .fetch_sub(self.tokens, Ordering::Relaxed);
-    }
-}
-
-/// A sequence counted on its decode node while the request lives.
-pub struct DecodeLoad {
-    node: Arc<ClusterNode>,
-    ctx: u64,
-}
-
-impl Drop for DecodeLoad {
-    fn drop(&mut self) {
-        self.node.decoding.fetch_sub(1, Ordering::Relaxed);
-        self.node.decode_ctx.fetch_sub(self.ctx, Ordering::Relaxed);
-    }
-}
-
-/// A request admitted into the cluster; releases its place on drop.
-pub struct Admission(Arc<Cluster>);
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        let n = self
-            .0
-            .admitted
-            .fetch_sub(1, Ordering::Relaxed)
-            .saturating_sub(1);
-        self.0.publish_load(n);
     }
 }
 
