@@ -153,7 +153,8 @@ pub struct DecodeNode {
     limits: DecodeLimits,
     timeouts: DecodeTimeouts,
     requests: Mutex<HashMap<RequestId, Entry>>,
-    /// Requests cancelled recently: a transfer for one of them that arrives late is refused.
+    /// Requests cancelled or ended recently: a transfer (or an abort) for one of them that
+    /// arrives late is refused, instead of making a new entry nobody will poll.
     cancelled: Mutex<HashMap<RequestId, Instant>>,
 }
 
@@ -405,15 +406,21 @@ impl DecodeNode {
                     reply.finish = Some(finish);
                 }
                 Err(e) => {
-                    self.lock().remove(&id);
+                    self.forget(id);
                     return Err(e);
                 }
             }
         }
         if reply.finish.is_some() {
-            self.lock().remove(&id);
+            self.forget(id);
         }
         Ok(reply)
+    }
+
+    /// Drops request `id`'s entry after its final reply, remembering it as ended.
+    fn forget(&self, id: RequestId) {
+        lock(&self.cancelled).insert(id, Instant::now());
+        self.lock().remove(&id);
     }
 
     /// Stops request `id`: generation ends before its next token and the slot is freed.

@@ -124,6 +124,10 @@ pub struct NodeArgs {
     /// Chunk calls in flight when shipping a KV cache.
     #[arg(long, default_value_t = 2)]
     pub chunks_in_flight: usize,
+    /// Seconds a KV transfer to this (decode) node may go without progress before it fails:
+    /// a stalled link fails its request then, with "transfer timed out".
+    #[arg(long, env = "EXO_TRANSFER_TIMEOUT", default_value_t = 60.0, value_parser = positive_secs)]
+    pub transfer_timeout: f64,
     /// On SIGTERM or ctrl-c: seconds to finish the requests this node holds (it takes no new
     /// prompt and tells the router it is out of service meanwhile).
     #[arg(long, env = "EXO_DRAIN_TIMEOUT", default_value_t = 30)]
@@ -186,4 +190,16 @@ pub struct SimulateArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A number of seconds that is positive and finite (a duration flag).
+fn positive_secs(s: &str) -> Result<f64, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if secs.is_finite() && secs > 0.0 && std::time::Duration::try_from_secs_f64(secs).is_ok() {
+        Ok(secs)
+    } else {
+        Err(format!("{s} must be a positive number of seconds"))
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use exo_engine::{EngineError, Model, ModelOptions};
 use exo_kvcache::KvLayout;
-use exo_node::{NodeOptions, SpawnError, spawn_node};
+use exo_node::{DecodeTimeouts, NodeOptions, SpawnError, spawn_node};
 use exo_router::cluster::ServedModel;
 use exo_router::profile::{NodeAddress, NodeSpec, Profile};
 use exo_router::{Deployment, ServeError, Server};
@@ -85,6 +85,7 @@ async fn start_embedded(
             ..profile.layout
         },
         chunks_in_flight: profile.kv.chunks_in_flight,
+        transfer_timeout: DecodeTimeouts::default().transfer,
     };
     let mut stopped = stop.subscribe();
     let shutdown = async move {

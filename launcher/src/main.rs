@@ -236,6 +236,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         role: args.role,
         layout: args.engine.layout(slots),
         chunks_in_flight: args.chunks_in_flight,
+        transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (bound, server) = spawn_node(Arc::clone(&model), &options, args.listen, async move {

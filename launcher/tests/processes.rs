@@ -474,3 +474,70 @@ async fn transfers_through_a_faulty_link_strand_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A link that stalls mid-transfer (a proxy stops forwarding the prefill node's bytes after
+/// 64 KiB, keeping the connection open): the decode node, given `--transfer-timeout 2`, fails the
+/// request with "transfer timed out" once the transfer made no progress for 2 s, the client gets
+/// that error, and the decode node holds nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_transfer_fails_at_the_transfer_timeout_and_strands_nothing() {
+    let model = model_path().display().to_string();
+    let d_metrics = free_addr();
+    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "stall-prefill", &[]);
+    let flags = ["--metrics-listen", &d_metrics, "--transfer-timeout", "2"];
+    let (_decode, decode_addr) = spawn_node(&model, "decode", "stall-decode", &flags);
+    let fault = Fault::StallAfter {
+        bytes: 64 << 10,
+        times: 1,
+    };
+    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
+        .await
+        .unwrap();
+    let proxied = proxy.addr().to_string();
+    let (_router, addr, dir) = serve_split(
+        &model,
+        ("stall-prefill", &prefill_addr),
+        ("stall-decode", &proxied),
+        "stall-test",
+    );
+    let body = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
+        "max_tokens": 16, "temperature": 0,
+    });
+    // The bound only keeps a regression from hanging the run: with the default 60 s timeout the
+    // request would still be waiting.
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(30),
+        post(addr, "/v1/chat/completions", &body),
+    )
+    .await
+    .expect("the stalled transfer must fail at the 2 s transfer timeout");
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(stalled.status, 500, "{}", stalled.body);
+    let message = stalled.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("transfer timed out"), "{message}");
+
+    let mut held = Vec::new();
+    for _ in 0..50 {
+        let page = metrics(&d_metrics).await;
+        held = [
+            "exo_decode_slots_in_use",
+            "exo_kv_transfers_pending",
+            "exo_kv_bytes_held",
+        ]
+        .map(|m| node_metric(&page, m, "stall-decode"))
+        .to_vec();
+        if held.iter().all(|&v| v == 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        held.iter().all(|&v| v == 0.0),
+        "decode node still holds {held:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

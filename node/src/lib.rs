@@ -12,4 +12,5 @@ pub mod hardware;
 pub mod measure;
 pub mod server;
 
+pub use exo_decode_node::DecodeTimeouts;
 pub use server::{NodeOptions, NodeServer, SpawnError, hardware_facts, spawn_node};

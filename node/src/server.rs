@@ -33,6 +33,8 @@ pub struct NodeOptions {
     pub layout: KvLayout,
     /// Chunk calls in flight when shipping a cache.
     pub chunks_in_flight: usize,
+    /// A decode node fails a KV transfer that makes no progress for this long.
+    pub transfer_timeout: Duration,
 }
 
 /// The node RPC service: dispatches each call to the prefill or decode side the node has.
@@ -73,7 +75,10 @@ impl NodeServer {
                 &options.name,
                 ctx.clone(),
                 DecodeLimits::default(),
-                DecodeTimeouts::default(),
+                DecodeTimeouts {
+                    transfer: options.transfer_timeout,
+                    ..DecodeTimeouts::default()
+                },
             );
             tokio::spawn(Arc::clone(&node).run_reaper());
             node

@@ -25,6 +25,15 @@ pub enum Fault {
         /// Connections to cut.
         times: usize,
     },
+    /// Stops forwarding a connection's client bytes (without closing it) once the client has
+    /// sent more than `bytes`, for the first `times` connections that get that far: a stalled
+    /// link. Counted in [`FaultProxy::cuts`] like a cut.
+    StallAfter {
+        /// Bytes from the client that get through.
+        bytes: u64,
+        /// Connections to stall.
+        times: usize,
+    },
     /// Each connection is refused (closed as soon as it is accepted) with probability
     /// 1/`refuse_one_in`, and otherwise cut after a random number of client bytes below
     /// `max_bytes`: a busy connection is cut sooner or later, a quiet one may never be. The draws
@@ -71,7 +80,7 @@ impl Fault {
                     Fate::Cut(splitmix(draw) % max_bytes.max(1))
                 }
             }
-            Fault::None | Fault::CutAfter { .. } => Fate::Pass,
+            Fault::None | Fault::CutAfter { .. } | Fault::StallAfter { .. } => Fate::Pass,
         }
     }
 }
@@ -146,10 +155,11 @@ async fn forward(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            let limit = match (fault, fate) {
-                (Fault::CutAfter { bytes, times }, _) => Some((bytes, times)),
-                (_, Fate::Cut(bytes)) => Some((bytes, usize::MAX)),
-                _ => None,
+            let (limit, stall) = match (fault, fate) {
+                (Fault::CutAfter { bytes, times }, _) => (Some((bytes, times)), false),
+                (Fault::StallAfter { bytes, times }, _) => (Some((bytes, times)), true),
+                (_, Fate::Cut(bytes)) => (Some((bytes, usize::MAX)), false),
+                _ => (None, false),
             };
             if let Some((bytes, times)) = limit
                 && sent + n as u64 > bytes
@@ -157,6 +167,10 @@ async fn forward(
             {
                 let keep = bytes.saturating_sub(sent) as usize;
                 let _ = to_server.write_all(&buf[..keep]).await;
+                if stall {
+                    // Hold both ends open and move nothing more, until the proxy stops.
+                    std::future::pending::<()>().await;
+                }
                 return;
             }
             sent += n as u64;
