@@ -123,6 +123,16 @@ impl Entry {
             last_poll: now,
         }
     }
+
+    /// Fails the request with `error`, queued for the router's next poll, unless its transfer is
+    /// already over (cache imported, or failed before): then this is stale and changes nothing.
+    fn fail(&mut self, error: NodeError) {
+        if !matches!(self.stage, Stage::Running) {
+            let _ = self.tx.send(Err(error));
+            self.stage = Stage::Running;
+            self.last_poll = Instant::now();
+        }
+    }
 }
 
 /// The engine's events for one request, put straight into the request's entry (and counted) on
@@ -155,7 +165,7 @@ pub struct DecodeNode {
     requests: Mutex<HashMap<RequestId, Entry>>,
     /// Requests cancelled or ended recently: a transfer (or an abort) for one of them that
     /// arrives late is refused, instead of making a new entry nobody will poll.
-    cancelled: Mutex<HashMap<RequestId, Instant>>,
+    ended: Mutex<HashMap<RequestId, Instant>>,
 }
 
 impl DecodeNode {
@@ -172,7 +182,7 @@ impl DecodeNode {
             limits,
             timeouts,
             requests: Mutex::new(HashMap::new()),
-            cancelled: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
         })
     }
 
@@ -196,7 +206,7 @@ impl DecodeNode {
             fingerprint: self.ctx.model().fingerprint(),
             layout: self.ctx.config().layout,
         };
-        if self.was_cancelled(begin.id) {
+        if self.has_ended(begin.id) {
             return Err(NodeError::UnknownRequest(begin.id));
         }
         let decoder = match KvDecoder::new(&begin.header, &self.limits, &target) {
@@ -232,27 +242,20 @@ impl DecodeNode {
 
     /// The prefill node gave up on request `id`'s transfer: the request fails now with `reason`.
     pub fn kv_abort(&self, id: RequestId, reason: String) {
-        if !self.was_cancelled(id) {
+        if !self.has_ended(id) {
             tracing::debug!(%id, %reason, "transfer aborted by the prefill node");
             self.fail_transfer(id, NodeError::Transfer(reason));
         }
     }
 
-    /// Fails request `id` with `error` unless its cache is already in (then the transfer is over
-    /// and this is stale); the error waits in the entry for the router's poll, made here if the
+    /// Fails request `id`'s transfer with `error` ([`Entry::fail`]), making the entry if the
     /// router has not polled yet.
     fn fail_transfer(&self, id: RequestId, error: NodeError) {
-        let mut map = self.lock();
-        let entry = map.entry(id).or_insert_with(Entry::new);
-        if !matches!(entry.stage, Stage::Running) {
-            let _ = entry.tx.send(Err(error));
-            entry.stage = Stage::Running;
-            entry.last_poll = Instant::now();
-        }
+        self.lock().entry(id).or_insert_with(Entry::new).fail(error);
     }
 
-    fn was_cancelled(&self, id: RequestId) -> bool {
-        lock(&self.cancelled).contains_key(&id)
+    fn has_ended(&self, id: RequestId) -> bool {
+        lock(&self.ended).contains_key(&id)
     }
 
     /// Accepts one chunk (in any order within the reorder window). The chunk is checked and
@@ -417,16 +420,16 @@ impl DecodeNode {
         Ok(reply)
     }
 
-    /// Drops request `id`'s entry after its final reply, remembering it as ended.
-    fn forget(&self, id: RequestId) {
-        lock(&self.cancelled).insert(id, Instant::now());
-        self.lock().remove(&id);
+    /// Drops request `id`'s entry (after its final reply, or on cancel), remembering it as
+    /// ended; true if there was one.
+    fn forget(&self, id: RequestId) -> bool {
+        lock(&self.ended).insert(id, Instant::now());
+        self.lock().remove(&id).is_some()
     }
 
     /// Stops request `id`: generation ends before its next token and the slot is freed.
     pub fn cancel(&self, id: RequestId) {
-        lock(&self.cancelled).insert(id, Instant::now());
-        if self.lock().remove(&id).is_some() {
+        if self.forget(id) {
             tracing::debug!(%id, "request cancelled");
         }
     }
@@ -470,10 +473,7 @@ impl DecodeNode {
                     && now - e.last_progress > self.timeouts.transfer;
                 if stalled {
                     tracing::warn!(%id, "KV transfer timed out");
-                    let _ =
-                        e.tx.send(Err(NodeError::Transfer("transfer timed out".into())));
-                    e.stage = Stage::Running;
-                    e.last_poll = now;
+                    e.fail(NodeError::Transfer("transfer timed out".into()));
                 }
                 let idle = now - e.last_poll > self.timeouts.idle;
                 if idle {
@@ -482,7 +482,7 @@ impl DecodeNode {
                 !idle
             });
             drop(map);
-            lock(&self.cancelled).retain(|_, at| now - *at <= self.timeouts.transfer);
+            lock(&self.ended).retain(|_, at| now - *at <= self.timeouts.transfer);
             self.publish_holdings();
             if Arc::strong_count(&self) == 1 {
                 return;

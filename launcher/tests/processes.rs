@@ -125,15 +125,94 @@ fn serve_split(
     (router, last_word(&line).parse().unwrap(), dir)
 }
 
+/// The chat most tests here send: greedy, 16 tokens at most; the model answers "The capital of
+/// France is Paris."
+fn capital_question() -> serde_json::Value {
+    json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
+        "max_tokens": 16, "temperature": 0,
+    })
+}
+
+/// A free loopback address for a metrics listener.
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The Prometheus page at `http://addr/metrics`.
+async fn metrics(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// What decode node `node` holds by its gauges at `metrics_addr`: sequence slots in use, KV
+/// transfers pending, KV bytes held.
+async fn holdings(metrics_addr: &str, node: &str) -> [f64; 3] {
+    let page = metrics(metrics_addr).await;
+    [
+        "exo_decode_slots_in_use",
+        "exo_kv_transfers_pending",
+        "exo_kv_bytes_held",
+    ]
+    .map(|m| node_metric(&page, m, node))
+}
+
+/// A split cluster whose decode node the router and the prefill node reach only through a
+/// fault-injecting proxy: node processes `TAG-prefill` and `TAG-decode`, the proxy, `serve`.
+struct ProxiedSplit {
+    prefill: Proc,
+    decode: Proc,
+    router: Proc,
+    proxy: FaultProxy,
+    /// The router's HTTP address.
+    addr: SocketAddr,
+    /// The folder of the profile (remove it at the end).
+    dir: PathBuf,
+}
+
+/// Starts a [`ProxiedSplit`] named by `tag`, the nodes with `prefill_flags` and `decode_flags`,
+/// the proxy doing `fault`.
+async fn proxied_split(
+    tag: &str,
+    fault: Fault,
+    prefill_flags: &[&str],
+    decode_flags: &[&str],
+) -> ProxiedSplit {
+    let model = model_path().display().to_string();
+    let (p_name, d_name) = (format!("{tag}-prefill"), format!("{tag}-decode"));
+    let (prefill, prefill_addr) = spawn_node(&model, "prefill", &p_name, prefill_flags);
+    let (decode, decode_addr) = spawn_node(&model, "decode", &d_name, decode_flags);
+    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
+        .await
+        .unwrap();
+    let proxied = proxy.addr().to_string();
+    let (router, addr, dir) = serve_split(
+        &model,
+        (&p_name, &prefill_addr),
+        (&d_name, &proxied),
+        &format!("{tag}-test"),
+    );
+    ProxiedSplit {
+        prefill,
+        decode,
+        router,
+        proxy,
+        addr,
+        dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
     let model = model_path().display().to_string();
     let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "proc-prefill", &[]);
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let metrics_addr = free_addr();
     let metrics_flag = ["--metrics-listen", metrics_addr.as_str()];
     let (decode, decode_addr) = spawn_node(&model, "decode", "proc-decode", &metrics_flag);
     let (_router, addr, dir) = serve_split(
@@ -143,11 +222,7 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
         "test",
     );
 
-    let body = json!({
-        "model": "SmolLM2-135M-Instruct.Q4_1",
-        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
-        "max_tokens": 16, "temperature": 0,
-    });
+    let body = capital_question();
     let a = post(addr, "/v1/chat/completions", &body).await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(a.text.contains("Paris"), "{:?}", a.text);
@@ -156,12 +231,7 @@ async fn three_processes_serve_a_chat_and_a_dead_node_gives_503() {
         ("proc-prefill", "proc-decode")
     );
     // The decode node process serves its own metrics.
-    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&metrics_addr).await;
     assert!(
         metrics
             .lines()
@@ -195,11 +265,7 @@ async fn flash_attention_on_prefill_and_off_decode_serve_together() {
         ("plain-decode", &decode_addr),
         "fa-test",
     );
-    let body = json!({
-        "model": "SmolLM2-135M-Instruct.Q4_1",
-        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
-        "max_tokens": 16, "temperature": 0,
-    });
+    let body = capital_question();
     let a = post(addr, "/v1/chat/completions", &body).await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.text, "The capital of France is Paris.");
@@ -216,28 +282,13 @@ async fn flash_attention_on_prefill_and_off_decode_serve_together() {
 /// whose connection the proxy leaves alone, is served: nothing stays stuck on either node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_cut_midway_fails_at_once_with_its_reason() {
-    let model = model_path().display().to_string();
-    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "cut-prefill", &[]);
-    let (_decode, decode_addr) = spawn_node(&model, "decode", "cut-decode", &["--slots", "1"]);
     let fault = Fault::CutAfter {
         bytes: 64 << 10,
         times: 1,
     };
-    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
-        .await
-        .unwrap();
-    let proxied = proxy.addr().to_string();
-    let (_router, addr, dir) = serve_split(
-        &model,
-        ("cut-prefill", &prefill_addr),
-        ("cut-decode", &proxied),
-        "cut-test",
-    );
-    let body = json!({
-        "model": "SmolLM2-135M-Instruct.Q4_1",
-        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
-        "max_tokens": 16, "temperature": 0,
-    });
+    let split = proxied_split("cut", fault, &[], &["--slots", "1"]).await;
+    let (addr, proxy) = (split.addr, &split.proxy);
+    let body = capital_question();
     let cut = tokio::time::timeout(
         Duration::from_secs(20),
         post(addr, "/v1/chat/completions", &body),
@@ -256,7 +307,7 @@ async fn a_transfer_cut_midway_fails_at_once_with_its_reason() {
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(again.text, "The capital of France is Paris.");
     assert_eq!(proxy.cuts(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&split.dir);
 }
 
 /// Sends SIGTERM to `proc` and waits (up to a minute) for it to exit; its exit status.
@@ -338,22 +389,6 @@ async fn sigterm_drains_a_stream_in_flight_before_stopping() {
     let _ = std::fs::remove_dir_all(&profile_dir);
 }
 
-/// A free loopback address for a metrics listener.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// The Prometheus page at `http://addr/metrics`.
-async fn metrics(addr: &str) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// At least 200 KV transfers through a link that refuses and cuts connections at random (a
 /// seeded proxy in front of the decode node: one connection in four refused, every other one cut
 /// after a random number of client bytes below 16 MiB, which a transfer of about 0.9 MB reaches
@@ -362,35 +397,16 @@ async fn metrics(addr: &str) -> String {
 /// reserved, no transfer pending, no received bytes held, no request in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_through_a_faulty_link_strand_nothing() {
-    let model = model_path().display().to_string();
     let (p_metrics, d_metrics) = (free_addr(), free_addr());
-    let (mut prefill, prefill_addr) = spawn_node(
-        &model,
-        "prefill",
-        "chaos-prefill",
-        &["--metrics-listen", &p_metrics, "--slots", "2"],
-    );
-    let (mut decode, decode_addr) = spawn_node(
-        &model,
-        "decode",
-        "chaos-decode",
-        &["--metrics-listen", &d_metrics],
-    );
     let fault = Fault::Chaos {
         refuse_one_in: 4,
         max_bytes: 16 << 20,
         seed: 7,
     };
-    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
-        .await
-        .unwrap();
-    let proxied = proxy.addr().to_string();
-    let (mut router, addr, dir) = serve_split(
-        &model,
-        ("chaos-prefill", &prefill_addr),
-        ("chaos-decode", &proxied),
-        "chaos-test",
-    );
+    let prefill_flags = ["--metrics-listen", &p_metrics, "--slots", "2"];
+    let decode_flags = ["--metrics-listen", &d_metrics];
+    let mut split = proxied_split("chaos", fault, &prefill_flags, &decode_flags).await;
+    let (addr, proxy) = (split.addr, &split.proxy);
 
     let (mut ok, mut failed, mut sent) = (0usize, 0usize, 0usize);
     let transfers = |page: &str| node_metric(page, "exo_prefill_seconds_count", "chaos-prefill");
@@ -442,13 +458,10 @@ async fn transfers_through_a_faulty_link_strand_nothing() {
     // Nothing stranded: the gauges go back to zero (they are published every second).
     let mut left = String::new();
     for _ in 0..100 {
-        let (d, r) = (metrics(&d_metrics).await, metrics(&addr.to_string()).await);
-        let held = [
-            node_metric(&d, "exo_decode_slots_in_use", "chaos-decode"),
-            node_metric(&d, "exo_kv_transfers_pending", "chaos-decode"),
-            node_metric(&d, "exo_kv_bytes_held", "chaos-decode"),
-            node_metric(&r, "exo_decode_slots_reserved", "chaos-decode"),
-        ];
+        let r = metrics(&addr.to_string()).await;
+        let [slots, transfers, bytes] = holdings(&d_metrics, "chaos-decode").await;
+        let reserved = node_metric(&r, "exo_decode_slots_reserved", "chaos-decode");
+        let held = [slots, transfers, bytes, reserved];
         let in_flight = r
             .lines()
             .find_map(|l| l.strip_prefix("exo_requests_in_flight "))
@@ -463,16 +476,16 @@ async fn transfers_through_a_faulty_link_strand_nothing() {
     }
     assert!(left.is_empty(), "stranded: {left}");
     for (name, proc) in [
-        ("prefill", &mut prefill),
-        ("decode", &mut decode),
-        ("router", &mut router),
+        ("prefill", &mut split.prefill),
+        ("decode", &mut split.decode),
+        ("router", &mut split.router),
     ] {
         assert!(
             proc.0.try_wait().unwrap().is_none(),
             "the {name} process died"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&split.dir);
 }
 
 /// A link that stalls mid-transfer (a proxy stops forwarding the prefill node's bytes after
@@ -481,30 +494,15 @@ async fn transfers_through_a_faulty_link_strand_nothing() {
 /// that error, and the decode node holds nothing afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_transfer_fails_at_the_transfer_timeout_and_strands_nothing() {
-    let model = model_path().display().to_string();
     let d_metrics = free_addr();
-    let (_prefill, prefill_addr) = spawn_node(&model, "prefill", "stall-prefill", &[]);
-    let flags = ["--metrics-listen", &d_metrics, "--transfer-timeout", "2"];
-    let (_decode, decode_addr) = spawn_node(&model, "decode", "stall-decode", &flags);
     let fault = Fault::StallAfter {
         bytes: 64 << 10,
         times: 1,
     };
-    let proxy = FaultProxy::start(decode_addr.parse().unwrap(), fault)
-        .await
-        .unwrap();
-    let proxied = proxy.addr().to_string();
-    let (_router, addr, dir) = serve_split(
-        &model,
-        ("stall-prefill", &prefill_addr),
-        ("stall-decode", &proxied),
-        "stall-test",
-    );
-    let body = json!({
-        "model": "SmolLM2-135M-Instruct.Q4_1",
-        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
-        "max_tokens": 16, "temperature": 0,
-    });
+    let flags = ["--metrics-listen", &d_metrics, "--transfer-timeout", "2"];
+    let split = proxied_split("stall", fault, &[], &flags).await;
+    let (addr, proxy) = (split.addr, &split.proxy);
+    let body = capital_question();
     // The bound only keeps a regression from hanging the run: with the default 60 s timeout the
     // request would still be waiting.
     let stalled = tokio::time::timeout(
@@ -520,16 +518,9 @@ async fn a_stalled_transfer_fails_at_the_transfer_timeout_and_strands_nothing() 
         .unwrap_or_default();
     assert!(message.contains("transfer timed out"), "{message}");
 
-    let mut held = Vec::new();
+    let mut held = [f64::NAN; 3];
     for _ in 0..50 {
-        let page = metrics(&d_metrics).await;
-        held = [
-            "exo_decode_slots_in_use",
-            "exo_kv_transfers_pending",
-            "exo_kv_bytes_held",
-        ]
-        .map(|m| node_metric(&page, m, "stall-decode"))
-        .to_vec();
+        held = holdings(&d_metrics, "stall-decode").await;
         if held.iter().all(|&v| v == 0.0) {
             break;
         }
@@ -539,5 +530,5 @@ async fn a_stalled_transfer_fails_at_the_transfer_timeout_and_strands_nothing() 
         held.iter().all(|&v| v == 0.0),
         "decode node still holds {held:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&split.dir);
 }

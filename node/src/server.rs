@@ -43,6 +43,8 @@ pub struct NodeServer {
     info: Arc<NodeInfo>,
     prefill: Option<Arc<PrefillNode>>,
     decode: Option<Arc<DecodeNode>>,
+    /// The one engine context both sides share.
+    ctx: ContextHandle,
     /// Set by [`NodeServer::drain`]: no new prompts, `hello` reports the node out of service.
     draining: Arc<AtomicBool>,
 }
@@ -97,6 +99,7 @@ impl NodeServer {
             info: Arc::new(info),
             prefill,
             decode,
+            ctx,
             draining: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -135,13 +138,7 @@ impl NodeServer {
         if self.draining.load(Ordering::Relaxed) {
             return Some("draining for shutdown".into());
         }
-        let prefill = self.prefill.as_ref().map(|p| p.context());
-        let decode = self.decode.as_ref().map(|d| d.context());
-        prefill
-            .into_iter()
-            .chain(decode)
-            .find_map(|ctx| ctx.fault())
-            .map(|e| e.to_string())
+        self.ctx.fault().map(|e| e.to_string())
     }
 
     fn wrong_role(&self, what: &str) -> NodeError {

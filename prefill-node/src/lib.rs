@@ -252,8 +252,6 @@ impl PrefillNode {
                 .await
             {
                 tracing::warn!(%id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
-                // The connection may be what broke: the abort (and the next transfer) reconnect.
-                node.peers.lock().await.remove(&handoff.decode_addr);
                 node.abort(id, &handoff.decode_addr, e).await;
             }
         });
@@ -262,14 +260,16 @@ impl PrefillNode {
 
     /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the
     /// request fails there now (and the router's poll returns the reason) rather than at the decode
-    /// node's transfer timeout. Best effort, on up to [`ABORT_TRIES`] fresh connections: an
-    /// unreachable decode node is the router's to notice.
+    /// node's transfer timeout. Best effort, on up to [`ABORT_TRIES`] fresh connections (the
+    /// cached one may be what broke; the next transfer reuses the new one): an unreachable decode
+    /// node is the router's to notice.
     async fn abort(&self, id: RequestId, addr: &str, error: NodeError) {
         let reason = match error {
             NodeError::Transfer(why) => format!("from prefill node {}: {why}", self.name),
             other => format!("from prefill node {}: {other}", self.name),
         };
         for _ in 0..ABORT_TRIES {
+            self.peers.lock().await.remove(addr);
             let sent = match self.client(addr).await {
                 Ok(c) => c
                     .kv_abort(context_with_deadline(ABORT_TIMEOUT), id, reason.clone())
@@ -280,8 +280,7 @@ impl PrefillNode {
             match sent {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer");
-                    self.peers.lock().await.remove(addr);
+                    tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer")
                 }
             }
         }
