@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use exo_engine::{GpuLayers, ModelOptions};
+use exo_engine::{ContextConfig, GpuLayers, ModelOptions};
 use exo_kvcache::{KvLayout, KvType};
 use exo_protocol::Role;
 
@@ -64,6 +64,10 @@ pub struct EngineArgs {
     /// Run on this GPU only (llama.cpp's device index, as `exo-router profile` lists them).
     #[arg(long, env = "EXO_MAIN_GPU")]
     pub main_gpu: Option<usize>,
+    /// CPU threads for the engine (0: every core). Give processes that share a machine disjoint
+    /// budgets that add up to its cores.
+    #[arg(long, env = "EXO_THREADS", default_value_t = 0)]
+    pub threads: u32,
 }
 
 impl EngineArgs {
@@ -72,6 +76,15 @@ impl EngineArgs {
         ModelOptions {
             gpu_layers: self.n_gpu_layers,
             main_gpu: self.main_gpu,
+        }
+    }
+
+    /// How the engine context of a node with `slots` sequence slots is made.
+    pub fn context_config(&self, slots: u32) -> ContextConfig {
+        ContextConfig {
+            layout: self.layout(slots),
+            n_threads: self.threads,
+            ..ContextConfig::default()
         }
     }
 

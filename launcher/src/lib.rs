@@ -14,6 +14,9 @@ use exo_router::profile::{NodeAddress, NodeSpec, Profile};
 use exo_router::{Deployment, ServeError, Server};
 use tokio::sync::watch;
 
+mod threads;
+pub use threads::thread_budgets;
+
 /// Why a cluster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -75,6 +78,7 @@ async fn start_embedded(
     model: &Arc<Model>,
     profile: &Profile,
     spec: &NodeSpec,
+    threads: u32,
     stop: &watch::Sender<bool>,
 ) -> Result<String, LaunchError> {
     let options = NodeOptions {
@@ -86,6 +90,7 @@ async fn start_embedded(
         },
         chunks_in_flight: profile.kv.chunks_in_flight,
         transfer_timeout: DecodeTimeouts::default().transfer,
+        threads,
     };
     let mut stopped = stop.subscribe();
     let shutdown = async move {
@@ -99,7 +104,7 @@ async fn start_embedded(
             name: spec.name.clone(),
             source,
         })?;
-    tracing::info!(node = %spec.name, role = %spec.role, %bound, "embedded node started");
+    tracing::info!(node = %spec.name, role = %spec.role, %bound, threads, "embedded node started");
     Ok(bound.to_string())
 }
 
@@ -110,7 +115,17 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
     let (stop, _) = watch::channel(false);
     let mut model: Option<Arc<Model>> = None;
     let mut addrs = Vec::new();
-    for spec in &profile.nodes {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let budgets = thread_budgets(&profile.nodes, cores);
+    let planned: u32 = budgets.iter().flatten().sum();
+    if planned > cores {
+        tracing::warn!(
+            planned,
+            cores,
+            "the embedded nodes' threads add up to more than this machine's cores; their engines will slow each other down"
+        );
+    }
+    for (spec, budget) in profile.nodes.iter().zip(budgets) {
         let addr = match &spec.address {
             NodeAddress::Remote(a) => a.clone(),
             NodeAddress::Embedded => {
@@ -118,7 +133,8 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
                     Some(m) => Arc::clone(m),
                     None => Model::load(&resolve_model(profile)?, &ModelOptions::default())?,
                 };
-                let addr = start_embedded(&loaded, profile, spec, &stop).await?;
+                let threads = budget.unwrap_or(cores);
+                let addr = start_embedded(&loaded, profile, spec, threads, &stop).await?;
                 model = Some(loaded);
                 addr
             }

@@ -89,7 +89,7 @@ async fn profile(args: ProfileArgs) -> Result<()> {
         (1..=256).contains(&args.slots),
         "--slots must be within 1..=256"
     );
-    let layout = args.engine.layout(args.slots);
+    let config = args.engine.context_config(args.slots);
     eprintln!("[1/2] hardware");
     let hardware = exo_node::hardware::probe();
     for line in hardware.summary() {
@@ -98,7 +98,7 @@ async fn profile(args: ProfileArgs) -> Result<()> {
     let plan = MeasurePlan::for_slots(args.quick, args.slots);
     eprintln!("[2/2] model {} (this takes a while)", model.name());
     let started = std::time::Instant::now();
-    let measured = exo_node::measure::measure(Arc::clone(&model), layout, &plan, |line| {
+    let measured = exo_node::measure::measure(Arc::clone(&model), config, &plan, |line| {
         eprintln!("      [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
     })
     .await?;
@@ -106,7 +106,7 @@ async fn profile(args: ProfileArgs) -> Result<()> {
     let text = exo_node::hardware::node_profile_toml(
         &args.engine.model,
         &name,
-        layout,
+        &config,
         &hardware,
         model.offload(),
         &measured,
@@ -237,6 +237,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         layout: args.engine.layout(slots),
         chunks_in_flight: args.chunks_in_flight,
         transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
+        threads: args.engine.threads,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (bound, server) = spawn_node(Arc::clone(&model), &options, args.listen, async move {

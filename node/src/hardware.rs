@@ -4,8 +4,7 @@
 
 use std::path::Path;
 
-use exo_engine::Offload;
-use exo_kvcache::KvLayout;
+use exo_engine::{ContextConfig, Offload};
 use serde::Serialize;
 
 use crate::measure::Measured;
@@ -330,6 +329,9 @@ struct NodeOut<'a> {
     address: &'static str,
     role: &'static str,
     slots: u32,
+    /// The thread budget measured with, when one was given (`--threads`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    threads: Option<u32>,
     hardware: HardwareOut<'a>,
     perf: &'a exo_protocol::NodePerf,
 }
@@ -384,15 +386,17 @@ pub struct WriteError(#[from] toml::ser::Error);
 
 /// The profile `exo-router profile` writes: a complete single-node cluster profile (one embedded
 /// `both` node) that `serve`, `plan` and `simulate` accept as is; its `[[nodes]]` table can be
-/// copied into a multi-node profile.
+/// copied into a multi-node profile. `config` is the context the measurement ran with: its layout,
+/// and its thread budget when one was given.
 pub fn node_profile_toml(
     model: &Path,
     name: &str,
-    layout: KvLayout,
+    config: &ContextConfig,
     hardware: &HardwareReport,
     offload: &Offload,
     measured: &Measured,
 ) -> Result<String, WriteError> {
+    let layout = config.layout;
     let file = ProfileFile {
         model: model.display().to_string(),
         placement: "colocated",
@@ -411,6 +415,7 @@ pub fn node_profile_toml(
             address: "embedded",
             role: "both",
             slots: layout.n_seq_max,
+            threads: (config.n_threads > 0).then_some(config.n_threads),
             hardware: HardwareOut {
                 report: hardware,
                 offload: offload.into(),
@@ -423,7 +428,8 @@ pub fn node_profile_toml(
         "# Written by `exo-router profile`: {}.\n\
          # A single-node cluster profile of this machine: `serve`, `plan` and `simulate` accept it\n\
          # as is. Copy its [[nodes]] table into a multi-node profile, change `address` to the\n\
-         # machine's host:port and `role` as needed. docs/profiles.md explains every field.\n\n{body}",
+         # machine's host:port and `role` as needed (a remote node takes `threads` as --threads on\n\
+         # its own command line instead). docs/profiles.md explains every field.\n\n{body}",
         measured.perf.source
     ))
 }

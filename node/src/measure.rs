@@ -374,18 +374,16 @@ impl<P: FnMut(&str)> Run<'_, P> {
     }
 }
 
-/// Measures the model on this machine with the given KV layout (its `n_seq_max` must cover the
-/// largest batch). `progress` receives one line per step.
+/// Measures the model on this machine with a context made as `config` says (its layout's
+/// `n_seq_max` must cover the largest batch; its thread budget is the one the node will serve with).
+/// `progress` receives one line per step.
 pub async fn measure(
     model: Arc<Model>,
-    layout: KvLayout,
+    config: ContextConfig,
     plan: &MeasurePlan,
     progress: impl FnMut(&str),
 ) -> Result<Measured, MeasureError> {
-    let config = ContextConfig {
-        layout,
-        ..ContextConfig::default()
-    };
+    let layout = config.layout;
     let mut run = Run {
         ctx: ContextHandle::spawn(Arc::clone(&model), config)?,
         model: &model,

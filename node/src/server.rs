@@ -35,6 +35,9 @@ pub struct NodeOptions {
     pub chunks_in_flight: usize,
     /// A decode node fails a KV transfer that makes no progress for this long.
     pub transfer_timeout: Duration,
+    /// CPU threads of the node's engine context (0: every core of the machine). Nodes that share
+    /// a machine should get disjoint budgets, or their thread teams slow each other down.
+    pub threads: u32,
 }
 
 /// The node RPC service: dispatches each call to the prefill or decode side the node has.
@@ -59,6 +62,7 @@ impl NodeServer {
             Arc::clone(&model),
             ContextConfig {
                 layout: options.layout,
+                n_threads: options.threads,
                 ..ContextConfig::default()
             },
         )?;

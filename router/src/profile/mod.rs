@@ -69,6 +69,9 @@ pub struct NodeSpec {
     pub role: Role,
     /// Sequence slots of an embedded node's context.
     pub slots: u32,
+    /// CPU threads of an embedded node's context (`threads = N`); `None`: an equal share of the
+    /// cores the other embedded nodes leave (see `exo_launcher::thread_budgets`).
+    pub threads: Option<u32>,
     /// Its measured speed (`[nodes.perf]`), needed by the cost model.
     pub perf: Option<NodePerf>,
 }
@@ -229,6 +232,8 @@ struct RawNode {
     #[serde(default)]
     slots: Option<u32>,
     #[serde(default)]
+    threads: Option<u32>,
+    #[serde(default)]
     perf: Option<NodePerf>,
     /// What `exo-router profile` found on the machine: informational, kept as written.
     #[serde(default)]
@@ -315,6 +320,18 @@ impl RawNode {
                 self.name
             ));
         }
+        match (self.threads, &address) {
+            (Some(0), _) => {
+                return Err(format!("node {:?}: threads must be at least 1", self.name));
+            }
+            (Some(_), NodeAddress::Remote(_)) => {
+                return Err(format!(
+                    "node {:?}: threads applies to embedded nodes; give a remote node --threads on its own command line",
+                    self.name
+                ));
+            }
+            _ => {}
+        }
         if let Some(perf) = &self.perf {
             perf.validate()
                 .map_err(|e| format!("node {:?} perf: {e}", self.name))?;
@@ -324,6 +341,7 @@ impl RawNode {
             address,
             role,
             slots,
+            threads: self.threads,
             perf: self.perf,
         })
     }
@@ -525,67 +543,4 @@ impl Profile {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Profile, ProfileError> {
-        Profile::parse(text, Path::new("test.toml"))
-    }
-
-    #[test]
-    fn every_shipped_profile_parses() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                Profile::load(&path).unwrap_or_else(|e| panic!("{e}"));
-                n += 1;
-            }
-        }
-        assert!(n >= 2);
-    }
-
-    const BASE: &str = "model = \"m.gguf\"\nplacement = \"disaggregated\"\n";
-
-    #[test]
-    fn disaggregation_needs_two_roles() {
-        let one =
-            format!("{BASE}[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"prefill\"\n");
-        assert!(matches!(parse(&one), Err(ProfileError::Invalid { .. })));
-        let two = format!(
-            "{one}[[nodes]]\nname = \"b\"\naddress = \"10.0.0.2:7070\"\nrole = \"decode\"\nslots = 8\n"
-        );
-        let p = parse(&two).unwrap();
-        assert_eq!(
-            p.nodes[1].address,
-            NodeAddress::Remote("10.0.0.2:7070".into())
-        );
-        assert_eq!(p.nodes[1].slots, 8);
-        assert_eq!(p.listen.to_string(), DEFAULT_LISTEN);
-    }
-
-    #[test]
-    fn mistakes_are_refused_with_their_reason() {
-        let unknown_key = format!("{BASE}colour = \"red\"\n");
-        assert!(matches!(
-            parse(&unknown_key),
-            Err(ProfileError::Parse { .. })
-        ));
-        let bad_role =
-            format!("{BASE}[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"chef\"\n");
-        assert!(parse(&bad_role).unwrap_err().to_string().contains("chef"));
-        let bad_addr =
-            format!("{BASE}[[nodes]]\nname = \"a\"\naddress = \"nowhere\"\nrole = \"both\"\n");
-        assert!(
-            parse(&bad_addr)
-                .unwrap_err()
-                .to_string()
-                .contains("host:port")
-        );
-        let bad_codec = format!("{BASE}[kv]\ncodec = \"zip\"\n");
-        assert!(parse(&bad_codec).unwrap_err().to_string().contains("zip"));
-        let colocated = "model = \"m\"\nplacement = \"colocated\"\n[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"prefill\"\n";
-        assert!(parse(colocated).unwrap_err().to_string().contains("both"));
-    }
-}
+mod tests;

@@ -1,0 +1,78 @@
+//! Profile parsing and validation.
+use super::*;
+
+fn parse(text: &str) -> Result<Profile, ProfileError> {
+    Profile::parse(text, Path::new("test.toml"))
+}
+
+#[test]
+fn every_shipped_profile_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Profile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
+
+const BASE: &str = "model = \"m.gguf\"\nplacement = \"disaggregated\"\n";
+
+#[test]
+fn disaggregation_needs_two_roles() {
+    let one =
+        format!("{BASE}[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"prefill\"\n");
+    assert!(matches!(parse(&one), Err(ProfileError::Invalid { .. })));
+    let two = format!(
+        "{one}[[nodes]]\nname = \"b\"\naddress = \"10.0.0.2:7070\"\nrole = \"decode\"\nslots = 8\n"
+    );
+    let p = parse(&two).unwrap();
+    assert_eq!(
+        p.nodes[1].address,
+        NodeAddress::Remote("10.0.0.2:7070".into())
+    );
+    assert_eq!(p.nodes[1].slots, 8);
+    assert_eq!(p.listen.to_string(), DEFAULT_LISTEN);
+}
+
+#[test]
+fn mistakes_are_refused_with_their_reason() {
+    let unknown_key = format!("{BASE}colour = \"red\"\n");
+    assert!(matches!(
+        parse(&unknown_key),
+        Err(ProfileError::Parse { .. })
+    ));
+    let bad_role =
+        format!("{BASE}[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"chef\"\n");
+    assert!(parse(&bad_role).unwrap_err().to_string().contains("chef"));
+    let bad_addr =
+        format!("{BASE}[[nodes]]\nname = \"a\"\naddress = \"nowhere\"\nrole = \"both\"\n");
+    assert!(
+        parse(&bad_addr)
+            .unwrap_err()
+            .to_string()
+            .contains("host:port")
+    );
+    let bad_codec = format!("{BASE}[kv]\ncodec = \"zip\"\n");
+    assert!(parse(&bad_codec).unwrap_err().to_string().contains("zip"));
+    let colocated = "model = \"m\"\nplacement = \"colocated\"\n[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"prefill\"\n";
+    assert!(parse(colocated).unwrap_err().to_string().contains("both"));
+}
+
+#[test]
+fn threads_belong_to_embedded_nodes() {
+    let node = |address: &str, threads: &str| {
+        format!(
+            "{BASE}[[nodes]]\nname = \"a\"\naddress = \"embedded\"\nrole = \"prefill\"\n[[nodes]]\nname = \"b\"\naddress = \"{address}\"\nrole = \"decode\"\n{threads}"
+        )
+    };
+    let p = parse(&node("embedded", "threads = 3\n")).unwrap();
+    assert_eq!((p.nodes[0].threads, p.nodes[1].threads), (None, Some(3)));
+    let remote = parse(&node("10.0.0.2:7070", "threads = 3\n")).unwrap_err();
+    assert!(remote.to_string().contains("--threads"), "{remote}");
+    let zero = parse(&node("embedded", "threads = 0\n")).unwrap_err();
+    assert!(zero.to_string().contains("at least 1"), "{zero}");
+}
