@@ -23,6 +23,6 @@ pub use context::{
 pub use error::EngineError;
 pub use model::{ChatMessage, FirstOutput, Model, ModelOptions, fingerprint_file};
 pub use offload::{GpuDevice, GpuLayers, Offload, gpu_devices};
-pub use sampler::draw_seed;
+pub use sampler::draw_bits;
 pub use template::{TOOL_FORMAT, today_utc};
 pub use text::TextStream;

@@ -181,12 +181,22 @@ async fn engine_rows(args: &Args, slots: u32) -> Result<Vec<Row>> {
             )
         })
         .transpose()?;
-    // Warm-up, as llama-batched-bench does: one short run before anything is timed.
+    // Warm-up, as llama-batched-bench does: one short run before anything is timed. On a GPU the
+    // first step at each batch size is slow (graphs and kernels are set up per shape), and streams
+    // that end early (end of text) step through every smaller batch size: warm them all there.
     let warm = Args {
+        npp: 8,
         ntg: 4,
         ..args.clone()
     };
-    run_streams(&ctx, &model, &warm, 1).await?;
+    let sizes = if model.offload().gpu_layers > 0 {
+        1..=slots
+    } else {
+        1..=1
+    };
+    for b in sizes {
+        run_streams(&ctx, &model, &warm, b).await?;
+    }
     let mut rows = Vec::new();
     for &b in &args.npl {
         rows.push(run_streams(&ctx, &model, args, b).await?);

@@ -1,0 +1,281 @@
+//! Choosing the next token from a context's logits, reproducibly across machines.
+
+use exo_sampling::SamplingParams;
+use llama_cpp_2::context::LlamaContext;
+use llguidance::Matcher;
+
+use crate::constraint::advance;
+
+mod dist;
+use crate::error::EngineError;
+
+/// The random bits of the draw for output token `index` of a request seeded with `seed`
+/// (splitmix64).
+///
+/// Any node that knows the request's seed and how many tokens came before draws the same token from
+/// the same logits: no RNG state has to travel with the KV cache.
+pub fn draw_bits(seed: u64, index: u32) -> u64 {
+    let mut z = seed ^ (u64::from(index).wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Picks output token `index` from the logits of batch row `row`. With a constraint, tokens it
+/// does not allow are removed first (before top-k/top-p, so they can never empty the choice), and
+/// the matcher then advances over the chosen token.
+pub(crate) fn choose(
+    ctx: &LlamaContext<'_>,
+    row: i32,
+    p: &SamplingParams,
+    index: u32,
+    mut matcher: Option<&mut Matcher>,
+) -> Result<i32, EngineError> {
+    let mask = match matcher.as_deref_mut() {
+        Some(m) => Some(
+            m.compute_mask_or_eos()
+                .map_err(|e| EngineError::Decode(format!("constraint: {e}")))?,
+        ),
+        None => None,
+    };
+    let allowed = |id: usize| {
+        mask.as_ref()
+            .is_none_or(|m| u32::try_from(id).is_ok_and(|t| m.is_allowed(t)))
+    };
+    let token = if p.temperature <= 0.0 {
+        if mask.is_none() {
+            argmax_all(ctx.get_logits_ith(row))?
+        } else {
+            argmax(ctx.get_logits_ith(row), allowed)?
+        }
+    } else {
+        sample(ctx.get_logits_ith(row), p, index, mask.is_some(), allowed)?
+    };
+    if let Some(m) = matcher {
+        advance(m, token)?;
+    }
+    Ok(token)
+}
+
+fn sample(
+    logits: &[f32],
+    p: &SamplingParams,
+    index: u32,
+    masked: bool,
+    allowed: impl Fn(usize) -> bool,
+) -> Result<i32, EngineError> {
+    let u = dist::uniform(draw_bits(p.seed, index));
+    let filtered = masked || p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
+    WEIGHTS
+        .with_borrow_mut(|w| {
+            if !filtered {
+                // The whole vocabulary in id order: no candidate array at all.
+                dist::weights(logits, p.temperature, w);
+                return dist::pick(w, u).and_then(|i| i32::try_from(i).ok());
+            }
+            let kept = candidates(logits, p, allowed);
+            let kept_logits: Vec<f32> = kept.iter().map(|&(_, l)| l).collect();
+            dist::weights(&kept_logits, p.temperature, w);
+            dist::pick(w, u).map(|i| kept[i].0)
+        })
+        .ok_or_else(|| EngineError::Decode("no token can be drawn".into()))
+}
+
+/// The tokens a filtered draw chooses among, as (id, logit), in the order the draw walks them:
+/// allowed by the constraint, then top-k, top-p and min-p as llama.cpp applies them (on the logits
+/// before temperature). Sorted by logit, highest first, ties to the lower id: a total order, so the
+/// result does not depend on the sorting algorithm.
+fn candidates(
+    logits: &[f32],
+    p: &SamplingParams,
+    allowed: impl Fn(usize) -> bool,
+) -> Vec<(i32, f32)> {
+    let mut c: Vec<(i32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|&(i, l)| !l.is_nan() && allowed(i))
+        .filter_map(|(i, &l)| i32::try_from(i).ok().map(|id| (id, l)))
+        .collect();
+    c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 {
+        c.truncate(usize::try_from(p.top_k).unwrap_or(usize::MAX));
+    }
+    let Some(&(_, top)) = c.first() else {
+        return c;
+    };
+    if p.top_p < 1.0 {
+        // The smallest prefix whose probability (temperature 1) reaches top_p; at least one token.
+        let mut w = Vec::new();
+        let kept_logits: Vec<f32> = c.iter().map(|&(_, l)| l).collect();
+        dist::weights(&kept_logits, 1.0, &mut w);
+        let total: f32 = w.iter().sum();
+        let mut run = 0.0f32;
+        let keep = w
+            .iter()
+            .position(|&x| {
+                run += x;
+                run >= p.top_p * total
+            })
+            .map_or(c.len(), |i| i + 1);
+        c.truncate(keep.max(1));
+    }
+    if p.min_p > 0.0 {
+        // Probability at least min_p times the most likely token's: logit >= top + ln(min_p).
+        let floor = top + p.min_p.ln();
+        c.retain(|&(_, l)| l >= floor);
+    }
+    c
+}
+
+thread_local! {
+    /// The draw's weights, one buffer per engine thread, reused every step.
+    static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`argmax`] with every token allowed, in a form the compiler vectorises: the largest logit first
+/// (16 lanes at a time), then the first token that has it. It runs once per sequence per step over
+/// the whole vocabulary, so it is on the decode loop's critical path.
+fn argmax_all(logits: &[f32]) -> Result<i32, EngineError> {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = if l > *m { l } else { *m };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    logits
+        .iter()
+        .position(|&l| l == max)
+        .and_then(|i| i32::try_from(i).ok())
+        .ok_or_else(|| EngineError::Decode("no token has a comparable logit".into()))
+}
+
+/// Greedy choice: the highest logit among allowed tokens, ties to the lowest token id.
+fn argmax(logits: &[f32], allowed: impl Fn(usize) -> bool) -> Result<i32, EngineError> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if allowed(i) && best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
+        }
+    }
+    best.and_then(|(i, _)| i32::try_from(i).ok())
+        .ok_or_else(|| EngineError::Decode("no allowed token".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draw_bits_differ_by_index_and_seed_and_are_stable() {
+        assert_ne!(draw_bits(1, 0), draw_bits(1, 1));
+        assert_ne!(draw_bits(1, 0), draw_bits(2, 0));
+        assert_eq!(draw_bits(42, 7), draw_bits(42, 7));
+    }
+
+    fn params(temperature: f32, top_k: u32, top_p: f32, min_p: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed: 7,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn filters_keep_what_llama_cpp_keeps() {
+        // Probabilities at temperature 1: 0.4, 0.3, 0.2, 0.1 for ids 3, 2, 1, 0.
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|v| v.ln()).collect();
+        let ids = |p: &SamplingParams| -> Vec<i32> {
+            candidates(&logits, p, |_| true)
+                .iter()
+                .map(|&(id, _)| id)
+                .collect()
+        };
+        assert_eq!(ids(&params(1.0, 0, 1.0, 0.0)), [3, 2, 1, 0]);
+        assert_eq!(ids(&params(1.0, 2, 1.0, 0.0)), [3, 2]);
+        assert_eq!(ids(&params(1.0, 0, 0.65, 0.0)), [3, 2]);
+        assert_eq!(ids(&params(1.0, 0, 0.75, 0.0)), [3, 2, 1]);
+        assert_eq!(ids(&params(1.0, 0, 0.01, 0.0)), [3]);
+        // min_p 0.5: tokens at least half as likely as the top one (0.4): 0.4, 0.3, 0.2.
+        assert_eq!(ids(&params(1.0, 0, 1.0, 0.5)), [3, 2, 1]);
+        let masked: Vec<i32> = candidates(&logits, &params(1.0, 0, 1.0, 0.0), |i| i != 3)
+            .iter()
+            .map(|&(id, _)| id)
+            .collect();
+        assert_eq!(masked, [2, 1, 0]);
+    }
+
+    #[test]
+    fn sampling_is_reproducible_and_stays_inside_the_filters() {
+        let logits: Vec<f32> = (0..49_152)
+            .map(|i| ((i * 7919) % 997) as f32 / 100.0)
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..200 {
+            let full = params(0.8, 0, 1.0, 0.0);
+            let a = sample(&logits, &full, index, false, |_| true).unwrap();
+            assert_eq!(a, sample(&logits, &full, index, false, |_| true).unwrap());
+            seen.insert(a);
+            let k = sample(&logits, &params(0.8, 5, 1.0, 0.0), index, false, |_| true).unwrap();
+            let top5: Vec<i32> = candidates(&logits, &params(1.0, 5, 1.0, 0.0), |_| true)
+                .iter()
+                .map(|&(id, _)| id)
+                .collect();
+            assert!(top5.contains(&k), "{k} not in {top5:?}");
+            let odd = sample(&logits, &full, index, true, |i| i % 2 == 1).unwrap();
+            assert_eq!(odd % 2, 1);
+        }
+        // A full-vocabulary draw at temperature 0.8 over near-flat logits is not stuck on one token.
+        assert!(seen.len() > 50, "{}", seen.len());
+        assert!(sample(&logits, &params(0.8, 0, 1.0, 0.0), 0, true, |_| false).is_err());
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0], |_| true).ok(), Some(1));
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0], |i| i != 1).ok(), Some(2));
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0], |i| i == 3).ok(), Some(3));
+        assert!(argmax(&[], |_| true).is_err());
+        assert!(argmax(&[1.0], |_| false).is_err());
+    }
+
+    #[test]
+    fn argmax_all_agrees_with_argmax_on_every_shape() {
+        // Lengths around the lane width, the maximum at every place, ties, and the vocabulary size.
+        for n in [1usize, 15, 16, 17, 33, 49_152] {
+            for at in [0, n / 2, n - 1] {
+                let mut logits: Vec<f32> =
+                    (0..n).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+                logits[at] = 20.0;
+                assert_eq!(
+                    argmax_all(&logits).ok(),
+                    argmax(&logits, |_| true).ok(),
+                    "n {n} at {at}"
+                );
+                let last = n - 1;
+                logits[last] = 20.0;
+                assert_eq!(
+                    argmax_all(&logits).ok(),
+                    Some(at as i32),
+                    "tie at {at} and {last}"
+                );
+            }
+        }
+        assert_eq!(
+            argmax_all(&[f32::NEG_INFINITY, f32::NEG_INFINITY]).ok(),
+            Some(0)
+        );
+        assert_eq!(argmax_all(&[f32::NAN, 1.0, f32::NAN]).ok(), Some(1));
+        assert!(argmax_all(&[]).is_err());
+        assert!(argmax_all(&[f32::NAN]).is_err());
+    }
+}
