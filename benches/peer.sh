@@ -104,29 +104,30 @@ wait_for() { # url, log
   return 1
 }
 
+# Drives a server already starting (pid $2, log $3) at $4 with loadgen at concurrency 1 and 8,
+# then stops it. $1 names it in the output.
+drive() {
+  local name=$1 pid=$2 log=$3 url=$4
+  wait_for "$url/v1/models" "$log"
+  for c in 1 8; do
+    echo "$name, concurrency $c:"
+    target/release/loadgen --url "$url" --concurrency "$c" --requests $((c * 4)) \
+      --max-tokens "$ntg" --temperature 0 --short-words 40
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
 http() {
-  local port_peer=52481 port_ours=52482 load=(--max-tokens "$ntg" --temperature 0 --short-words 40)
+  local port_peer=52481 port_ours=52482
   echo "### http: streaming chats, 40-word prompts, $ntg greedy tokens; llama-server -np 8 vs exo-router (profiles/local-colocated.toml, 8 slots)"
   "$server_bin" -m "$model" --host 127.0.0.1 --port "$port_peer" -np 8 -c $((8 * 4096)) -t "$threads" -tb "$threads" \
     -fa "$fa" "$([ "$kvu" = on ] && echo -kvu || echo -no-kvu)" >/tmp/exo-peer-server.log 2>&1 &
-  local peer_pid=$!
-  wait_for "http://127.0.0.1:$port_peer/v1/models" /tmp/exo-peer-server.log
-  for c in 1 8; do
-    echo "llama-server, concurrency $c:"
-    target/release/loadgen --url "http://127.0.0.1:$port_peer" --concurrency "$c" --requests $((c * 4)) "${load[@]}"
-  done
-  kill "$peer_pid"; wait "$peer_pid" 2>/dev/null || true
+  drive llama-server $! /tmp/exo-peer-server.log "http://127.0.0.1:$port_peer"
   # The colocated profile with the same thread budget as llama-server.
   sed "s/^slots = 8$/slots = 8\nthreads = $threads/" profiles/local-colocated.toml >/tmp/exo-peer-profile.toml
   target/release/exo-router serve --profile /tmp/exo-peer-profile.toml \
     --listen "127.0.0.1:$port_ours" >/tmp/exo-peer-exo.log 2>&1 &
-  local ours_pid=$!
-  wait_for "http://127.0.0.1:$port_ours/v1/models" /tmp/exo-peer-exo.log
-  for c in 1 8; do
-    echo "exo-router, concurrency $c:"
-    target/release/loadgen --url "http://127.0.0.1:$port_ours" --concurrency "$c" --requests $((c * 4)) "${load[@]}"
-  done
-  kill "$ours_pid"; wait "$ours_pid" 2>/dev/null || true
+  drive exo-router $! /tmp/exo-peer-exo.log "http://127.0.0.1:$port_ours"
 }
 
 [ -f "$model" ] || scripts/fetch-model

@@ -230,6 +230,28 @@ impl Model {
         self.llama.n_layer()
     }
 
+    /// Exactly `n` tokens of varied, plausible text (a weather log), for measurements and
+    /// benchmarks; each `variant` gives a different prompt of the same length.
+    pub fn filler_tokens(&self, n: usize, variant: usize) -> Vec<i32> {
+        let mut text = format!("Log {variant}. Continue this weather log for many more days.\n");
+        let mut day = variant * 7;
+        loop {
+            for _ in 0..32 {
+                text += &format!(
+                    "Day {day}: station {} logged {} mm of rain, wind {} km/h. ",
+                    day % 17,
+                    (day * 37) % 101,
+                    (day * 13) % 59
+                );
+                day += 1;
+            }
+            let tokens = self.tokenize(&text, true);
+            if tokens.len() >= n {
+                return tokens[..n].to_vec();
+            }
+        }
+    }
+
     /// Tokenizes text; `add_special` adds the start token where the model's vocabulary asks for one.
     /// Special-token text (e.g. `<|im_start|>`) is parsed as special tokens, as chat templates need.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<i32> {

@@ -88,23 +88,7 @@ pub struct Measured {
 
 /// Prompt tokens of exactly `n` tokens of varied text.
 fn prompt(model: &Model, n: usize) -> Vec<i32> {
-    let mut text = String::from("Summarise the following weather log.\n");
-    let mut i = 0usize;
-    loop {
-        for _ in 0..32 {
-            text += &format!(
-                "Day {i}: station {} logged {} mm of rain, wind {} km/h. ",
-                i % 17,
-                (i * 37) % 101,
-                (i * 13) % 59
-            );
-            i += 1;
-        }
-        let tokens = model.tokenize(&text, true);
-        if tokens.len() >= n {
-            return tokens[..n].to_vec();
-        }
-    }
+    model.filler_tokens(n, 0)
 }
 
 fn gb_s(bytes: usize, d: Duration) -> f64 {

@@ -68,27 +68,6 @@ struct Args {
     companion_threads: u32,
 }
 
-/// Exactly `n` prompt tokens of varied text; `variant` makes each sequence's prompt different.
-fn prompt(model: &Model, n: usize, variant: usize) -> Vec<i32> {
-    let mut text = format!("Log {variant}. Continue this weather log for many more days.\n");
-    let mut i = variant * 7;
-    loop {
-        for _ in 0..32 {
-            text += &format!(
-                "Day {i}: station {} logged {} mm of rain, wind {} km/h. ",
-                i % 17,
-                (i * 37) % 101,
-                (i * 13) % 59
-            );
-            i += 1;
-        }
-        let tokens = model.tokenize(&text, true);
-        if tokens.len() >= n {
-            return tokens[..n].to_vec();
-        }
-    }
-}
-
 /// One stream count's result.
 struct Row {
     /// Sequences decoded together.
@@ -110,7 +89,7 @@ async fn run_streams(ctx: &ContextHandle, model: &Model, args: &Args, b: u32) ->
         ..SamplingParams::default()
     };
     let prompts: Vec<Vec<i32>> = (0..b as usize)
-        .map(|v| prompt(model, args.npp, v))
+        .map(|v| model.filler_tokens(args.npp, v))
         .collect();
     let started = Instant::now();
     let prefills = prompts
