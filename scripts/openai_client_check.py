@@ -12,7 +12,7 @@ from openai import BadRequestError, OpenAI
 def main() -> int:
     client = OpenAI(base_url=sys.argv[1], api_key="unused")
     model = client.models.list().data[0].id
-    msgs = [{"role": "user", "content": "Which city is the capital of France?"}]
+    msgs = [{"role": "user", "content": "Tell me the capital of France."}]
 
     raw = client.chat.completions.with_raw_response.create(model=model, messages=msgs, max_tokens=24, temperature=0)
     assert raw.headers.get("x-exo-prefill-node") and raw.headers.get("x-exo-decode-node"), raw.headers

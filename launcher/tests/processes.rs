@@ -130,7 +130,7 @@ fn serve_split(
 fn capital_question() -> serde_json::Value {
     json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
-        "messages": [{ "role": "user", "content": "Which city is the capital of France?" }],
+        "messages": [{ "role": "user", "content": "Tell me the capital of France." }],
         "max_tokens": 16, "temperature": 0,
     })
 }
