@@ -86,11 +86,6 @@ pub struct Measured {
     pub kv_bytes_per_token: f64,
 }
 
-/// Prompt tokens of exactly `n` tokens of varied text.
-fn prompt(model: &Model, n: usize) -> Vec<i32> {
-    model.filler_tokens(n, 0)
-}
-
 fn gb_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / 1e9 / d.as_secs_f64().max(1e-9)
 }
@@ -117,7 +112,7 @@ async fn decode_step_ms(
     let mut firsts = Vec::new();
     for seq in 0..batch as i32 {
         // A different prompt per sequence, all of the same length.
-        let mut p = prompt(model, context as usize + seq as usize);
+        let mut p = model.filler_tokens(context as usize + seq as usize, 0);
         p.drain(1..1 + seq as usize);
         let out = ctx.prefill(seq, p, SamplingParams::greedy(tokens)).await?;
         firsts.push(out.first_token);
@@ -184,7 +179,11 @@ impl<P: FnMut(&str)> Run<'_, P> {
     ) -> Result<(Vec<(u32, f64)>, u32), MeasureError> {
         // Warm-up: the first pass pays for allocations.
         self.ctx
-            .prefill(0, prompt(self.model, 16), SamplingParams::greedy(1))
+            .prefill(
+                0,
+                self.model.filler_tokens(16, 0),
+                SamplingParams::greedy(1),
+            )
             .await?;
         let mut speeds: Vec<(u32, f64)> = Vec::new();
         for &n in lengths {
@@ -192,7 +191,7 @@ impl<P: FnMut(&str)> Run<'_, P> {
             if n == 0 || speeds.iter().any(|&(m, _)| m == n) {
                 continue;
             }
-            let tokens = prompt(self.model, n as usize);
+            let tokens = self.model.filler_tokens(n as usize, 0);
             if self.warm_each {
                 let greedy = SamplingParams::greedy(1);
                 self.ctx.prefill(0, tokens.clone(), greedy).await?;

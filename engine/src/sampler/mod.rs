@@ -5,9 +5,9 @@ use llama_cpp_2::context::LlamaContext;
 use llguidance::Matcher;
 
 use crate::constraint::advance;
+use crate::error::EngineError;
 
 mod dist;
-use crate::error::EngineError;
 
 /// The random bits of the draw for output token `index` of a request seeded with `seed`
 /// (splitmix64).
@@ -133,22 +133,10 @@ thread_local! {
 }
 
 /// [`argmax`] with every token allowed, in a form the compiler vectorises: the largest logit first
-/// (16 lanes at a time), then the first token that has it. It runs once per sequence per step over
-/// the whole vocabulary, so it is on the decode loop's critical path.
+/// ([`dist::max`], 16 lanes at a time), then the first token that has it. It runs once per sequence
+/// per step over the whole vocabulary, so it is on the decode loop's critical path.
 fn argmax_all(logits: &[f32]) -> Result<i32, EngineError> {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (m, &l) in lanes.iter_mut().zip(chunk) {
-            *m = if l > *m { l } else { *m };
-        }
-    }
-    let max = lanes
-        .iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    let max = dist::max(logits);
     logits
         .iter()
         .position(|&l| l == max)

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use exo_engine::{ContextConfig, ContextHandle, GenEvent, Model, ModelOptions};
+use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
 use exo_kvcache::{KvLayout, KvType};
 use exo_protocol::SamplingParams;
 
@@ -99,22 +99,11 @@ async fn run_streams(ctx: &ContextHandle, model: &Model, args: &Args, b: u32) ->
     let firsts = futures::future::try_join_all(prefills).await?;
     let prefill_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let runs = firsts.iter().enumerate().map(|(seq, out)| async move {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let run = ctx.generate_stream(seq as i32, out.first_token, 0, sampling(seq as u64), tx);
-        let count = async {
-            let mut n = 0u64;
-            while let Some(ev) = rx.recv().await {
-                if matches!(ev, GenEvent::Token { .. }) {
-                    n += 1;
-                }
-            }
-            n
-        };
-        let (res, n) = tokio::join!(run, count);
-        res.map(|()| n)
-    });
-    let counts = futures::future::try_join_all(runs).await?;
+    let runs = firsts
+        .iter()
+        .enumerate()
+        .map(|(seq, out)| ctx.generate(seq as i32, out.first_token, 0, sampling(seq as u64)));
+    let outputs = futures::future::try_join_all(runs).await?;
     let generate_s = started.elapsed().as_secs_f64();
     for seq in 0..b as i32 {
         ctx.clear(seq).await?;
@@ -123,7 +112,11 @@ async fn run_streams(ctx: &ContextHandle, model: &Model, args: &Args, b: u32) ->
         streams: b,
         prefill_s,
         generate_s,
-        generated: counts.iter().sum(),
+        // Each output starts with the prefill's token; the rest were decoded in the batch loop.
+        generated: outputs
+            .iter()
+            .map(|g| g.tokens.len().saturating_sub(1) as u64)
+            .sum(),
     })
 }
 
