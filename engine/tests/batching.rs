@@ -1,8 +1,10 @@
 //! Continuous batching: sequences decoded together in one batch produce exactly what each produces
-//! alone, also when they join and leave at different times.
+//! alone, also when they join and leave at different times; prompts prefilled together, several per
+//! batch and cut at any token, leave exactly the cache each leaves alone.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use exo_engine::{ContextConfig, ContextHandle, PrefillBatching};
 use exo_kvcache::KvLayout;
 use exo_sampling::SamplingParams;
 
@@ -145,4 +147,60 @@ async fn prompts_take_turns_and_keep_their_results() {
     );
     assert_eq!(short_out, solo_short);
     assert_eq!(long_out, solo_long);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_sharing_prefill_batches_keep_their_results() {
+    let model = model();
+    let config = ContextConfig {
+        layout: KvLayout {
+            n_seq_max: 4,
+            n_ctx_seq: 1024,
+            ..KvLayout::default()
+        },
+        // Small batches, so the long prompt runs in several, cut wherever the short ones leave room.
+        n_batch: 64,
+        prefill_batching: PrefillBatching::Always,
+        ..ContextConfig::default()
+    };
+    let ctx = ContextHandle::spawn(model.clone(), config).unwrap();
+    let prompts: Vec<Vec<i32>> = [300, 20, 45, 7]
+        .iter()
+        .enumerate()
+        .map(|(v, &n)| model.filler_tokens(n, v))
+        .collect();
+    let greedy = SamplingParams::greedy(12);
+    // Each prompt alone, in the sequence it gets below (the state names its cells' sequence): its
+    // chunks start at multiples of 64 and nothing shares its batches.
+    let mut solo = Vec::new();
+    for (seq, p) in prompts.iter().enumerate() {
+        let seq = seq as i32;
+        let pre = ctx.prefill(seq, p.clone(), greedy.clone()).await.unwrap();
+        let kv = ctx.export(seq).await.unwrap();
+        let out = ctx
+            .generate(seq, pre.first_token, 0, greedy.clone())
+            .await
+            .unwrap();
+        ctx.clear(seq).await.unwrap();
+        solo.push((pre, kv, out));
+    }
+    // All at once: shortest first, several per batch, the long one cut at other places.
+    let runs = prompts.iter().enumerate().map(|(seq, p)| {
+        let (ctx, p, g) = (ctx.clone(), p.clone(), greedy.clone());
+        async move {
+            let pre = ctx.prefill(seq as i32, p, g.clone()).await.unwrap();
+            let kv = ctx.export(seq as i32).await.unwrap();
+            let out = ctx
+                .generate(seq as i32, pre.first_token, 0, g)
+                .await
+                .unwrap();
+            (pre, kv, out)
+        }
+    });
+    let together = futures::future::join_all(runs).await;
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a.0, b.0, "prompt {i}: first token");
+        assert!(a.1 == b.1, "prompt {i}: the KV cache differs");
+        assert_eq!(a.2.tokens, b.2.tokens, "prompt {i}: generated tokens");
+    }
 }

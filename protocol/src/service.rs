@@ -47,11 +47,13 @@ impl Role {
         matches!(self, Role::Decode | Role::Both)
     }
 
-    /// Sequence slots a node of this role gets when none are configured: one for a prefill-only
-    /// node (prompts are compute-bound, running two at once only splits the compute), four for a
-    /// node that generates (decode steps batch well).
+    /// Sequence slots a node of this role gets when none are configured: four. A prefill-only node
+    /// holds a slot per prompt from its start until its cache is exported, so with several slots a
+    /// short prompt that arrives behind a long one runs first (shortest first, engine
+    /// `PrefillBatching`) and waiting prompts can share a batch; a node that generates batches its
+    /// decode steps over its slots.
     pub fn default_slots(self) -> u32 {
-        if self == Role::Prefill { 1 } else { 4 }
+        4
     }
 }
 

@@ -7,6 +7,7 @@ use exo_kvcache::{DecodedKv, KvLayout, StateShape};
 use exo_sampling::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
+use super::prefill::PrefillBatching;
 use super::slots::{SlotLease, SlotPool};
 use super::worker::worker_main;
 use super::{Command, EventSink, ExportedKv, GenEvent, PrefillOutput, Reply};
@@ -22,6 +23,8 @@ pub struct ContextConfig {
     pub n_batch: u32,
     /// CPU threads; 0 means all available cores.
     pub n_threads: u32,
+    /// Whether waiting prompts share prefill batches.
+    pub prefill_batching: PrefillBatching,
 }
 
 impl Default for ContextConfig {
@@ -30,6 +33,7 @@ impl Default for ContextConfig {
             layout: KvLayout::default(),
             n_batch: 512,
             n_threads: 0,
+            prefill_batching: PrefillBatching::Adaptive,
         }
     }
 }

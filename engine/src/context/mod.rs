@@ -4,7 +4,8 @@
 //! reply, to one OS thread that owns the llama.cpp context for its whole life (`worker`). Sequence
 //! slots are leased on the async side (`slots`); dropping a lease queues the clearing of its KV
 //! behind whatever the slot's request still has in flight. Between commands the worker runs the
-//! batch loop (`batch`): one prompt chunk, then one decode step for every generating sequence.
+//! batch loop: one prefill batch of waiting prompts (`prefill`: shortest first, several sequences per
+//! batch where that pays), then one decode step for every generating sequence (`batch`).
 
 use exo_kvcache::DecodedKv;
 use exo_sampling::{FinishReason, SamplingParams};
@@ -14,10 +15,12 @@ use crate::error::EngineError;
 
 mod batch;
 mod handle;
+mod prefill;
 mod slots;
 mod worker;
 
 pub use handle::{ContextConfig, ContextHandle, Generated};
+pub use prefill::PrefillBatching;
 
 /// Where a generation's events go: delivered on the engine thread as each token is made, so the
 /// receiver gets them with no forwarding task in between (a decode node's request queue, or a

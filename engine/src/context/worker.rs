@@ -13,7 +13,8 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llguidance::Matcher;
 use tokio::sync::mpsc;
 
-use super::batch::{Active, Pending};
+use super::batch::Active;
+use super::prefill::{Pending, PrefillCost};
 use super::{Command, ContextConfig, ExportedKv};
 use crate::constraint::advance;
 use crate::error::EngineError;
@@ -106,6 +107,7 @@ pub(super) fn worker_main(
         retired,
         active: Vec::new(),
         pending: std::collections::VecDeque::new(),
+        prefill_cost: PrefillCost::default(),
     };
     match w.calibrate() {
         Ok(shape) => {
@@ -132,8 +134,10 @@ pub(super) struct Worker<'m> {
     retired: Arc<AtomicBool>,
     /// Sequences generating; each step decodes one token for all of them in one batch.
     pub(super) active: Vec<Active>,
-    /// Prompts being prefilled, one `n_batch` chunk per turn.
+    /// Prompts being prefilled, in arrival order; `prefill::plan` picks each turn's batch.
     pub(super) pending: std::collections::VecDeque<Pending>,
+    /// What prefill batches have cost on this context.
+    pub(super) prefill_cost: PrefillCost,
 }
 
 impl Worker<'_> {
@@ -160,8 +164,8 @@ impl Worker<'_> {
                     }
                 }
             }
-            // Prompts and generating sequences take turns: one prompt chunk, then one decode step.
-            self.prefill_chunk();
+            // Prompts and generating sequences take turns: one prefill batch, then one decode step.
+            self.prefill_batch();
             if !self.active.is_empty() {
                 self.step();
             }
@@ -186,6 +190,7 @@ impl Worker<'_> {
                         slot,
                         tokens,
                         done: 0,
+                        passed_over: 0,
                         sampling,
                         matcher,
                         reply,
@@ -290,7 +295,7 @@ impl Worker<'_> {
     /// Decodes one token in sequence 0, exports it and clears it: the state tells the cache's shape.
     fn calibrate(&mut self) -> Result<StateShape, EngineError> {
         let bos = self.model.tokenize("", true).first().copied().unwrap_or(0);
-        self.decode_tokens(0, &[bos], 0)?;
+        self.decode_chunk(0, &[bos], 0, true)?;
         let raw = self.export_raw(0)?;
         self.clear(0)?;
         let shape = StateShape::calibrate(&raw)?;

@@ -2,8 +2,10 @@
 //! cost model's per-node timings (`exo-router simulate`).
 //!
 //! Each node is modelled the way the engine works: one worker that, per turn, runs the KV imports
-//! and exports that arrived, one `n_batch` chunk of the first waiting prompt (prompts take turns),
-//! then one decode step for every generating sequence. Slots are held as the nodes hold them: a
+//! and exports that arrived, one `n_batch` chunk of the waiting prompt with the fewest tokens left
+//! (one passed over 8 turns goes first, as in the engine; the engine may also let short prompts
+//! share a batch, which the simulation does not model), then one decode step for every generating
+//! sequence. Slots are held as the nodes hold them: a
 //! prefill-only node from the start of a prompt until its cache is exported, a decode node from
 //! import to the last token, a `both` node for the whole request. A link carries one transfer at a
 //! time in each direction. Placement calls the same cost model as the router, with the same live

@@ -43,8 +43,8 @@ struct SimNode {
     prompt_wait: VecDeque<usize>,
     /// Requests whose cache arrived and wait for a decode slot (FIFO).
     import_wait: VecDeque<usize>,
-    /// Prompts being prefilled: (request, tokens done).
-    prefilling: VecDeque<(usize, u64)>,
+    /// Prompts being prefilled: (request, tokens done, turns passed over), in arrival order.
+    prefilling: Vec<(usize, u64, u32)>,
     jobs: VecDeque<Job>,
     /// Sequences generating.
     active: Vec<usize>,
@@ -61,11 +61,37 @@ impl SimNode {
                 self.jobs.push_back(Job::Import(r));
             } else if let Some(r) = self.prompt_wait.pop_front() {
                 self.used += 1;
-                self.prefilling.push_back((r, 0));
+                self.prefilling.push((r, 0, 0));
             } else {
                 break;
             }
         }
+    }
+}
+
+/// Turns a waiting prompt is passed over for shorter ones before it goes first (the engine's rule).
+const MAX_PASSED_OVER: u32 = 8;
+
+impl SimNode {
+    /// Takes the prompt that runs a chunk this turn, as the engine picks it: the one passed over
+    /// longest once that reaches [`MAX_PASSED_OVER`], else the one with the fewest tokens left
+    /// (`left` of request and tokens done), earliest on a tie. The others count one more pass.
+    fn next_prompt(&mut self, left: impl Fn(usize, u64) -> u64) -> Option<(usize, u64)> {
+        let i = (0..self.prefilling.len()).min_by_key(|&i| {
+            let (r, done, passed) = self.prefilling[i];
+            let overdue = passed >= MAX_PASSED_OVER;
+            (
+                !overdue,
+                if overdue { u32::MAX - passed } else { 0 },
+                left(r, done),
+                i,
+            )
+        })?;
+        let (r, done, _) = self.prefilling.remove(i);
+        for p in &mut self.prefilling {
+            p.2 += 1;
+        }
+        Some((r, done))
     }
 }
 
@@ -278,13 +304,16 @@ impl<'a> Sim<'a> {
                 Job::Export(r) => kv_bytes(r) / (perf.kv_export_gb_s * 1e9),
             })
             .sum();
-        let chunk = node.prefilling.pop_front().map(|(r, done)| {
-            let total = self.reqs[r].prompt;
-            let len = (total - done).min(u64::from(PREFILL_CHUNK));
-            // Per-token speed at the prompt's full length, as the prefill table measures it.
-            took += perf.prefill_s(total) * len as f64 / total as f64;
-            (r, done + len)
-        });
+        let reqs = &self.reqs;
+        let chunk = node
+            .next_prompt(|r, done| reqs[r].prompt - done)
+            .map(|(r, done)| {
+                let total = self.reqs[r].prompt;
+                let len = (total - done).min(u64::from(PREFILL_CHUNK));
+                // Per-token speed at the prompt's full length, as the prefill table measures it.
+                took += perf.prefill_s(total) * len as f64 / total as f64;
+                (r, done + len)
+            });
         let stepped = node.active.clone();
         if !stepped.is_empty() {
             let ctx: u64 = stepped
@@ -346,7 +375,7 @@ impl<'a> Sim<'a> {
         self.nodes[n].busy = false;
         if let Some((r, done)) = chunk {
             if done < self.reqs[r].prompt {
-                self.nodes[n].prefilling.push_back((r, done));
+                self.nodes[n].prefilling.push((r, done, 0));
             } else {
                 self.prompt_done(n, r);
             }
@@ -397,5 +426,27 @@ impl<'a> Sim<'a> {
         let d = self.reqs[r].decode;
         self.nodes[d].import_wait.push_back(r);
         self.kick(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_run_shortest_first_until_one_is_passed_over_too_long() {
+        let len = [1500u64, 60, 40];
+        let mut node = SimNode {
+            prefilling: vec![(0, 0, 0), (1, 0, 0), (2, 0, 0)],
+            ..SimNode::default()
+        };
+        let left = |r: usize, done: u64| len[r] - done;
+        assert_eq!(node.next_prompt(left), Some((2, 0)));
+        assert_eq!(node.next_prompt(left), Some((1, 0)));
+        // A long prompt passed over enough turns goes before a newly arrived short one.
+        node.prefilling[0].2 = MAX_PASSED_OVER;
+        node.prefilling.push((1, 0, 0));
+        assert_eq!(node.next_prompt(left), Some((0, 0)));
+        assert_eq!(node.prefilling, vec![(1, 0, 1)]);
     }
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions};
+use exo_engine::{ContextConfig, ContextHandle, Model, ModelOptions, PrefillBatching};
 use exo_kvcache::{KvLayout, KvType};
 use exo_protocol::SamplingParams;
 
@@ -59,6 +59,9 @@ struct Args {
     /// Print one JSON object per stream count instead of a table.
     #[arg(long)]
     jsonl: bool,
+    /// Whether the engine lets prompts share prefill batches.
+    #[arg(long, value_enum, default_value_t = Sharing::Auto)]
+    prefill_batching: Sharing,
     /// Drive llama.cpp directly through llama-cpp-2 instead of the engine.
     #[arg(long)]
     raw: bool,
@@ -68,12 +71,35 @@ struct Args {
     companion_threads: u32,
 }
 
+/// `--prefill-batching`: the engine's [`PrefillBatching`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Sharing {
+    /// Learned from the batches timed.
+    Auto,
+    /// As many prompts per batch as fit.
+    Always,
+    /// One prompt per batch.
+    Never,
+}
+
+impl From<Sharing> for PrefillBatching {
+    fn from(s: Sharing) -> Self {
+        match s {
+            Sharing::Auto => PrefillBatching::Adaptive,
+            Sharing::Always => PrefillBatching::Always,
+            Sharing::Never => PrefillBatching::Never,
+        }
+    }
+}
+
 /// One stream count's result.
 struct Row {
     /// Sequences decoded together.
     streams: u32,
-    /// Seconds to prefill every prompt.
+    /// Seconds to prefill every prompt (the last one's first token).
     prefill_s: f64,
+    /// Mean seconds from the start to a prompt's first token.
+    first_token_mean_s: f64,
     /// Seconds from the first decode step to the last sequence's end.
     generate_s: f64,
     /// Tokens decoded in that time.
@@ -92,12 +118,16 @@ async fn run_streams(ctx: &ContextHandle, model: &Model, args: &Args, b: u32) ->
         .map(|v| model.filler_tokens(args.npp, v))
         .collect();
     let started = Instant::now();
-    let prefills = prompts
+    let prefills = prompts.into_iter().enumerate().map(|(seq, p)| async move {
+        let out = ctx.prefill(seq as i32, p, sampling(seq as u64)).await;
+        out.map(|o| (o, started.elapsed().as_secs_f64()))
+    });
+    let (firsts, times): (Vec<_>, Vec<f64>) = futures::future::try_join_all(prefills)
+        .await?
         .into_iter()
-        .enumerate()
-        .map(|(seq, p)| ctx.prefill(seq as i32, p, sampling(seq as u64)));
-    let firsts = futures::future::try_join_all(prefills).await?;
+        .unzip();
     let prefill_s = started.elapsed().as_secs_f64();
+    let first_token_mean_s = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let started = Instant::now();
     let runs = firsts
         .iter()
@@ -111,6 +141,7 @@ async fn run_streams(ctx: &ContextHandle, model: &Model, args: &Args, b: u32) ->
     Ok(Row {
         streams: b,
         prefill_s,
+        first_token_mean_s,
         generate_s,
         // Each output starts with the prefill's token; the rest were decoded in the batch loop.
         generated: outputs
@@ -134,6 +165,7 @@ async fn engine_rows(args: &Args, slots: u32) -> Result<Vec<Row>> {
         },
         n_batch: args.batch,
         n_threads: args.threads,
+        prefill_batching: args.prefill_batching.into(),
     };
     let ctx = ContextHandle::spawn(model.clone(), config)?;
     // Held to the end: an idle context whose thread team exists beside the measured one.
@@ -193,7 +225,7 @@ async fn main() -> Result<()> {
     };
     if !args.jsonl {
         println!(
-            "{}: threads {}, companion context threads {}, flash_attn {}, kv_unified {}, n_seq_max {slots}, n_ctx_seq {}, greedy {}",
+            "{}: threads {}, companion context threads {}, flash_attn {}, kv_unified {}, n_seq_max {slots}, n_ctx_seq {}, greedy {}, prefill batching {:?}",
             if args.raw {
                 "llama.cpp via llama-cpp-2"
             } else {
@@ -204,10 +236,15 @@ async fn main() -> Result<()> {
             args.flash_attn,
             args.kv_unified,
             args.ctx_seq,
-            args.temperature <= 0.0
+            args.temperature <= 0.0,
+            args.prefill_batching
         );
-        println!("|  PP |  TG |  B | T_PP s | S_PP t/s | T_TG s | S_TG t/s | tokens |");
-        println!("|-----|-----|----|--------|----------|--------|----------|--------|");
+        println!(
+            "|  PP |  TG |  B | T_PP s | TTFT mean s | S_PP t/s | T_TG s | S_TG t/s | tokens |"
+        );
+        println!(
+            "|-----|-----|----|--------|-------------|----------|--------|----------|--------|"
+        );
     }
     for r in rows {
         let s_pp = (args.npp as f64 * f64::from(r.streams)) / r.prefill_s;
@@ -216,13 +253,21 @@ async fn main() -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({"pp": args.npp, "tg": args.ntg, "pl": r.streams,
-                    "t_pp": r.prefill_s, "speed_pp": s_pp, "t_tg": r.generate_s,
+                    "t_pp": r.prefill_s, "ttft_mean": r.first_token_mean_s, "speed_pp": s_pp, "t_tg": r.generate_s,
                     "speed_tg": s_tg, "generated": r.generated})
             );
         } else {
             println!(
-                "| {:>3} | {:>3} | {:>2} | {:>6.3} | {:>8.2} | {:>6.3} | {:>8.2} | {:>6} |",
-                args.npp, args.ntg, r.streams, r.prefill_s, s_pp, r.generate_s, s_tg, r.generated
+                "| {:>3} | {:>3} | {:>2} | {:>6.3} | {:>11.3} | {:>8.2} | {:>6.3} | {:>8.2} | {:>6} |",
+                args.npp,
+                args.ntg,
+                r.streams,
+                r.prefill_s,
+                r.first_token_mean_s,
+                s_pp,
+                r.generate_s,
+                s_tg,
+                r.generated
             );
         }
     }

@@ -73,12 +73,18 @@ pub(super) fn run(args: &Args, slots: u32) -> Result<Vec<Row>> {
         let all: Vec<(i32, i32)> = (0..b as i32)
             .flat_map(|s| (0..args.npp as i32).map(move |p| (s, p)))
             .collect();
+        // Seconds to each prompt's last token, summed.
+        let mut first_token_sum_s = 0.0;
         for chunk in all.chunks(n_batch) {
             batch.clear();
+            let mut finishing = 0u32;
             for &(s, p) in chunk {
-                batch.add(tokens.next(), p, &[s], p + 1 == args.npp as i32)?;
+                let last = p + 1 == args.npp as i32;
+                finishing += u32::from(last);
+                batch.add(tokens.next(), p, &[s], last)?;
             }
             ctx.decode(&mut batch).context("prompt batch")?;
+            first_token_sum_s += f64::from(finishing) * started.elapsed().as_secs_f64();
         }
         let prefill_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
@@ -92,6 +98,7 @@ pub(super) fn run(args: &Args, slots: u32) -> Result<Vec<Row>> {
         rows.push(Row {
             streams: b,
             prefill_s,
+            first_token_mean_s: first_token_sum_s / f64::from(b.max(1)),
             generate_s: started.elapsed().as_secs_f64(),
             generated: u64::from(b) * u64::from(args.ntg),
         });
