@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # exo-router against llama.cpp itself, side by side in one run (docs/bench.md, "Against llama.cpp").
 #
-#   benches/peer.sh [engine|http|all]
+#   benches/peer.sh [engine|http|mixed|all]
 #
 # Fetches llama.cpp's sources from the package registry (the llama-cpp-python sdist vendors a full
 # llama.cpp tree), builds llama-batched-bench and llama-server (Release, no curl) into a cache folder
@@ -9,7 +9,11 @@
 #   engine: `enginebench` (this project's engine) against `llama-batched-bench`, same model, threads,
 #           context per sequence, flash attention and KV layout, at each stream count: tok/s and ratio;
 #   http:   the same streaming chats (loadgen, greedy) against `exo-router serve` with
-#           profiles/local-colocated.toml and against `llama-server -np 8`.
+#           profiles/local-colocated.toml and against `llama-server -np 8`;
+#   mixed:  3 short streaming chats back to back for MIXED_SECS (30), without and then with a
+#           ~1,500-token prompt (LONG_WORDS=1360 words) every LONG_PERIOD (5) seconds, against
+#           `llama-server -np 8` (THREADS) and `exo-router serve` with profiles/local.toml (split:
+#           the cores shared out between its two nodes) and profiles/local-colocated.toml (all cores).
 # Settings (environment): THREADS (default: all cores), NPP=128, NTG=128, NPL=1,2,4,8,16,
 # CTX_SEQ=2048, FA=off|on, KVU=off|on, ROUNDS=3 (engine runs alternate, best of each), PEER_CACHE (default ~/.cache/exo-router/peer),
 # PEER_VERSION (llama-cpp-python version, default 0.3.36).
@@ -130,6 +134,37 @@ http() {
   drive exo-router $! /tmp/exo-peer-exo.log "http://127.0.0.1:$port_ours"
 }
 
+# Short chats alone, then with long prompts arriving, against a server already starting (pid $2,
+# log $3) at $4; then stops it. $1 names it in the output.
+drive_mixed() {
+  local name=$1 pid=$2 log=$3 url=$4
+  local secs="${MIXED_SECS:-30}" period="${LONG_PERIOD:-5}" words="${LONG_WORDS:-1360}"
+  wait_for "$url/v1/models" "$log"
+  # One request first, so neither side is timed while it warms up.
+  target/release/loadgen --url "$url" --concurrency 1 --requests 1 --max-tokens 8 >/dev/null
+  for long in none "$period"; do
+    echo "$name, 3 chats for $secs s, long prompts: $long"
+    local extra=()
+    [ "$long" != none ] && extra=(--long-period "$period" --long-words "$words")
+    target/release/loadgen --url "$url" --concurrency 3 --duration "$secs" --max-tokens 96 \
+      --temperature 0 --short-words 40 "${extra[@]}"
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+
+mixed() {
+  local port=52483
+  echo "### mixed: 3 short chats (40 words, 96 greedy tokens) back to back; then with a long prompt every ${LONG_PERIOD:-5} s"
+  "$server_bin" -m "$model" --host 127.0.0.1 --port "$port" -np 8 -c $((8 * 4096)) -t "$threads" -tb "$threads" \
+    -fa "$fa" "$([ "$kvu" = on ] && echo -kvu || echo -no-kvu)" >/tmp/exo-peer-server.log 2>&1 &
+  drive_mixed llama-server $! /tmp/exo-peer-server.log "http://127.0.0.1:$port"
+  for profile in profiles/local.toml profiles/local-colocated.toml; do
+    target/release/exo-router serve --profile "$profile" \
+      --listen "127.0.0.1:$port" >/tmp/exo-peer-exo.log 2>&1 &
+    drive_mixed "exo-router $(basename "$profile")" $! /tmp/exo-peer-exo.log "http://127.0.0.1:$port"
+  done
+}
+
 [ -f "$model" ] || scripts/fetch-model
 fetch_and_build_peer
 cargo build --release -q -p exo-launcher -p exo-benches
@@ -137,6 +172,7 @@ versions
 case "$what" in
   engine) engine ;;
   http) http ;;
-  all) engine; http ;;
-  *) echo "usage: benches/peer.sh [engine|http|all]" >&2; exit 2 ;;
+  mixed) mixed ;;
+  all) engine; http; mixed ;;
+  *) echo "usage: benches/peer.sh [engine|http|mixed|all]" >&2; exit 2 ;;
 esac

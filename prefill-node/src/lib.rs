@@ -1,19 +1,24 @@
 //! Prefill node: renders and tokenizes a prompt, runs it through llama.cpp, samples output token 0,
 //! and ships the KV cache straight to the decode node the router chose.
+//!
+//! Prompts wait for one of the context's sequence slots, first come, first served. A long prompt
+//! (more tokens than one prefill batch) also needs one of `slots - 1` long-prompt permits while it
+//! is prefilled, so long prompts never hold every slot: a short prompt that arrives behind a queue
+//! of long ones still gets a slot, and the engine runs it first (shortest first).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease};
+use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv, SlotLease};
 use exo_kvcache::KvEncoder;
 use exo_protocol::{
     Handoff, KvBegin, KvFrame, NodeError, NodeServiceClient, PrefillReply, PrefillRequest, Prompt,
     RequestId, SamplingParams, connect, context_with_deadline,
 };
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
 /// Deadline of one KV call to a decode node.
 const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,6 +63,8 @@ pub struct PrefillNode {
     peers: Mutex<HashMap<String, NodeServiceClient>>,
     /// Requests between the start of `prefill` and the end of their KV transfer.
     in_flight: Arc<AtomicUsize>,
+    /// One permit per long prompt being prefilled at once: one fewer than the slots (at least one).
+    long_prompts: Arc<Semaphore>,
 }
 
 /// One request counted in [`PrefillNode::in_flight`] while it lives.
@@ -79,13 +86,43 @@ fn engine_error(e: EngineError) -> NodeError {
 impl PrefillNode {
     /// A prefill node called `name` (its metrics label) over `ctx`.
     pub fn new(name: &str, ctx: ContextHandle, ship: ShipConfig) -> Arc<Self> {
+        let long = (ctx.config().layout.n_seq_max as usize)
+            .saturating_sub(1)
+            .max(1);
         Arc::new(PrefillNode {
             name: name.to_string(),
             ctx,
             ship,
             peers: Mutex::new(HashMap::new()),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            long_prompts: Arc::new(Semaphore::new(long)),
         })
+    }
+
+    /// Long-prompt permits not taken right now.
+    pub fn free_long_prompt_permits(&self) -> usize {
+        self.long_prompts.available_permits()
+    }
+
+    /// Waits for what a prompt of `n_tokens` needs to start: a long-prompt permit if it is longer
+    /// than one prefill batch, then a slot; busy after the queue timeout.
+    async fn admit(
+        &self,
+        n_tokens: usize,
+    ) -> Result<(SlotLease, Option<OwnedSemaphorePermit>), NodeError> {
+        let long = n_tokens > self.ctx.config().n_batch as usize;
+        let wait = async {
+            // The semaphore is never closed, so acquiring only waits.
+            let permit = if long {
+                Arc::clone(&self.long_prompts).acquire_owned().await.ok()
+            } else {
+                None
+            };
+            (self.ctx.acquire_slot().await, permit)
+        };
+        tokio::time::timeout(self.ship.queue_timeout, wait)
+            .await
+            .map_err(|_| NodeError::Busy)
     }
 
     /// Requests this node is working on: waiting for a slot, prefilling, or shipping their cache.
@@ -171,17 +208,21 @@ impl PrefillNode {
                 limit,
             });
         }
-        // Prompts queue for a slot, first come, first served, up to the queue timeout.
-        let lease = tokio::time::timeout(self.ship.queue_timeout, self.ctx.acquire_slot())
-            .await
-            .map_err(|_| NodeError::Busy)?;
+        // Held until the prompt is prefilled (and its cache exported): then it is no longer a prompt.
+        let (lease, _long_permit) = self.admit(tokens.len()).await?;
         let sampling = request.sampling;
         let started = Instant::now();
-        let out = self
-            .ctx
-            .prefill(lease.seq(), tokens, sampling.clone())
-            .await
-            .map_err(engine_error)?;
+        // With a hand-off the cache is exported in the same worker turn the prompt finishes in.
+        let run = if request.handoff.is_some() {
+            self.ctx
+                .prefill_export(lease.seq(), tokens, sampling.clone())
+                .await
+        } else {
+            self.ctx
+                .prefill(lease.seq(), tokens, sampling.clone())
+                .await
+        };
+        let mut out = run.map_err(engine_error)?;
         let took = started.elapsed().as_secs_f64();
         let node = self.name.clone();
         metrics::counter!("exo_prefill_tokens_total", "node" => node.clone())
@@ -212,27 +253,29 @@ impl PrefillNode {
                 }),
             )),
             Some(handoff) => {
+                let kv = out.kv.take().ok_or_else(|| {
+                    NodeError::Engine("the prefill returned no cache to hand off".into())
+                })?;
+                drop(lease);
                 let first_token = out.first_token;
-                self.hand_off(request.id, lease, handoff, first_token, sampling, held)
+                self.hand_off(request.id, kv, handoff, first_token, sampling, held)
                     .await?;
                 Ok((reply, None))
             }
         }
     }
 
-    /// Exports the prompt's cache from `lease` (then frees the slot), frames it and ships it to
-    /// the decode node on a task of its own, which keeps the request counted (`held`) until done.
+    /// Frames the prompt's exported cache and ships it to the decode node on a task of its own,
+    /// which keeps the request counted (`held`) until done.
     async fn hand_off(
         self: &Arc<Self>,
         id: RequestId,
-        lease: SlotLease,
+        kv: ExportedKv,
         handoff: Handoff,
         first_token: i32,
         sampling: SamplingParams,
         held: InFlight,
     ) -> Result<(), NodeError> {
-        let kv = self.ctx.export(lease.seq()).await.map_err(engine_error)?;
-        drop(lease);
         metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
             .increment(kv.state.len() as u64);
         // Checksums and compression run on a blocking thread, not on the async threads.

@@ -3,6 +3,10 @@
 //! to first token and time per output token percentiles, throughput and errors.
 //!
 //! `cargo run --release -p exo-benches --bin loadgen -- --url http://127.0.0.1:52415 --concurrency 8`
+//!
+//! With `--duration S` it runs for S seconds instead: `--concurrency` chats send short prompts back
+//! to back, and with `--long-period P` one long prompt arrives every P seconds beside them (the mixed
+//! load of docs/bench.md).
 
 use std::time::{Duration, Instant};
 
@@ -46,6 +50,13 @@ struct Args {
     /// Seed of the prompt texts and of each request's sampling seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run this many seconds, `--concurrency` short chats back to back (`--requests` and
+    /// `--long-every` do not apply).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// With `--duration`: a long prompt every this many seconds, beside the chats.
+    #[arg(long)]
+    long_period: Option<f64>,
 }
 
 /// What one request measured.
@@ -79,8 +90,19 @@ fn prompt(words: usize, seed: u64) -> String {
     out
 }
 
-async fn one(client: &reqwest::Client, args: &Args, model: &str, i: usize) -> Result<Sample> {
+/// Request `i` of a run with a fixed number of requests: every `long_every`th is long.
+async fn nth(client: &reqwest::Client, args: &Args, model: &str, i: usize) -> Result<Sample> {
     let long = args.long_every > 0 && i % args.long_every == args.long_every - 1;
+    one(client, args, model, i, long).await
+}
+
+async fn one(
+    client: &reqwest::Client,
+    args: &Args,
+    model: &str,
+    i: usize,
+    long: bool,
+) -> Result<Sample> {
     let words = if long {
         args.long_words
     } else {
@@ -182,15 +204,26 @@ async fn model_id(client: &reqwest::Client, args: &Args) -> Result<String> {
 /// Prints the run's summary and the latency table.
 fn report(args: &Args, model: &str, wall: f64, samples: &[Sample], errors: usize) {
     let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
+    let (requests, long) = match (args.duration, args.long_period) {
+        (Some(d), None) => (
+            format!("{} requests in {d} s", samples.len() + errors),
+            "no long prompts".to_string(),
+        ),
+        (Some(d), Some(p)) => (
+            format!("{} requests in {d} s", samples.len() + errors),
+            format!("a long prompt every {p} s ({} words)", args.long_words),
+        ),
+        (None, _) => (
+            format!("{} requests", args.requests),
+            format!(
+                "a long prompt every {} requests ({} words)",
+                args.long_every, args.long_words
+            ),
+        ),
+    };
     println!(
-        "{} | model {model} | {} requests, concurrency {}, max_tokens {}, long prompt every {} ({} words), short {} words",
-        args.url,
-        args.requests,
-        args.concurrency,
-        args.max_tokens,
-        args.long_every,
-        args.long_words,
-        args.short_words
+        "{} | model {model} | {requests}, concurrency {}, max_tokens {}, {long}, short {} words",
+        args.url, args.concurrency, args.max_tokens, args.short_words
     );
     println!(
         "wall {wall:.1} s | output {:.1} tok/s | {:.2} req/s | errors {errors}",
@@ -212,22 +245,70 @@ fn report(args: &Args, model: &str, wall: f64, samples: &[Sample], errors: usize
     }
 }
 
+/// A run of `secs`: `concurrency` chats send short prompts back to back until then, and a long
+/// prompt arrives every `long_period` seconds beside them; waits for everything sent to finish.
+async fn timed(
+    client: &reqwest::Client,
+    args: &Args,
+    model: &str,
+    secs: Duration,
+) -> Vec<Result<Sample>> {
+    let started = tokio::time::Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let chat = || async {
+        let mut out = Vec::new();
+        while started.elapsed() < secs {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            out.push(one(client, args, model, i, false).await);
+        }
+        out
+    };
+    let longs = async {
+        let Some(period) = args.long_period.map(Duration::from_secs_f64) else {
+            return Vec::new();
+        };
+        let mut sent = Vec::new();
+        let mut at = started + period;
+        while at.duration_since(started) < secs {
+            tokio::time::sleep_until(at).await;
+            let i = 1_000_000 + sent.len();
+            sent.push(tokio::spawn({
+                let (client, args, model) = (client.clone(), args.clone(), model.to_string());
+                async move { one(&client, &args, &model, i, true).await }
+            }));
+            at += period;
+        }
+        let mut out = Vec::new();
+        for task in sent {
+            out.push(task.await.unwrap_or_else(|e| Err(e.into())));
+        }
+        out
+    };
+    let chats = futures::future::join_all((0..args.concurrency.max(1)).map(|_| chat()));
+    let (chats, longs) = tokio::join!(chats, longs);
+    chats.into_iter().flatten().chain(longs).collect()
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    // A connection per request: llama-server closes idle keep-alive connections, and a request sent
+    // on one it just closed fails ("connection closed before message completed").
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
+        .pool_max_idle_per_host(0)
         .build()?;
     let model = model_id(&client, &args).await?;
     let started = Instant::now();
-    let results: Vec<Result<Sample>> = futures::stream::iter(0..args.requests)
-        .map(|i| {
-            let (client, args, model) = (&client, &args, &model);
-            async move { one(client, args, model, i).await }
-        })
-        .buffer_unordered(args.concurrency.max(1))
-        .collect()
-        .await;
+    let results: Vec<Result<Sample>> = match args.duration {
+        Some(secs) => timed(&client, &args, &model, Duration::from_secs_f64(secs)).await,
+        None => {
+            futures::stream::iter(0..args.requests)
+                .map(|i| nth(&client, &args, &model, i))
+                .buffer_unordered(args.concurrency.max(1))
+                .collect()
+                .await
+        }
+    };
     let wall = started.elapsed().as_secs_f64();
     let mut errors = 0;
     let mut samples = Vec::new();

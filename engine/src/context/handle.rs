@@ -182,6 +182,26 @@ impl ContextHandle {
             seq,
             tokens,
             sampling,
+            export: false,
+            reply,
+        })
+        .await
+    }
+
+    /// [`Self::prefill`], then [`Self::export`] in the same turn of the worker: the cache leaves as
+    /// soon as the prompt's last batch ran, without waiting behind the next batch for an `Export`
+    /// command. The output's `kv` holds it.
+    pub async fn prefill_export(
+        &self,
+        seq: i32,
+        tokens: Vec<i32>,
+        sampling: SamplingParams,
+    ) -> Result<PrefillOutput, EngineError> {
+        self.call(|reply| Command::Prefill {
+            seq,
+            tokens,
+            sampling,
+            export: true,
             reply,
         })
         .await

@@ -51,6 +51,9 @@ pub struct PrefillOutput {
     pub first_token: i32,
     /// Prompt tokens now in the sequence's KV cache.
     pub n_prompt: usize,
+    /// The sequence's cache, exported the moment the prompt finished, when the prefill was asked
+    /// for it ([`ContextHandle::prefill_export`]).
+    pub kv: Option<ExportedKv>,
 }
 
 /// One sequence's KV cache in the single-stream wire form, with the tokens it holds.
@@ -93,6 +96,8 @@ enum Command {
         seq: i32,
         tokens: Vec<i32>,
         sampling: SamplingParams,
+        /// Export the cache as soon as the prompt finishes.
+        export: bool,
         reply: Reply<PrefillOutput>,
     },
     Export {

@@ -8,7 +8,10 @@
 //! one batch (one sequence each) when that finishes them sooner on the whole: on a GPU a batch of 480
 //! tokens costs about what one of 60 does, on a small CPU it costs eight times as much and running
 //! them one after the other gets most of them their first token sooner. [`PrefillCost`] learns which
-//! of the two this context is from the batches it has timed.
+//! of the two this context is from the batches it has timed, and sizes batches to match: no larger
+//! than it takes to keep a batch's fixed cost under [`FIXED_SHARE`] of its time (on a small CPU,
+//! 64 tokens, so a prompt that arrives waits a fraction of a second for the batch already running;
+//! on a GPU, `n_batch`).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -29,16 +32,23 @@ pub(super) const MAX_PASSED_OVER: u32 = 8;
 /// Prefill batches whose timings the cost model remembers.
 const COST_WINDOW: usize = 64;
 
-/// Whether several waiting prompts may share one prefill batch.
+/// Adaptive batches are sized so the fixed cost of a batch stays under this share of its time.
+const FIXED_SHARE: f64 = 0.1;
+
+/// Adaptive batches are never smaller than this many tokens (or `n_batch`, if smaller).
+const MIN_BATCH: usize = 64;
+
+/// How waiting prompts are put into prefill batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefillBatching {
-    /// Share a batch when the timings of earlier batches say it gets prompts their first token
-    /// sooner in total (accelerators), run them one after the other when it does not (small CPUs).
+    /// From the timings of earlier batches: prompts share a batch when that gets them their first
+    /// token sooner in total (accelerators) and run one after the other when it does not (small
+    /// CPUs), and batches are only as large as it takes for their fixed cost not to matter.
     #[default]
     Adaptive,
-    /// Always fill the batch with as many waiting prompts as fit.
+    /// Always fill `n_batch` with as many waiting prompts as fit.
     Always,
-    /// One prompt per batch.
+    /// One prompt per batch of up to `n_batch` tokens.
     Never,
 }
 
@@ -51,6 +61,8 @@ pub(super) struct Pending {
     pub(super) done: usize,
     /// Prefill batches in a row that ran without this prompt.
     pub(super) passed_over: u32,
+    /// Export the cache as soon as the prompt finishes.
+    pub(super) export: bool,
     pub(super) sampling: SamplingParams,
     /// The constraint's state, when the request has one.
     pub(super) matcher: Option<Matcher>,
@@ -68,6 +80,9 @@ impl Pending {
 #[derive(Debug, Default)]
 pub(super) struct PrefillCost {
     samples: VecDeque<(f64, f64)>,
+    /// The last line fitted; kept while the window holds batches of one size only (which the
+    /// line's own batch sizing makes common).
+    line: Option<(f64, f64)>,
 }
 
 impl PrefillCost {
@@ -77,11 +92,21 @@ impl PrefillCost {
             self.samples.pop_front();
         }
         self.samples.push_back((tokens as f64, seconds));
+        if let Some(line) = self.line_through_window() {
+            self.line = Some(line);
+        }
     }
 
-    /// `(fixed, per_token)` seconds, once the batches timed differ in size by 2x or more (a line
-    /// through points of one size says nothing about the slope). Both are clamped at zero.
+    /// `(fixed, per_token)` seconds: the line through the window when it has batches of sizes
+    /// 2x apart, else the last such line, if any.
     fn fit(&self) -> Option<(f64, f64)> {
+        self.line
+    }
+
+    /// The least-squares line through the window, once the batches in it differ in size by 2x or
+    /// more (a line through points of one size says nothing about the slope). Both parts are
+    /// clamped at zero.
+    fn line_through_window(&self) -> Option<(f64, f64)> {
         let n = self.samples.len() as f64;
         let (lo, hi) = self
             .samples
@@ -98,6 +123,20 @@ impl PrefillCost {
         let sxy: f64 = self.samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
         let per_token = (sxy / sxx).max(0.0);
         Some(((my - per_token * mx).max(0.0), per_token))
+    }
+
+    /// Tokens in an adaptive batch: the fewest for which the fixed cost is at most [`FIXED_SHARE`]
+    /// of the batch's time, at least [`MIN_BATCH`], at most `n_batch`; `n_batch` until timed.
+    pub(super) fn batch_tokens(&self, n_batch: usize) -> usize {
+        let Some((fixed, per_token)) = self.fit() else {
+            return n_batch;
+        };
+        if per_token <= 0.0 {
+            return n_batch;
+        }
+        let wanted = fixed * (1.0 - FIXED_SHARE) / (FIXED_SHARE * per_token);
+        // `as` saturates: a huge or NaN ratio becomes usize::MAX or 0, then the clamp applies.
+        (wanted.ceil() as usize).clamp(MIN_BATCH.min(n_batch), n_batch)
     }
 
     /// Whether adding `add` tokens of one more prompt to a batch that already holds `prompts`
@@ -198,15 +237,16 @@ impl Worker<'_> {
             .collect();
         let policy = self.config.prefill_batching;
         let cost = &self.prefill_cost;
-        let picked = plan(
-            &waiting,
-            self.config.n_batch as usize,
-            |n, add| match policy {
-                PrefillBatching::Always => true,
-                PrefillBatching::Never => false,
-                PrefillBatching::Adaptive => cost.sharing_pays(n, add),
-            },
-        );
+        let n_batch = self.config.n_batch as usize;
+        let room = match policy {
+            PrefillBatching::Adaptive => cost.batch_tokens(n_batch),
+            PrefillBatching::Always | PrefillBatching::Never => n_batch,
+        };
+        let picked = plan(&waiting, room, |n, add| match policy {
+            PrefillBatching::Always => true,
+            PrefillBatching::Never => false,
+            PrefillBatching::Adaptive => cost.sharing_pays(n, add),
+        });
         let total: usize = picked.iter().map(|&(_, n)| n).sum();
         let started = Instant::now();
         let ran = self.decode_picked(&picked, total);
@@ -288,9 +328,15 @@ impl Worker<'_> {
         let first_token = choose(&self.ctx, row, &p.sampling, 0, p.matcher.as_mut())?;
         let n_prompt = p.tokens.len();
         self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
+        let kv = if p.export {
+            Some(self.export(p.seq)?)
+        } else {
+            None
+        };
         Ok(PrefillOutput {
             first_token,
             n_prompt,
+            kv,
         })
     }
 }
@@ -339,15 +385,36 @@ mod tests {
         // On the GPU eight 60-token prompts share a batch, eight 512-token chunks do not.
         assert!(gpu.sharing_pays(7, 60));
         assert!(!gpu.sharing_pays(7, 512 * 8));
+        // Batch size: the CPU's fixed cost is 10% of a 23-token batch (clamped up to 64); the GPU's
+        // of a 14,400-token one (clamped down to n_batch).
+        assert_eq!(cpu.batch_tokens(512), 64);
+        assert_eq!(cpu.batch_tokens(32), 32);
+        assert_eq!(gpu.batch_tokens(512), 512);
+        assert_eq!(PrefillCost::default().batch_tokens(512), 512);
+        let mut slow_start = PrefillCost::default();
+        slow_start.record(100, 0.05 + 0.001 * 100.0);
+        slow_start.record(300, 0.05 + 0.001 * 300.0);
+        // 0.05 * 0.9 / (0.1 * 0.001) = 450, give or take the float rounding of the fit.
+        assert!((450..=451).contains(&slow_start.batch_tokens(2048)));
     }
 
     #[test]
-    fn cost_model_needs_two_sizes_and_forgets_old_batches() {
+    fn cost_model_needs_two_sizes_keeps_its_line_and_forgets_old_batches() {
         let mut c = PrefillCost::default();
         for _ in 0..10 {
             c.record(60, 0.1);
         }
         assert_eq!(c.fit(), None);
+        c.record(120, 0.3);
+        assert!(c.fit().is_some());
+        // A window of one size keeps the last line learned.
+        for _ in 0..COST_WINDOW {
+            c.record(64, 0.2);
+        }
+        let kept = c.fit();
+        assert!(kept.is_some());
+        c.record(64, 0.25);
+        assert_eq!(c.fit(), kept);
         for _ in 0..COST_WINDOW {
             c.record(100, 0.2);
             c.record(400, 0.8);

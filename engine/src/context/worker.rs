@@ -178,6 +178,7 @@ impl Worker<'_> {
                 seq,
                 tokens,
                 sampling,
+                export,
                 reply,
             } => {
                 let begun = self.new_matcher(&sampling).and_then(|matcher| {
@@ -191,6 +192,7 @@ impl Worker<'_> {
                         tokens,
                         done: 0,
                         passed_over: 0,
+                        export,
                         sampling,
                         matcher,
                         reply,
@@ -332,7 +334,7 @@ impl Worker<'_> {
         Ok(buf)
     }
 
-    fn export(&mut self, seq: i32) -> Result<ExportedKv, EngineError> {
+    pub(super) fn export(&mut self, seq: i32) -> Result<ExportedKv, EngineError> {
         let slot = self.slot(seq)?;
         if self.seq_tokens[slot].is_empty() {
             return Err(EngineError::InvalidRequest(format!(
