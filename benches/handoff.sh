@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The KV hand-off over a real, shaped network (docs/bench.md, "Hand-off over a shaped link").
+#
+#   sudo benches/handoff.sh            (root: it makes network namespaces; CI and this box are root)
+#
+# Two network namespaces joined by a veth pair: the prefill node (and the router, and the client)
+# in one, the decode node in the other, each node a process with one thread. The link is shaped
+# with `tc tbf` in both directions (`netem` is not in this kernel). For each rate in RATES and
+# prompt size in WORDS, one streaming chat with two greedy output tokens: the time to the first
+# token (TTFT), and the **hand-off stall**, the gap between the first and the second token (the
+# cache's export, encoding, wire time and import sit in it), with the prefill and transfer times
+# the nodes measured (`/metrics`). Everything stays on this machine; the namespaces go at the end.
+# Settings (environment): RATES="1gbit 100mbit", WORDS="436 1850 3190" (about 512, 2,048 and
+# 3,500 prompt tokens with the chat template), CODEC=none, EXO_MODEL.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+model="${EXO_MODEL:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+rates="${RATES:-1gbit 100mbit}"
+words="${WORDS:-436 1850 3190}"
+codec="${CODEC:-none}"
+p_ns=exo-hp d_ns=exo-hd
+p_ip=10.77.0.1 d_ip=10.77.0.2
+work="$(mktemp -d)"
+
+if [ "$(id -u)" != 0 ] || ! ip netns add "$p_ns" 2>/dev/null; then
+  echo "handoff.sh: needs root and network namespaces (ip netns); not run" >&2
+  exit 2
+fi
+cleanup() {
+  for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  sleep 0.5
+  ip netns del "$p_ns" 2>/dev/null || true
+  ip netns del "$d_ns" 2>/dev/null || true
+}
+trap cleanup EXIT
+ip netns add "$d_ns"
+ip link add exo-vp type veth peer name exo-vd
+ip link set exo-vp netns "$p_ns"
+ip link set exo-vd netns "$d_ns"
+ip -n "$p_ns" addr add "$p_ip/24" dev exo-vp
+ip -n "$d_ns" addr add "$d_ip/24" dev exo-vd
+for ns in "$p_ns" "$d_ns"; do ip -n "$ns" link set lo up; done
+ip -n "$p_ns" link set exo-vp up
+ip -n "$d_ns" link set exo-vd up
+
+[ -f "$model" ] || scripts/fetch-model
+cargo build --release -q -p exo-launcher -p exo-benches
+bin="$root/target/release/exo-router"
+
+# Starts `exo-router ARGS` in namespace $1 as $2, waits for "listening on".
+start() {
+  local ns=$1 name=$2; shift 2
+  ip netns exec "$ns" "$bin" "$@" >"$work/$name.log" 2>&1 &
+  echo $! >"$work/$name.pid"
+  for _ in $(seq 1 240); do grep -q "listening on" "$work/$name.log" && return 0; sleep 0.25; done
+  echo "$name did not start: $(tail -5 "$work/$name.log")" >&2
+  return 1
+}
+stop() { kill "$(cat "$work/$1.pid")" 2>/dev/null || true; wait "$(cat "$work/$1.pid")" 2>/dev/null || true; rm -f "$work/$1.pid"; }
+# A counter or histogram sum from a node's /metrics.
+metric() { ip netns exec "$p_ns" curl -s "http://$1/metrics" | awk -v m="$2" '$1 ~ "^"m { s += $NF } END { printf "%.3f", s }'; }
+
+cat >"$work/cluster.toml" <<EOF
+model = "$model"
+placement = "disaggregated"
+[kv]
+codec = "$codec"
+[[nodes]]
+name = "prefill"
+address = "$p_ip:52416"
+role = "prefill"
+[[nodes]]
+name = "decode"
+address = "$d_ip:52416"
+role = "decode"
+EOF
+
+echo "### hand-off over a veth pair shaped with tc tbf; one thread per node; codec $codec; model $(basename "$model")"
+echo "| link | prompt tokens | TTFT (ms) | hand-off stall (ms) | prefill (ms) | transfer (ms) | KV MB |"
+echo "|---|---|---|---|---|---|---|"
+for rate in $rates; do
+  for ns_dev in "$p_ns exo-vp" "$d_ns exo-vd"; do
+    set -- $ns_dev
+    ip netns exec "$1" tc qdisc replace dev "$2" root tbf rate "$rate" burst 256kb latency 100ms
+  done
+  start "$d_ns" decode node --role decode --model "$model" --threads 1 --slots 2 \
+    --listen "$d_ip:52416" --name decode --metrics-listen "$d_ip:9101"
+  start "$p_ns" prefill node --role prefill --model "$model" --threads 1 --slots 2 \
+    --listen "$p_ip:52416" --name prefill --metrics-listen "$p_ip:9100"
+  start "$p_ns" router serve --profile "$work/cluster.toml" --listen "$p_ip:52415"
+  # Untimed warm-up: connections made, first-use costs paid.
+  ip netns exec "$p_ns" target/release/loadgen --url "http://$p_ip:52415" --requests 1 \
+    --concurrency 1 --max-tokens 2 >/dev/null
+  for w in $words; do
+    tokens0=$(metric "$p_ip:9100" exo_prefill_tokens_total)
+    pre0=$(metric "$p_ip:9100" exo_prefill_seconds_sum)
+    xfer0=$(metric "$p_ip:9100" exo_kv_transfer_seconds_sum)
+    bytes0=$(metric "$p_ip:9100" exo_kv_exported_bytes_total)
+    out=$(ip netns exec "$p_ns" target/release/loadgen --url "http://$p_ip:52415" --requests 1 \
+      --concurrency 1 --max-tokens 2 --temperature 0 --short-words "$w")
+    ttft=$(awk -F'|' '/TTFT short/ { gsub(/ /, "", $4); print $4 }' <<<"$out")
+    stall=$(awk -F'|' '/TPOT short/ { gsub(/ /, "", $4); print $4 }' <<<"$out")
+    tokens=$(awk -v a="$tokens0" -v b="$(metric "$p_ip:9100" exo_prefill_tokens_total)" 'BEGIN { print b - a }')
+    pre=$(awk -v a="$pre0" -v b="$(metric "$p_ip:9100" exo_prefill_seconds_sum)" 'BEGIN { printf "%.0f", 1000 * (b - a) }')
+    xfer=$(awk -v a="$xfer0" -v b="$(metric "$p_ip:9100" exo_kv_transfer_seconds_sum)" 'BEGIN { printf "%.0f", 1000 * (b - a) }')
+    mb=$(awk -v a="$bytes0" -v b="$(metric "$p_ip:9100" exo_kv_exported_bytes_total)" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')
+    echo "| $rate | $tokens | $ttft | ${stall:-(one token)} | $pre | $xfer | $mb |"
+  done
+  stop router; stop prefill; stop decode
+done
