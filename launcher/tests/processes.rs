@@ -310,6 +310,43 @@ async fn a_transfer_cut_midway_fails_at_once_with_its_reason() {
     let _ = std::fs::remove_dir_all(&split.dir);
 }
 
+/// Output token 0 reaches the client before the cache reaches the decode node: with the link to
+/// the decode node stalled after 64 KiB of the transfer, the stream's first content still arrives;
+/// the cache never does, and the stall ends the request at the decode node's transfer timeout with
+/// an error event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_zero_streams_before_the_cache_arrives() {
+    let fault = Fault::StallAfter {
+        bytes: 64 << 10,
+        times: 1,
+    };
+    let decode_flags = ["--slots", "1", "--transfer-timeout", "3"];
+    let split = proxied_split("first", fault, &[], &decode_flags).await;
+    let mut body = capital_question();
+    body["stream"] = json!(true);
+    let mut resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", split.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), resp.chunk()).await;
+        let chunk = chunk.expect("token 0 must not wait for the transfer");
+        seen += &String::from_utf8_lossy(&chunk.unwrap().expect("stream ended before token 0"));
+    }
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        seen += &String::from_utf8_lossy(&chunk);
+    }
+    // The transfer stalled: the cache never reached the decode node, so token 0 came before it.
+    assert_eq!(split.proxy.cuts(), 1, "the transfer was not stalled");
+    assert!(seen.contains("\"error\""), "{seen}");
+    assert!(!seen.contains("\"finish_reason\":\"length\""), "{seen}");
+    let _ = std::fs::remove_dir_all(&split.dir);
+}
+
 /// Sends SIGTERM to `proc` and waits (up to a minute) for it to exit; its exit status.
 fn terminate(proc: &mut Proc) -> std::process::ExitStatus {
     let pid = proc.0.id().to_string();

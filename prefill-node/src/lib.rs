@@ -258,16 +258,17 @@ impl PrefillNode {
                 })?;
                 drop(lease);
                 let first_token = out.first_token;
-                self.hand_off(request.id, kv, handoff, first_token, sampling, held)
-                    .await?;
+                self.hand_off(request.id, kv, handoff, first_token, sampling, held);
                 Ok((reply, None))
             }
         }
     }
 
     /// Frames the prompt's exported cache and ships it to the decode node on a task of its own,
-    /// which keeps the request counted (`held`) until done.
-    async fn hand_off(
+    /// which keeps the request counted (`held`) until done. Returns at once, so output token 0
+    /// reaches the client before the cache is encoded or on the wire; a failure from here on
+    /// reaches the client through the decode node ([`Self::abort`]).
+    fn hand_off(
         self: &Arc<Self>,
         id: RequestId,
         kv: ExportedKv,
@@ -275,30 +276,30 @@ impl PrefillNode {
         first_token: i32,
         sampling: SamplingParams,
         held: InFlight,
-    ) -> Result<(), NodeError> {
+    ) {
         metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
             .increment(kv.state.len() as u64);
-        // Checksums and compression run on a blocking thread, not on the async threads.
         let (fingerprint, layout) = (self.ctx.model().fingerprint(), self.ctx.config().layout);
         let (codec, chunk_size) = (handoff.codec, handoff.chunk_size);
-        let encode =
-            move || KvEncoder::new(kv.state, kv.tokens, fingerprint, layout, codec, chunk_size);
-        let encoder = tokio::task::spawn_blocking(encode)
-            .await
-            .map_err(|e| NodeError::Transfer(format!("encoding stopped: {e}")))?
-            .map_err(|e| NodeError::Transfer(e.to_string()))?;
         let node = Arc::clone(self);
         tokio::spawn(async move {
             let _held = held;
-            if let Err(e) = node
-                .ship(id, &handoff, encoder, first_token, sampling)
-                .await
-            {
+            // Checksums and compression run on a blocking thread, not on the async threads.
+            let encode =
+                move || KvEncoder::new(kv.state, kv.tokens, fingerprint, layout, codec, chunk_size);
+            let shipped = match tokio::task::spawn_blocking(encode).await {
+                Err(e) => Err(NodeError::Transfer(format!("encoding stopped: {e}"))),
+                Ok(Err(e)) => Err(NodeError::Transfer(e.to_string())),
+                Ok(Ok(encoder)) => {
+                    node.ship(id, &handoff, encoder, first_token, sampling)
+                        .await
+                }
+            };
+            if let Err(e) = shipped {
                 tracing::warn!(%id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
                 node.abort(id, &handoff.decode_addr, e).await;
             }
         });
-        Ok(())
     }
 
     /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the
