@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv};
 use exo_kvcache::{
     Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
-    ModelFingerprint,
+    ModelFingerprint, source_seq,
 };
 use exo_sampling::SamplingParams;
 
@@ -380,5 +380,42 @@ fn bad_inputs_are_refused_and_the_context_keeps_working() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(split.tokens, reference.tokens);
+    });
+}
+
+/// What a streamed hand-off relies on: the export after part of a prompt holds the same bytes for
+/// those cells as the export after the whole prompt, so segments cut from successive exports join
+/// into the final export byte for byte (V transposed and not).
+#[test]
+fn segments_of_successive_exports_join_into_the_final_export() {
+    let _g = serial();
+    rt().block_on(async {
+        let toks = prompt(300);
+        let greedy = SamplingParams::greedy(1);
+        for fa in [false, true] {
+            let ctx = context(2, fa, KvType::F16);
+            let shape = ctx.shape().clone();
+            let n = toks.len();
+            let cuts = [0, n / 3, 2 * n / 3, n];
+            let mut exports = Vec::new();
+            for &end in &cuts[1..] {
+                ctx.prefill(1, toks[..end].to_vec(), greedy.clone())
+                    .await
+                    .unwrap();
+                exports.push(ctx.export(1).await.unwrap().state);
+            }
+            let segments: Vec<Vec<u8>> = cuts
+                .windows(2)
+                .zip(&exports)
+                .map(|(w, e)| shape.cut(e, w[0] as u32..w[1] as u32).unwrap())
+                .collect();
+            let refs: Vec<&[u8]> = segments.iter().map(Vec::as_slice).collect();
+            let last = exports.last().unwrap();
+            let joined = shape.join(source_seq(last).unwrap(), &refs).unwrap();
+            assert!(
+                joined == *last,
+                "flash attention {fa}: the joined state differs"
+            );
+        }
     });
 }

@@ -13,6 +13,7 @@ mod codec;
 mod error;
 mod frame;
 mod layout;
+mod segment;
 mod state;
 mod transpose;
 
@@ -23,5 +24,6 @@ pub use frame::{
     KvEncoder, KvHeader, MAX_CHUNK_SIZE, WIRE_VERSION, chunk_index,
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
+pub use segment::source_seq;
 pub use state::{LayerShape, SeqStateInfo, StateShape, VShape, to_single_stream};
 pub use transpose::transposable_elem_size;

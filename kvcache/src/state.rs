@@ -142,7 +142,9 @@ impl StateShape {
         Ok(info)
     }
 
-    fn same_cache(&self, other: &StateShape) -> Result<(), KvError> {
+    /// Whether `other` (parsed from a state) has this cache's layers, types, row sizes, rotation
+    /// dims and V transposition; the stream count may differ.
+    pub(crate) fn same_cache(&self, other: &StateShape) -> Result<(), KvError> {
         let mismatch = |what: &str, a: String, b: String| {
             Err(KvError::ShapeMismatch(format!(
                 "{what}: state has {a}, context has {b}"
