@@ -9,7 +9,8 @@
 # prompt size in WORDS, one streaming chat with two greedy output tokens: the time to the first
 # token (TTFT), and the **hand-off stall**, the gap between the first and the second token (the
 # cache's export, encoding, wire time and import sit in it), with the prefill and transfer times
-# the nodes measured (`/metrics`). Everything stays on this machine; the namespaces go at the end.
+# the nodes measured (`/metrics`; the transfer starts with the prompt, its pieces leave as the
+# prompt runs). Everything stays on this machine; the namespaces go at the end.
 # Settings (environment): RATES="1gbit 100mbit", WORDS="436 1850 3190" (about 512, 2,048 and
 # 3,500 prompt tokens with the chat template), CODEC=none, EXO_MODEL.
 set -euo pipefail
@@ -77,7 +78,7 @@ role = "decode"
 EOF
 
 echo "### hand-off over a veth pair shaped with tc tbf; one thread per node; codec $codec; model $(basename "$model")"
-echo "| link | prompt tokens | TTFT (ms) | hand-off stall (ms) | prefill (ms) | transfer (ms) | KV MB |"
+echo "| link | prompt tokens | TTFT (ms) | hand-off stall (ms) | prefill (ms) | transfer, from the prompt's start (ms) | KV MB |"
 echo "|---|---|---|---|---|---|---|"
 for rate in $rates; do
   for ns_dev in "$p_ns exo-vp" "$d_ns exo-vd"; do
@@ -89,9 +90,12 @@ for rate in $rates; do
   start "$p_ns" prefill node --role prefill --model "$model" --threads 1 --slots 2 \
     --listen "$p_ip:52416" --name prefill --metrics-listen "$p_ip:9100"
   start "$p_ns" router serve --profile "$work/cluster.toml" --listen "$p_ip:52415"
-  # Untimed warm-up: connections made, first-use costs paid.
-  ip netns exec "$p_ns" target/release/loadgen --url "http://$p_ip:52415" --requests 1 \
-    --concurrency 1 --max-tokens 2 >/dev/null
+  # Untimed warm-up: connections made, first-use costs paid, and prompts of two lengths so the
+  # prefill node's engine has timed batches of both sizes (it sizes its batches from them).
+  for warm in 20 300; do
+    ip netns exec "$p_ns" target/release/loadgen --url "http://$p_ip:52415" --requests 1 \
+      --concurrency 1 --max-tokens 2 --short-words "$warm" >/dev/null
+  done
   for w in $words; do
     tokens0=$(metric "$p_ip:9100" exo_prefill_tokens_total)
     pre0=$(metric "$p_ip:9100" exo_prefill_seconds_sum)

@@ -5,9 +5,10 @@
 //! transfer's `kv_begin` (from the prefill node) or the router's first `poll`. Chunks may arrive out of
 //! order when several are in flight; they are reordered within a bounded window and fed to the
 //! [`KvDecoder`] in order, on blocking threads under the transfer's own lock (decompression and
-//! checksums never run on the async threads or under the map lock every poll takes). When the last
-//! chunk is in, the cache is imported into a free slot and generation starts; its events queue in
-//! the entry until polled. Dropping the entry (cancel, finish, or a timeout) stops generation at the
+//! checksums never run on the async threads or under the map lock every poll takes). Chunks arrive
+//! while the prompt is still running on the prefill node; its `kv_end` (the end frame and output
+//! token 0) follows the last one, and then the cache is checked whole, imported into a free slot
+//! and generation starts; its events queue in the entry until polled. Dropping the entry (cancel, finish, or a timeout) stops generation at the
 //! next token and frees the slot.
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use exo_engine::{ContextHandle, EventSink, GenEvent, SlotLease};
 use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder, chunk_index};
-use exo_protocol::{KvBegin, KvFrame, NodeError, PollReply, RequestId, SamplingParams};
+use exo_protocol::{KvBegin, KvEnd, KvFrame, NodeError, PollReply, RequestId, SamplingParams};
 use tokio::sync::mpsc;
 
 /// Chunks accepted ahead of the next expected one.
@@ -55,9 +56,8 @@ enum Stage {
 
 /// A transfer in progress.
 struct Transfer {
-    /// `None` once the transfer completed and the import took it.
+    /// `None` once the transfer ended and the import took it.
     decoder: Option<Box<KvDecoder>>,
-    first_token: i32,
     sampling: SamplingParams,
     /// Chunks that arrived ahead of the next expected one.
     ahead: BTreeMap<u32, Vec<u8>>,
@@ -70,9 +70,9 @@ impl Transfer {
         decoded + self.ahead.values().map(Vec::len).sum::<usize>()
     }
 
-    /// Feeds a chunk to the decoder, or parks it until its predecessors arrive; true once complete.
-    /// Decompression and checksums happen here: call it off the async threads.
-    fn accept(&mut self, bytes: Vec<u8>) -> Result<bool, NodeError> {
+    /// Feeds a chunk to the decoder, or parks it until its predecessors arrive. Decompression and
+    /// checksums happen here: call it off the async threads.
+    fn accept(&mut self, bytes: Vec<u8>) -> Result<(), NodeError> {
         let transfer = |e: exo_kvcache::KvError| NodeError::Transfer(e.to_string());
         let Some(decoder) = self.decoder.as_mut() else {
             return Err(NodeError::Transfer(
@@ -94,7 +94,7 @@ impl Transfer {
                 decoder.push_chunk(&parked).map_err(transfer)?;
             }
         }
-        Ok(decoder.is_complete())
+        Ok(())
     }
 }
 
@@ -218,7 +218,6 @@ impl DecodeNode {
                 return Err(e);
             }
         };
-        let complete = decoder.is_complete();
         let mut map = self.lock();
         let entry = map.entry(begin.id).or_insert_with(Entry::new);
         if !matches!(entry.stage, Stage::Waiting) {
@@ -229,14 +228,10 @@ impl DecodeNode {
         }
         entry.stage = Stage::Receiving(Arc::new(Mutex::new(Transfer {
             decoder: Some(Box::new(decoder)),
-            first_token: begin.first_token,
             sampling: begin.sampling,
             ahead: BTreeMap::new(),
         })));
         entry.last_progress = Instant::now();
-        if complete {
-            self.start_import(begin.id, entry);
-        }
         Ok(())
     }
 
@@ -278,15 +273,12 @@ impl DecodeNode {
             .map_err(|e| NodeError::Transfer(format!("chunk check failed: {e}")))
             .and_then(|r| r);
         match accepted {
-            Ok(true) => {
-                let mut map = self.lock();
-                if let Some(entry) = map.get_mut(&id) {
+            Ok(()) => {
+                if let Some(entry) = self.lock().get_mut(&id) {
                     entry.last_progress = Instant::now();
-                    self.start_import(id, entry);
                 }
                 Ok(())
             }
-            Ok(false) => Ok(()),
             Err(e) => {
                 self.fail_transfer(id, e.clone());
                 Err(e)
@@ -294,8 +286,30 @@ impl DecodeNode {
         }
     }
 
-    /// The transfer is complete: import into a free slot and generate, on a task.
-    fn start_import(self: &Arc<Self>, id: RequestId, entry: &mut Entry) {
+    /// Ends a transfer: the state is checked whole against the end frame, imported into a free
+    /// slot, and generation starts from `first_token`, on a task.
+    pub fn kv_end(self: &Arc<Self>, end: KvEnd) -> Result<(), NodeError> {
+        let mut map = self.lock();
+        let entry = map
+            .get_mut(&end.id)
+            .ok_or(NodeError::UnknownRequest(end.id))?;
+        if !matches!(entry.stage, Stage::Receiving(_)) {
+            return Err(NodeError::Transfer("no transfer in progress".into()));
+        }
+        entry.last_progress = Instant::now();
+        self.start_import(end.id, entry, end.frame, end.first_token);
+        Ok(())
+    }
+
+    /// The transfer ended: finish it with `end_frame`, import into a free slot and generate from
+    /// `first_token`, on a task.
+    fn start_import(
+        self: &Arc<Self>,
+        id: RequestId,
+        entry: &mut Entry,
+        end_frame: Vec<u8>,
+        first_token: i32,
+    ) {
         let Stage::Receiving(transfer) = std::mem::replace(&mut entry.stage, Stage::Running) else {
             return;
         };
@@ -303,15 +317,11 @@ impl DecodeNode {
         let node = Arc::clone(self);
         tokio::spawn(async move {
             // The whole-state checksum runs on a blocking thread.
-            let (decoded, first_token, sampling) = {
+            let (decoded, sampling) = {
                 let mut t = lock(&transfer);
                 let decoder = t.decoder.take();
-                let finish = move || decoder.map(|d| d.finish());
-                (
-                    tokio::task::spawn_blocking(finish),
-                    t.first_token,
-                    t.sampling.clone(),
-                )
+                let finish = move || decoder.map(|d| d.finish(&end_frame));
+                (tokio::task::spawn_blocking(finish), t.sampling.clone())
             };
             let kv = match decoded.await {
                 Ok(Some(Ok(kv))) => kv,

@@ -1,6 +1,6 @@
 //! The decode node with the real model: chunks arriving out of order are reordered, bad chunks, a
-//! refused header and the prefill node's abort fail the request at once, and a transfer for a
-//! cancelled request is refused.
+//! refused header, an early end and the prefill node's abort fail the request at once, and a
+//! transfer for a cancelled request is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use exo_decode_node::{DecodeNode, DecodeTimeouts};
 use exo_kvcache::{Codec, DecodeLimits, KvEncoder, KvLayout};
-use exo_protocol::{FinishReason, KvBegin, KvFrame, NodeError, RequestId, SamplingParams};
+use exo_protocol::{FinishReason, KvBegin, KvEnd, KvFrame, NodeError, RequestId, SamplingParams};
 
 use exo_test_support::{context, model};
 
@@ -63,27 +63,20 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         .unwrap();
     let first_text = String::from_utf8_lossy(&model.token_bytes(pre.first_token)).into_owned();
 
-    let frames = |codec| {
-        let enc = KvEncoder::new(
-            kv.state.clone(),
-            kv.tokens.clone(),
-            model.fingerprint(),
-            layout,
-            codec,
-            512 << 10,
-        )
-        .unwrap();
-        (enc.header_frame(), enc.collect::<Vec<_>>())
-    };
+    let spec = src.transfer_spec(0, kv.tokens.clone(), Codec::Lz4, 512 << 10);
+    let (header, chunks, end_frame) = KvEncoder::whole(spec, &kv.state).unwrap();
     let begin = |id: u64, header: Vec<u8>| KvBegin {
         id: RequestId(id),
         header,
-        first_token: pre.first_token,
         sampling: sampling.clone(),
+    };
+    let end = |id: u64| KvEnd {
+        id: RequestId(id),
+        frame: end_frame.clone(),
+        first_token: pre.first_token,
     };
 
     // Chunks in reverse order within the reorder window: same text as never moving.
-    let (header, chunks) = frames(Codec::Lz4);
     assert!(
         chunks.len() > 3 && chunks.len() <= 16,
         "{} chunks",
@@ -98,6 +91,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         .await
         .unwrap();
     }
+    node.kv_end(end(1)).unwrap();
     let (text, finish) = collect(&node, 1).await.unwrap();
     assert_eq!(first_text + &text, reference.text);
     assert_eq!(finish, reference.finish);
@@ -164,8 +158,8 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         tokio::spawn(async move { collect(&node, 4).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    node.kv_begin(begin(4, header)).unwrap();
-    for bytes in chunks {
+    node.kv_begin(begin(4, header.clone())).unwrap();
+    for bytes in chunks.clone() {
         node.kv_chunk(KvFrame {
             id: RequestId(4),
             bytes,
@@ -173,8 +167,21 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         .await
         .unwrap();
     }
+    node.kv_end(end(4)).unwrap();
     node.kv_abort(RequestId(4), "too late".into());
     let (again, _) = poller.await.unwrap().unwrap();
     assert_eq!(again, text);
+
+    // An end frame before the last chunk fails the request: the transfer is incomplete.
+    node.kv_begin(begin(8, header.clone())).unwrap();
+    node.kv_chunk(KvFrame {
+        id: RequestId(8),
+        bytes: chunks[0].clone(),
+    })
+    .await
+    .unwrap();
+    node.kv_end(end(8)).unwrap();
+    let early = node.poll(RequestId(8), Duration::from_secs(30)).await;
+    assert!(matches!(early, Err(NodeError::Transfer(_))), "{early:?}");
     assert_eq!(node.active_requests(), 0);
 }

@@ -17,8 +17,8 @@ mod template;
 mod text;
 
 pub use context::{
-    ContextConfig, ContextHandle, EventSink, ExportedKv, GenEvent, Generated, PrefillBatching,
-    PrefillOutput, SlotLease,
+    ContextConfig, ContextHandle, EventSink, ExportedKv, GenEvent, Generated, KvPiece,
+    PrefillBatching, PrefillOutput, SlotLease,
 };
 pub use error::EngineError;
 pub use model::{ChatMessage, FirstOutput, Model, ModelOptions, fingerprint_file};

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv};
 use exo_kvcache::{
     Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
-    ModelFingerprint, source_seq,
+    ModelFingerprint, TransferSpec, source_seq,
 };
 use exo_sampling::SamplingParams;
 
@@ -69,21 +69,30 @@ fn prompt(words: usize) -> Vec<i32> {
     model().tokenize(&rendered, true)
 }
 
-fn frames(kv: &ExportedKv, layout: KvLayout, codec: Codec, chunk: u32) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let enc = KvEncoder::new(
-        &kv.state,
-        kv.tokens.clone(),
-        model().fingerprint(),
+/// Header, chunk and end frames of a transfer of `kv`, exported from `src`, claiming `layout`.
+type Frames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
+
+fn frames(
+    src: &ContextHandle,
+    kv: &ExportedKv,
+    layout: KvLayout,
+    codec: Codec,
+    chunk: u32,
+) -> Frames {
+    let seq = source_seq(&kv.state).unwrap_or_else(|e| panic!("{e}"));
+    let spec = TransferSpec {
         layout,
-        codec,
-        chunk,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let header = enc.header_frame();
-    (header, enc.collect())
+        ..src.transfer_spec(seq, kv.tokens.clone(), codec, chunk)
+    };
+    KvEncoder::whole(spec, &kv.state).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn receive(ctx: &ContextHandle, header: &[u8], chunks: &[Vec<u8>]) -> Result<DecodedKv, KvError> {
+fn receive(
+    ctx: &ContextHandle,
+    header: &[u8],
+    chunks: &[Vec<u8>],
+    end: &[u8],
+) -> Result<DecodedKv, KvError> {
     let target = ImportTarget {
         fingerprint: model().fingerprint(),
         layout: ctx.config().layout,
@@ -92,7 +101,7 @@ fn receive(ctx: &ContextHandle, header: &[u8], chunks: &[Vec<u8>]) -> Result<Dec
     for c in chunks {
         d.push_chunk(c)?;
     }
-    d.finish()
+    d.finish(end)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -133,8 +142,8 @@ fn split_equals_colocated(sampling: SamplingParams) {
                 reference.tokens.len()
             );
             for codec in Codec::ALL {
-                let (h, c) = frames(&kv, a.config().layout, codec, 1 << 20);
-                let decoded = receive(&b, &h, &c).unwrap_or_else(|e| panic!("{e}"));
+                let (h, c, e) = frames(&a, &kv, a.config().layout, codec, 1 << 20);
+                let decoded = receive(&b, &h, &c, &e).unwrap_or_else(|e| panic!("{e}"));
                 b.import(1, decoded).await.unwrap_or_else(|e| panic!("{e}"));
                 let split = b
                     .generate(1, pre.first_token, 0, sampling.clone())
@@ -225,8 +234,8 @@ fn flash_attention_on_and_off_exchange_caches() {
                 .generate(0, pre.first_token, 0, greedy.clone())
                 .await
                 .unwrap();
-            let (h, c) = frames(&kv, a.config().layout, Codec::ShuffleLz4, 1 << 20);
-            let decoded = receive(&b, &h, &c).unwrap();
+            let (h, c, e) = frames(&a, &kv, a.config().layout, Codec::ShuffleLz4, 1 << 20);
+            let decoded = receive(&b, &h, &c, &e).unwrap();
             b.import(1, decoded).await.unwrap();
             let moved = b
                 .generate(1, pre.first_token, 0, greedy.clone())
@@ -279,35 +288,35 @@ fn bad_inputs_are_refused_and_the_context_keeps_working() {
             .generate(0, pre.first_token, 0, greedy.clone())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let (h, c) = frames(&kv, a.config().layout, Codec::Lz4, 64 << 10);
+        let (h, c, e) = frames(&a, &kv, a.config().layout, Codec::Lz4, 64 << 10);
         assert!(c.len() >= 3);
 
         // Frame faults, on real frames.
         assert!(matches!(
-            receive(&b, &h, &c[..c.len() - 1]),
+            receive(&b, &h, &c[..c.len() - 1], &e),
             Err(KvError::Incomplete { .. })
         ));
         let mut swapped = c.clone();
         swapped.swap(0, 1);
         assert!(matches!(
-            receive(&b, &h, &swapped),
+            receive(&b, &h, &swapped, &e),
             Err(KvError::OutOfOrderChunk { .. })
         ));
         let dup: Vec<Vec<u8>> = [&c[..2], &c[1..]].concat();
         assert!(matches!(
-            receive(&b, &h, &dup),
+            receive(&b, &h, &dup, &e),
             Err(KvError::DuplicateChunk(1))
         ));
         let mut flipped = c.clone();
         flipped[1][100] ^= 0x10;
         assert!(matches!(
-            receive(&b, &h, &flipped),
+            receive(&b, &h, &flipped, &e),
             Err(KvError::ChunkChecksum(1))
         ));
         let mut cut = c.clone();
         cut[0].truncate(1000);
         assert!(matches!(
-            receive(&b, &h, &cut),
+            receive(&b, &h, &cut, &e),
             Err(KvError::Truncated { .. })
         ));
         let tight = DecodeLimits {
@@ -332,7 +341,7 @@ fn bad_inputs_are_refused_and_the_context_keeps_working() {
         ));
 
         // State faults that got past the frame layer (as from a buggy sender): the engine refuses them.
-        let good = receive(&b, &h, &c).unwrap_or_else(|e| panic!("{e}"));
+        let good = receive(&b, &h, &c, &e).unwrap_or_else(|e| panic!("{e}"));
         let refuse = |r: Result<(), EngineError>| {
             r.err()
                 .map(|e| e.to_string())
@@ -369,8 +378,8 @@ fn bad_inputs_are_refused_and_the_context_keeps_working() {
             fa_kv.state.len() < kv.state.len() * 6 / 10,
             "q8_0 should be about half of f16"
         );
-        let (fh, fc) = frames(&fa_kv, b.config().layout, Codec::None, 1 << 20);
-        let forged = receive(&b, &fh, &fc).unwrap_or_else(|e| panic!("{e}"));
+        let (fh, fc, fe) = frames(&fa, &fa_kv, b.config().layout, Codec::None, 1 << 20);
+        let forged = receive(&b, &fh, &fc, &fe).unwrap_or_else(|e| panic!("{e}"));
         assert!(refuse(b.import(1, forged).await).contains("does not fit"));
 
         // After all of that, the receiving context imports a good state and continues exactly.

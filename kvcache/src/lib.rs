@@ -1,10 +1,12 @@
 //! The KV cache wire format: moves one sequence's llama.cpp KV cache between machines, checked end to end.
 //!
-//! A transfer is one [`KvHeader`] frame followed by `n_chunks` chunk frames. The header says which model
-//! and KV layout produced the cache, which tokens it holds, how it was compressed and how large it is, so
-//! a receiver can refuse anything that would not import cleanly before a byte reaches llama.cpp (which
-//! aborts the process on a malformed state). [`KvEncoder`] produces the frames; [`KvDecoder`] checks
-//! and reassembles them; [`StateShape`] checks the reassembled llama.cpp sequence state itself.
+//! A transfer is one [`KvHeader`] frame, chunk frames carrying the sequence's cells in order (whole
+//! cells each, sent as the prompt produces them), and an end frame with the final state's checksum.
+//! The header says which model and KV layout produced the cache, which tokens it holds, the cache's
+//! shape and how chunks are compressed, so a receiver can refuse anything that would not import
+//! cleanly before a byte reaches llama.cpp (which aborts the process on a malformed state).
+//! [`KvEncoder`] produces the frames; [`KvDecoder`] checks them and places their cells into the state;
+//! [`StateShape`] cuts and joins cells and checks the joined llama.cpp sequence state itself.
 //!
 //! This crate is a leaf: bytes, codecs and checks only, no llama.cpp, no async runtime, no transport.
 //! The byte-by-byte format is documented in `docs/kvcache.md`.
@@ -21,7 +23,7 @@ pub use codec::Codec;
 pub use error::KvError;
 pub use frame::{
     CHUNK_HEADER_LEN, DEFAULT_CHUNK_SIZE, DecodeLimits, DecodedKv, ImportTarget, KvDecoder,
-    KvEncoder, KvHeader, MAX_CHUNK_SIZE, WIRE_VERSION, chunk_index,
+    KvEncoder, KvHeader, MAX_CHUNK_SIZE, TransferSpec, WIRE_VERSION, chunk_index, is_end_frame,
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
 pub use segment::source_seq;

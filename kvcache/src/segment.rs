@@ -12,7 +12,8 @@
 use std::ops::Range;
 
 use crate::error::KvError;
-use crate::state::{StateShape, VShape, parse_single};
+use crate::frame::Reader;
+use crate::state::{LayerShape, StateShape, VShape, parse_single};
 
 /// Bytes before the first cell record in a single-stream state: magic, source sequence id,
 /// `n_stream`, `cell_count`.
@@ -91,29 +92,53 @@ impl StateShape {
     pub fn cut(&self, state: &[u8], cells: Range<u32>) -> Result<Vec<u8>, KvError> {
         let (info, shape) = parse_single(state, self.cell_ext_len)?;
         self.same_cache(&shape)?;
-        let n = info.cell_count as usize;
+        self.cut_cells(
+            state,
+            (HEAD, MID, LAYER_HEAD),
+            info.cell_count as usize,
+            cells,
+        )
+    }
+
+    /// Cells `cells` (counted from the segment's own first cell) of `segment`, a segment of this
+    /// shape, as a segment of their own.
+    pub fn cut_segment(&self, segment: &[u8], cells: Range<u32>) -> Result<Vec<u8>, KvError> {
+        let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
+        if segment.len() % per_cell != 0 {
+            return Err(malformed("a segment that is not whole cells"));
+        }
+        self.cut_cells(segment, (0, 0, 0), segment.len() / per_cell, cells)
+    }
+
+    /// Cells `cells` of the `n` that `bytes` lays out, with `heads` the bytes before the cell
+    /// records, between them and the layers, and in front of each layer (a state's, or none for
+    /// a segment).
+    fn cut_cells(
+        &self,
+        bytes: &[u8],
+        heads: (usize, usize, usize),
+        n: usize,
+        cells: Range<u32>,
+    ) -> Result<Vec<u8>, KvError> {
+        let (head, mid, layer_head) = heads;
         let (a, b) = (cells.start as usize, cells.end as usize);
         if a >= b || b > n {
-            return Err(malformed(format!("cells {a}..{b} of a state of {n}")));
+            return Err(malformed(format!("cells {a}..{b} of {n}")));
         }
         let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
         let mut out = Vec::with_capacity((b - a) * per_cell);
         let rec = self.cell_record_len();
-        out.extend_from_slice(part(state, HEAD + a * rec..HEAD + b * rec)?);
-        let mut at = HEAD + n * rec + MID;
+        out.extend_from_slice(part(bytes, head + a * rec..head + b * rec)?);
+        let mut at = head + n * rec + mid;
         for block in self.blocks()? {
-            at += LAYER_HEAD;
-            match block {
-                Block::Rows(row) => {
-                    out.extend_from_slice(part(state, at + a * row..at + b * row)?);
-                    at += n * row;
-                }
-                Block::Runs { elem, n_embd } => {
-                    for _ in 0..n_embd {
-                        out.extend_from_slice(part(state, at + a * elem..at + b * elem)?);
-                        at += n * elem;
-                    }
-                }
+            at += layer_head;
+            let (width, runs) = match block {
+                Block::Rows(row) => (row, 1),
+                Block::Runs { elem, n_embd } => (elem, n_embd),
+            };
+            for _ in 0..runs {
+                out.extend_from_slice(part(bytes, at + a * width..at + b * width)?);
+                at += n * width;
             }
         }
         Ok(out)
@@ -124,48 +149,165 @@ impl StateShape {
     /// cells gives. Every segment's length must be a whole number of cells.
     pub fn join(&self, source_seq: i32, segments: &[&[u8]]) -> Result<Vec<u8>, KvError> {
         let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
-        let mut counts = Vec::with_capacity(segments.len());
-        for (i, s) in segments.iter().enumerate() {
-            if s.is_empty() || s.len() % per_cell != 0 {
-                return Err(malformed(format!(
-                    "segment {i} has {} bytes, not a whole number of {per_cell}-byte cells",
-                    s.len()
-                )));
-            }
-            counts.push(s.len() / per_cell);
+        let total: usize = segments.iter().map(|s| s.len() / per_cell.max(1)).sum();
+        let mut state = self.blank_state(source_seq, total)?;
+        let mut first = 0;
+        for s in segments {
+            first += self.place(&mut state, total, first, s)?;
         }
-        let n: usize = counts.iter().sum();
-        let n32 = u32::try_from(n).map_err(|_| malformed("too many cells"))?;
+        Ok(state)
+    }
+
+    /// Bytes of a single-stream state of `cells` cells in this shape.
+    pub fn state_len(&self, cells: usize) -> Result<usize, KvError> {
+        let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
+        cells
+            .checked_mul(per_cell)
+            .and_then(|d| d.checked_add(HEAD + MID + (self.k.len() + self.v.len()) * LAYER_HEAD))
+            .ok_or_else(|| malformed("state size overflows"))
+    }
+
+    /// A single-stream state of `cells` cells in this shape whose headers are written and whose
+    /// cells are all zero bytes, for [`Self::place`] to fill.
+    pub fn blank_state(&self, source_seq: i32, cells: usize) -> Result<Vec<u8>, KvError> {
+        let n32 = u32::try_from(cells).map_err(|_| malformed("too many cells"))?;
         let n_layer = u32::try_from(self.k.len()).map_err(|_| malformed("too many layers"))?;
-        let blocks = self.blocks()?;
-        let mut out = Vec::with_capacity(HEAD + MID + n * per_cell + blocks.len() * LAYER_HEAD);
+        let mut out = Vec::with_capacity(self.state_len(cells)?);
         out.extend_from_slice(&STATE_MAGIC.to_le_bytes());
         out.extend_from_slice(&source_seq.to_le_bytes());
         out.extend_from_slice(&1u32.to_le_bytes());
         out.extend_from_slice(&n32.to_le_bytes());
-        // Where the next block starts in each segment.
-        let rec = self.cell_record_len();
-        let mut at: Vec<usize> = counts.iter().map(|c| c * rec).collect();
-        for (s, c) in segments.iter().zip(&counts) {
-            out.extend_from_slice(part(s, 0..c * rec)?);
-        }
+        out.resize(out.len() + cells * self.cell_record_len(), 0);
         for word in [u32::from(self.v_trans), n_layer, self.n_rot_k, self.n_rot_v] {
             out.extend_from_slice(&word.to_le_bytes());
         }
-        for (l, block) in blocks.iter().enumerate() {
+        for (l, block) in self.blocks()?.iter().enumerate() {
             self.layer_head(l, &mut out);
-            let runs = match *block {
-                Block::Rows(row) => vec![row],
-                Block::Runs { elem, n_embd } => vec![elem; n_embd],
+            let per_cell = match *block {
+                Block::Rows(row) => row,
+                Block::Runs { elem, n_embd } => elem * n_embd,
             };
-            for width in runs {
-                for ((s, c), pos) in segments.iter().zip(&counts).zip(at.iter_mut()) {
-                    out.extend_from_slice(part(s, *pos..*pos + c * width)?);
-                    *pos += c * width;
-                }
-            }
+            out.resize(out.len() + cells * per_cell, 0);
         }
         Ok(out)
+    }
+
+    /// Writes `segment` (whole cells, cut from a state of this shape) into `state`, a state of
+    /// `total` cells made by [`Self::blank_state`], as its cells `first..`; returns how many cells
+    /// it held. Refuses a segment that is not whole cells or runs past `total`.
+    pub fn place(
+        &self,
+        state: &mut [u8],
+        total: usize,
+        first: usize,
+        segment: &[u8],
+    ) -> Result<usize, KvError> {
+        let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
+        if segment.is_empty() || segment.len() % per_cell != 0 {
+            return Err(malformed(format!(
+                "a segment of {} bytes is not a whole number of {per_cell}-byte cells",
+                segment.len()
+            )));
+        }
+        let c = segment.len() / per_cell;
+        if first + c > total || state.len() != self.state_len(total)? {
+            return Err(malformed(format!(
+                "cells {first}..{} of a state of {total}",
+                first + c
+            )));
+        }
+        let rec = self.cell_record_len();
+        let mut from = 0;
+        let mut copy = |to: usize, len: usize, state: &mut [u8]| -> Result<(), KvError> {
+            let src = part(segment, from..from + len)?;
+            state
+                .get_mut(to..to + len)
+                .ok_or_else(|| malformed("a cell range falls outside the state"))?
+                .copy_from_slice(src);
+            from += len;
+            Ok(())
+        };
+        copy(HEAD + first * rec, c * rec, state)?;
+        let mut at = HEAD + total * rec + MID;
+        for block in self.blocks()? {
+            at += LAYER_HEAD;
+            let (width, runs) = match block {
+                Block::Rows(row) => (row, 1),
+                Block::Runs { elem, n_embd } => (elem, n_embd),
+            };
+            for _ in 0..runs {
+                copy(at + first * width, c * width, state)?;
+                at += total * width;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Writes the shape a receiver needs to place segments (the sender's, stream count aside):
+    /// `u8 v_trans`, `u32 cell_ext_len`, `u32 n_rot_k`, `u32 n_rot_v`, `u32 n_layer`, then per K
+    /// layer `i32 type, u64 row_size`, then per V layer `i32 type` and `u64 row_size` or, when
+    /// transposed, `u32 elem_size, u32 n_embd`.
+    pub(crate) fn write_skeleton(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(self.v_trans));
+        for word in [self.cell_ext_len, self.n_rot_k, self.n_rot_v] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.k.len() as u32).to_le_bytes());
+        for l in 0..self.k.len() + self.v.len() {
+            self.layer_head(l, out);
+        }
+    }
+
+    /// Reads what [`Self::write_skeleton`] wrote, refusing more than `max_layers` layers, a
+    /// V layer of the other kind than `v_trans` says, and a cell size that overflows.
+    pub(crate) fn read_skeleton(r: &mut Reader<'_>, max_layers: u32) -> Result<Self, KvError> {
+        let v_trans = match r.u8()? {
+            0 => false,
+            1 => true,
+            v => return Err(malformed(format!("v_trans {v}"))),
+        };
+        let cell_ext_len = r.u32()?;
+        let (n_rot_k, n_rot_v) = (r.u32()?, r.u32()?);
+        let n_layer = r.u32()?;
+        if n_layer == 0 || n_layer > max_layers || cell_ext_len > 64 {
+            return Err(malformed(format!(
+                "{n_layer} layers, a {cell_ext_len}-byte cell extension"
+            )));
+        }
+        let mut k = Vec::with_capacity(n_layer as usize);
+        for _ in 0..n_layer {
+            k.push(LayerShape {
+                type_id: r.i32()?,
+                row_size: r.u64()?,
+            });
+        }
+        let mut v = Vec::with_capacity(n_layer as usize);
+        for _ in 0..n_layer {
+            let type_id = r.i32()?;
+            v.push(if v_trans {
+                VShape::Transposed {
+                    type_id,
+                    elem_size: r.u32()?,
+                    n_embd: r.u32()?,
+                }
+            } else {
+                VShape::Rows(LayerShape {
+                    type_id,
+                    row_size: r.u64()?,
+                })
+            });
+        }
+        let shape = StateShape {
+            n_stream: 1,
+            cell_ext_len,
+            v_trans,
+            n_rot_k,
+            n_rot_v,
+            k,
+            v,
+        };
+        shape.segment_bytes_per_cell()?;
+        Ok(shape)
     }
 
     /// Writes the header of block `l` (K layers first, then V layers) as llama.cpp does.
@@ -251,6 +393,23 @@ mod tests {
     }
 
     #[test]
+    fn the_skeleton_round_trips() {
+        for v_trans in [false, true] {
+            let shape = shape_of(&synthetic_state(1, 0, &[0, 1], v_trans));
+            let mut b = Vec::new();
+            shape.write_skeleton(&mut b);
+            let mut r = Reader::new(&b, "skeleton");
+            assert_eq!(
+                StateShape::read_skeleton(&mut r, 512).ok(),
+                Some(shape.clone())
+            );
+            assert_eq!(r.remaining(), 0);
+            let mut r = Reader::new(&b, "skeleton");
+            assert!(StateShape::read_skeleton(&mut r, 1).is_err());
+        }
+    }
+
+    #[test]
     fn bad_ranges_segments_and_shapes_are_refused() {
         let state = synthetic_state(1, 0, &[0, 1, 2], false);
         let shape = shape_of(&state);
@@ -261,6 +420,10 @@ mod tests {
         let seg = shape.cut(&state, 0..2).unwrap_or_default();
         assert!(shape.join(0, &[&seg[..seg.len() - 1]]).is_err());
         assert!(shape.join(0, &[&[]]).is_err());
+        // Past the end of the state placed into.
+        let mut blank = shape.blank_state(0, 2).unwrap_or_default();
+        assert!(shape.place(&mut blank, 2, 1, &seg).is_err());
+        assert_eq!(shape.place(&mut blank, 2, 0, &seg).ok(), Some(2));
         assert!(source_seq(&[0u8; 5]).is_err());
     }
 }

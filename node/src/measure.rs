@@ -148,6 +148,11 @@ async fn decode_step_ms(
     Ok(elapsed.as_secs_f64() * 1e3 / f64::from(steps))
 }
 
+/// The sequence a state was exported from (0 if it cannot be read; the checks then refuse it).
+fn kvcache_seq(state: &[u8]) -> i32 {
+    exo_kvcache::source_seq(state).unwrap_or(0)
+}
+
 /// One measurement run: the context it runs on and where progress lines go.
 struct Run<'a, P: FnMut(&str)> {
     ctx: ContextHandle,
@@ -261,18 +266,15 @@ impl<P: FnMut(&str)> Run<'_, P> {
         let fingerprint = self.model.fingerprint();
         let bytes = kv.state.len();
         let started = Instant::now();
-        let enc = KvEncoder::new(
-            &kv.state,
+        let spec = (self.ctx).transfer_spec(
+            kvcache_seq(&kv.state),
             kv.tokens.clone(),
-            fingerprint,
-            self.layout,
             codec,
             exo_kvcache::DEFAULT_CHUNK_SIZE,
-        )?;
-        let header = enc.header_frame();
-        let frames: Vec<Vec<u8>> = enc.collect();
+        );
+        let (header, frames, end) = KvEncoder::whole(spec, &kv.state)?;
         let enc_t = started.elapsed();
-        let wire = header.len() + frames.iter().map(Vec::len).sum::<usize>();
+        let wire = header.len() + frames.iter().map(Vec::len).sum::<usize>() + end.len();
         let started = Instant::now();
         let target = ImportTarget {
             fingerprint,
@@ -282,7 +284,7 @@ impl<P: FnMut(&str)> Run<'_, P> {
         for f in &frames {
             d.push_chunk(f)?;
         }
-        let out = d.finish()?;
+        let out = d.finish(&end)?;
         let dec_t = started.elapsed();
         let perf = CodecPerf {
             ratio: bytes as f64 / wire as f64,

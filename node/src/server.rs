@@ -11,8 +11,8 @@ use exo_engine::{ContextConfig, ContextHandle, Model};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
-    HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo, NodeService, PollReply, PrefillReply,
-    PrefillRequest, RequestId, Role,
+    HardwareFacts, KvBegin, KvEnd, KvFrame, NodeError, NodeInfo, NodeService, PollReply,
+    PrefillReply, PrefillRequest, RequestId, Role,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -208,6 +208,10 @@ impl NodeService for NodeServer {
         self.decode_side("receive a KV cache")?
             .kv_chunk(frame)
             .await
+    }
+
+    async fn kv_end(self, _: Context, end: KvEnd) -> Result<(), NodeError> {
+        self.decode_side("receive a KV cache")?.kv_end(end)
     }
 
     async fn kv_abort(self, _: Context, id: RequestId, reason: String) {

@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv, SlotLease};
-use exo_kvcache::KvEncoder;
+use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease};
 use exo_protocol::{
-    Handoff, KvBegin, KvFrame, NodeError, NodeServiceClient, PrefillReply, PrefillRequest, Prompt,
-    RequestId, SamplingParams, connect, context_with_deadline,
+    NodeError, NodeServiceClient, PrefillReply, PrefillRequest, Prompt, SamplingParams,
 };
-use futures::{StreamExt, TryStreamExt};
+
+mod ship;
+use ship::Outbound;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
 /// Deadline of one KV call to a decode node.
@@ -25,7 +25,9 @@ const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Deadline of the call that tells a decode node a transfer failed.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections tried for that call.
-const ABORT_TRIES: usize = 3;
+const ABORT_TRIES: u32 = 6;
+/// Wait before the second try of that call; it doubles for each try after (1.55 s in all).
+const ABORT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How a prefill node ships caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,8 +190,9 @@ impl PrefillNode {
         Ok(tokens)
     }
 
-    /// Runs a request's prompt. With a handoff the cache is shipped to the decode node on a task and the
-    /// reply comes back at once; without one the slot is returned for generation here.
+    /// Runs a request's prompt. With a handoff the cache is shipped to the decode node by a task
+    /// that starts with the prompt (pieces go out while it runs) and ends the transfer once token 0
+    /// is known; the reply comes back then. Without one the slot is returned for generation here.
     pub async fn prefill(
         self: &Arc<Self>,
         request: PrefillRequest,
@@ -212,17 +215,33 @@ impl PrefillNode {
         let (lease, _long_permit) = self.admit(tokens.len()).await?;
         let sampling = request.sampling;
         let started = Instant::now();
-        // With a hand-off the cache is exported in the same worker turn the prompt finishes in.
-        let run = if request.handoff.is_some() {
-            self.ctx
-                .prefill_export(lease.seq(), tokens, sampling.clone())
-                .await
-        } else {
-            self.ctx
-                .prefill(lease.seq(), tokens, sampling.clone())
-                .await
+        // With a hand-off the cache leaves for the decode node while the prompt still runs.
+        let run = match request.handoff {
+            Some(handoff) => {
+                let out = Outbound {
+                    id: request.id,
+                    handoff,
+                    seq: lease.seq(),
+                    tokens: &tokens,
+                    sampling: sampling.clone(),
+                    held,
+                };
+                let (pieces, every, first) = self.start_shipment(out)?;
+                let run = self
+                    .ctx
+                    .prefill_streamed(lease.seq(), tokens, sampling.clone(), pieces, every)
+                    .await;
+                (run, Some(first))
+            }
+            None => {
+                let run = self
+                    .ctx
+                    .prefill(lease.seq(), tokens, sampling.clone())
+                    .await;
+                (run, None)
+            }
         };
-        let mut out = run.map_err(engine_error)?;
+        let (out, shipment) = (run.0.map_err(engine_error)?, run.1);
         let took = started.elapsed().as_secs_f64();
         let node = self.name.clone();
         metrics::counter!("exo_prefill_tokens_total", "node" => node.clone())
@@ -240,175 +259,23 @@ impl PrefillNode {
             n_prompt: out.n_prompt as u32,
             finish: first.finish,
         };
+        if let Some(shipment) = shipment {
+            // The cache was exported in the prompt's last turn: the slot is free now. The
+            // shipping task ends the transfer with token 0, or drops it if the request ended.
+            drop(lease);
+            let _ = shipment.send(first.finish.is_none().then_some(out.first_token));
+            return Ok((reply, None));
+        }
         if first.finish.is_some() {
             return Ok((reply, None));
         }
-        match request.handoff {
-            None => Ok((
-                reply,
-                Some(LocalContinuation {
-                    lease,
-                    first_token: out.first_token,
-                    sampling,
-                }),
-            )),
-            Some(handoff) => {
-                let kv = out.kv.take().ok_or_else(|| {
-                    NodeError::Engine("the prefill returned no cache to hand off".into())
-                })?;
-                drop(lease);
-                let first_token = out.first_token;
-                self.hand_off(request.id, kv, handoff, first_token, sampling, held);
-                Ok((reply, None))
-            }
-        }
-    }
-
-    /// Frames the prompt's exported cache and ships it to the decode node on a task of its own,
-    /// which keeps the request counted (`held`) until done. Returns at once, so output token 0
-    /// reaches the client before the cache is encoded or on the wire; a failure from here on
-    /// reaches the client through the decode node ([`Self::abort`]).
-    fn hand_off(
-        self: &Arc<Self>,
-        id: RequestId,
-        kv: ExportedKv,
-        handoff: Handoff,
-        first_token: i32,
-        sampling: SamplingParams,
-        held: InFlight,
-    ) {
-        metrics::counter!("exo_kv_exported_bytes_total", "node" => self.name.clone())
-            .increment(kv.state.len() as u64);
-        let (fingerprint, layout) = (self.ctx.model().fingerprint(), self.ctx.config().layout);
-        let (codec, chunk_size) = (handoff.codec, handoff.chunk_size);
-        let node = Arc::clone(self);
-        tokio::spawn(async move {
-            let _held = held;
-            // Checksums and compression run on a blocking thread, not on the async threads.
-            let encode =
-                move || KvEncoder::new(kv.state, kv.tokens, fingerprint, layout, codec, chunk_size);
-            let shipped = match tokio::task::spawn_blocking(encode).await {
-                Err(e) => Err(NodeError::Transfer(format!("encoding stopped: {e}"))),
-                Ok(Err(e)) => Err(NodeError::Transfer(e.to_string())),
-                Ok(Ok(encoder)) => {
-                    node.ship(id, &handoff, encoder, first_token, sampling)
-                        .await
-                }
-            };
-            if let Err(e) = shipped {
-                tracing::warn!(%id, decode = %handoff.decode_addr, error = %e, "KV transfer failed");
-                node.abort(id, &handoff.decode_addr, e).await;
-            }
-        });
-    }
-
-    /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the
-    /// request fails there now (and the router's poll returns the reason) rather than at the decode
-    /// node's transfer timeout. Best effort, on up to [`ABORT_TRIES`] fresh connections (the
-    /// cached one may be what broke; the next transfer reuses the new one): an unreachable decode
-    /// node is the router's to notice.
-    async fn abort(&self, id: RequestId, addr: &str, error: NodeError) {
-        let reason = match error {
-            NodeError::Transfer(why) => format!("from prefill node {}: {why}", self.name),
-            other => format!("from prefill node {}: {other}", self.name),
-        };
-        for _ in 0..ABORT_TRIES {
-            self.peers.lock().await.remove(addr);
-            let sent = match self.client(addr).await {
-                Ok(c) => c
-                    .kv_abort(context_with_deadline(ABORT_TIMEOUT), id, reason.clone())
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match sent {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::debug!(%id, decode = %addr, error = %e, "could not abort the transfer")
-                }
-            }
-        }
-    }
-
-    /// The cached connection to decode node `addr`, made if there is none. The map is not locked
-    /// while connecting, so one unreachable decode node does not hold up shipping to the others.
-    async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {
-        if let Some(c) = self.peers.lock().await.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = connect(addr)
-            .await
-            .map_err(|e| NodeError::Transfer(format!("cannot reach decode node {addr}: {e}")))?;
-        Ok(self
-            .peers
-            .lock()
-            .await
-            .entry(addr.to_string())
-            .or_insert(c)
-            .clone())
-    }
-
-    /// Sends the header, then the chunks with up to `chunks_in_flight` calls outstanding.
-    async fn ship(
-        &self,
-        id: RequestId,
-        handoff: &Handoff,
-        encoder: KvEncoder<Vec<u8>>,
-        first_token: i32,
-        sampling: SamplingParams,
-    ) -> Result<(), NodeError> {
-        let started = Instant::now();
-        let (raw, wire) = (encoder.header().raw_len, encoder.header().encoded_len);
-        let client = self.client(&handoff.decode_addr).await?;
-        let rpc = |e: tarpc::client::RpcError| NodeError::Transfer(e.to_string());
-        let begin = KvBegin {
-            id,
-            header: encoder.header_frame(),
-            first_token,
-            sampling,
-        };
-        client
-            .kv_begin(context_with_deadline(KV_CALL_TIMEOUT), begin)
-            .await
-            .map_err(rpc)??;
-        let depth = self.ship.chunks_in_flight.max(1);
-        // A blocking thread frames the chunks (a checksum each, a copy when uncompressed), at most
-        // `depth` ahead of the calls; it stops when the receiver goes (a failed call).
-        let (frames_tx, frames_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(depth);
-        tokio::task::spawn_blocking(move || {
-            for frame in encoder {
-                if frames_tx.blocking_send(frame).is_err() {
-                    break;
-                }
-            }
-        });
-        let frames = futures::stream::unfold(frames_rx, |mut rx| async move {
-            rx.recv().await.map(|frame| (frame, rx))
-        });
-        frames
-            .map(|bytes| {
-                let client = client.clone();
-                async move {
-                    client
-                        .kv_chunk(
-                            context_with_deadline(KV_CALL_TIMEOUT),
-                            KvFrame { id, bytes },
-                        )
-                        .await
-                        .map_err(rpc)?
-                }
-            })
-            .buffered(depth)
-            .try_collect::<Vec<()>>()
-            .await?;
-        let node = self.name.clone();
-        metrics::counter!("exo_kv_wire_bytes_total", "node" => node.clone()).increment(wire);
-        metrics::histogram!("exo_kv_transfer_seconds", "node" => node.clone())
-            .record(started.elapsed().as_secs_f64());
-        if wire > 0 {
-            metrics::gauge!("exo_kv_compression_ratio", "node" => node)
-                .set(raw as f64 / wire as f64);
-        }
-        Ok(())
+        Ok((
+            reply,
+            Some(LocalContinuation {
+                lease,
+                first_token: out.first_token,
+                sampling,
+            }),
+        ))
     }
 }

@@ -13,7 +13,7 @@ pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
 pub use exo_sampling::{Constraint, FinishReason, SamplingParams};
 pub use perf::{CodecPerf, NodePerf, PerfError, positive};
 pub use service::{
-    ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvFrame, NodeError, NodeInfo,
+    ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvEnd, KvFrame, NodeError, NodeInfo,
     NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
     PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
 };

@@ -200,10 +200,20 @@ pub struct KvBegin {
     /// The KV header frame.
     #[serde(with = "serde_bytes")]
     pub header: Vec<u8>,
-    /// Output token 0, which the decode node feeds first.
-    pub first_token: i32,
     /// Sampling for the rest of the request.
     pub sampling: SamplingParams,
+}
+
+/// The end of a KV transfer: sent once every chunk call returned, after the prompt's last batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEnd {
+    /// Request id.
+    pub id: RequestId,
+    /// The KV end frame (chunk count and the final state's checksum).
+    #[serde(with = "serde_bytes")]
+    pub frame: Vec<u8>,
+    /// Output token 0, which the decode node feeds first.
+    pub first_token: i32,
 }
 
 /// One KV chunk frame.
@@ -274,6 +284,9 @@ pub trait NodeService {
     async fn kv_begin(begin: KvBegin) -> Result<(), NodeError>;
     /// Receives the next chunk of a transfer (decode nodes).
     async fn kv_chunk(frame: KvFrame) -> Result<(), NodeError>;
+    /// Ends a transfer whose chunks have all been accepted: the decode node checks the whole
+    /// state, imports it and generates from `first_token` (decode nodes).
+    async fn kv_end(end: KvEnd) -> Result<(), NodeError>;
     /// The prefill node gave up on a request's transfer (it could not export, encode or send it):
     /// the request fails on the decode node at once with `reason`, which its next `poll` returns,
     /// instead of at the transfer timeout. Ignored for a request whose transfer completed.

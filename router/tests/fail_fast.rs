@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use exo_protocol::{
-    HardwareFacts, KvBegin, KvFrame, KvLayout, KvType, ModelFingerprint, NodeError, NodeInfo,
-    NodeService, PollReply, PrefillReply, PrefillRequest, RequestId, Role,
+    HardwareFacts, KvBegin, KvEnd, KvFrame, KvLayout, KvType, ModelFingerprint, NodeError,
+    NodeInfo, NodeService, PollReply, PrefillReply, PrefillRequest, RequestId, Role,
 };
 use exo_router::profile::Profile;
 use exo_router::{Deployment, Server};
@@ -92,6 +92,10 @@ impl NodeService for StandIn {
     }
 
     async fn kv_chunk(self, _: Context, _: KvFrame) -> Result<(), NodeError> {
+        Err(NodeError::Busy)
+    }
+
+    async fn kv_end(self, _: Context, _: KvEnd) -> Result<(), NodeError> {
         Err(NodeError::Busy)
     }
 

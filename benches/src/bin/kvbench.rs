@@ -12,6 +12,7 @@ use clap::Parser;
 use exo_engine::{ChatMessage, ContextConfig, ContextHandle, ExportedKv, Model, ModelOptions};
 use exo_kvcache::{
     Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
+    TransferSpec,
 };
 use exo_protocol::SamplingParams;
 
@@ -73,7 +74,8 @@ fn prompt_tokens(model: &Model, target: usize) -> Result<Vec<i32>> {
 /// One KV layout's exported cache and what the codecs must reproduce.
 struct Exported {
     name: &'static str,
-    layout: KvLayout,
+    /// What a transfer of the cache says (the codec is set per row).
+    spec: TransferSpec,
     kv: ExportedKv,
     first_token: i32,
     /// The tokens the original context generates next.
@@ -111,9 +113,10 @@ async fn export(
     let reference = src
         .generate(0, pre.first_token, 0, SamplingParams::greedy(16))
         .await?;
+    let spec = src.transfer_spec(0, kv.tokens.clone(), Codec::None, DEFAULT_CHUNK_SIZE);
     Ok(Exported {
         name,
-        layout,
+        spec,
         kv,
         first_token: pre.first_token,
         reference: reference.tokens,
@@ -135,25 +138,20 @@ async fn codec_row(
         fingerprint: model.fingerprint(),
         layout: dst.config().layout,
     };
-    let (enc_t, (header, frames)) = best(reps, || {
-        let enc = KvEncoder::new(
-            &e.kv.state,
-            e.kv.tokens.clone(),
-            model.fingerprint(),
-            e.layout,
+    let (enc_t, (header, frames, end)) = best(reps, || {
+        let spec = TransferSpec {
             codec,
-            DEFAULT_CHUNK_SIZE,
-        )?;
-        let h = enc.header_frame();
-        Ok((h, enc.collect::<Vec<_>>()))
+            ..e.spec.clone()
+        };
+        Ok(KvEncoder::whole(spec, &e.kv.state)?)
     })?;
-    let wire: usize = header.len() + frames.iter().map(Vec::len).sum::<usize>();
+    let wire: usize = header.len() + frames.iter().map(Vec::len).sum::<usize>() + end.len();
     let (dec_t, decoded) = best(reps, || {
         let mut d = KvDecoder::new(&header, &DecodeLimits::default(), &target)?;
         for f in &frames {
             d.push_chunk(f)?;
         }
-        Ok(d.finish()?)
+        Ok(d.finish(&end)?)
     })?;
     let mut import = Duration::MAX;
     for _ in 0..reps {

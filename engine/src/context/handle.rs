@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use exo_kvcache::{DecodedKv, KvLayout, StateShape};
+use exo_kvcache::{Codec, DecodedKv, KvLayout, StateShape, TransferSpec};
 use exo_sampling::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
 use super::prefill::PrefillBatching;
 use super::slots::{SlotLease, SlotPool};
 use super::worker::worker_main;
-use super::{Command, EventSink, ExportedKv, GenEvent, PrefillOutput, Reply};
+use super::{Command, EventSink, ExportedKv, GenEvent, KvPiece, PieceStream, PrefillOutput, Reply};
 use crate::error::EngineError;
 use crate::model::Model;
 
@@ -163,6 +163,26 @@ impl ContextHandle {
         &self.model
     }
 
+    /// What a transfer of sequence `seq`'s cache, holding `tokens`, says about it: this context's
+    /// model, layout and cache shape, with the link's `codec` and `chunk_size`.
+    pub fn transfer_spec(
+        &self,
+        seq: i32,
+        tokens: Vec<i32>,
+        codec: Codec,
+        chunk_size: u32,
+    ) -> TransferSpec {
+        TransferSpec {
+            fingerprint: self.model.fingerprint(),
+            layout: self.config.layout,
+            codec,
+            chunk_size,
+            source_seq: seq,
+            tokens,
+            shape: StateShape::clone(&self.shape),
+        }
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -182,26 +202,34 @@ impl ContextHandle {
             seq,
             tokens,
             sampling,
-            export: false,
+            stream: None,
             reply,
         })
         .await
     }
 
-    /// [`Self::prefill`], then [`Self::export`] in the same turn of the worker: the cache leaves as
-    /// soon as the prompt's last batch ran, without waiting behind the next batch for an `Export`
-    /// command. The output's `kv` holds it.
-    pub async fn prefill_export(
+    /// [`Self::prefill`] for a streamed hand-off: whenever the prompt's batches have added at least
+    /// `every` cells since the last piece, the new cells are exported and sent to `pieces` as a
+    /// [`KvPiece::Segment`]; in the turn its last batch runs, the whole cache follows as
+    /// [`KvPiece::Final`]. `pieces` closes when the prompt ends, early if it fails.
+    pub async fn prefill_streamed(
         &self,
         seq: i32,
         tokens: Vec<i32>,
         sampling: SamplingParams,
+        pieces: mpsc::UnboundedSender<KvPiece>,
+        every: usize,
     ) -> Result<PrefillOutput, EngineError> {
+        let stream = PieceStream {
+            tx: pieces,
+            every: every.max(1),
+            sent: 0,
+        };
         self.call(|reply| Command::Prefill {
             seq,
             tokens,
             sampling,
-            export: true,
+            stream: Some(stream),
             reply,
         })
         .await

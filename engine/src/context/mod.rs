@@ -51,9 +51,31 @@ pub struct PrefillOutput {
     pub first_token: i32,
     /// Prompt tokens now in the sequence's KV cache.
     pub n_prompt: usize,
-    /// The sequence's cache, exported the moment the prompt finished, when the prefill was asked
-    /// for it ([`ContextHandle::prefill_export`]).
-    pub kv: Option<ExportedKv>,
+}
+
+/// Part of a prompt's cache, sent while the prompt runs ([`ContextHandle::prefill_streamed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvPiece {
+    /// The cells `first..` that the batches since the last piece added, cut out of an export
+    /// already ([`exo_kvcache::StateShape::cut`]).
+    Segment {
+        /// The segment's first cell.
+        first: usize,
+        /// The segment.
+        bytes: Vec<u8>,
+    },
+    /// The whole cache, exported in the turn the prompt's last batch ran: the cells no segment
+    /// carried are cut from it, and its checksum closes the transfer.
+    Final(ExportedKv),
+}
+
+/// Where a prompt's pieces go, and how often.
+struct PieceStream {
+    tx: mpsc::UnboundedSender<KvPiece>,
+    /// Export once at least this many new cells are in the cache.
+    every: usize,
+    /// Cells sent so far.
+    sent: usize,
 }
 
 /// One sequence's KV cache in the single-stream wire form, with the tokens it holds.
@@ -96,8 +118,8 @@ enum Command {
         seq: i32,
         tokens: Vec<i32>,
         sampling: SamplingParams,
-        /// Export the cache as soon as the prompt finishes.
-        export: bool,
+        /// Where the cache goes while the prompt runs, for a streamed hand-off.
+        stream: Option<PieceStream>,
         reply: Reply<PrefillOutput>,
     },
     Export {

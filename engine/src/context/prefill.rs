@@ -22,7 +22,7 @@ use llama_cpp_2::token::LlamaToken;
 use llguidance::Matcher;
 
 use super::worker::Worker;
-use super::{PrefillOutput, Reply};
+use super::{KvPiece, PieceStream, PrefillOutput, Reply};
 use crate::error::EngineError;
 use crate::sampler::choose;
 
@@ -61,8 +61,8 @@ pub(super) struct Pending {
     pub(super) done: usize,
     /// Prefill batches in a row that ran without this prompt.
     pub(super) passed_over: u32,
-    /// Export the cache as soon as the prompt finishes.
-    pub(super) export: bool,
+    /// Where the cache goes while the prompt runs (a streamed hand-off).
+    pub(super) stream: Option<PieceStream>,
     pub(super) sampling: SamplingParams,
     /// The constraint's state, when the request has one.
     pub(super) matcher: Option<Matcher>,
@@ -267,6 +267,7 @@ impl Worker<'_> {
                     if let Some(row) = row {
                         finished.push((i, Ok(row)));
                     }
+                    self.send_piece(i);
                 }
                 finished
             }
@@ -328,16 +329,52 @@ impl Worker<'_> {
         let first_token = choose(&self.ctx, row, &p.sampling, 0, p.matcher.as_mut())?;
         let n_prompt = p.tokens.len();
         self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
-        let kv = if p.export {
-            Some(self.export(p.seq)?)
-        } else {
-            None
-        };
+        if let Some(stream) = p.stream.take() {
+            let kv = self.export(p.seq)?;
+            // A receiver that went away is the hand-off's to report, not the prefill's.
+            let _ = stream.tx.send(KvPiece::Final(kv));
+        }
         Ok(PrefillOutput {
             first_token,
             n_prompt,
-            kv,
         })
+    }
+
+    /// Sends the cells a streamed prompt's batches added since its last piece, once there are at
+    /// least its `every`. A failed export ends the stream early (the hand-off then fails with it);
+    /// the prompt itself goes on.
+    fn send_piece(&mut self, i: usize) {
+        let Some(p) = self.pending.get(i) else {
+            return;
+        };
+        let (seq, done) = (p.seq, p.done);
+        let due = p
+            .stream
+            .as_ref()
+            .is_some_and(|s| done < p.tokens.len() && done - s.sent >= s.every);
+        if !due {
+            return;
+        }
+        let sent = p.stream.as_ref().map_or(0, |s| s.sent);
+        let piece = self.export_cells(seq, done).and_then(|state| {
+            let shape = self.shape()?;
+            Ok(shape.cut(&state, sent as u32..done as u32)?)
+        });
+        let Some(p) = self.pending.get_mut(i) else {
+            return;
+        };
+        match piece {
+            Ok(bytes) => {
+                if let Some(s) = p.stream.as_mut() {
+                    let _ = s.tx.send(KvPiece::Segment { first: sent, bytes });
+                    s.sent = done;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "could not export part of a prompt's cache");
+                p.stream = None;
+            }
+        }
     }
 }
 

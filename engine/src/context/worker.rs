@@ -178,7 +178,7 @@ impl Worker<'_> {
                 seq,
                 tokens,
                 sampling,
-                export,
+                stream,
                 reply,
             } => {
                 let begun = self.new_matcher(&sampling).and_then(|matcher| {
@@ -192,7 +192,7 @@ impl Worker<'_> {
                         tokens,
                         done: 0,
                         passed_over: 0,
-                        export,
+                        stream,
                         sampling,
                         matcher,
                         reply,
@@ -341,16 +341,27 @@ impl Worker<'_> {
                 "sequence {seq} is empty"
             )));
         }
-        let (state, info) = to_single_stream(self.export_raw(seq)?)?;
         let tokens = self.seq_tokens[slot].clone();
-        if info.cell_count as usize != tokens.len() {
+        let state = self.export_cells(seq, tokens.len())?;
+        Ok(ExportedKv { state, tokens })
+    }
+
+    /// Sequence `seq`'s state in the single-stream wire form, which must hold exactly `cells`
+    /// cells (a prompt part-way through holds the tokens its batches ran so far).
+    pub(super) fn export_cells(&self, seq: i32, cells: usize) -> Result<Vec<u8>, EngineError> {
+        let (state, info) = to_single_stream(self.export_raw(seq)?)?;
+        if info.cell_count as usize != cells {
             return Err(EngineError::Export(format!(
-                "{} cells for {} tokens",
-                info.cell_count,
-                tokens.len()
+                "{} cells for {cells} tokens",
+                info.cell_count
             )));
         }
-        Ok(ExportedKv { state, tokens })
+        Ok(state)
+    }
+
+    /// The calibrated cache shape.
+    pub(super) fn shape(&self) -> Result<&StateShape, EngineError> {
+        self.shape.as_ref().ok_or(EngineError::ContextRetired)
     }
 
     fn import(&mut self, seq: i32, kv: DecodedKv) -> Result<(), EngineError> {

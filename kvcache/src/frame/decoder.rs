@@ -1,8 +1,9 @@
-//! The receiving side: chunk frames checked one by one, in order, and reassembled into the state.
+//! The receiving side: chunk frames checked one by one, in order, their cells placed into the state,
+//! and the end frame that closes the transfer.
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use xxhash_rust::xxh3::xxh3_64;
 
-use super::{CHUNK_MAGIC, DecodeLimits, ImportTarget, KvHeader, Reader};
+use super::{CHUNK_MAGIC, DecodeLimits, END_FRAME_LEN, END_MAGIC, ImportTarget, KvHeader, Reader};
 use crate::error::KvError;
 
 /// The index of a chunk frame, read without checking anything else (for reordering on arrival).
@@ -21,14 +22,19 @@ pub struct DecodedKv {
     pub state: Vec<u8>,
 }
 
-/// Checks and reassembles the frames of one transfer, in order, refusing anything inconsistent.
+/// Checks the frames of one transfer, in order, and places each chunk's cells straight into the
+/// state they belong to, refusing anything inconsistent.
 pub struct KvDecoder {
     header: KvHeader,
     tag: u64,
+    per_cell: usize,
     next: u32,
-    encoded_seen: u64,
+    /// Cells placed so far.
+    cells: usize,
+    /// Allocated once the first chunk passed its checks.
     state: Vec<u8>,
-    hasher: Xxh3,
+    /// The current chunk, decoded.
+    scratch: Vec<u8>,
 }
 
 /// The fixed head of a chunk frame (after its magic), as read, not yet checked.
@@ -65,13 +71,16 @@ impl KvDecoder {
         let header = KvHeader::decode(header_frame, limits)?;
         target.check(&header)?;
         let tag = header.transfer_tag();
+        let per_cell = usize::try_from(header.shape.segment_bytes_per_cell()?)
+            .map_err(|_| KvError::MalformedState("cell size does not fit in memory".into()))?;
         Ok(KvDecoder {
             header,
             tag,
+            per_cell,
             next: 0,
-            encoded_seen: 0,
+            cells: 0,
             state: Vec::new(),
-            hasher: Xxh3::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -80,9 +89,9 @@ impl KvDecoder {
         &self.header
     }
 
-    /// Bytes of decoded state held so far.
+    /// Bytes of cells received so far.
     pub fn bytes_held(&self) -> usize {
-        self.state.len()
+        self.cells * self.per_cell
     }
 
     /// Chunks accepted so far.
@@ -90,12 +99,12 @@ impl KvDecoder {
         self.next
     }
 
-    /// True once every declared chunk has been accepted.
+    /// True once every cell the header declares has arrived (the end frame may still be due).
     pub fn is_complete(&self) -> bool {
-        self.next == self.header.n_chunks
+        self.cells == self.header.tokens.len()
     }
 
-    /// Checks one chunk frame and appends its decoded bytes. Chunks must arrive in index order.
+    /// Checks one chunk frame and places its cells. Chunks must arrive in index order.
     ///
     /// The checks run in a fixed order, which decides the error a bad frame reports: the head's
     /// fields, the chunk's place in the transfer, its declared sizes, then its payload.
@@ -106,30 +115,38 @@ impl KvDecoder {
         self.check_declared_sizes(&head)?;
         let payload = r.rest();
         self.check_payload(&head, payload)?;
-        self.append(head.index, head.raw_len, payload)?;
-        self.encoded_seen += u64::from(head.enc_len);
+        self.place(head.index, head.raw_len, payload)?;
         self.next += 1;
         Ok(())
     }
 
-    /// Ends the transfer: every chunk present and the whole state's checksum right.
-    pub fn finish(self) -> Result<DecodedKv, KvError> {
-        if !self.is_complete() {
-            return Err(KvError::Incomplete {
-                received: self.next,
-                declared: self.header.n_chunks,
+    /// Ends the transfer with its end frame: every chunk and cell present, and the joined state's
+    /// checksum equal to the sender's final export's.
+    pub fn finish(self, end_frame: &[u8]) -> Result<DecodedKv, KvError> {
+        let end = EndFrame::read(end_frame)?;
+        if end.tag != self.tag {
+            return Err(KvError::InvalidField {
+                field: "end frame",
+                detail: "it belongs to another transfer".into(),
             });
         }
-        if self.encoded_seen != self.header.encoded_len {
+        if end.n_chunks != self.next {
+            return Err(KvError::Incomplete {
+                received: self.next,
+                declared: end.n_chunks,
+            });
+        }
+        let n = self.header.tokens.len();
+        if end.n_cells as usize != n || self.cells != n {
             return Err(KvError::InvalidField {
-                field: "encoded_len",
+                field: "end frame",
                 detail: format!(
-                    "chunks carried {} bytes, header declared {}",
-                    self.encoded_seen, self.header.encoded_len
+                    "{} cells declared, {} received, the header has {n} tokens",
+                    end.n_cells, self.cells
                 ),
             });
         }
-        if self.hasher.digest() != self.header.raw_checksum {
+        if xxh3_64(&self.state) != end.raw_checksum {
             return Err(KvError::StateChecksum);
         }
         Ok(DecodedKv {
@@ -139,18 +156,53 @@ impl KvDecoder {
     }
 }
 
+/// The end frame, as read and checked on its own.
+struct EndFrame {
+    tag: u64,
+    n_chunks: u32,
+    n_cells: u32,
+    raw_checksum: u64,
+}
+
+impl EndFrame {
+    fn read(frame: &[u8]) -> Result<Self, KvError> {
+        if frame.len() != END_FRAME_LEN {
+            return Err(KvError::Truncated {
+                what: "KV end frame",
+                need: END_FRAME_LEN as u64,
+                have: frame.len() as u64,
+            });
+        }
+        let mut r = Reader::new(frame, "KV end frame");
+        r.expect_magic(END_MAGIC)?;
+        let end = EndFrame {
+            tag: r.u64()?,
+            n_chunks: r.u32()?,
+            n_cells: r.u32()?,
+            raw_checksum: r.u64()?,
+        };
+        let sum = r.u64()?;
+        if xxh3_64(&frame[..END_FRAME_LEN - 8]) != sum {
+            return Err(KvError::InvalidField {
+                field: "end frame",
+                detail: "checksum mismatch".into(),
+            });
+        }
+        Ok(end)
+    }
+}
+
+/// Whether `frame` is an end frame (by its magic) rather than a chunk.
+pub fn is_end_frame(frame: &[u8]) -> bool {
+    frame.starts_with(END_MAGIC)
+}
+
 /// The checks and the append behind [`KvDecoder::push_chunk`], in the order it runs them.
 impl KvDecoder {
     /// Refuses a chunk that is not the next one of this transfer: past the declared count, already
     /// seen, early, or tagged for another transfer.
     fn check_place(&self, head: &ChunkHead) -> Result<(), KvError> {
         let index = head.index;
-        if index >= self.header.n_chunks {
-            return Err(KvError::ExtraChunk {
-                got: index,
-                declared: self.header.n_chunks,
-            });
-        }
         if index < self.next {
             return Err(KvError::DuplicateChunk(index));
         }
@@ -166,18 +218,31 @@ impl KvDecoder {
         Ok(())
     }
 
-    /// Refuses a raw length other than the header implies for this chunk, or an encoded length
-    /// beyond what the codec can produce from it.
+    /// Refuses a raw length that is not whole cells, more than the chunk size, or cells past the
+    /// header's token count, or an encoded length beyond what the codec can produce from it.
     fn check_declared_sizes(&self, head: &ChunkHead) -> Result<(), KvError> {
         let (index, raw_len, enc_len) = (head.index, head.raw_len, head.enc_len);
-        let want_raw = self.header.chunk_raw_len(index);
-        if u64::from(raw_len) != want_raw {
+        let raw = raw_len as usize;
+        if raw == 0 || raw % self.per_cell != 0 || raw_len > self.header.chunk_size {
             return Err(KvError::OversizedChunk {
                 index,
-                detail: format!("declares {raw_len} raw bytes, the header implies {want_raw}"),
+                detail: format!(
+                    "declares {raw_len} raw bytes: not whole {}-byte cells within the chunk size {}",
+                    self.per_cell, self.header.chunk_size
+                ),
             });
         }
-        let max_enc = self.header.codec.max_encoded_len(raw_len as usize) as u64;
+        let after = self.cells + raw / self.per_cell;
+        if after > self.header.tokens.len() {
+            return Err(KvError::OversizedChunk {
+                index,
+                detail: format!(
+                    "carries cells up to {after}, the header has {} tokens",
+                    self.header.tokens.len()
+                ),
+            });
+        }
+        let max_enc = self.header.codec.max_encoded_len(raw) as u64;
         if u64::from(enc_len) > max_enc {
             return Err(KvError::OversizedChunk {
                 index,
@@ -187,8 +252,7 @@ impl KvDecoder {
         Ok(())
     }
 
-    /// Checks the payload: exactly the declared length, within the declared encoded total, and
-    /// matching its checksum.
+    /// Checks the payload: exactly the declared length, and matching its checksum.
     fn check_payload(&self, head: &ChunkHead, payload: &[u8]) -> Result<(), KvError> {
         let (index, enc_len) = (head.index, head.enc_len);
         if payload.len() as u64 != u64::from(enc_len) {
@@ -207,39 +271,33 @@ impl KvDecoder {
                 ),
             });
         }
-        if self.encoded_seen + u64::from(enc_len) > self.header.encoded_len {
-            return Err(KvError::OversizedChunk {
-                index,
-                detail: format!(
-                    "runs past the declared encoded total {}",
-                    self.header.encoded_len
-                ),
-            });
-        }
         if xxh3_64(payload) != head.checksum {
             return Err(KvError::ChunkChecksum(index));
         }
         Ok(())
     }
 
-    /// Decodes a checked payload onto the end of the state and feeds it to the state checksum; on a
-    /// decode failure the state is left as it was.
-    fn append(&mut self, index: u32, raw_len: u32, payload: &[u8]) -> Result<(), KvError> {
-        let start = self.state.len();
-        if start == 0 {
-            // Reserve once the first chunk proves the sender is real; the size passed the limit check.
-            self.state.reserve_exact(self.header.raw_len as usize);
-        }
-        self.state.resize(start + raw_len as usize, 0);
-        if let Err(detail) = self
-            .header
+    /// Decodes a checked payload and places its cells after those already placed; on a decode
+    /// failure nothing is placed.
+    fn place(&mut self, index: u32, raw_len: u32, payload: &[u8]) -> Result<(), KvError> {
+        self.scratch.clear();
+        self.scratch.resize(raw_len as usize, 0);
+        self.header
             .codec
-            .decode_into(payload, &mut self.state[start..])
-        {
-            self.state.truncate(start);
-            return Err(KvError::Decompress { index, detail });
+            .decode_into(payload, &mut self.scratch)
+            .map_err(|detail| KvError::Decompress { index, detail })?;
+        let total = self.header.tokens.len();
+        if self.state.is_empty() {
+            // Allocated once the first chunk proves the sender is real; the size passed the limit.
+            self.state = self
+                .header
+                .shape
+                .blank_state(self.header.source_seq, total)?;
         }
-        self.hasher.update(&self.state[start..]);
+        self.cells += self
+            .header
+            .shape
+            .place(&mut self.state, total, self.cells, &self.scratch)?;
         Ok(())
     }
 }

@@ -1,83 +1,84 @@
-//! The sending side: a sequence state cut into one header frame and its chunk frames.
+//! The sending side: a header frame, then chunk frames for the cells of the sequence as they become
+//! available (a streamed hand-off sends them while the prompt still runs), then an end frame.
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, KvHeader};
+use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, END_FRAME_LEN, END_MAGIC, KvHeader};
 use crate::codec::Codec;
 use crate::error::KvError;
 use crate::layout::{KvLayout, ModelFingerprint};
+use crate::state::StateShape;
 
-/// Turns a sequence state into one header frame and a series of chunk frames.
-///
-/// With [`Codec::None`] the chunk frames are cut from `raw` as they are taken. A compressing codec must
-/// know the exact encoded total for the header, so every chunk is compressed once, up front, and its
-/// frame kept until it is taken: compressed chunks, never a second contiguous copy of the state.
-pub struct KvEncoder<B> {
-    header: KvHeader,
-    tag: u64,
-    raw: B,
-    encoded: Vec<Vec<u8>>,
-    next: u32,
+/// What a transfer is about: everything the header frame says.
+#[derive(Debug, Clone)]
+pub struct TransferSpec {
+    /// Model that produced the cache.
+    pub fingerprint: ModelFingerprint,
+    /// The sender's KV layout.
+    pub layout: KvLayout,
+    /// Compression of every chunk.
+    pub codec: Codec,
+    /// Most raw bytes per chunk (a chunk always carries at least one whole cell).
+    pub chunk_size: u32,
+    /// The sequence id the states are exported from.
+    pub source_seq: i32,
+    /// The prompt's tokens: the cells the transfer will carry, in position order.
+    pub tokens: Vec<i32>,
+    /// The sender's cache shape.
+    pub shape: StateShape,
 }
 
-impl<B: AsRef<[u8]>> KvEncoder<B> {
-    /// Prepares the frames for `state` (single-stream form, see [`crate::to_single_stream`]); the
-    /// encoder borrows or owns the state, whichever `B` is.
-    pub fn new(
-        state: B,
-        tokens: Vec<i32>,
-        fingerprint: ModelFingerprint,
-        layout: KvLayout,
-        codec: Codec,
-        chunk_size: u32,
-    ) -> Result<Self, KvError> {
-        if chunk_size == 0 {
+/// Turns a sequence's cells into chunk frames as they become available.
+///
+/// Feed it exports of the sequence as the prompt runs ([`Self::next_frame`] with the cells each
+/// holds, which only grow); it sends each cell once, in whole cells per chunk, every chunk
+/// compressed on its own. [`Self::end_frame`] closes the transfer with the checksum of the final
+/// state. Nothing needs the whole encoded size up front.
+pub struct KvEncoder {
+    header: KvHeader,
+    tag: u64,
+    per_cell: usize,
+    cells_per_chunk: usize,
+    sent_cells: usize,
+    next_index: u32,
+    raw_bytes: u64,
+    wire_bytes: u64,
+}
+
+impl KvEncoder {
+    /// An encoder for the transfer `spec` describes.
+    pub fn new(spec: TransferSpec) -> Result<Self, KvError> {
+        let per_cell = usize::try_from(spec.shape.segment_bytes_per_cell()?)
+            .map_err(|_| KvError::MalformedState("cell size does not fit in memory".into()))?;
+        if spec.chunk_size == 0 || per_cell == 0 {
             return Err(KvError::InvalidField {
                 field: "chunk_size",
                 detail: "zero".into(),
             });
         }
-        let raw = state.as_ref();
-        let n_chunks =
-            u32::try_from((raw.len() as u64).div_ceil(u64::from(chunk_size))).map_err(|_| {
-                KvError::InvalidField {
-                    field: "n_chunks",
-                    detail: "too many chunks".into(),
-                }
-            })?;
-        let encoded: Vec<Vec<u8>> = match codec {
-            Codec::None => Vec::new(),
-            _ => raw
-                .chunks(chunk_size as usize)
-                .map(|c| {
-                    let mut v = Vec::new();
-                    codec.encode_into(c, &mut v);
-                    v
-                })
-                .collect(),
-        };
-        let encoded_len = match codec {
-            Codec::None => raw.len() as u64,
-            _ => encoded.iter().map(|v| v.len() as u64).sum(),
-        };
+        let cells_per_chunk = (spec.chunk_size as usize / per_cell).max(1);
         let header = KvHeader {
-            fingerprint,
-            layout,
-            codec,
-            raw_len: raw.len() as u64,
-            encoded_len,
-            chunk_size,
-            n_chunks,
-            raw_checksum: xxh3_64(raw),
-            tokens,
+            fingerprint: spec.fingerprint,
+            layout: spec.layout,
+            codec: spec.codec,
+            // A cell larger than the chunk size still travels whole.
+            chunk_size: spec
+                .chunk_size
+                .max(u32::try_from(per_cell).unwrap_or(u32::MAX)),
+            source_seq: spec.source_seq,
+            tokens: spec.tokens,
+            shape: spec.shape,
         };
         let tag = header.transfer_tag();
         Ok(KvEncoder {
             header,
             tag,
-            raw: state,
-            encoded,
-            next: 0,
+            per_cell,
+            cells_per_chunk,
+            sent_cells: 0,
+            next_index: 0,
+            raw_bytes: 0,
+            wire_bytes: 0,
         })
     }
 
@@ -90,38 +91,135 @@ impl<B: AsRef<[u8]>> KvEncoder<B> {
     pub fn header_frame(&self) -> Vec<u8> {
         self.header.encode()
     }
-}
 
-impl<B: AsRef<[u8]>> Iterator for KvEncoder<B> {
-    type Item = Vec<u8>;
+    /// Cells sent so far.
+    pub fn cells_sent(&self) -> usize {
+        self.sent_cells
+    }
 
-    /// The next chunk frame.
-    fn next(&mut self) -> Option<Vec<u8>> {
-        if self.next >= self.header.n_chunks {
-            return None;
-        }
-        let index = self.next;
-        self.next += 1;
-        let start = index as usize * self.header.chunk_size as usize;
-        let raw = self.raw.as_ref();
-        let end = (start + self.header.chunk_size as usize).min(raw.len());
-        let payload: &[u8] = match self.encoded.get_mut(index as usize) {
-            Some(v) => {
-                let taken = std::mem::take(v);
-                return Some(chunk_frame(index, (end - start) as u32, self.tag, &taken));
-            }
-            None => &raw[start..end],
+    /// Raw and encoded payload bytes sent so far.
+    pub fn bytes_sent(&self) -> (u64, u64) {
+        (self.raw_bytes, self.wire_bytes)
+    }
+
+    /// The next chunk frame from `state`, an export of the sequence holding its first `cells`
+    /// cells (single-stream form); `None` once every one of those cells has been sent. Call it
+    /// again with a later export for the cells that follow.
+    pub fn next_frame(&mut self, state: &[u8], cells: usize) -> Result<Option<Vec<u8>>, KvError> {
+        let Some(range) = self.next_range(0, cells)? else {
+            return Ok(None);
         };
-        Some(chunk_frame(index, (end - start) as u32, self.tag, payload))
+        let raw = self.header.shape.cut(state, range)?;
+        Ok(Some(self.frame(&raw)))
+    }
+
+    /// The next chunk frame from `segment`, the cells `first..` of the sequence cut out already
+    /// ([`StateShape::cut`]); `None` once all of them have been sent. The cells before `first`
+    /// must have been sent already.
+    pub fn next_frame_of_segment(
+        &mut self,
+        segment: &[u8],
+        first: usize,
+    ) -> Result<Option<Vec<u8>>, KvError> {
+        let cells = first + segment.len() / self.per_cell;
+        if self.sent_cells < first {
+            return Err(KvError::InvalidField {
+                field: "segment",
+                detail: format!("starts at cell {first}, {} sent", self.sent_cells),
+            });
+        }
+        let Some(range) = self.next_range(first, cells)? else {
+            return Ok(None);
+        };
+        let raw = self.header.shape.cut_segment(segment, range)?;
+        Ok(Some(self.frame(&raw)))
+    }
+
+    /// The cells of the next chunk, counted from `offset`, when fewer than `cells` have been sent.
+    fn next_range(
+        &self,
+        offset: usize,
+        cells: usize,
+    ) -> Result<Option<std::ops::Range<u32>>, KvError> {
+        if cells > self.header.tokens.len() {
+            return Err(KvError::InvalidField {
+                field: "cells",
+                detail: format!(
+                    "{cells} cells for a transfer of {}",
+                    self.header.tokens.len()
+                ),
+            });
+        }
+        if self.sent_cells >= cells {
+            return Ok(None);
+        }
+        let end = (self.sent_cells + self.cells_per_chunk).min(cells);
+        Ok(Some(
+            (self.sent_cells - offset) as u32..(end - offset) as u32,
+        ))
+    }
+
+    /// Frames the next cells (`raw`, whole cells), compressed with the transfer's codec.
+    fn frame(&mut self, raw: &[u8]) -> Vec<u8> {
+        let frame = match self.header.codec {
+            Codec::None => chunk_frame(self.next_index, self.tag, raw, raw),
+            codec => {
+                let mut enc = Vec::new();
+                codec.encode_into(raw, &mut enc);
+                chunk_frame(self.next_index, self.tag, raw, &enc)
+            }
+        };
+        self.raw_bytes += raw.len() as u64;
+        self.wire_bytes += (frame.len() - CHUNK_HEADER_LEN) as u64;
+        self.sent_cells += raw.len() / self.per_cell;
+        self.next_index += 1;
+        frame
+    }
+
+    /// The end frame, once every cell has been sent: the chunk count and the xxh3-64 of
+    /// `final_state`, the sequence's export holding all of them, which the receiver's joined state
+    /// must equal.
+    pub fn end_frame(&self, final_state: &[u8]) -> Result<Vec<u8>, KvError> {
+        let n = self.header.tokens.len();
+        if self.sent_cells != n {
+            return Err(KvError::Incomplete {
+                received: self.sent_cells as u32,
+                declared: n as u32,
+            });
+        }
+        let mut b = Vec::with_capacity(END_FRAME_LEN);
+        b.extend_from_slice(END_MAGIC);
+        b.extend_from_slice(&self.tag.to_le_bytes());
+        b.extend_from_slice(&self.next_index.to_le_bytes());
+        b.extend_from_slice(&(n as u32).to_le_bytes());
+        b.extend_from_slice(&xxh3_64(final_state).to_le_bytes());
+        let sum = xxh3_64(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        Ok(b)
+    }
+
+    /// Every frame of a transfer whose whole state is at hand: header, chunks, end.
+    pub fn whole(
+        spec: TransferSpec,
+        state: &[u8],
+    ) -> Result<(Vec<u8>, Vec<Vec<u8>>, Vec<u8>), KvError> {
+        let n = spec.tokens.len();
+        let mut enc = KvEncoder::new(spec)?;
+        let mut chunks = Vec::new();
+        while let Some(f) = enc.next_frame(state, n)? {
+            chunks.push(f);
+        }
+        let end = enc.end_frame(state)?;
+        Ok((enc.header_frame(), chunks, end))
     }
 }
 
-/// One chunk frame: fixed 32-byte head, then the encoded payload.
-fn chunk_frame(index: u32, raw_len: u32, tag: u64, payload: &[u8]) -> Vec<u8> {
+/// One chunk frame: fixed 32-byte head (raw length from `raw`), then the encoded `payload`.
+fn chunk_frame(index: u32, tag: u64, raw: &[u8], payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
     frame.extend_from_slice(CHUNK_MAGIC);
     frame.extend_from_slice(&index.to_le_bytes());
-    frame.extend_from_slice(&raw_len.to_le_bytes());
+    frame.extend_from_slice(&(raw.len() as u32).to_le_bytes());
     frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     frame.extend_from_slice(&tag.to_le_bytes());
     frame.extend_from_slice(&xxh3_64(payload).to_le_bytes());

@@ -7,11 +7,16 @@ use super::{MAX_CHUNK_SIZE, Reader, WIRE_VERSION, fixed8};
 use crate::codec::Codec;
 use crate::error::KvError;
 use crate::layout::{KvLayout, KvType, ModelFingerprint};
+use crate::state::StateShape;
 
 /// Magic bytes that open the header frame.
 const HEADER_MAGIC: &[u8; 4] = b"EXKV";
 /// Header bytes before the token ids.
-const HEADER_FIXED_LEN: usize = 96;
+const HEADER_FIXED_LEN: usize = 72;
+/// The shorter a shape can be: its fixed fields and one layer of K and V.
+const SKELETON_MIN_LEN: u64 = 17 + 24;
+/// Most layers a header's shape may declare.
+const MAX_LAYERS: u32 = 4096;
 /// The trailing header checksum.
 const HEADER_CHECKSUM_LEN: usize = 8;
 
@@ -24,29 +29,22 @@ pub struct KvHeader {
     pub layout: KvLayout,
     /// Compression of every chunk.
     pub codec: Codec,
-    /// Bytes of the uncompressed llama.cpp sequence state.
-    pub raw_len: u64,
-    /// Sum of the encoded chunk payloads.
-    pub encoded_len: u64,
-    /// Raw bytes per chunk; the last chunk holds the remainder.
+    /// Most raw bytes a chunk carries (each chunk carries whole cells).
     pub chunk_size: u32,
-    /// Number of chunk frames that follow.
-    pub n_chunks: u32,
-    /// xxh3-64 of the uncompressed state.
-    pub raw_checksum: u64,
+    /// The sequence id the sender exported from (the state's own field, kept so the joined state
+    /// equals the sender's export byte for byte).
+    pub source_seq: i32,
     /// The token ids whose keys and values the cache holds, in position order.
     pub tokens: Vec<i32>,
+    /// The sender's cache shape (its stream count aside): how the chunks' cells are laid out and
+    /// joined into the state.
+    pub shape: StateShape,
 }
 
 impl KvHeader {
-    /// Length of the encoded header.
-    pub fn encoded_len_bytes(&self) -> usize {
-        HEADER_FIXED_LEN + 4 * self.tokens.len() + HEADER_CHECKSUM_LEN
-    }
-
     /// Serializes the header; the last 8 bytes are the xxh3-64 of all bytes before them.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(self.encoded_len_bytes());
+        let mut b = Vec::with_capacity(HEADER_FIXED_LEN + 4 * self.tokens.len() + 1024);
         b.extend_from_slice(HEADER_MAGIC);
         b.extend_from_slice(&WIRE_VERSION.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
@@ -59,15 +57,13 @@ impl KvHeader {
         b.push(0);
         b.extend_from_slice(&self.layout.n_seq_max.to_le_bytes());
         b.extend_from_slice(&self.layout.n_ctx_seq.to_le_bytes());
-        b.extend_from_slice(&self.raw_len.to_le_bytes());
-        b.extend_from_slice(&self.encoded_len.to_le_bytes());
         b.extend_from_slice(&self.chunk_size.to_le_bytes());
-        b.extend_from_slice(&self.n_chunks.to_le_bytes());
-        b.extend_from_slice(&self.raw_checksum.to_le_bytes());
+        b.extend_from_slice(&self.source_seq.to_le_bytes());
         b.extend_from_slice(&(self.tokens.len() as u32).to_le_bytes());
         for t in &self.tokens {
             b.extend_from_slice(&t.to_le_bytes());
         }
+        self.shape.write_skeleton(&mut b);
         let sum = xxh3_64(&b);
         b.extend_from_slice(&sum.to_le_bytes());
         b
@@ -77,8 +73,9 @@ impl KvHeader {
     /// payload here; token ids are read only after their count passed the limit).
     ///
     /// The checks run in a fixed order, which decides the error a bad frame reports: magic and
-    /// version, the fixed fields, the frame length, the checksum, the reserved bits, the layout's
-    /// types, the codec, the receiver's limits, the chunking, and last the token ids.
+    /// version, the fixed fields, the frame length the token count implies at least, the checksum,
+    /// the reserved bits, the layout's types, the codec, the receiver's limits, the token ids, the
+    /// shape, and last the state size it implies.
     pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Self, KvError> {
         let mut r = Reader::new(bytes, "KV header");
         let fixed = FixedFields::read(&mut r)?;
@@ -88,31 +85,36 @@ impl KvHeader {
         let layout = fixed.layout()?;
         let codec = Codec::from_id(fixed.codec)?;
         fixed.check_limits(limits)?;
-        fixed.check_chunking(codec)?;
         let tokens = read_tokens(&mut r, fixed.n_tokens)?;
+        let shape = StateShape::read_skeleton(&mut r, MAX_LAYERS)?;
+        if r.remaining() != HEADER_CHECKSUM_LEN {
+            return Err(KvError::InvalidField {
+                field: "header length",
+                detail: format!("{} bytes after the shape, expected 8", r.remaining()),
+            });
+        }
+        let state_len = shape.state_len(tokens.len())? as u64;
+        if state_len > limits.max_state_bytes {
+            return Err(KvError::StateTooLarge {
+                declared: state_len,
+                limit: limits.max_state_bytes,
+            });
+        }
         Ok(KvHeader {
             fingerprint: ModelFingerprint(fixed.fingerprint),
             layout,
             codec,
-            raw_len: fixed.raw_len,
-            encoded_len: fixed.encoded_len,
             chunk_size: fixed.chunk_size,
-            n_chunks: fixed.n_chunks,
-            raw_checksum: fixed.raw_checksum,
+            source_seq: fixed.source_seq,
             tokens,
+            shape,
         })
     }
 
-    /// Tag that binds every chunk to this transfer (the header checksum).
+    /// Tag that binds every chunk and the end frame to this transfer (the header checksum).
     pub(super) fn transfer_tag(&self) -> u64 {
         let b = self.encode();
         u64::from_le_bytes(fixed8(&b[b.len() - HEADER_CHECKSUM_LEN..]))
-    }
-
-    /// Raw length of chunk `index`.
-    pub(super) fn chunk_raw_len(&self, index: u32) -> u64 {
-        let start = u64::from(index) * u64::from(self.chunk_size);
-        (self.raw_len - start).min(u64::from(self.chunk_size))
     }
 }
 
@@ -129,11 +131,8 @@ struct FixedFields {
     reserved: u8,
     n_seq_max: u32,
     n_ctx_seq: u32,
-    raw_len: u64,
-    encoded_len: u64,
     chunk_size: u32,
-    n_chunks: u32,
-    raw_checksum: u64,
+    source_seq: i32,
     n_tokens: u32,
 }
 
@@ -162,11 +161,8 @@ impl FixedFields {
             reserved: r.u8()?,
             n_seq_max: r.u32()?,
             n_ctx_seq: r.u32()?,
-            raw_len: r.u64()?,
-            encoded_len: r.u64()?,
             chunk_size: r.u32()?,
-            n_chunks: r.u32()?,
-            raw_checksum: r.u64()?,
+            source_seq: r.i32()?,
             n_tokens: r.u32()?,
         })
     }
@@ -194,19 +190,13 @@ impl FixedFields {
         })
     }
 
-    /// Refuses a token count, state size or chunk size beyond what the receiver accepts (a zero
-    /// chunk size included, so the chunking checks may divide by it).
+    /// Refuses a token count or chunk size beyond what the receiver accepts (a zero chunk size
+    /// included). The state size is checked once the shape is read.
     fn check_limits(&self, limits: &DecodeLimits) -> Result<(), KvError> {
         if u64::from(self.n_tokens) > limits.max_tokens {
             return Err(KvError::TooManyTokens {
                 tokens: self.n_tokens.into(),
                 limit: limits.max_tokens,
-            });
-        }
-        if self.raw_len > limits.max_state_bytes {
-            return Err(KvError::StateTooLarge {
-                declared: self.raw_len,
-                limit: limits.max_state_bytes,
             });
         }
         let chunk_size = self.chunk_size;
@@ -218,47 +208,20 @@ impl FixedFields {
         }
         Ok(())
     }
-
-    /// Checks that the chunk count matches the state and chunk sizes, and that the encoded total is
-    /// within what `codec` can produce from them. Needs a non-zero chunk size.
-    fn check_chunking(&self, codec: Codec) -> Result<(), KvError> {
-        let (raw_len, chunk_size, n_chunks) = (self.raw_len, self.chunk_size, self.n_chunks);
-        let expect_chunks = raw_len.div_ceil(u64::from(chunk_size));
-        if u64::from(n_chunks) != expect_chunks {
-            return Err(KvError::InvalidField {
-                field: "n_chunks",
-                detail: format!(
-                    "{n_chunks}, but {raw_len} bytes in chunks of {chunk_size} make {expect_chunks}"
-                ),
-            });
-        }
-        let encoded_len = self.encoded_len;
-        let max_encoded = encoded_bound(codec, raw_len, chunk_size);
-        if encoded_len > max_encoded {
-            return Err(KvError::InvalidField {
-                field: "encoded_len",
-                detail: format!("{encoded_len} exceeds the codec's bound {max_encoded}"),
-            });
-        }
-        Ok(())
-    }
 }
 
-/// Checks the frame is exactly as long as its token count implies. Runs before the checksum so a
-/// short frame reports what is missing.
+/// Checks the frame is at least as long as its token count implies (the shape that follows the
+/// tokens has its own length). Runs before the checksum so a short frame reports what is missing.
 fn check_frame_len(bytes: &[u8], n_tokens: u32) -> Result<(), KvError> {
-    let total = HEADER_FIXED_LEN as u64 + 4 * u64::from(n_tokens) + HEADER_CHECKSUM_LEN as u64;
-    if bytes.len() as u64 != total {
-        if (bytes.len() as u64) < total {
-            return Err(KvError::Truncated {
-                what: "KV header",
-                need: total,
-                have: bytes.len() as u64,
-            });
-        }
-        return Err(KvError::InvalidField {
-            field: "header length",
-            detail: format!("{} bytes, the token count implies {total}", bytes.len()),
+    let least = HEADER_FIXED_LEN as u64
+        + 4 * u64::from(n_tokens)
+        + SKELETON_MIN_LEN
+        + HEADER_CHECKSUM_LEN as u64;
+    if (bytes.len() as u64) < least {
+        return Err(KvError::Truncated {
+            what: "KV header",
+            need: least,
+            have: bytes.len() as u64,
         });
     }
     Ok(())
@@ -281,18 +244,6 @@ fn read_tokens(r: &mut Reader<'_>, n_tokens: u32) -> Result<Vec<i32>, KvError> {
         tokens.push(r.i32()?);
     }
     Ok(tokens)
-}
-
-/// Largest encoded total `codec` can produce from `raw_len` bytes cut into chunks of `chunk_size`.
-fn encoded_bound(codec: Codec, raw_len: u64, chunk_size: u32) -> u64 {
-    let full = raw_len / u64::from(chunk_size);
-    let rest = raw_len % u64::from(chunk_size);
-    full * codec.max_encoded_len(chunk_size as usize) as u64
-        + if rest > 0 {
-            codec.max_encoded_len(rest as usize) as u64
-        } else {
-            0
-        }
 }
 
 /// What a receiver refuses before allocating: sizes a sender may claim.

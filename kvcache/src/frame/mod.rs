@@ -1,21 +1,24 @@
-//! Header and chunk frames: encoding a sequence state into frames and checking frames back into a state.
+//! Header, chunk and end frames: a sequence's cells encoded into frames as they become available, and
+//! frames checked back into a state.
 //!
-//! `header` holds the header frame (its type, encoding, decoding and checks), `encoder` turns a state
+//! `header` holds the header frame (its type, encoding, decoding and checks), `encoder` turns cells
 //! into frames, `decoder` checks frames back into a state. This module holds what they share: the
 //! wire constants, the chunk magic and the bounds-checked [`Reader`] (also used by the state parser).
 
 mod decoder;
 mod encoder;
 mod header;
+#[cfg(test)]
+mod tests;
 
 use crate::error::KvError;
 
-pub use decoder::{DecodedKv, KvDecoder, chunk_index};
-pub use encoder::KvEncoder;
+pub use decoder::{DecodedKv, KvDecoder, chunk_index, is_end_frame};
+pub use encoder::{KvEncoder, TransferSpec};
 pub use header::{DecodeLimits, ImportTarget, KvHeader};
 
 /// The wire format version this build writes and reads.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 /// Default raw bytes per chunk: small enough for tarpc's 8 MiB frame even when lz4 expands a chunk.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Largest raw chunk a receiver accepts unless its limits say less.
@@ -25,6 +28,10 @@ pub const CHUNK_HEADER_LEN: usize = 32;
 
 /// Magic bytes that open every chunk frame.
 const CHUNK_MAGIC: &[u8; 4] = b"EXKC";
+/// Magic bytes that open the end frame.
+const END_MAGIC: &[u8; 4] = b"EXKE";
+/// Bytes of the end frame: magic, transfer tag, chunk count, cell count, state checksum, checksum.
+const END_FRAME_LEN: usize = 4 + 8 + 4 + 4 + 8 + 8;
 
 /// The first 8 bytes of `b` as an array (callers pass at least 8 bytes).
 fn fixed8(b: &[u8]) -> [u8; 8] {
