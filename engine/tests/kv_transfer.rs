@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv};
 use exo_kvcache::{
     Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
-    ModelFingerprint, TransferSpec, source_seq,
+    ModelFingerprint, TransferFrames, TransferSpec, source_seq,
 };
 use exo_sampling::SamplingParams;
 
@@ -70,15 +70,13 @@ fn prompt(words: usize) -> Vec<i32> {
 }
 
 /// Header, chunk and end frames of a transfer of `kv`, exported from `src`, claiming `layout`.
-type Frames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
-
 fn frames(
     src: &ContextHandle,
     kv: &ExportedKv,
     layout: KvLayout,
     codec: Codec,
     chunk: u32,
-) -> Frames {
+) -> TransferFrames {
     let seq = source_seq(&kv.state).unwrap_or_else(|e| panic!("{e}"));
     let spec = TransferSpec {
         layout,

@@ -23,7 +23,8 @@ pub use codec::Codec;
 pub use error::KvError;
 pub use frame::{
     CHUNK_HEADER_LEN, DEFAULT_CHUNK_SIZE, DecodeLimits, DecodedKv, ImportTarget, KvDecoder,
-    KvEncoder, KvHeader, MAX_CHUNK_SIZE, TransferSpec, WIRE_VERSION, chunk_index, is_end_frame,
+    KvEncoder, KvHeader, MAX_CHUNK_SIZE, TransferFrames, TransferSpec, WIRE_VERSION, chunk_index,
+    is_end_frame,
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
 pub use segment::source_seq;

@@ -104,7 +104,7 @@ impl StateShape {
     /// shape, as a segment of their own.
     pub fn cut_segment(&self, segment: &[u8], cells: Range<u32>) -> Result<Vec<u8>, KvError> {
         let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
-        if segment.len() % per_cell != 0 {
+        if !segment.len().is_multiple_of(per_cell) {
             return Err(malformed("a segment that is not whole cells"));
         }
         self.cut_cells(segment, (0, 0, 0), segment.len() / per_cell, cells)
@@ -203,7 +203,7 @@ impl StateShape {
         segment: &[u8],
     ) -> Result<usize, KvError> {
         let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
-        if segment.is_empty() || segment.len() % per_cell != 0 {
+        if segment.is_empty() || !segment.len().is_multiple_of(per_cell) {
             return Err(malformed(format!(
                 "a segment of {} bytes is not a whole number of {per_cell}-byte cells",
                 segment.len()

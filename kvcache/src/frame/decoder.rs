@@ -223,7 +223,7 @@ impl KvDecoder {
     fn check_declared_sizes(&self, head: &ChunkHead) -> Result<(), KvError> {
         let (index, raw_len, enc_len) = (head.index, head.raw_len, head.enc_len);
         let raw = raw_len as usize;
-        if raw == 0 || raw % self.per_cell != 0 || raw_len > self.header.chunk_size {
+        if raw == 0 || !raw.is_multiple_of(self.per_cell) || raw_len > self.header.chunk_size {
             return Err(KvError::OversizedChunk {
                 index,
                 detail: format!(

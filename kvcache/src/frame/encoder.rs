@@ -28,6 +28,9 @@ pub struct TransferSpec {
     pub shape: StateShape,
 }
 
+/// Every frame of one transfer: the header frame, the chunk frames in order, the end frame.
+pub type TransferFrames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
+
 /// Turns a sequence's cells into chunk frames as they become available.
 ///
 /// Feed it exports of the sequence as the prompt runs ([`Self::next_frame`] with the cells each
@@ -199,10 +202,7 @@ impl KvEncoder {
     }
 
     /// Every frame of a transfer whose whole state is at hand: header, chunks, end.
-    pub fn whole(
-        spec: TransferSpec,
-        state: &[u8],
-    ) -> Result<(Vec<u8>, Vec<Vec<u8>>, Vec<u8>), KvError> {
+    pub fn whole(spec: TransferSpec, state: &[u8]) -> Result<TransferFrames, KvError> {
         let n = spec.tokens.len();
         let mut enc = KvEncoder::new(spec)?;
         let mut chunks = Vec::new();

@@ -33,9 +33,7 @@ fn fixture(cells: usize, v_trans: bool, codec: Codec, chunk: u32) -> (Vec<u8>, T
     (state, spec)
 }
 
-type Frames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
-
-fn encode(cells: usize, codec: Codec, chunk: u32) -> (Vec<u8>, Frames) {
+fn encode(cells: usize, codec: Codec, chunk: u32) -> (Vec<u8>, TransferFrames) {
     let (state, spec) = fixture(cells, false, codec, chunk);
     let frames = KvEncoder::whole(spec, &state).unwrap_or_else(|e| panic!("{e}"));
     (state, frames)
@@ -362,11 +360,12 @@ proptest! {
             if at < f.len() { f[at] = val; break; }
             at -= f.len();
         }
-        if let Ok(mut d) = KvDecoder::new(&header, &DecodeLimits::default(), &target()) {
-            if frames.iter().all(|f| d.push_chunk(f).is_ok()) {
-                // Anything that still decodes must be exactly the original bytes.
-                if let Ok(out) = d.finish(&end) { prop_assert_eq!(out.state, state); }
-            }
+        if let Ok(mut d) = KvDecoder::new(&header, &DecodeLimits::default(), &target())
+            && frames.iter().all(|f| d.push_chunk(f).is_ok())
+            && let Ok(out) = d.finish(&end)
+        {
+            // Anything that still decodes must be exactly the original bytes.
+            prop_assert_eq!(out.state, state);
         }
     }
 
