@@ -125,14 +125,20 @@ impl Placer for FirstOf {
 }
 
 /// The router's placer for a profile's mode: least-loaded for the fixed modes; for `auto` the
-/// cost model, falling back to least-loaded split then colocated for nodes it cannot price.
+/// cost model, falling back to least-loaded split then colocated for nodes it cannot price. In
+/// every mode a split's KV codec is chosen for its link from the nodes' measured codec speeds
+/// when both have perf tables ([`cost_model::LinkCodec`]).
 pub fn for_mode(mode: PlacementMode, cost: cost_model::CostModel) -> Box<dyn Placer> {
+    let link_codec = |inner| cost_model::LinkCodec {
+        inner,
+        cost: cost.clone(),
+    };
     match mode {
-        PlacementMode::Disaggregated => Box::new(least_loaded::LeastLoaded::split()),
+        PlacementMode::Disaggregated => Box::new(link_codec(least_loaded::LeastLoaded::split())),
         PlacementMode::Colocated => Box::new(least_loaded::LeastLoaded::colocated()),
         PlacementMode::Auto => Box::new(FirstOf(vec![
-            Box::new(cost),
-            Box::new(least_loaded::LeastLoaded::split()),
+            Box::new(cost.clone()),
+            Box::new(link_codec(least_loaded::LeastLoaded::split())),
             Box::new(least_loaded::LeastLoaded::colocated()),
         ])),
     }

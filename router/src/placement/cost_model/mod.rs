@@ -189,6 +189,47 @@ impl CostModel {
     }
 }
 
+impl CostModel {
+    /// The codec that moves a cache of `shape`'s prompt fastest from `prefill` to `decode` over
+    /// their link, from both nodes' measured codec speeds; `None` when either has no perf table.
+    pub fn codec_for(
+        &self,
+        nodes: &[NodeView],
+        prefill: NodeId,
+        decode: NodeId,
+        shape: RequestShape,
+    ) -> Option<Codec> {
+        let perf = |id: NodeId| nodes.iter().find(|n| n.id == id).and_then(|n| n.perf);
+        let (p, d) = (perf(prefill)?, perf(decode)?);
+        let link = self
+            .link(prefill, decode)
+            .unwrap_or(self.policy.default_link);
+        let bytes = shape.prompt_tokens as f64 * self.policy.kv_bytes_per_token;
+        Some(best_codec(bytes, p, d, &link).0)
+    }
+}
+
+/// Another placer's choice, with the codec of a split chosen per link the way the cost model
+/// chooses it ([`CostModel::codec_for`]) when that placer left it open: so `disaggregated`
+/// placement compresses on a slow link and not on loopback, as `auto` does. Without perf tables the
+/// profile's `kv.codec` applies.
+pub struct LinkCodec<P> {
+    /// The placer that chooses the nodes.
+    pub inner: P,
+    /// Prices the codecs.
+    pub cost: CostModel,
+}
+
+impl<P: Placer> Placer for LinkCodec<P> {
+    fn choose(&self, nodes: &[NodeView], shape: RequestShape) -> Option<Choice> {
+        let mut c = self.inner.choose(nodes, shape)?;
+        if c.codec.is_none() && c.prefill != c.decode {
+            c.codec = self.cost.codec_for(nodes, c.prefill, c.decode, shape);
+        }
+        Some(c)
+    }
+}
+
 impl Placer for CostModel {
     fn choose(&self, nodes: &[NodeView], shape: RequestShape) -> Option<Choice> {
         let p = self.plan(nodes, shape).chosen().cloned()?;

@@ -317,6 +317,46 @@ mod tests {
     };
 
     #[test]
+    fn a_fixed_split_gets_the_codec_for_its_link() {
+        use crate::placement::Placer;
+        use crate::placement::cost_model::{CostModel, LinkCodec};
+        use crate::placement::least_loaded::LeastLoaded;
+        let c = compute_box();
+        let b = NodePerf {
+            codecs: c.codecs.clone(),
+            ..bandwidth_box()
+        };
+        let nodes = [
+            view(SPARK, &c, NodeLoad::default()),
+            view(MAC, &b, NodeLoad::default()),
+        ];
+        let placer = |gbit_s| LinkCodec {
+            inner: LeastLoaded::split(),
+            cost: CostModel {
+                policy: policy(),
+                links: vec![(
+                    SPARK,
+                    MAC,
+                    Link {
+                        bandwidth_gbit_s: gbit_s,
+                        latency_ms: 0.1,
+                    },
+                )],
+                mode: PlacementMode::Auto,
+            },
+        };
+        let shape = RequestShape {
+            prompt_tokens: 8192,
+            output_tokens: 64,
+        };
+        let codec = |gbit_s| placer(gbit_s).choose(&nodes, shape).and_then(|c| c.codec);
+        // Saving 10% of 1 GB pays at 100 Mbit/s (8.6 s of wire saved for 1.4 s of CPU), not at
+        // 100 Gbit/s.
+        assert_eq!(codec(0.1), Some(Codec::ShuffleLz4));
+        assert_eq!(codec(100.0), Some(Codec::None));
+    }
+
+    #[test]
     fn long_prompts_split_short_prompts_stay_home() {
         let (c, b) = (compute_box(), bandwidth_box());
         let nodes = [
