@@ -64,8 +64,8 @@ pub enum KvPiece {
         /// The segment.
         bytes: Vec<u8>,
     },
-    /// The whole cache, exported in the turn the prompt's last batch ran: the cells no segment
-    /// carried are cut from it, and its checksum closes the transfer.
+    /// The whole cache, exported in the turn the prompt's last batch ran, right after token 0 went
+    /// back: the cells no segment carried are cut from it, and its checksum closes the transfer.
     Final(ExportedKv),
 }
 

@@ -291,7 +291,25 @@ impl Worker<'_> {
                     Err(EngineError::Decode(why))
                 }
             };
+            let done = result.is_ok();
+            // Token 0 goes out first; a streamed prompt's whole cache follows in this same turn,
+            // before any command (the slot's clearing among them) is served.
             let _ = p.reply.send(result);
+            if done && let Some(stream) = p.stream.take() {
+                self.send_final(p.seq, stream);
+            }
+        }
+    }
+
+    /// Hands a streamed prompt's whole cache over as its final piece; a failed export ends the
+    /// stream without it (the hand-off then fails with a clear reason).
+    fn send_final(&mut self, seq: i32, stream: PieceStream) {
+        match self.export(seq) {
+            // A receiver that went away is the hand-off's to report, not the prefill's.
+            Ok(kv) => {
+                let _ = stream.tx.send(KvPiece::Final(kv));
+            }
+            Err(e) => tracing::warn!(seq, error = %e, "could not export a prompt's cache"),
         }
     }
 
@@ -329,11 +347,6 @@ impl Worker<'_> {
         let first_token = choose(&self.ctx, row, &p.sampling, 0, p.matcher.as_mut())?;
         let n_prompt = p.tokens.len();
         self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
-        if let Some(stream) = p.stream.take() {
-            let kv = self.export(p.seq)?;
-            // A receiver that went away is the hand-off's to report, not the prefill's.
-            let _ = stream.tx.send(KvPiece::Final(kv));
-        }
         Ok(PrefillOutput {
             first_token,
             n_prompt,
