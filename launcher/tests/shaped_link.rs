@@ -101,10 +101,18 @@ fn spawn_in(ns: &str, args: &[&str]) -> Proc {
 async fn a_split_over_a_shaped_link_answers_like_colocated() {
     let tag = std::process::id() % 100_000;
     let (p_ns, d_ns) = (format!("exo-sp{tag}"), format!("exo-sd{tag}"));
-    let Some(_namespaces) = link(&p_ns, &d_ns, tag, "100mbit") else {
+    let curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status();
+    let namespaces = curl
+        .is_ok_and(|s| s.success())
+        .then(|| link(&p_ns, &d_ns, tag, "100mbit"))
+        .flatten();
+    let Some(_namespaces) = namespaces else {
         eprintln!(
             "SKIPPED a_split_over_a_shaped_link_answers_like_colocated: cannot make network \
-             namespaces here (needs root, ip and tc)"
+             namespaces here (needs root, ip, tc and curl)"
         );
         return;
     };
