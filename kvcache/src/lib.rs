@@ -27,6 +27,6 @@ pub use frame::{
     is_end_frame,
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
-pub use segment::source_seq;
+pub use segment::{HANDOFF_PIECES, MIN_PIECE_TOKENS, piece_tokens, source_seq};
 pub use state::{LayerShape, SeqStateInfo, StateShape, VShape, to_single_stream};
 pub use transpose::transposable_elem_size;

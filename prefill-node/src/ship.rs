@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use exo_engine::KvPiece;
-use exo_kvcache::{KvEncoder, KvError};
+use exo_kvcache::{KvEncoder, KvError, piece_tokens};
 use exo_protocol::{
     Handoff, KvBegin, KvEnd, KvFrame, NodeError, NodeServiceClient, RequestId, SamplingParams,
     connect, context_with_deadline,
@@ -21,16 +21,6 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{ABORT_BACKOFF, ABORT_TIMEOUT, ABORT_TRIES, InFlight, KV_CALL_TIMEOUT, PrefillNode};
-
-/// A prompt's cache goes out in about this many pieces while the prompt runs.
-const PIECES: usize = 8;
-/// No piece is smaller than this many tokens (except the last): each one costs an export.
-const MIN_PIECE_TOKENS: usize = 256;
-
-/// The tokens between pieces for a prompt of `n` tokens.
-pub(crate) fn piece_tokens(n: usize) -> usize {
-    n.div_ceil(PIECES).max(MIN_PIECE_TOKENS)
-}
 
 /// A prompt whose cache is to be shipped.
 pub(crate) struct Outbound<'a> {
@@ -88,7 +78,7 @@ impl PrefillNode {
                 }
             }
         });
-        Ok((pieces_tx, piece_tokens(out.tokens.len()), first_tx))
+        Ok((pieces_tx, piece_tokens(out.tokens.len() as u64) as usize, first_tx))
     }
 
     /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use exo_kvcache::Codec;
 
 use super::{Arrival, Workload};
-use crate::placement::cost_model::PREFILL_CHUNK;
+use crate::placement::cost_model::{PREFILL_CHUNK, streamed_handoff_s};
 use crate::placement::{NodeLoad, NodeView, PlacementMode, Placer, RequestShape};
 use crate::profile::Profile;
 use exo_protocol::NodePerf;
@@ -349,11 +349,13 @@ impl<'a> Sim<'a> {
         );
     }
 
-    /// Sends request `r`'s exported cache from node `n` to its decode node, one transfer at a time
-    /// per link direction; returns when it arrives.
-    fn ship(&mut self, n: usize, r: usize) -> f64 {
+    /// What the streamed hand-off of request `r` from node `n` costs, as the cost model prices it
+    /// ([`streamed_handoff_s`]): the seconds its exports add to the prompt, and the wire time left
+    /// after the prompt ends (the final export included).
+    fn streamed(&self, n: usize, r: usize) -> (f64, f64) {
         let d = self.reqs[r].decode;
-        let bytes = self.reqs[r].prompt as f64 * self.profile.policy.kv_bytes_per_token;
+        let prompt = self.reqs[r].prompt;
+        let bytes = self.bytes(r);
         let link = self.profile.link(n, d);
         let move_s = crate::placement::cost_model::transfer_s(
             bytes,
@@ -363,9 +365,24 @@ impl<'a> Sim<'a> {
             self.reqs[r].codec,
         )
         .unwrap_or(f64::INFINITY);
-        // Import is a job on the decode node; the link carries the rest.
-        let wire = move_s - bytes / (self.perf[d].kv_import_gb_s * 1e9)
-            + self.profile.policy.handoff_overhead_s;
+        let once = bytes / (self.perf[d].kv_import_gb_s * 1e9) + link.latency_ms / 1000.0;
+        let export = bytes / (self.perf[n].kv_export_gb_s * 1e9);
+        let own = self.perf[n].prefill_s(prompt);
+        streamed_handoff_s(prompt, own, export, move_s - once)
+    }
+
+    /// Sends what is left of request `r`'s cache from node `n` to its decode node once its prompt
+    /// ended (the rest went while it ran), one transfer at a time per link direction; returns when
+    /// it arrives.
+    fn ship(&mut self, n: usize, r: usize) -> f64 {
+        let d = self.reqs[r].decode;
+        let link = self.profile.link(n, d);
+        // Import is a job on the decode node; the link carried the rest, mostly while the prompt
+        // ran: what shows after it is the last piece (and the final export).
+        // The prompt's own chunks did not count the pieces' exports: they come in here too.
+        let (during, exposed) = self.streamed(n, r);
+        let wire =
+            during + exposed + link.latency_ms / 1000.0 + self.profile.policy.handoff_overhead_s;
         let start = self.now.max(*self.link_free.get(&(n, d)).unwrap_or(&0.0));
         self.link_free.insert((n, d), start + wire);
         start + wire
@@ -415,9 +432,10 @@ impl<'a> Sim<'a> {
             req.first_token = Some(self.now);
             self.nodes[n].active.push(r);
         } else {
-            // The first token reaches the client once the cache is exported.
-            let export = self.bytes(r) / (self.perf[n].kv_export_gb_s * 1e9);
-            self.reqs[r].first_token = Some(self.now + export);
+            // The first token reaches the client when the prompt ends, which the exports of the
+            // pieces shipped while it ran delayed.
+            let (during, _) = self.streamed(n, r);
+            self.reqs[r].first_token = Some(self.now + during);
             self.nodes[n].jobs.push_back(Job::Export(r));
         }
     }

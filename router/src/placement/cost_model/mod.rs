@@ -13,7 +13,7 @@ use super::{Choice, NodeId, NodeView, PlacementMode, Placer};
 
 mod predict;
 
-pub use predict::{best_codec, choose, predict, transfer_s};
+pub use predict::{best_codec, choose, predict, streamed_handoff_s, transfer_s};
 
 /// Prompt tokens a prefill pass takes at once (the engine's `n_batch`): a colocated node runs one
 /// such chunk between decode steps.

@@ -1,7 +1,7 @@
 //! The arithmetic of the cost model: how long a prompt waits and runs, how long its cache takes
 //! to move, what a decode step costs under load, and which candidate wins.
 
-use exo_kvcache::Codec;
+use exo_kvcache::{Codec, piece_tokens};
 use exo_protocol::{NodePerf, Role};
 
 use super::{Link, NodeLoad, Objective, PREFILL_CHUNK, Policy, Prediction, RequestShape};
@@ -27,9 +27,36 @@ pub fn transfer_s(
         .ceil()
         .max(1.0);
     let slowest = stages.iter().copied().fold(0.0, f64::max);
-    // A pipeline takes as long as its slowest stage, plus filling it with the first chunk.
-    let pipeline = slowest + stages.iter().sum::<f64>() / chunks;
+    // A pipeline takes as long as its slowest stage, plus the other stages' share of one chunk
+    // (filling it before the slowest stage starts, draining it after).
+    let pipeline = slowest + (stages.iter().sum::<f64>() - slowest) / chunks;
     Some(pipeline + bytes / (d.kv_import_gb_s * 1e9) + link.latency_ms / 1000.0)
+}
+
+/// A streamed hand-off of a `tokens`-token prompt whose own prefill takes `prefill_s` (docs/kvcache.md):
+/// the cells of every [`piece_tokens`] go out as the prompt passes them, after an export of the
+/// sequence so far (`export_s` for the whole cache), and queue on the link (`wire_s` for the whole
+/// cache); the rest follows the last batch. Returns the seconds the exports add to the prefill
+/// (before token 0) and the seconds from the prompt's end until the last byte arrived.
+pub fn streamed_handoff_s(tokens: u64, prefill_s: f64, export_s: f64, wire_s: f64) -> (f64, f64) {
+    if tokens == 0 {
+        return (0.0, export_s + wire_s);
+    }
+    let n = tokens as f64;
+    let every = piece_tokens(tokens);
+    let (mut during, mut link_free, mut sent, mut at) = (0.0, 0.0f64, 0u64, every);
+    while at < tokens {
+        let share = at as f64 / n;
+        // The export runs on the prefill node's engine, between its batches.
+        during += share * export_s;
+        let ready = share * prefill_s + during;
+        link_free = link_free.max(ready) + wire_s * (at - sent) as f64 / n;
+        (sent, at) = (at, at + every);
+    }
+    let end = prefill_s + during;
+    // The last piece is cut from an export of the whole cache, made after token 0 went back.
+    let last = link_free.max(end + export_s) + wire_s * (tokens - sent) as f64 / n;
+    (during, last - end)
 }
 
 /// The codec that moves `bytes` fastest from `p` to `d` over `link`, and its time.
@@ -177,11 +204,17 @@ pub fn predict(
             for d in priced.iter().filter(|n| n.role.decodes() && n.id != p.id) {
                 let l = link(p.id, d.id).unwrap_or(policy.default_link);
                 let (codec, move_s) = best_codec(bytes, p.perf, d.perf, &l);
-                // The prefill node answers once the cache is exported.
+                // The cache goes out in pieces while the prompt runs: import and the link's
+                // latency come once at the end, the rest of the move overlaps the prefill.
+                let import = bytes / (d.perf.kv_import_gb_s * 1e9);
+                let once = import + l.latency_ms / 1000.0;
                 let export = bytes / (p.perf.kv_export_gb_s * 1e9);
-                let ttft = prefill_wait_s(p, req.prompt_tokens) + export;
+                let own = p.perf.prefill_s(req.prompt_tokens);
+                let (during, exposed) =
+                    streamed_handoff_s(req.prompt_tokens, own, export, move_s - once);
+                let ttft = prefill_wait_s(p, req.prompt_tokens) + during;
                 let (tpot, slot_wait) = decode_cost(d, req.prompt_tokens, out);
-                let handoff = policy.handoff_overhead_s + move_s + slot_wait;
+                let handoff = policy.handoff_overhead_s + exposed + once + slot_wait;
                 let ids = (p.id, d.id);
                 let c = candidate(
                     PlacementMode::Disaggregated,
@@ -315,6 +348,26 @@ mod tests {
         bandwidth_gbit_s: 10.0,
         latency_ms: 0.1,
     };
+
+    #[test]
+    fn the_streamed_hand_off_hides_the_wire_behind_the_prefill() {
+        // A 4,096-token prompt, 16 s of prefill: pieces of 512 tokens every 2 s.
+        let (during, exposed) = streamed_handoff_s(4096, 16.0, 0.0, 4.0);
+        // A link faster than the prefill leaves only the last eighth exposed.
+        assert_eq!(during, 0.0);
+        assert!((exposed - 0.5).abs() < 1e-9, "{exposed}");
+        // A link slower than the prefill: the pieces queue; all but 7/8 of the prefill shows.
+        let (_, slow) = streamed_handoff_s(4096, 16.0, 0.0, 40.0);
+        assert!((slow - (40.0 - 14.0)).abs() < 1e-9, "{slow}");
+        // Seven exports of 1/8..7/8 of the cache delay the prefill by 3.5 whole exports; the last
+        // export, after token 0, is part of what shows.
+        let (during, exposed) = streamed_handoff_s(4096, 16.0, 0.1, 4.0);
+        assert!((during - 0.35).abs() < 1e-9, "{during}");
+        assert!((exposed - 0.6).abs() < 1e-9, "{exposed}");
+        // Under 512 tokens a piece is 256 tokens: a 300-token prompt sends one, then 44 tokens.
+        let (_, short) = streamed_handoff_s(300, 3.0, 0.0, 0.3);
+        assert!((short - 0.3 * 44.0 / 300.0).abs() < 1e-9, "{short}");
+    }
 
     #[test]
     fn a_fixed_split_gets_the_codec_for_its_link() {
