@@ -78,7 +78,11 @@ impl PrefillNode {
                 }
             }
         });
-        Ok((pieces_tx, piece_tokens(out.tokens.len() as u64) as usize, first_tx))
+        Ok((
+            pieces_tx,
+            piece_tokens(out.tokens.len() as u64) as usize,
+            first_tx,
+        ))
     }
 
     /// Tells the decode node at `addr` that request `id`'s transfer failed with `error`, so the

@@ -7,8 +7,10 @@
 //! share a batch, which the simulation does not model), then one decode step for every generating
 //! sequence. Slots are held as the nodes hold them: a
 //! prefill-only node from the start of a prompt until its cache is exported, a decode node from
-//! import to the last token, a `both` node for the whole request. A link carries one transfer at a
-//! time in each direction. Placement calls the same cost model as the router, with the same live
+//! import to the last token, a `both` node for the whole request. A hand-off is priced as the cost
+//! model prices the streamed one (`streamed_handoff_s`): the pieces' exports delay token 0, and what
+//! is left when the prompt ends crosses the link, which carries one such tail at a time in each
+//! direction (the pieces sent during the prompt are not queued on it). Placement calls the same cost model as the router, with the same live
 //! load counters.
 
 use std::collections::BTreeMap;
