@@ -214,19 +214,7 @@ impl Worker<'_> {
     /// the others wait for the next batch. The cache a prompt ends with does not depend on how its
     /// tokens were split or what shared its batches (`tests/batching.rs` checks it).
     pub(super) fn prefill_batch(&mut self) {
-        // Prompts whose caller went away (request cancelled) leave, with what they left behind.
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].reply.is_closed() {
-                let seq = self.pending[i].seq;
-                self.pending.remove(i);
-                let _ = self
-                    .ctx
-                    .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
-            } else {
-                i += 1;
-            }
-        }
+        self.drop_cancelled();
         if self.pending.is_empty() {
             return;
         }
@@ -254,7 +242,7 @@ impl Worker<'_> {
             p.passed_over += 1;
         }
         // Prompts that leave now, by index into `pending`, with the batch row of their last token.
-        let mut leaving: Vec<(usize, Result<i32, String>)> = match ran {
+        let leaving: Vec<(usize, Result<i32, String>)> = match ran {
             Ok(rows) => {
                 self.prefill_cost
                     .record(total, started.elapsed().as_secs_f64());
@@ -276,6 +264,28 @@ impl Worker<'_> {
                 .map(|&(i, _)| (i, Err(e.to_string())))
                 .collect(),
         };
+        self.finish_prompts(leaving);
+    }
+
+    /// Prompts whose caller went away (request cancelled) leave, with what they left behind.
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if self.pending[i].reply.is_closed() {
+                let seq = self.pending[i].seq;
+                self.pending.remove(i);
+                let _ = self
+                    .ctx
+                    .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Ends the prompts in `leaving` (index into `pending`, and the batch row of their last token
+    /// or why the batch failed): token 0 for those that finished, the error for the others.
+    fn finish_prompts(&mut self, mut leaving: Vec<(usize, Result<i32, String>)>) {
         // Remove from the back so the indices still to come stay valid.
         leaving.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
         for (i, row) in leaving {
