@@ -1,7 +1,7 @@
 //! Shipping a prompt's cache to its decode node while the prompt runs (the streamed hand-off).
 //!
-//! A task starts with the prompt: it sends the transfer's header (`kv_begin`), then, as the engine
-//! hands over pieces of the cache ([`KvPiece`]: the cells of the last part of the prompt, every
+//! A task starts with the prompt: with the first piece of the cache it sends the transfer's header
+//! (`kv_begin`), then, as the engine hands over pieces of the cache ([`KvPiece`]: the cells of the last part of the prompt, every
 //! eighth of it or so, then the whole cache after the last batch), frames them on a blocking thread
 //! (cut into chunks of whole cells, compressed with the link's codec) and sends the chunks with up
 //! to `chunks_in_flight` calls outstanding. Once the prompt's token 0 is known and every chunk call
@@ -38,8 +38,10 @@ pub(crate) struct Outbound<'a> {
 enum Shipped {
     /// The decode node has the whole cache and token 0.
     Delivered,
-    /// The request ended at token 0: the transfer was not needed.
+    /// The request ended at token 0: the transfer was not needed (the decode node is told).
     NotNeeded,
+    /// The prompt failed before any of its cache was sent: the decode node never heard of it.
+    NotStarted,
 }
 
 /// Where the prompt sends token 0 (`None`: the request ended with it) to end the transfer.
@@ -67,7 +69,7 @@ impl PrefillNode {
                 .ship(id, &handoff, encoder, sampling, pieces, first)
                 .await
             {
-                Ok(Shipped::Delivered) => {}
+                Ok(Shipped::Delivered | Shipped::NotStarted) => {}
                 Ok(Shipped::NotNeeded) => {
                     let why = NodeError::Transfer("the request ended at its first token".into());
                     node.abort(id, &addr, why).await;
@@ -146,28 +148,37 @@ impl PrefillNode {
         first: oneshot::Receiver<Option<i32>>,
     ) -> Result<Shipped, NodeError> {
         let started = Instant::now();
+        let header = encoder.header_frame();
+        let depth = self.ship.chunks_in_flight.max(1);
+        // A blocking thread frames the pieces (cutting, compressing, checksums), at most `depth`
+        // chunks ahead of the calls; it stops when the receiver goes (a failed call).
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(depth);
+        let node = self.name.clone();
+        let framer =
+            tokio::task::spawn_blocking(move || frame_pieces(&node, encoder, pieces, frames_tx));
+        // The decode node hears of the transfer with its first piece, not when the prompt starts:
+        // its transfer timeout counts time without progress, and a prompt may wait in the engine's
+        // queue or run long before it has a piece to send.
+        let Some(first_frame) = frames_rx.recv().await else {
+            // The prompt failed before any piece (the client hears it from the prefill call).
+            return Ok(Shipped::NotStarted);
+        };
         let client = self.client(&handoff.decode_addr).await?;
         let rpc = |e: tarpc::client::RpcError| NodeError::Transfer(e.to_string());
         let begin = KvBegin {
             id,
-            header: encoder.header_frame(),
+            header,
             sampling,
         };
         client
             .kv_begin(context_with_deadline(KV_CALL_TIMEOUT), begin)
             .await
             .map_err(rpc)??;
-        let depth = self.ship.chunks_in_flight.max(1);
-        // A blocking thread frames the pieces (cutting, compressing, checksums), at most `depth`
-        // chunks ahead of the calls; it stops when the receiver goes (a failed call).
-        let (frames_tx, frames_rx) = mpsc::channel::<Vec<u8>>(depth);
-        let node = self.name.clone();
-        let framer =
-            tokio::task::spawn_blocking(move || frame_pieces(&node, encoder, pieces, frames_tx));
         let frames = futures::stream::unfold(frames_rx, |mut rx| async move {
             rx.recv().await.map(|frame| (frame, rx))
         });
-        frames
+        futures::stream::once(async { first_frame })
+            .chain(frames)
             .map(|bytes| {
                 let client = client.clone();
                 async move {
