@@ -63,7 +63,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         .unwrap();
     let first_text = String::from_utf8_lossy(&model.token_bytes(pre.first_token)).into_owned();
 
-    let spec = src.transfer_spec(0, kv.tokens.clone(), Codec::Lz4, 512 << 10);
+    let spec = src.transfer_header(0, kv.tokens.clone(), Codec::Lz4, 512 << 10);
     let (header, chunks, end_frame) = KvEncoder::whole(spec, &kv.state).unwrap();
     let begin = |id: u64, header: Vec<u8>| KvBegin {
         id: RequestId(id),

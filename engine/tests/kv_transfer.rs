@@ -7,8 +7,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv};
 use exo_kvcache::{
-    Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvLayout, KvType,
-    ModelFingerprint, TransferFrames, TransferSpec, source_seq,
+    Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvHeader,
+    KvLayout, KvType, ModelFingerprint, TransferFrames, source_seq,
 };
 use exo_sampling::SamplingParams;
 
@@ -78,9 +78,9 @@ fn frames(
     chunk: u32,
 ) -> TransferFrames {
     let seq = source_seq(&kv.state).unwrap_or_else(|e| panic!("{e}"));
-    let spec = TransferSpec {
+    let spec = KvHeader {
         layout,
-        ..src.transfer_spec(seq, kv.tokens.clone(), codec, chunk)
+        ..src.transfer_header(seq, kv.tokens.clone(), codec, chunk)
     };
     KvEncoder::whole(spec, &kv.state).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -148,11 +148,6 @@ async fn decode_step_ms(
     Ok(elapsed.as_secs_f64() * 1e3 / f64::from(steps))
 }
 
-/// The sequence a state was exported from (0 if it cannot be read; the checks then refuse it).
-fn kvcache_seq(state: &[u8]) -> i32 {
-    exo_kvcache::source_seq(state).unwrap_or(0)
-}
-
 /// One measurement run: the context it runs on and where progress lines go.
 struct Run<'a, P: FnMut(&str)> {
     ctx: ContextHandle,
@@ -266,8 +261,8 @@ impl<P: FnMut(&str)> Run<'_, P> {
         let fingerprint = self.model.fingerprint();
         let bytes = kv.state.len();
         let started = Instant::now();
-        let spec = (self.ctx).transfer_spec(
-            kvcache_seq(&kv.state),
+        let spec = self.ctx.transfer_header(
+            0, // the sequence `kv_speeds` exported
             kv.tokens.clone(),
             codec,
             exo_kvcache::DEFAULT_CHUNK_SIZE,

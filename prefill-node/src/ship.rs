@@ -56,7 +56,9 @@ impl PrefillNode {
         out: Outbound<'_>,
     ) -> Result<(mpsc::UnboundedSender<KvPiece>, usize, FirstToken), NodeError> {
         let (codec, chunk_size) = (out.handoff.codec, out.handoff.chunk_size);
-        let spec = (self.ctx).transfer_spec(out.seq, out.tokens.to_vec(), codec, chunk_size);
+        let spec = self
+            .ctx
+            .transfer_header(out.seq, out.tokens.to_vec(), codec, chunk_size);
         let encoder = KvEncoder::new(spec).map_err(|e| NodeError::Transfer(e.to_string()))?;
         let (pieces_tx, pieces) = mpsc::unbounded_channel();
         let (first_tx, first) = oneshot::channel();

@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use exo_engine::{ChatMessage, ContextConfig, ContextHandle, ExportedKv, Model, ModelOptions};
 use exo_kvcache::{
-    Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
-    TransferSpec,
+    Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvHeader,
+    KvLayout, KvType,
 };
 use exo_protocol::SamplingParams;
 
@@ -75,7 +75,7 @@ fn prompt_tokens(model: &Model, target: usize) -> Result<Vec<i32>> {
 struct Exported {
     name: &'static str,
     /// What a transfer of the cache says (the codec is set per row).
-    spec: TransferSpec,
+    spec: KvHeader,
     kv: ExportedKv,
     first_token: i32,
     /// The tokens the original context generates next.
@@ -113,7 +113,7 @@ async fn export(
     let reference = src
         .generate(0, pre.first_token, 0, SamplingParams::greedy(16))
         .await?;
-    let spec = src.transfer_spec(0, kv.tokens.clone(), Codec::None, DEFAULT_CHUNK_SIZE);
+    let spec = src.transfer_header(0, kv.tokens.clone(), Codec::None, DEFAULT_CHUNK_SIZE);
     Ok(Exported {
         name,
         spec,
@@ -139,7 +139,7 @@ async fn codec_row(
         layout: dst.config().layout,
     };
     let (enc_t, (header, frames, end)) = best(reps, || {
-        let spec = TransferSpec {
+        let spec = KvHeader {
             codec,
             ..e.spec.clone()
         };

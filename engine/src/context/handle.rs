@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use exo_kvcache::{Codec, DecodedKv, KvLayout, StateShape, TransferSpec};
+use exo_kvcache::{Codec, DecodedKv, KvHeader, KvLayout, StateShape};
 use exo_sampling::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
@@ -163,16 +163,16 @@ impl ContextHandle {
         &self.model
     }
 
-    /// What a transfer of sequence `seq`'s cache, holding `tokens`, says about it: this context's
-    /// model, layout and cache shape, with the link's `codec` and `chunk_size`.
-    pub fn transfer_spec(
+    /// The header of a transfer of sequence `seq`'s cache, holding `tokens`: this context's model,
+    /// layout and cache shape, with the link's `codec` and `chunk_size`.
+    pub fn transfer_header(
         &self,
         seq: i32,
         tokens: Vec<i32>,
         codec: Codec,
         chunk_size: u32,
-    ) -> TransferSpec {
-        TransferSpec {
+    ) -> KvHeader {
+        KvHeader {
             fingerprint: self.model.fingerprint(),
             layout: self.config.layout,
             codec,

@@ -6,27 +6,6 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, END_FRAME_LEN, END_MAGIC, KvHeader};
 use crate::codec::Codec;
 use crate::error::KvError;
-use crate::layout::{KvLayout, ModelFingerprint};
-use crate::state::StateShape;
-
-/// What a transfer is about: everything the header frame says.
-#[derive(Debug, Clone)]
-pub struct TransferSpec {
-    /// Model that produced the cache.
-    pub fingerprint: ModelFingerprint,
-    /// The sender's KV layout.
-    pub layout: KvLayout,
-    /// Compression of every chunk.
-    pub codec: Codec,
-    /// Most raw bytes per chunk (a chunk always carries at least one whole cell).
-    pub chunk_size: u32,
-    /// The sequence id the states are exported from.
-    pub source_seq: i32,
-    /// The prompt's tokens: the cells the transfer will carry, in position order.
-    pub tokens: Vec<i32>,
-    /// The sender's cache shape.
-    pub shape: StateShape,
-}
 
 /// Every frame of one transfer: the header frame, the chunk frames in order, the end frame.
 pub type TransferFrames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
@@ -49,29 +28,21 @@ pub struct KvEncoder {
 }
 
 impl KvEncoder {
-    /// An encoder for the transfer `spec` describes.
-    pub fn new(spec: TransferSpec) -> Result<Self, KvError> {
-        let per_cell = usize::try_from(spec.shape.segment_bytes_per_cell()?)
+    /// An encoder for the transfer `header` describes (its `chunk_size` raised to one cell if a
+    /// cell is larger: a cell always travels whole).
+    pub fn new(mut header: KvHeader) -> Result<Self, KvError> {
+        let per_cell = usize::try_from(header.shape.segment_bytes_per_cell()?)
             .map_err(|_| KvError::MalformedState("cell size does not fit in memory".into()))?;
-        if spec.chunk_size == 0 || per_cell == 0 {
+        if header.chunk_size == 0 || per_cell == 0 {
             return Err(KvError::InvalidField {
                 field: "chunk_size",
                 detail: "zero".into(),
             });
         }
-        let cells_per_chunk = (spec.chunk_size as usize / per_cell).max(1);
-        let header = KvHeader {
-            fingerprint: spec.fingerprint,
-            layout: spec.layout,
-            codec: spec.codec,
-            // A cell larger than the chunk size still travels whole.
-            chunk_size: spec
-                .chunk_size
-                .max(u32::try_from(per_cell).unwrap_or(u32::MAX)),
-            source_seq: spec.source_seq,
-            tokens: spec.tokens,
-            shape: spec.shape,
-        };
+        let cells_per_chunk = (header.chunk_size as usize / per_cell).max(1);
+        header.chunk_size = header
+            .chunk_size
+            .max(u32::try_from(per_cell).unwrap_or(u32::MAX));
         let tag = header.transfer_tag();
         Ok(KvEncoder {
             header,
@@ -202,9 +173,9 @@ impl KvEncoder {
     }
 
     /// Every frame of a transfer whose whole state is at hand: header, chunks, end.
-    pub fn whole(spec: TransferSpec, state: &[u8]) -> Result<TransferFrames, KvError> {
-        let n = spec.tokens.len();
-        let mut enc = KvEncoder::new(spec)?;
+    pub fn whole(header: KvHeader, state: &[u8]) -> Result<TransferFrames, KvError> {
+        let n = header.tokens.len();
+        let mut enc = KvEncoder::new(header)?;
         let mut chunks = Vec::new();
         while let Some(f) = enc.next_frame(state, n)? {
             chunks.push(f);

@@ -14,7 +14,7 @@ mod tests;
 use crate::error::KvError;
 
 pub use decoder::{DecodedKv, KvDecoder, chunk_index, is_end_frame};
-pub use encoder::{KvEncoder, TransferFrames, TransferSpec};
+pub use encoder::{KvEncoder, TransferFrames};
 pub use header::{DecodeLimits, ImportTarget, KvHeader};
 
 /// The wire format version this build writes and reads.

@@ -17,11 +17,11 @@ fn target() -> ImportTarget {
 }
 
 /// A state of `cells` cells and what a transfer of it says.
-fn fixture(cells: usize, v_trans: bool, codec: Codec, chunk: u32) -> (Vec<u8>, TransferSpec) {
+fn fixture(cells: usize, v_trans: bool, codec: Codec, chunk: u32) -> (Vec<u8>, KvHeader) {
     let positions: Vec<i32> = (0..cells as i32).collect();
     let state = synthetic_state(1, 0, &positions, v_trans);
     let t = target();
-    let spec = TransferSpec {
+    let spec = KvHeader {
         fingerprint: t.fingerprint,
         layout: t.layout,
         codec,
