@@ -63,6 +63,24 @@ enum Block {
     Runs { elem: usize, n_embd: usize },
 }
 
+impl Block {
+    /// Bytes per cell of each run, and how many runs.
+    fn runs(self) -> (usize, usize) {
+        match self {
+            Block::Rows(row) => (row, 1),
+            Block::Runs { elem, n_embd } => (elem, n_embd),
+        }
+    }
+}
+
+/// Bytes of a layout's headers: before the cell records, between them and the layers, and in
+/// front of each layer.
+type Heads = (usize, usize, usize);
+/// A single-stream state's headers.
+const STATE_HEADS: Heads = (HEAD, MID, LAYER_HEAD);
+/// A segment has none.
+const SEGMENT_HEADS: Heads = (0, 0, 0);
+
 impl StateShape {
     /// Bytes of one cell record.
     fn cell_record_len(&self) -> usize {
@@ -105,12 +123,7 @@ impl StateShape {
     pub fn cut(&self, state: &[u8], cells: Range<u32>) -> Result<Vec<u8>, KvError> {
         let (info, shape) = parse_single(state, self.cell_ext_len)?;
         self.same_cache(&shape)?;
-        self.cut_cells(
-            state,
-            (HEAD, MID, LAYER_HEAD),
-            info.cell_count as usize,
-            cells,
-        )
+        self.cut_cells(state, STATE_HEADS, info.cell_count as usize, cells)
     }
 
     /// Cells `cells` (counted from the segment's own first cell) of `segment`, a segment of this
@@ -120,39 +133,45 @@ impl StateShape {
         if !segment.len().is_multiple_of(per_cell) {
             return Err(malformed("a segment that is not whole cells"));
         }
-        self.cut_cells(segment, (0, 0, 0), segment.len() / per_cell, cells)
+        self.cut_cells(segment, SEGMENT_HEADS, segment.len() / per_cell, cells)
     }
 
-    /// Cells `cells` of the `n` that `bytes` lays out, with `heads` the bytes before the cell
-    /// records, between them and the layers, and in front of each layer (a state's, or none for
+    /// Where each run of per-cell values starts in a layout of `n` cells with headers `heads`,
+    /// and its bytes per cell, in layout order: the cell records, every K layer's rows, every V
+    /// layer's rows or its runs (one per embedding element).
+    fn runs(&self, n: usize, heads: Heads) -> Result<Vec<(usize, usize)>, KvError> {
+        let (head, mid, layer_head) = heads;
+        let rec = self.cell_record_len();
+        let mut out = vec![(head, rec)];
+        let mut at = head + n * rec + mid;
+        for block in self.blocks()? {
+            at += layer_head;
+            let (width, count) = block.runs();
+            for _ in 0..count {
+                out.push((at, width));
+                at += n * width;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cells `cells` of the `n` that `bytes` lays out with headers `heads` (a state's, or none for
     /// a segment).
     fn cut_cells(
         &self,
         bytes: &[u8],
-        heads: (usize, usize, usize),
+        heads: Heads,
         n: usize,
         cells: Range<u32>,
     ) -> Result<Vec<u8>, KvError> {
-        let (head, mid, layer_head) = heads;
         let (a, b) = (cells.start as usize, cells.end as usize);
         if a >= b || b > n {
             return Err(malformed(format!("cells {a}..{b} of {n}")));
         }
         let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
         let mut out = Vec::with_capacity((b - a) * per_cell);
-        let rec = self.cell_record_len();
-        out.extend_from_slice(part(bytes, head + a * rec..head + b * rec)?);
-        let mut at = head + n * rec + mid;
-        for block in self.blocks()? {
-            at += layer_head;
-            let (width, runs) = match block {
-                Block::Rows(row) => (row, 1),
-                Block::Runs { elem, n_embd } => (elem, n_embd),
-            };
-            for _ in 0..runs {
-                out.extend_from_slice(part(bytes, at + a * width..at + b * width)?);
-                at += n * width;
-            }
+        for (start, width) in self.runs(n, heads)? {
+            out.extend_from_slice(part(bytes, start + a * width..start + b * width)?);
         }
         Ok(out)
     }
@@ -194,13 +213,10 @@ impl StateShape {
         for word in [u32::from(self.v_trans), n_layer, self.n_rot_k, self.n_rot_v] {
             out.extend_from_slice(&word.to_le_bytes());
         }
-        for (l, block) in self.blocks()?.iter().enumerate() {
+        for (l, block) in self.blocks()?.into_iter().enumerate() {
             self.layer_head(l, &mut out);
-            let per_cell = match *block {
-                Block::Rows(row) => row,
-                Block::Runs { elem, n_embd } => elem * n_embd,
-            };
-            out.resize(out.len() + cells * per_cell, 0);
+            let (width, count) = block.runs();
+            out.resize(out.len() + cells * width * count, 0);
         }
         Ok(out)
     }
@@ -229,29 +245,16 @@ impl StateShape {
                 first + c
             )));
         }
-        let rec = self.cell_record_len();
+        // The segment's runs lie back to back; each goes to its run in the state.
         let mut from = 0;
-        let mut copy = |to: usize, len: usize, state: &mut [u8]| -> Result<(), KvError> {
-            let src = part(segment, from..from + len)?;
+        for (start, width) in self.runs(total, STATE_HEADS)? {
+            let len = c * width;
+            let to = start + first * width;
             state
                 .get_mut(to..to + len)
                 .ok_or_else(|| malformed("a cell range falls outside the state"))?
-                .copy_from_slice(src);
+                .copy_from_slice(part(segment, from..from + len)?);
             from += len;
-            Ok(())
-        };
-        copy(HEAD + first * rec, c * rec, state)?;
-        let mut at = HEAD + total * rec + MID;
-        for block in self.blocks()? {
-            at += LAYER_HEAD;
-            let (width, runs) = match block {
-                Block::Rows(row) => (row, 1),
-                Block::Runs { elem, n_embd } => (elem, n_embd),
-            };
-            for _ in 0..runs {
-                copy(at + first * width, c * width, state)?;
-                at += total * width;
-            }
         }
         Ok(c)
     }
