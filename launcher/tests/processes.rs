@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{model_path, node_metric, post};
+use common::{model_path, node_metric, post, write_split_profile};
 use exo_test_support::proxy::{Fault, FaultProxy};
 use futures::StreamExt;
 use serde_json::json;
@@ -99,19 +99,7 @@ fn serve_split(
     decode: (&str, &str),
     tag: &str,
 ) -> (Proc, SocketAddr, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("exo-router-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let profile = dir.join("cluster.toml");
-    std::fs::write(
-        &profile,
-        format!(
-            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
-             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"prefill\"\n\
-             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"decode\"\n",
-            prefill.0, prefill.1, decode.0, decode.1
-        ),
-    )
-    .unwrap();
+    let (dir, profile) = write_split_profile(model, prefill, decode, tag);
     let (router, line) = spawn(
         &[
             "serve",

@@ -11,7 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::{long_message, model_path, post, start_profile};
+use common::{long_message, model_path, post, start_profile, write_split_profile};
 use serde_json::{Value, json};
 
 /// The two namespaces (and the veth pair in them), deleted when dropped.
@@ -127,18 +127,12 @@ async fn a_split_over_a_shaped_link_answers_like_colocated() {
     };
     let _decode = node("decode", "10.78.0.2:52416");
     let _prefill = node("prefill", "10.78.0.1:52416");
-    let dir = std::env::temp_dir().join(format!("exo-router-shaped-{tag}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let profile = dir.join("cluster.toml");
-    std::fs::write(
-        &profile,
-        format!(
-            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
-             [[nodes]]\nname = \"prefill\"\naddress = \"10.78.0.1:52416\"\nrole = \"prefill\"\n\
-             [[nodes]]\nname = \"decode\"\naddress = \"10.78.0.2:52416\"\nrole = \"decode\"\n"
-        ),
-    )
-    .unwrap();
+    let (dir, profile) = write_split_profile(
+        &model,
+        ("prefill", "10.78.0.1:52416"),
+        ("decode", "10.78.0.2:52416"),
+        "shaped",
+    );
     let profile = profile.display().to_string();
     let _router = spawn_in(
         &p_ns,

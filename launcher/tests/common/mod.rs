@@ -151,3 +151,28 @@ pub fn node_metric(page: &str, metric: &str, node: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Writes a disaggregated profile for `prefill` and `decode` (name, address) running `model`
+/// into a new folder named with `tag` under the temporary folder; returns the folder (remove it
+/// at the end) and the profile's path.
+pub fn write_split_profile(
+    model: &str,
+    prefill: (&str, &str),
+    decode: (&str, &str),
+    tag: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("exo-router-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let profile = dir.join("cluster.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
+             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"prefill\"\n\
+             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"decode\"\n",
+            prefill.0, prefill.1, decode.0, decode.1
+        ),
+    )
+    .unwrap();
+    (dir, profile)
+}
