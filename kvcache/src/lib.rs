@@ -23,7 +23,7 @@ pub use codec::Codec;
 pub use error::KvError;
 pub use frame::{
     CHUNK_HEADER_LEN, DEFAULT_CHUNK_SIZE, DecodeLimits, DecodedKv, ImportTarget, KvDecoder,
-    KvEncoder, KvHeader, MAX_CHUNK_SIZE, TransferFrames, WIRE_VERSION, chunk_index, is_end_frame,
+    KvEncoder, KvHeader, MAX_CHUNK_SIZE, TransferFrames, WIRE_VERSION, chunk_index,
 };
 pub use layout::{KvLayout, KvType, ModelFingerprint};
 pub use segment::{HANDOFF_PIECES, MIN_PIECE_TOKENS, piece_tokens, source_seq};

@@ -192,11 +192,6 @@ impl EndFrame {
     }
 }
 
-/// Whether `frame` is an end frame (by its magic) rather than a chunk.
-pub fn is_end_frame(frame: &[u8]) -> bool {
-    frame.starts_with(END_MAGIC)
-}
-
 /// The checks and the append behind [`KvDecoder::push_chunk`], in the order it runs them.
 impl KvDecoder {
     /// Refuses a chunk that is not the next one of this transfer: past the declared count, already

@@ -13,7 +13,7 @@ mod tests;
 
 use crate::error::KvError;
 
-pub use decoder::{DecodedKv, KvDecoder, chunk_index, is_end_frame};
+pub use decoder::{DecodedKv, KvDecoder, chunk_index};
 pub use encoder::{KvEncoder, TransferFrames};
 pub use header::{DecodeLimits, ImportTarget, KvHeader};
 
