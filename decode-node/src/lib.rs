@@ -297,18 +297,19 @@ impl DecodeNode {
             return Err(NodeError::Transfer("no transfer in progress".into()));
         }
         entry.last_progress = Instant::now();
-        self.start_import(end.id, entry, end.frame, end.first_token);
+        self.start_import(end.id, entry, end.frame, (end.first_token, end.index));
         Ok(())
     }
 
     /// The transfer ended: finish it with `end_frame`, import into a free slot and generate from
-    /// `first_token`, on a task.
+    /// `first_token`, output number `index` (the output before it is the cache's last `index`
+    /// tokens), on a task.
     fn start_import(
         self: &Arc<Self>,
         id: RequestId,
         entry: &mut Entry,
         end_frame: Vec<u8>,
-        first_token: i32,
+        (first_token, index): (i32, u32),
     ) {
         let Stage::Receiving(transfer) = std::mem::replace(&mut entry.stage, Stage::Running) else {
             return;
@@ -335,6 +336,19 @@ impl DecodeNode {
                     return;
                 }
             };
+            let tokens = &kv.header.tokens;
+            let n = index as usize;
+            let history = (n < tokens.len())
+                .then(|| tokens.get(tokens.len() - n..))
+                .flatten();
+            let Some(history) = history.map(<[i32]>::to_vec) else {
+                let why = format!(
+                    "output index {index} outside a cache of {} tokens",
+                    tokens.len()
+                );
+                let _ = tx.send(Err(NodeError::Transfer(why)));
+                return;
+            };
             // Wait for a slot (first come, first served) rather than fail while all are busy.
             let Ok(lease) =
                 tokio::time::timeout(node.timeouts.transfer, node.ctx.acquire_slot()).await
@@ -346,17 +360,19 @@ impl DecodeNode {
                 let _ = tx.send(Err(NodeError::Transfer(e.to_string())));
                 return;
             }
-            tracing::debug!(%id, seq = lease.seq(), "KV imported, generating");
-            node.generate(lease, first_token, sampling, tx).await;
+            tracing::debug!(%id, seq = lease.seq(), index, "KV imported, generating");
+            node.generate(lease, (first_token, history), sampling, tx)
+                .await;
         });
     }
 
-    /// Continues a request whose prompt was prefilled in `lease` on this node's own context (colocated).
+    /// Continues a request whose prompt was prefilled in `lease` on this node's own context
+    /// (colocated), from output token `first_token` after the earlier output `history`.
     pub fn start_local(
         self: &Arc<Self>,
         id: RequestId,
         lease: SlotLease,
-        first_token: i32,
+        (first_token, history): (i32, Vec<i32>),
         sampling: SamplingParams,
     ) {
         let mut entry = Entry::new();
@@ -364,13 +380,16 @@ impl DecodeNode {
         let tx = entry.tx.clone();
         self.lock().insert(id, entry);
         let node = Arc::clone(self);
-        tokio::spawn(async move { node.generate(lease, first_token, sampling, tx).await });
+        tokio::spawn(async move {
+            node.generate(lease, (first_token, history), sampling, tx)
+                .await
+        });
     }
 
     async fn generate(
         &self,
         lease: SlotLease,
-        first_token: i32,
+        (first_token, history): (i32, Vec<i32>),
         sampling: SamplingParams,
         out: mpsc::UnboundedSender<Event>,
     ) {
@@ -382,7 +401,7 @@ impl DecodeNode {
         };
         let run = self
             .ctx
-            .generate_stream(lease.seq(), first_token, 0, sampling, sink);
+            .resume_stream(lease.seq(), first_token, history, sampling, sink);
         if let Err(e) = run.await {
             let _ = out.send(Err(NodeError::Engine(e.to_string())));
         }
@@ -410,9 +429,9 @@ impl DecodeNode {
         }
         for ev in events {
             match ev {
-                Ok(GenEvent::Token { text, .. }) => {
+                Ok(GenEvent::Token { id, text, .. }) => {
                     reply.text += &text;
-                    reply.n_tokens += 1;
+                    reply.tokens.push(id);
                 }
                 Ok(GenEvent::Done { finish, tail }) => {
                     reply.text += &tail;

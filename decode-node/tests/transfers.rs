@@ -74,6 +74,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         id: RequestId(id),
         frame: end_frame.clone(),
         first_token: pre.first_token,
+        index: 0,
     };
 
     // Chunks in reverse order within the reorder window: same text as never moving.

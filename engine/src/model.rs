@@ -131,17 +131,27 @@ pub struct FirstOutput {
 }
 
 impl Model {
-    /// What output token `token` (index 0) says, and whether it ends a request sampled with
-    /// `sampling`: an end token (no text), a stop string, or `max_tokens` of 1.
-    pub fn first_output(&self, token: i32, sampling: &SamplingParams) -> FirstOutput {
+    /// What output token `token` says after the request's earlier output `history` (empty for
+    /// output token 0; a resumed request's tokens otherwise, whose text was already sent), and
+    /// whether it ends a request sampled with `sampling`: an end token (no text), a stop string,
+    /// or `max_tokens` reached.
+    pub fn first_output(
+        &self,
+        history: &[i32],
+        token: i32,
+        sampling: &SamplingParams,
+    ) -> FirstOutput {
         let mut stream = TextStream::new(&sampling.stop);
+        for &t in history {
+            let _ = stream.push(&self.token_bytes(t));
+        }
         let mut text = stream.push(&self.token_bytes(token));
         let finish = if self.is_eog(token) {
             text.clear();
             Some(FinishReason::Stop)
         } else if stream.stopped() {
             Some(FinishReason::Stop)
-        } else if sampling.max_tokens <= 1 {
+        } else if sampling.max_tokens as usize <= history.len() + 1 {
             text += &stream.finish();
             Some(FinishReason::Length)
         } else {

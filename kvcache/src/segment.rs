@@ -25,17 +25,22 @@ const MID: usize = 16;
 const LAYER_HEAD: usize = 12;
 const STATE_MAGIC: u32 = 0xaf14_3cd8;
 
-/// A streamed hand-off sends a prompt's cache in about this many pieces while the prompt runs.
+/// A streamed hand-off sends a prompt's cache in about this many pieces while the prompt runs
+/// (a prefill node's default; `--handoff-pieces`).
 pub const HANDOFF_PIECES: u64 = 8;
 /// No piece but the last is smaller than this many tokens: each piece costs an export.
 pub const MIN_PIECE_TOKENS: u64 = 256;
 
-/// The prompt tokens between the pieces of a streamed hand-off of a `tokens`-token prompt: an
-/// eighth of it, at least [`MIN_PIECE_TOKENS`]. The prefill node sends a piece once its batches
-/// have added that many cells since the last one, and the rest when the prompt ends; the cost
-/// model prices the hand-off the same way.
-pub fn piece_tokens(tokens: u64) -> u64 {
-    tokens.div_ceil(HANDOFF_PIECES).max(MIN_PIECE_TOKENS)
+/// The prompt tokens between the pieces of a streamed hand-off of a `tokens`-token prompt cut in
+/// `pieces`: `tokens / pieces`, at least [`MIN_PIECE_TOKENS`] (`pieces` 0 or 1: the whole prompt,
+/// one export after it). The prefill node sends a piece once its batches have added that many
+/// cells since the last one, and the rest when the prompt ends; the cost model prices the hand-off
+/// the same way, with [`HANDOFF_PIECES`].
+pub fn piece_tokens(tokens: u64, pieces: u64) -> u64 {
+    if pieces <= 1 {
+        return tokens.max(1);
+    }
+    tokens.div_ceil(pieces).max(MIN_PIECE_TOKENS)
 }
 
 fn malformed(msg: impl Into<String>) -> KvError {

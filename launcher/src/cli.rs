@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// before they are dropped; no new connection is accepted meanwhile.
     #[arg(long, env = "EXO_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Times one request may move to other nodes when a node serving it dies, its stream going
+    /// on where it stopped (overrides the profile's router.migration_limit, default 3; 0: the
+    /// request fails instead).
+    #[arg(long, env = "EXO_MIGRATION_LIMIT")]
+    pub migration_limit: Option<u32>,
 }
 
 /// `exo-router node`.
@@ -137,6 +142,11 @@ pub struct NodeArgs {
     /// Chunk calls in flight when shipping a KV cache.
     #[arg(long, default_value_t = 2)]
     pub chunks_in_flight: usize,
+    /// Pieces a prefill node ships a prompt's KV cache in while the prompt still runs (each
+    /// piece costs an export of the sequence so far, at least 256 tokens apart); 1 ships it
+    /// after the prompt, with nothing overlapped.
+    #[arg(long, default_value_t = exo_kvcache::HANDOFF_PIECES, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub handoff_pieces: u64,
     /// Seconds a KV transfer to this (decode) node may go without progress before it fails:
     /// a stalled link fails its request then, with "transfer timed out".
     #[arg(long, env = "EXO_TRANSFER_TIMEOUT", default_value_t = 60.0, value_parser = positive_secs)]

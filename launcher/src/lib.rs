@@ -89,6 +89,7 @@ async fn start_embedded(
             ..profile.layout
         },
         chunks_in_flight: profile.kv.chunks_in_flight,
+        handoff_pieces: exo_kvcache::HANDOFF_PIECES,
         transfer_timeout: DecodeTimeouts::default().transfer,
         threads,
     };

@@ -170,7 +170,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let path = args
         .profile
         .unwrap_or_else(|| exo_router::default_profile().to_path_buf());
-    let profile = Profile::load(&path)?;
+    let mut profile = Profile::load(&path)?;
+    if let Some(limit) = args.migration_limit {
+        profile.migration_limit = limit;
+    }
     let listen = args.listen.unwrap_or(profile.listen);
     let server = exo_launcher::start(&profile, listen).await?;
     println!(
@@ -236,6 +239,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         role: args.role,
         layout: args.engine.layout(slots),
         chunks_in_flight: args.chunks_in_flight,
+        handoff_pieces: args.handoff_pieces,
         transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
         threads: args.engine.threads,
     };

@@ -21,6 +21,7 @@ struct Chosen<'a> {
     prefill: &'a str,
     decode: &'a str,
     codec: Option<exo_kvcache::Codec>,
+    pieces: Option<u64>,
 }
 
 /// `plan --json`.
@@ -78,6 +79,7 @@ pub fn plan_json(
                 prefill,
                 decode,
                 codec: p.codec,
+                pieces: p.pieces,
             }
         }),
     };
@@ -96,8 +98,16 @@ pub fn plan_table(profile: &Profile, shape: RequestShape, plan: &Plan) {
     );
     println!();
     println!(
-        "  {:<32} {:<14} {:<12} {:>10} {:>11} {:>9} {:>9} {:>10}  target",
-        "placement", "mode", "codec", "TTFT ms", "hand-off ms", "step ms", "TPOT ms", "E2E ms"
+        "  {:<32} {:<14} {:<12} {:>6} {:>10} {:>11} {:>9} {:>9} {:>10}  target",
+        "placement",
+        "mode",
+        "codec",
+        "pieces",
+        "TTFT ms",
+        "hand-off ms",
+        "step ms",
+        "TPOT ms",
+        "E2E ms"
     );
     for (i, c) in plan.candidates.iter().enumerate() {
         let (p, d) = (name(profile, c.prefill), name(profile, c.decode));
@@ -107,11 +117,12 @@ pub fn plan_table(profile: &Profile, shape: RequestShape, plan: &Plan) {
             format!("{p} -> {d}")
         };
         println!(
-            "{} {:<32} {:<14} {:<12} {:>10.1} {:>11.1} {:>9.2} {:>9.2} {:>10.1}  {}",
+            "{} {:<32} {:<14} {:<12} {:>6} {:>10.1} {:>11.1} {:>9.2} {:>9.2} {:>10.1}  {}",
             if plan.chosen == Some(i) { "*" } else { " " },
             placement,
             c.mode.name(),
             c.codec.map_or("-", |c| c.name()),
+            c.pieces.map_or("-".to_string(), |p| p.to_string()),
             c.ttft_s * 1e3,
             c.handoff_s * 1e3,
             c.steady_tpot_s * 1e3,

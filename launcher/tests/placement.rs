@@ -114,6 +114,26 @@ async fn auto_splits_long_prompts_keeps_short_ones_and_respects_the_link() {
         counted("disaggregated", "compute", "bandwidth"),
         "{metrics}"
     );
+    // The router chose the pieces for the split (both nodes have perf tables) and the prefill
+    // node shipped the cache in that many: one after the prompt, or several while it ran (cut at
+    // the ends of prefill batches, so a few may merge).
+    let chosen: u64 = long
+        .kv_pieces
+        .parse()
+        .expect("x-exo-kv-pieces on a priced split");
+    let shipped = metrics
+        .lines()
+        .find(|l| l.starts_with("exo_kv_pieces_total") && l.contains("node=\"compute\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no exo_kv_pieces_total for compute: {metrics}"));
+    eprintln!("kv pieces: chosen {chosen}, shipped {shipped}");
+    if chosen == 1 {
+        assert_eq!(shipped, 1);
+    } else {
+        assert!((2..=chosen).contains(&shipped), "{shipped} of {chosen}");
+    }
+    assert!(short.kv_pieces.is_empty(), "colocated: no pieces header");
     server.shutdown().await;
 
     // Over a 1 Mbit/s link the ~30 MB cache would take minutes: the long prompt runs whole on

@@ -7,89 +7,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::procs::{Proc, free_addr, last_word, metrics, spawn, spawn_node, spawn_node_logged};
 use common::{model_path, node_metric, post, write_split_profile};
 use exo_test_support::proxy::{Fault, FaultProxy};
 use futures::StreamExt;
 use serde_json::json;
-
-/// Kills the process when dropped, so a failing test leaves nothing running.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `exo-router ARGS` and returns it with the first stdout line containing `marker`.
-fn spawn(args: &[&str], marker: &str) -> (Proc, String) {
-    spawn_logged(args, marker, Stdio::inherit())
-}
-
-/// [`spawn`] with the process's stderr going to `stderr`.
-fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_exo-router"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let proc = Proc(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let line = lines
-        .find_map(|l| l.ok().filter(|l| l.contains(marker)))
-        .unwrap_or_else(|| panic!("no {marker:?} from {args:?}"));
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (proc, line)
-}
-
-fn last_word(line: &str) -> String {
-    line.split_whitespace()
-        .last()
-        .unwrap()
-        .trim_start_matches("http://")
-        .to_string()
-}
-
-/// Starts `exo-router node` for `role` as `name` on a free port with `extra` flags; returns the
-/// process and its RPC address.
-fn spawn_node(model: &str, role: &str, name: &str, extra: &[&str]) -> (Proc, String) {
-    spawn_node_logged(model, role, name, extra, Stdio::inherit())
-}
-
-/// [`spawn_node`] with the node's stderr going to `stderr`.
-fn spawn_node_logged(
-    model: &str,
-    role: &str,
-    name: &str,
-    extra: &[&str],
-    stderr: Stdio,
-) -> (Proc, String) {
-    let mut args = vec![
-        "node",
-        "--role",
-        role,
-        "--name",
-        name,
-        "--model",
-        model,
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let (proc, line) = spawn_logged(&args, "listening on", stderr);
-    (proc, last_word(&line))
-}
 
 /// Writes a disaggregated profile for `prefill` and `decode` (name, address) under a folder named
 /// with `tag`, and starts `exo-router serve` on it: the process, its HTTP address, the folder.
@@ -121,22 +48,6 @@ fn capital_question() -> serde_json::Value {
         "messages": [{ "role": "user", "content": "Tell me the capital of France." }],
         "max_tokens": 16, "temperature": 0,
     })
-}
-
-/// A free loopback address for a metrics listener.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// The Prometheus page at `http://addr/metrics`.
-async fn metrics(addr: &str) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// What decode node `node` holds by its gauges at `metrics_addr`: sequence slots in use, KV

@@ -33,6 +33,8 @@ pub struct NodeOptions {
     pub layout: KvLayout,
     /// Chunk calls in flight when shipping a cache.
     pub chunks_in_flight: usize,
+    /// Pieces a prefill node ships a prompt's cache in while the prompt runs (1: after it).
+    pub handoff_pieces: u64,
     /// A decode node fails a KV transfer that makes no progress for this long.
     pub transfer_timeout: Duration,
     /// CPU threads of the node's engine context (0: every core of the machine). Nodes that share
@@ -72,6 +74,7 @@ impl NodeServer {
                 ctx.clone(),
                 ShipConfig {
                     chunks_in_flight: options.chunks_in_flight,
+                    handoff_pieces: options.handoff_pieces,
                     ..ShipConfig::default()
                 },
             )
@@ -195,7 +198,12 @@ impl NodeService for NodeServer {
         let id = request.id;
         let (reply, local) = prefill.prefill(request).await?;
         if let (Some(cont), Some(decode)) = (local, self.decode.as_ref()) {
-            decode.start_local(id, cont.lease, cont.first_token, cont.sampling);
+            decode.start_local(
+                id,
+                cont.lease,
+                (cont.first_token, cont.history),
+                cont.sampling,
+            );
         }
         Ok(reply)
     }

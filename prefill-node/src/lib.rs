@@ -36,6 +36,9 @@ pub struct ShipConfig {
     pub chunks_in_flight: usize,
     /// Longest a prompt waits for a free slot before the node answers busy.
     pub queue_timeout: Duration,
+    /// Pieces a prompt's cache is shipped in while the prompt runs (each costs an export of the
+    /// sequence so far; 1: one export after the prompt, nothing overlapped).
+    pub handoff_pieces: u64,
 }
 
 impl Default for ShipConfig {
@@ -43,6 +46,7 @@ impl Default for ShipConfig {
         ShipConfig {
             chunks_in_flight: 2,
             queue_timeout: Duration::from_secs(120),
+            handoff_pieces: exo_kvcache::HANDOFF_PIECES,
         }
     }
 }
@@ -51,8 +55,10 @@ impl Default for ShipConfig {
 pub struct LocalContinuation {
     /// The slot holding the prompt's KV cache.
     pub lease: SlotLease,
-    /// Output token 0.
+    /// The output token the prefill sampled.
     pub first_token: i32,
+    /// The request's output before it (a resumed request's; empty otherwise).
+    pub history: Vec<i32>,
     /// Sampling for the rest of the request.
     pub sampling: SamplingParams,
 }
@@ -190,15 +196,32 @@ impl PrefillNode {
         Ok(tokens)
     }
 
+    /// Counts a prompt of `tokens` that took `took` seconds in the node's prefill metrics.
+    fn record_prefill(&self, tokens: usize, took: f64) {
+        let node = self.name.clone();
+        metrics::counter!("exo_prefill_tokens_total", "node" => node.clone())
+            .increment(tokens as u64);
+        metrics::histogram!("exo_prefill_seconds", "node" => node.clone()).record(took);
+        if took > 0.0 {
+            metrics::gauge!("exo_prefill_tokens_per_second", "node" => node)
+                .set(tokens as f64 / took);
+        }
+    }
+
     /// Runs a request's prompt. With a handoff the cache is shipped to the decode node by a task
     /// that starts with the prompt (pieces go out while it runs) and ends the transfer once token 0
     /// is known; the reply comes back then. Without one the slot is returned for generation here.
+    /// A resumed request's earlier output (`request.resume`) follows the prompt, one token per
+    /// batch, and the token sampled is the output after it.
     pub async fn prefill(
         self: &Arc<Self>,
         request: PrefillRequest,
     ) -> Result<(PrefillReply, Option<LocalContinuation>), NodeError> {
         let held = self.hold();
-        let tokens = self.tokenize(&request.prompt)?;
+        let mut tokens = self.tokenize(&request.prompt)?;
+        // A resumed request's earlier output follows its prompt in the cache.
+        tokens.extend_from_slice(&request.resume);
+        let resume = request.resume;
         let own = self.ctx.config().layout.n_ctx_seq;
         let limit = request
             .handoff
@@ -216,7 +239,7 @@ impl PrefillNode {
         let sampling = request.sampling;
         let started = Instant::now();
         // With a hand-off the cache leaves for the decode node while the prompt still runs.
-        let run = match request.handoff {
+        let (stream, shipment) = match request.handoff {
             Some(handoff) => {
                 let out = Outbound {
                     id: request.id,
@@ -227,32 +250,17 @@ impl PrefillNode {
                     held,
                 };
                 let (pieces, every, first) = self.start_shipment(out)?;
-                let run = self
-                    .ctx
-                    .prefill_streamed(lease.seq(), tokens, sampling.clone(), pieces, every)
-                    .await;
-                (run, Some(first))
+                (Some((pieces, every)), Some(first))
             }
-            None => {
-                let run = self
-                    .ctx
-                    .prefill(lease.seq(), tokens, sampling.clone())
-                    .await;
-                (run, None)
-            }
+            None => (None, None),
         };
-        let (out, shipment) = (run.0.map_err(engine_error)?, run.1);
-        let took = started.elapsed().as_secs_f64();
-        let node = self.name.clone();
-        metrics::counter!("exo_prefill_tokens_total", "node" => node.clone())
-            .increment(out.n_prompt as u64);
-        metrics::histogram!("exo_prefill_seconds", "node" => node.clone()).record(took);
-        if took > 0.0 {
-            metrics::gauge!("exo_prefill_tokens_per_second", "node" => node)
-                .set(out.n_prompt as f64 / took);
-        }
+        let run =
+            self.ctx
+                .prefill_resumed(lease.seq(), tokens, resume.len(), sampling.clone(), stream);
+        let out = run.await.map_err(engine_error)?;
+        self.record_prefill(out.n_prompt, started.elapsed().as_secs_f64());
         let model = self.ctx.model();
-        let first = model.first_output(out.first_token, &sampling);
+        let first = model.first_output(&resume, out.first_token, &sampling);
         let reply = PrefillReply {
             first_token: out.first_token,
             first_text: first.text,
@@ -263,7 +271,8 @@ impl PrefillNode {
             // The cache was exported in the prompt's last turn: the slot is free now. The
             // shipping task ends the transfer with token 0, or drops it if the request ended.
             drop(lease);
-            let _ = shipment.send(first.finish.is_none().then_some(out.first_token));
+            let index = resume.len() as u32;
+            let _ = shipment.send(first.finish.is_none().then_some((out.first_token, index)));
             return Ok((reply, None));
         }
         if first.finish.is_some() {
@@ -274,6 +283,7 @@ impl PrefillNode {
             Some(LocalContinuation {
                 lease,
                 first_token: out.first_token,
+                history: resume,
                 sampling,
             }),
         ))

@@ -44,8 +44,9 @@ enum Shipped {
     NotStarted,
 }
 
-/// Where the prompt sends token 0 (`None`: the request ended with it) to end the transfer.
-pub(crate) type FirstToken = oneshot::Sender<Option<i32>>;
+/// Where the prompt sends the token it sampled and its output number (`None`: the request ended
+/// with it) to end the transfer.
+pub(crate) type FirstToken = oneshot::Sender<Option<(i32, u32)>>;
 
 impl PrefillNode {
     /// Starts shipping `out`'s cache on a task of its own. Returns where the engine sends the pieces,
@@ -56,6 +57,10 @@ impl PrefillNode {
         out: Outbound<'_>,
     ) -> Result<(mpsc::UnboundedSender<KvPiece>, usize, FirstToken), NodeError> {
         let (codec, chunk_size) = (out.handoff.codec, out.handoff.chunk_size);
+        let n_pieces = match out.handoff.pieces {
+            0 => self.ship.handoff_pieces,
+            n => u64::from(n),
+        };
         let spec = self
             .ctx
             .transfer_header(out.seq, out.tokens.to_vec(), codec, chunk_size);
@@ -84,7 +89,7 @@ impl PrefillNode {
         });
         Ok((
             pieces_tx,
-            piece_tokens(out.tokens.len() as u64) as usize,
+            piece_tokens(out.tokens.len() as u64, n_pieces) as usize,
             first_tx,
         ))
     }
@@ -147,7 +152,7 @@ impl PrefillNode {
         encoder: KvEncoder,
         sampling: SamplingParams,
         pieces: mpsc::UnboundedReceiver<KvPiece>,
-        first: oneshot::Receiver<Option<i32>>,
+        first: oneshot::Receiver<Option<(i32, u32)>>,
     ) -> Result<Shipped, NodeError> {
         let started = Instant::now();
         let header = encoder.header_frame();
@@ -200,7 +205,7 @@ impl PrefillNode {
             .await
             .map_err(|e| NodeError::Transfer(format!("framing stopped: {e}")))?
             .map_err(|e| NodeError::Transfer(e.to_string()))?;
-        let Ok(Some(first_token)) = first.await else {
+        let Ok(Some((first_token, index))) = first.await else {
             // The prompt failed (its error reaches the client through the router) or ended at
             // token 0.
             return match end {
@@ -215,6 +220,7 @@ impl PrefillNode {
             id,
             frame,
             first_token,
+            index,
         };
         client
             .kv_end(context_with_deadline(KV_CALL_TIMEOUT), end)
@@ -234,7 +240,8 @@ impl PrefillNode {
 }
 
 /// Turns the engine's pieces into chunk frames and, after the final piece, the end frame; runs on
-/// a blocking thread and counts the final state in `exo_kv_exported_bytes_total` for `node`. Returns the encoder (for its byte counts) and the end frame, `None` when the
+/// a blocking thread and counts, for `node`, the pieces in `exo_kv_pieces_total` and the final
+/// state in `exo_kv_exported_bytes_total`. Returns the encoder (for its byte counts) and the end frame, `None` when the
 /// pieces ended early (the prompt failed) or the frames' receiver went away.
 fn frame_pieces(
     node: &str,
@@ -243,6 +250,7 @@ fn frame_pieces(
     frames: mpsc::Sender<Vec<u8>>,
 ) -> Result<(KvEncoder, Option<Vec<u8>>), KvError> {
     while let Some(piece) = pieces.blocking_recv() {
+        metrics::counter!("exo_kv_pieces_total", "node" => node.to_string()).increment(1);
         let end = match piece {
             KvPiece::Segment { first, bytes } => {
                 while let Some(f) = encoder.next_frame_of_segment(&bytes, first)? {

@@ -18,6 +18,7 @@ fn request(id: u64, text: String) -> PrefillRequest {
         prompt: Prompt::Text(text),
         sampling: SamplingParams::greedy(4),
         handoff: None,
+        resume: Vec::new(),
     }
 }
 

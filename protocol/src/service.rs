@@ -160,6 +160,10 @@ pub struct Handoff {
     pub decode_addr: String,
     /// Codec for the chunks.
     pub codec: crate::Codec,
+    /// Pieces the cache goes out in while the prompt runs (each costs the prefill node an export
+    /// of the sequence so far; 1: one piece after the prompt); 0: the prefill node's own default
+    /// (`--handoff-pieces`).
+    pub pieces: u32,
     /// Raw bytes per chunk.
     pub chunk_size: u32,
     /// The decode node's per-sequence context: the prompt must leave room in it.
@@ -177,6 +181,11 @@ pub struct PrefillRequest {
     pub sampling: SamplingParams,
     /// Ship the cache to a decode node; `None` to generate here (colocated, `both` nodes only).
     pub handoff: Option<Handoff>,
+    /// Output tokens the request already produced on a node that failed (empty for a new
+    /// request): they follow the prompt in the cache, their text was already sent, and the token
+    /// sampled is output number `resume.len()`, drawn and constrained as the failed node would
+    /// have (the router's migration).
+    pub resume: Vec<i32>,
 }
 
 /// The prefill's answer, sent as soon as output token 0 is known.
@@ -212,8 +221,11 @@ pub struct KvEnd {
     /// The KV end frame (chunk count and the final state's checksum).
     #[serde(with = "serde_bytes")]
     pub frame: Vec<u8>,
-    /// Output token 0, which the decode node feeds first.
+    /// The output token the prefill sampled, which the decode node feeds first.
     pub first_token: i32,
+    /// Its output number: 0, or for a resumed request the output tokens before it, which are the
+    /// last `index` tokens of the cache.
+    pub index: u32,
 }
 
 /// One KV chunk frame.
@@ -231,8 +243,9 @@ pub struct KvFrame {
 pub struct PollReply {
     /// Newly final text.
     pub text: String,
-    /// Tokens generated since the last poll.
-    pub n_tokens: u32,
+    /// The tokens generated since the last poll (the router keeps them to resume the request
+    /// elsewhere if this node fails).
+    pub tokens: Vec<i32>,
     /// Set once generation ended; the request is then forgotten by the node.
     pub finish: Option<FinishReason>,
 }

@@ -35,9 +35,14 @@ pub struct Delta {
     pub finish: Option<FinishReason>,
 }
 
-/// A running request. Dropping it before the end cancels the request on its decode node.
+/// A running request. Dropping it before the end cancels the request on its decode node. When a
+/// node serving it dies, it moves: the prompt and the output so far run again on healthy nodes
+/// (`resume`), and the stream goes on from the next token, which is the token the lost node would
+/// have produced (greedy, seeded and constrained alike).
 pub struct Generation {
     id: RequestId,
+    /// The id of the current leg's RPCs ([`Leg::rpc_id`]).
+    rpc_id: RequestId,
     placement: Placement,
     _admission: Admission,
     started: Instant,
@@ -55,6 +60,14 @@ pub struct Generation {
     pub prompt_tokens: u32,
     /// Tokens generated so far.
     pub completion_tokens: u32,
+    cluster: Arc<Cluster>,
+    /// What to run again when the request moves.
+    prompt: Prompt,
+    sampling: SamplingParams,
+    /// The output token ids the client has been sent text for (or held back text of).
+    output: Vec<i32>,
+    /// Moves so far (at most the cluster's `migration_limit`).
+    migrations: u32,
 }
 
 fn is_connection_error(e: &RpcError) -> bool {
@@ -100,21 +113,71 @@ fn prompt_chars(prompt: &Prompt) -> usize {
     }
 }
 
+/// A node a request was using stopped answering: the request may move to other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// The prefill node, before output token 0.
+    Prefill,
+    /// The decode node: while the prompt ran, or mid-stream.
+    Decode,
+}
+
+impl Lost {
+    /// The `reason` label of `exo_migrations_total`.
+    fn reason(self) -> &'static str {
+        match self {
+            Lost::Prefill => "prefill_node_lost",
+            Lost::Decode => "decode_node_lost",
+        }
+    }
+}
+
+/// Why a leg failed: the client's error, and which node was lost if that was the cause.
+struct LegFailure {
+    error: ApiError,
+    lost: Option<Lost>,
+}
+
+impl From<ApiError> for LegFailure {
+    fn from(error: ApiError) -> Self {
+        LegFailure { error, lost: None }
+    }
+}
+
+/// One placement of a request up to the token its prefill sampled: a request has one, and one
+/// more each time it moves after losing a node.
+struct Leg {
+    /// The id of this leg's RPCs: the request's own for its first leg, a fresh one for each
+    /// move (a node that saw the request before may still remember it as ended).
+    rpc_id: RequestId,
+    placement: Placement,
+    decode_client: NodeServiceClient,
+    /// The decode slot this leg holds.
+    slot: SlotPermit,
+    reply: PrefillReply,
+}
+
 /// Runs the prompt on the prefill node. A split request also watches the decode node while the
 /// prompt runs (`hello` every [`PING_INTERVAL`]): the two legs fail together, so a decode node that
-/// dies or stops answering fails the request at once with 503 (dropping the prefill call cancels it
-/// on the prefill node) instead of after the prompt.
+/// dies or stops answering fails the leg at once (dropping the prefill call cancels it on the
+/// prefill node) instead of after the prompt.
 async fn run_prefill(
     placement: &Placement,
     prefill_client: &NodeServiceClient,
     decode_client: &NodeServiceClient,
     request: PrefillRequest,
-) -> Result<PrefillReply, ApiError> {
+) -> Result<PrefillReply, LegFailure> {
     let prefill = async {
         let reply = prefill_client
             .prefill(context_with_deadline(PREFILL_TIMEOUT), request)
             .await;
-        Ok(reply.map_err(|e| rpc_failure(&placement.prefill, e))??)
+        match reply {
+            Ok(r) => Ok(r.map_err(ApiError::from)?),
+            Err(e) => Err(LegFailure {
+                lost: is_connection_error(&e).then_some(Lost::Prefill),
+                error: rpc_failure(&placement.prefill, e),
+            }),
+        }
     };
     if !placement.is_split() {
         return prefill.await;
@@ -126,14 +189,20 @@ async fn run_prefill(
                 .await;
             // Any failure counts here, a missed deadline too: a hung node is as gone as a dead one.
             // So does a node that says it cannot serve.
-            match ping {
-                Err(e) => return unreachable_node(&placement.decode, &e),
+            let error = match ping {
+                Err(e) => unreachable_node(&placement.decode, &e),
                 Ok(NodeInfo {
                     fault: Some(fault), ..
-                }) => return node_down(&placement.decode, format!("cannot serve: {fault}")),
-                Ok(_) => {}
-            }
-            tokio::time::sleep(PING_INTERVAL).await;
+                }) => node_down(&placement.decode, format!("cannot serve: {fault}")),
+                Ok(_) => {
+                    tokio::time::sleep(PING_INTERVAL).await;
+                    continue;
+                }
+            };
+            return LegFailure {
+                error,
+                lost: Some(Lost::Decode),
+            };
         }
     };
     tokio::select! {
@@ -142,8 +211,117 @@ async fn run_prefill(
     }
 }
 
+/// Places one leg of request `id` and runs its prompt (followed by `resume`, the output it
+/// already produced elsewhere) up to the token the prefill samples.
+async fn start_leg(
+    cluster: &Arc<Cluster>,
+    rpc_id: RequestId,
+    (prompt, sampling, resume): (&Prompt, &SamplingParams, &[i32]),
+    shape: RequestShape,
+) -> Result<Leg, LegFailure> {
+    let mut placement = cluster.place(shape)?;
+    let unreachable =
+        |n: &ClusterNode| ApiError::Unavailable(format!("node {} is not connected", n.name()));
+    let prefill_client = placement
+        .prefill
+        .client()
+        .ok_or_else(|| unreachable(&placement.prefill))?;
+    let decode_client = placement
+        .decode
+        .client()
+        .ok_or_else(|| unreachable(&placement.decode))?;
+    // The decode slot first, then the prompt: a cache is never shipped to wait for a slot.
+    let slot = placement
+        .decode
+        .reserve_slot(SLOT_WAIT)
+        .await
+        .ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "every sequence slot of decode node {} stayed busy for {} s",
+                placement.decode.name(),
+                SLOT_WAIT.as_secs()
+            ))
+        })?;
+    let handoff = placement.is_split().then(|| Handoff {
+        decode_addr: placement.decode.addr.clone(),
+        codec: placement.codec,
+        pieces: placement.pieces.map_or(0, |p| p as u32),
+        chunk_size: cluster.kv.chunk_size,
+        context_limit: placement
+            .decode
+            .info()
+            .map_or(u32::MAX, |i| i.layout.n_ctx_seq),
+    });
+    let request = PrefillRequest {
+        id: rpc_id,
+        prompt: prompt.clone(),
+        sampling: sampling.clone(),
+        handoff,
+        resume: resume.to_vec(),
+    };
+    let reply = run_prefill(&placement, &prefill_client, &decode_client, request).await;
+    placement.prefill_load = None;
+    if let Err(LegFailure {
+        lost: Some(Lost::Prefill),
+        ..
+    }) = &reply
+    {
+        // The decode node may hold the start of a transfer that will never end: free it now.
+        let _ = decode_client
+            .cancel(context_with_deadline(PING_TIMEOUT), rpc_id)
+            .await;
+    }
+    Ok(Leg {
+        rpc_id,
+        placement,
+        decode_client,
+        slot,
+        reply: reply?,
+    })
+}
+
+/// [`start_leg`], placed again on other nodes each time a node it used is lost, while
+/// `migrations` stays under the cluster's limit (each move counts one, and in
+/// `exo_migrations_total`). `first_id` is the first leg's RPC id; later legs take fresh ones.
+async fn place_and_prefill(
+    cluster: &Arc<Cluster>,
+    (request, first_id): (RequestId, RequestId),
+    input: (&Prompt, &SamplingParams, &[i32]),
+    shape: RequestShape,
+    migrations: &mut u32,
+) -> Result<Leg, ApiError> {
+    let mut rpc_id = first_id;
+    let mut lost_before: Option<ApiError> = None;
+    loop {
+        let failure = match start_leg(cluster, rpc_id, input, shape).await {
+            Ok(leg) => return Ok(leg),
+            Err(f) => f,
+        };
+        let error = match (failure.lost, lost_before.take()) {
+            // Placing again after a loss found no node: say both.
+            (None, Some(lost)) => ApiError::Unavailable(format!(
+                "{lost}; no other node could take the request: {}",
+                failure.error
+            )),
+            (_, _) => failure.error,
+        };
+        let Some(lost) = failure
+            .lost
+            .filter(|_| *migrations < cluster.migration_limit)
+        else {
+            return Err(error);
+        };
+        *migrations += 1;
+        metrics::counter!("exo_migrations_total", "reason" => lost.reason()).increment(1);
+        rpc_id = cluster.next_id();
+        tracing::warn!(%request, %rpc_id, %error, "a node was lost before the first token; placing the request again");
+        lost_before = Some(error);
+    }
+}
+
 impl Generation {
-    /// Places request `id`, runs its prompt, and returns once output token 0 is known.
+    /// Places request `id`, runs its prompt, and returns once output token 0 is known. A node lost
+    /// before then costs a move to other nodes, not the request.
     pub async fn start(
         cluster: &Arc<Cluster>,
         id: RequestId,
@@ -157,70 +335,50 @@ impl Generation {
             prompt_tokens: cluster.estimate_tokens(chars),
             output_tokens: cluster.expected_output(sampling.max_tokens),
         };
-        let mut placement = cluster.place(shape)?;
-        let unreachable =
-            |n: &ClusterNode| ApiError::Unavailable(format!("node {} is not connected", n.name()));
-        let prefill_client = placement
-            .prefill
-            .client()
-            .ok_or_else(|| unreachable(&placement.prefill))?;
-        let decode_client = placement
-            .decode
-            .client()
-            .ok_or_else(|| unreachable(&placement.decode))?;
-        // The decode slot first, then the prompt: a cache is never shipped to wait for a slot.
-        let slot = placement
-            .decode
-            .reserve_slot(SLOT_WAIT)
-            .await
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "every sequence slot of decode node {} stayed busy for {} s",
-                    placement.decode.name(),
-                    SLOT_WAIT.as_secs()
-                ))
-            })?;
-        let handoff = placement.is_split().then(|| Handoff {
-            decode_addr: placement.decode.addr.clone(),
-            codec: placement.codec,
-            chunk_size: cluster.kv.chunk_size,
-            context_limit: placement
-                .decode
-                .info()
-                .map_or(u32::MAX, |i| i.layout.n_ctx_seq),
-        });
-        let request = PrefillRequest {
-            id,
-            prompt,
-            sampling,
-            handoff,
-        };
-        let reply = run_prefill(&placement, &prefill_client, &decode_client, request).await;
-        placement.prefill_load = None;
-        let reply = reply?;
-        cluster.observe_prompt(chars, reply.n_prompt);
+        let mut migrations = 0;
+        let input = (&prompt, &sampling, &[][..]);
+        let leg = place_and_prefill(cluster, (id, id), input, shape, &mut migrations).await?;
+        cluster.observe_prompt(chars, leg.reply.n_prompt);
         let first_at = Instant::now();
         metrics::histogram!("exo_time_to_first_token_seconds")
             .record((first_at - started).as_secs_f64());
-        let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
-        Ok(Generation {
+        let mut generation = Generation {
             id,
+            rpc_id: leg.rpc_id,
             _admission: admission,
             started,
             first_at,
-            decode_client,
-            first: Some(Delta {
-                text: reply.first_text,
-                finish: reply.finish,
-            }),
+            decode_client: leg.decode_client,
+            first: None,
             done: false,
-            _slot: slot,
+            _slot: leg.slot,
             last_progress: Instant::now(),
             progress_timeout: cluster.progress_timeout,
-            prompt_tokens: reply.n_prompt,
-            completion_tokens: u32::from(produced),
-            placement,
-        })
+            prompt_tokens: leg.reply.n_prompt,
+            completion_tokens: 0,
+            placement: leg.placement,
+            cluster: Arc::clone(cluster),
+            prompt,
+            sampling,
+            output: Vec::new(),
+            migrations,
+        };
+        generation.first = Some(generation.take_first(&leg.reply));
+        Ok(generation)
+    }
+
+    /// Counts the token a leg's prefill sampled and returns its text.
+    fn take_first(&mut self, reply: &PrefillReply) -> Delta {
+        // An end token as the first token carries no text and is not output.
+        let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
+        if produced {
+            self.output.push(reply.first_token);
+            self.completion_tokens += 1;
+        }
+        Delta {
+            text: reply.first_text.clone(),
+            finish: reply.finish,
+        }
     }
 
     /// Name of the node that ran the prompt.
@@ -231,6 +389,12 @@ impl Generation {
     /// Name of the node that generates.
     pub fn decode_node(&self) -> &str {
         self.placement.decode.name()
+    }
+
+    /// The pieces the prompt's cache is shipped in while it runs, when the request is split and
+    /// the router chose them (`None`: colocated, or the prefill node's default).
+    pub fn kv_pieces(&self) -> Option<u64> {
+        self.placement.pieces.filter(|_| self.placement.is_split())
     }
 
     /// Records the request's token counts and time per output token once it is over.
@@ -276,7 +440,11 @@ impl Generation {
         while !self.done {
             let polled = self
                 .decode_client
-                .poll(context_with_deadline(POLL_TIMEOUT), self.id, POLL_WAIT_MS)
+                .poll(
+                    context_with_deadline(POLL_TIMEOUT),
+                    self.rpc_id,
+                    POLL_WAIT_MS,
+                )
                 .await;
             let reply = match polled {
                 Ok(Ok(r)) => r,
@@ -285,13 +453,27 @@ impl Generation {
                     return Some(Err(e.into()));
                 }
                 Err(e) => {
-                    self.done = true;
-                    return Some(Err(rpc_failure(&self.placement.decode, e)));
+                    let lost = is_connection_error(&e);
+                    let error = rpc_failure(&self.placement.decode, e);
+                    let moved = if lost {
+                        self.migrate(error).await
+                    } else {
+                        Err(error)
+                    };
+                    self.done = moved.as_ref().map_or(true, |d| d.finish.is_some());
+                    if let Ok(d) = &moved
+                        && d.text.is_empty()
+                        && !self.done
+                    {
+                        continue;
+                    }
+                    return Some(moved);
                 }
             };
-            self.completion_tokens += reply.n_tokens;
+            self.completion_tokens += reply.tokens.len() as u32;
+            self.output.extend_from_slice(&reply.tokens);
             self.done = reply.finish.is_some();
-            if reply.n_tokens > 0 || self.done {
+            if !reply.tokens.is_empty() || self.done {
                 self.last_progress = Instant::now();
             } else if self.last_progress.elapsed() > self.progress_timeout {
                 // A wedged engine answers every poll with nothing: give up, cancel it there.
@@ -313,6 +495,43 @@ impl Generation {
         None
     }
 
+    /// The decode node stopped answering mid-stream (`error`): runs the prompt and the output so
+    /// far again on healthy nodes and returns the text of the next token, or `error` (with what
+    /// else failed) when the request may not move again or no node can take it.
+    async fn migrate(&mut self, error: ApiError) -> Result<Delta, ApiError> {
+        if self.migrations >= self.cluster.migration_limit {
+            return Err(ApiError::Unavailable(format!(
+                "{error} (the request moved {} times already, router.migration_limit)",
+                self.migrations
+            )));
+        }
+        self.migrations += 1;
+        metrics::counter!("exo_migrations_total", "reason" => Lost::Decode.reason()).increment(1);
+        tracing::warn!(request = %self.id, node = self.placement.decode.name(), tokens = self.output.len(), %error, "decode node lost mid-stream; resuming the request on other nodes");
+        let left = self
+            .sampling
+            .max_tokens
+            .saturating_sub(self.output.len() as u32);
+        let shape = RequestShape {
+            prompt_tokens: u64::from(self.prompt_tokens) + self.output.len() as u64,
+            output_tokens: self.cluster.expected_output(left),
+        };
+        let input = (&self.prompt, &self.sampling, &self.output[..]);
+        let ids = (self.id, self.cluster.next_id());
+        let cluster = Arc::clone(&self.cluster);
+        let leg = place_and_prefill(&cluster, ids, input, shape, &mut self.migrations)
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!("{error}; resuming elsewhere failed: {e}"))
+            })?;
+        self.rpc_id = leg.rpc_id;
+        self.decode_client = leg.decode_client;
+        self._slot = leg.slot;
+        self.placement = leg.placement;
+        self.last_progress = Instant::now();
+        Ok(self.take_first(&leg.reply))
+    }
+
     /// Runs to the end and returns the whole text and why it ended.
     pub async fn collect(&mut self) -> Result<(String, FinishReason), ApiError> {
         let mut text = String::new();
@@ -332,7 +551,7 @@ impl Generation {
     /// Frees the request's sequence on its decode node, on a task (best effort).
     fn cancel_on_node(&self) {
         let client = self.decode_client.clone();
-        let id = self.id;
+        let id = self.rpc_id;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = client.cancel(context_with_deadline(PING_TIMEOUT), id).await;

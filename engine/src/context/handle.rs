@@ -201,8 +201,37 @@ impl ContextHandle {
         self.call(|reply| Command::Prefill {
             seq,
             tokens,
+            resumed: 0,
             sampling,
             stream: None,
+            reply,
+        })
+        .await
+    }
+
+    /// [`Self::prefill`] or [`Self::prefill_streamed`] (with `stream`: where the pieces go and
+    /// how often) of a request that may resume elsewhere's output: the last `resumed` of `tokens`
+    /// are its output tokens 0.., already sent to the client by a node that failed; the token
+    /// chosen is output number `resumed`, drawn and constrained as that node would have.
+    pub async fn prefill_resumed(
+        &self,
+        seq: i32,
+        tokens: Vec<i32>,
+        resumed: usize,
+        sampling: SamplingParams,
+        stream: Option<(mpsc::UnboundedSender<KvPiece>, usize)>,
+    ) -> Result<PrefillOutput, EngineError> {
+        let stream = stream.map(|(tx, every)| PieceStream {
+            tx,
+            every: every.max(1),
+            sent: 0,
+        });
+        self.call(|reply| Command::Prefill {
+            seq,
+            tokens,
+            resumed,
+            sampling,
+            stream,
             reply,
         })
         .await
@@ -220,19 +249,8 @@ impl ContextHandle {
         pieces: mpsc::UnboundedSender<KvPiece>,
         every: usize,
     ) -> Result<PrefillOutput, EngineError> {
-        let stream = PieceStream {
-            tx: pieces,
-            every: every.max(1),
-            sent: 0,
-        };
-        self.call(|reply| Command::Prefill {
-            seq,
-            tokens,
-            sampling,
-            stream: Some(stream),
-            reply,
-        })
-        .await
+        self.prefill_resumed(seq, tokens, 0, sampling, Some((pieces, every)))
+            .await
     }
 
     /// Exports sequence `seq`'s KV cache in the single-stream wire form.
@@ -260,6 +278,32 @@ impl ContextHandle {
             seq,
             next,
             index,
+            history: Vec::new(),
+            sampling,
+            events: Box::new(events),
+            reply,
+        })
+        .await
+    }
+
+    /// [`Self::generate_stream`] for a request whose output tokens before `next` were `history`
+    /// (output number `history.len()` is `next`): the constraint and the text continue from
+    /// them, as on the node that produced them. Empty `history`: `next` is output token 0.
+    pub async fn resume_stream(
+        &self,
+        seq: i32,
+        next: i32,
+        history: Vec<i32>,
+        sampling: SamplingParams,
+        events: impl EventSink,
+    ) -> Result<(), EngineError> {
+        let index = u32::try_from(history.len())
+            .map_err(|_| EngineError::InvalidRequest("output too long".into()))?;
+        self.call(|reply| Command::Generate {
+            seq,
+            next,
+            index,
+            history,
             sampling,
             events: Box::new(events),
             reply,
@@ -276,7 +320,7 @@ impl ContextHandle {
         sampling: SamplingParams,
     ) -> Result<Generated, EngineError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<GenEvent>();
-        let first = self.model.first_output(next, &sampling);
+        let first = self.model.first_output(&[], next, &sampling);
         let mut out = Generated {
             tokens: vec![next],
             text: first.text,

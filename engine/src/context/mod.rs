@@ -117,6 +117,9 @@ enum Command {
     Prefill {
         seq: i32,
         tokens: Vec<i32>,
+        /// The last this many of `tokens` are output the request already produced (resumed
+        /// elsewhere); the token chosen is output number `resumed`.
+        resumed: usize,
         sampling: SamplingParams,
         /// Where the cache goes while the prompt runs, for a streamed hand-off.
         stream: Option<PieceStream>,
@@ -135,6 +138,9 @@ enum Command {
         seq: i32,
         next: i32,
         index: u32,
+        /// Output tokens before `next` to replay into the constraint and the text (a resumed
+        /// request); empty otherwise.
+        history: Vec<i32>,
         sampling: SamplingParams,
         events: Box<dyn EventSink>,
         reply: Reply<()>,

@@ -57,6 +57,9 @@ pub(super) struct Pending {
     pub(super) seq: i32,
     pub(super) slot: usize,
     pub(super) tokens: Vec<i32>,
+    /// Output index of the token the prompt ends with (non-zero for a resumed request, whose last
+    /// `first_index` prompt tokens are its earlier output).
+    pub(super) first_index: u32,
     /// Tokens already in the cache.
     pub(super) done: usize,
     /// Prefill batches in a row that ran without this prompt.
@@ -73,10 +76,25 @@ impl Pending {
     fn remaining(&self) -> usize {
         self.tokens.len() - self.done
     }
+
+    /// The most tokens of this prompt one batch may take: up to the end of the prompt proper,
+    /// then one at a time through a resumed request's earlier output. That output was decoded
+    /// one token per sequence per step where it was generated, and llama.cpp's arithmetic for a
+    /// sequence's single token differs in the last bits from the same token among several of its
+    /// sequence's ([`chunk`]; `tests/resume.rs` fails with one batch), so only the same shape
+    /// reproduces the cache and the next tokens exactly.
+    fn most_per_batch(&self) -> usize {
+        let prompt = self.tokens.len() - self.first_index as usize;
+        if self.done < prompt {
+            prompt - self.done
+        } else {
+            1
+        }
+    }
 }
 
-/// What a prefill batch costs on this context, learned from the batches it ran: a least-squares
-/// line `seconds = fixed + per_token * tokens` over the last [`COST_WINDOW`] batches.
+/// What a prefill batch costs on this context, learned from the batches it ran: a robust line
+/// `seconds = fixed + per_token * tokens` over the last [`COST_WINDOW`] batches.
 #[derive(Debug, Default)]
 pub(super) struct PrefillCost {
     samples: VecDeque<(f64, f64)>,
@@ -103,26 +121,28 @@ impl PrefillCost {
         self.line
     }
 
-    /// The least-squares line through the window, once the batches in it differ in size by 2x or
-    /// more (a line through points of one size says nothing about the slope). Both parts are
-    /// clamped at zero.
+    /// A line through the window that one-off slow batches do not bend (on a GPU the first
+    /// batch of each shape pays for kernel and library set-up, 20 times a warm batch): the
+    /// median of the slopes between batches whose sizes are 2x or more apart (Theil-Sen), and the
+    /// median of what each batch leaves for the fixed cost. None until two batches are 2x apart
+    /// (a line through points of one size says nothing about the slope). Both parts are clamped
+    /// at zero.
     fn line_through_window(&self) -> Option<(f64, f64)> {
-        let n = self.samples.len() as f64;
-        let (lo, hi) = self
+        let mut slopes = Vec::new();
+        for (i, &(x0, y0)) in self.samples.iter().enumerate() {
+            for &(x1, y1) in self.samples.iter().skip(i + 1) {
+                if x1 >= 2.0 * x0 || x0 >= 2.0 * x1 {
+                    slopes.push((y1 - y0) / (x1 - x0));
+                }
+            }
+        }
+        let per_token = median(&mut slopes)?.max(0.0);
+        let mut fixed: Vec<f64> = self
             .samples
             .iter()
-            .fold((f64::MAX, 0.0f64), |(lo, hi), &(x, _)| {
-                (lo.min(x), hi.max(x))
-            });
-        if self.samples.len() < 2 || hi < 2.0 * lo {
-            return None;
-        }
-        let mx = self.samples.iter().map(|s| s.0).sum::<f64>() / n;
-        let my = self.samples.iter().map(|s| s.1).sum::<f64>() / n;
-        let sxx: f64 = self.samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
-        let sxy: f64 = self.samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
-        let per_token = (sxy / sxx).max(0.0);
-        Some(((my - per_token * mx).max(0.0), per_token))
+            .map(|&(x, y)| y - per_token * x)
+            .collect();
+        Some((median(&mut fixed)?.max(0.0), per_token))
     }
 
     /// Tokens in an adaptive batch: the fewest for which the fixed cost is at most [`FIXED_SHARE`]
@@ -151,14 +171,45 @@ impl PrefillCost {
     }
 }
 
+/// How many of a part's `left` tokens a batch with `room` tokens free takes: as many as fit, but
+/// never a lone token of a longer part, neither now nor as the part's last chunk. llama.cpp
+/// computes a sequence's attention for a single token (a matrix-vector product) with other
+/// rounding than for two or more (a matrix product), so a prompt whose cut left one token alone
+/// would end with another cache and other logits than the same prompt cut elsewhere
+/// (`tests/resume.rs` and `tests/batching.rs` check the cache is the same however it is cut).
+fn chunk(left: usize, room: usize) -> usize {
+    let take = left.min(room);
+    match left - take {
+        // Leave two for the next batch rather than one.
+        1 if take > 2 => take - 1,
+        1 => 0,
+        _ if take == 1 && left > 1 => 0,
+        _ => take,
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count; None when empty),
+/// reordering them.
+fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => values.get(n / 2).copied(),
+        _ => Some((values.get(n / 2 - 1)? + values.get(n / 2)?) / 2.0),
+    }
+}
+
 /// The tokens each chosen prompt contributes to the next batch, as `(index into pending, tokens)`
 /// in batch order. `waiting[i]` is `(remaining tokens, batches passed over)` of prompt `i`, in
-/// arrival order. The first pick is the prompt passed over longest once it reaches
-/// [`MAX_PASSED_OVER`], otherwise the one with the fewest tokens left (earliest on a tie); further
-/// prompts, in the same order, join while tokens remain in `n_batch` and `share` allows.
+/// arrival order, and `most(i)` the most tokens it may put in one batch. The first pick is the
+/// prompt passed over longest once it reaches [`MAX_PASSED_OVER`], otherwise the one with the
+/// fewest tokens left (earliest on a tie); further prompts, in the same order, join with as many
+/// tokens as the first while they have them, tokens remain in `n_batch` and `share` allows.
 pub(super) fn plan(
     waiting: &[(usize, u32)],
     n_batch: usize,
+    most: impl Fn(usize) -> usize,
     mut share: impl FnMut(usize, usize) -> bool,
 ) -> Vec<(usize, usize)> {
     let mut order: Vec<usize> = (0..waiting.len()).collect();
@@ -173,13 +224,21 @@ pub(super) fn plan(
             i,
         )
     });
-    let mut picked = Vec::new();
+    let mut picked: Vec<(usize, usize)> = Vec::new();
     let mut room = n_batch;
     for i in order {
         if room == 0 {
             break;
         }
-        let take = waiting[i].0.min(room);
+        let part = waiting[i].0.min(most(i));
+        let take = match picked.first() {
+            None => chunk(part, room),
+            // Prompts that join put in as many tokens as the first: llama.cpp runs a batch whose
+            // sequences have unequal shares in pieces of equal shares (one KV stream per
+            // sequence), and the last pieces can hold a sequence's lone token ([`chunk`]).
+            Some(&(_, c)) if c <= room && (part == c || (c >= 2 && part >= c + 2)) => c,
+            Some(_) => 0,
+        };
         if take == 0 || (!picked.is_empty() && !share(picked.len(), take)) {
             continue;
         }
@@ -230,7 +289,9 @@ impl Worker<'_> {
             PrefillBatching::Adaptive => cost.batch_tokens(n_batch),
             PrefillBatching::Always | PrefillBatching::Never => n_batch,
         };
-        let picked = plan(&waiting, room, |n, add| match policy {
+        let pending = &self.pending;
+        let most = |i: usize| pending.get(i).map_or(0, Pending::most_per_batch);
+        let picked = plan(&waiting, room, most, |n, add| match policy {
             PrefillBatching::Always => true,
             PrefillBatching::Never => false,
             PrefillBatching::Adaptive => cost.sharing_pays(n, add),
@@ -354,7 +415,13 @@ impl Worker<'_> {
     /// Output token 0 of a prompt that just finished, from the logits of batch row `row`; the
     /// prompt's tokens become its sequence's.
     fn first_token(&mut self, p: &mut Pending, row: i32) -> Result<PrefillOutput, EngineError> {
-        let first_token = choose(&self.ctx, row, &p.sampling, 0, p.matcher.as_mut())?;
+        let first_token = choose(
+            &self.ctx,
+            row,
+            &p.sampling,
+            p.first_index,
+            p.matcher.as_mut(),
+        )?;
         let n_prompt = p.tokens.len();
         self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
         Ok(PrefillOutput {
@@ -402,88 +469,4 @@ impl Worker<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shortest_first_and_fills_the_batch() {
-        let waiting = [(1500, 0), (60, 0), (40, 0), (60, 0)];
-        // Sharing allowed: shortest first, ties in arrival order, the long one takes what is left.
-        let all = plan(&waiting, 512, |_, _| true);
-        assert_eq!(all, vec![(2, 40), (1, 60), (3, 60), (0, 352)]);
-        // Sharing refused: the shortest alone.
-        assert_eq!(plan(&waiting, 512, |_, _| false), vec![(2, 40)]);
-    }
-
-    #[test]
-    fn a_prompt_passed_over_long_enough_goes_first() {
-        let waiting = [(1500, MAX_PASSED_OVER), (60, 0), (20, MAX_PASSED_OVER + 3)];
-        assert_eq!(plan(&waiting, 512, |_, _| false), vec![(2, 20)]);
-        assert_eq!(plan(&waiting[..2], 512, |_, _| false), vec![(0, 512)]);
-        assert_eq!(
-            plan(&[(1500, MAX_PASSED_OVER - 1), (60, 0)], 512, |_, _| false),
-            vec![(1, 60)]
-        );
-    }
-
-    #[test]
-    fn cost_model_batches_where_a_batch_has_a_large_fixed_cost() {
-        let mut cpu = PrefillCost::default();
-        let mut gpu = PrefillCost::default();
-        // Untimed: try sharing.
-        assert!(cpu.sharing_pays(3, 60));
-        for n in [60usize, 480, 60, 480, 120] {
-            // CPU: 5 ms a batch, 2 ms a token. GPU: 8 ms a batch, 5 µs a token.
-            cpu.record(n, 0.005 + 0.002 * n as f64);
-            gpu.record(n, 0.008 + 0.000_005 * n as f64);
-        }
-        // On the CPU a 60-token prompt runs alone; one of a token or two joins one or two others.
-        assert!(!cpu.sharing_pays(1, 60));
-        assert!(cpu.sharing_pays(1, 2));
-        assert!(cpu.sharing_pays(2, 1));
-        assert!(!cpu.sharing_pays(3, 1));
-        // On the GPU eight 60-token prompts share a batch, eight 512-token chunks do not.
-        assert!(gpu.sharing_pays(7, 60));
-        assert!(!gpu.sharing_pays(7, 512 * 8));
-        // Batch size: the CPU's fixed cost is 10% of a 23-token batch (clamped up to 64); the GPU's
-        // of a 14,400-token one (clamped down to n_batch).
-        assert_eq!(cpu.batch_tokens(512), 64);
-        assert_eq!(cpu.batch_tokens(32), 32);
-        assert_eq!(gpu.batch_tokens(512), 512);
-        assert_eq!(PrefillCost::default().batch_tokens(512), 512);
-        let mut slow_start = PrefillCost::default();
-        slow_start.record(100, 0.05 + 0.001 * 100.0);
-        slow_start.record(300, 0.05 + 0.001 * 300.0);
-        // 0.05 * 0.9 / (0.1 * 0.001) = 450, give or take the float rounding of the fit.
-        assert!((450..=451).contains(&slow_start.batch_tokens(2048)));
-    }
-
-    #[test]
-    fn cost_model_needs_two_sizes_keeps_its_line_and_forgets_old_batches() {
-        let mut c = PrefillCost::default();
-        for _ in 0..10 {
-            c.record(60, 0.1);
-        }
-        assert_eq!(c.fit(), None);
-        c.record(120, 0.3);
-        assert!(c.fit().is_some());
-        // A window of one size keeps the last line learned.
-        for _ in 0..COST_WINDOW {
-            c.record(64, 0.2);
-        }
-        let kept = c.fit();
-        assert!(kept.is_some());
-        c.record(64, 0.25);
-        assert_eq!(c.fit(), kept);
-        for _ in 0..COST_WINDOW {
-            c.record(100, 0.2);
-            c.record(400, 0.8);
-        }
-        let (fixed, per_token) = c.fit().unwrap_or((f64::NAN, f64::NAN));
-        assert!(
-            fixed.abs() < 1e-9 && (per_token - 0.002).abs() < 1e-9,
-            "{fixed} {per_token}"
-        );
-        assert_eq!(c.samples.len(), COST_WINDOW);
-    }
-}
+mod tests;

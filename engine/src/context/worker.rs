@@ -177,31 +177,27 @@ impl Worker<'_> {
             Command::Prefill {
                 seq,
                 tokens,
+                resumed,
                 sampling,
                 stream,
                 reply,
-            } => {
-                let begun = self.new_matcher(&sampling).and_then(|matcher| {
-                    self.guard(|w| w.begin_prefill(seq, &tokens))
-                        .map(|slot| (slot, matcher))
-                });
-                match begun {
-                    Ok((slot, matcher)) => self.pending.push_back(Pending {
-                        seq,
-                        slot,
-                        tokens,
-                        done: 0,
-                        passed_over: 0,
-                        stream,
-                        sampling,
-                        matcher,
-                        reply,
-                    }),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+            } => match self.begin_prompt(seq, &tokens, resumed, &sampling) {
+                Ok((slot, matcher, first_index)) => self.pending.push_back(Pending {
+                    seq,
+                    slot,
+                    tokens,
+                    first_index,
+                    done: 0,
+                    passed_over: 0,
+                    stream,
+                    sampling,
+                    matcher,
+                    reply,
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
                 }
-            }
+            },
             Command::Export { seq, reply } => {
                 let _ = reply.send(self.guard(|w| w.export(seq)));
             }
@@ -212,25 +208,30 @@ impl Worker<'_> {
                 seq,
                 next,
                 index,
+                history,
                 sampling,
                 events,
                 reply,
             } => {
                 let matcher = self
                     .guard(|w| w.check_generate(seq, next))
-                    .and_then(|()| self.resume_matcher(&sampling, index, next));
+                    .and_then(|()| self.model.check_tokens(&history))
+                    .and_then(|()| self.resume_matcher(&sampling, index, &history, next));
                 match matcher {
-                    Ok(matcher) => self.start(Active {
-                        seq,
-                        slot: seq as usize,
-                        token: next,
-                        index,
-                        text: TextStream::new(&sampling.stop),
-                        sampling,
-                        matcher,
-                        events,
-                        reply,
-                    }),
+                    Ok(matcher) => self.start(
+                        Active {
+                            seq,
+                            slot: seq as usize,
+                            token: next,
+                            index,
+                            text: TextStream::new(&sampling.stop),
+                            sampling,
+                            matcher,
+                            events,
+                            reply,
+                        },
+                        &history,
+                    ),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -252,24 +253,70 @@ impl Worker<'_> {
             .transpose()
     }
 
-    /// The matcher for generation that continues after output token `next` (index `index`): a
-    /// fresh one advanced over `next`, exactly the state the node that chose `next` was in.
-    fn resume_matcher(
+    /// Checks a prompt whose last `resumed` tokens are the request's earlier output and empties its
+    /// sequence: its slot, the matcher after that output, and the output index of the token the
+    /// prompt will end with.
+    fn begin_prompt(
+        &mut self,
+        seq: i32,
+        tokens: &[i32],
+        resumed: usize,
+        sampling: &SamplingParams,
+    ) -> Result<(usize, Option<Matcher>, u32), EngineError> {
+        let history = tokens
+            .len()
+            .checked_sub(resumed)
+            .filter(|&at| at > 0)
+            .and_then(|at| tokens.get(at..))
+            .ok_or_else(|| {
+                EngineError::InvalidRequest(
+                    "the resumed output is not shorter than the prompt".into(),
+                )
+            })?;
+        let first_index = u32::try_from(resumed)
+            .map_err(|_| EngineError::InvalidRequest("resumed output too long".into()))?;
+        self.model.check_tokens(tokens)?;
+        let matcher = self.matcher_after(sampling, history)?;
+        let slot = self.guard(|w| w.begin_prefill(seq, tokens))?;
+        Ok((slot, matcher, first_index))
+    }
+
+    /// The matcher a request's next token is chosen with after output tokens `history`, if the
+    /// request is constrained: a fresh one advanced over them.
+    fn matcher_after(
         &self,
         p: &SamplingParams,
-        index: u32,
-        next: i32,
+        history: &[i32],
     ) -> Result<Option<Matcher>, EngineError> {
         let Some(mut m) = self.new_matcher(p)? else {
             return Ok(None);
         };
-        if index != 0 {
+        for &t in history {
+            advance(&mut m, t)?;
+        }
+        Ok(Some(m))
+    }
+
+    /// The matcher for generation that continues after output token `next` (index `index`, the
+    /// output before it `history`): a fresh one advanced over `history` and `next`, exactly the
+    /// state the node that chose `next` was in.
+    fn resume_matcher(
+        &self,
+        p: &SamplingParams,
+        index: u32,
+        history: &[i32],
+        next: i32,
+    ) -> Result<Option<Matcher>, EngineError> {
+        if p.constraint.is_some() && index as usize != history.len() {
             return Err(EngineError::InvalidRequest(
-                "constrained generation can only continue from the first output token".into(),
+                "constrained generation continues only with every earlier output token".into(),
             ));
         }
-        advance(&mut m, next)?;
-        Ok(Some(m))
+        let mut m = self.matcher_after(p, history)?;
+        if let Some(m) = m.as_mut() {
+            advance(m, next)?;
+        }
+        Ok(m)
     }
 
     fn guard<T>(

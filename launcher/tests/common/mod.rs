@@ -11,6 +11,8 @@ use serde_json::Value;
 
 pub use exo_test_support::{model_path, root};
 
+pub mod procs;
+
 /// Starts an in-process router for a shipped profile, on a free port.
 pub async fn start_profile(name: &str) -> Server {
     let profile = Profile::load(&root().join("profiles").join(name)).unwrap();
@@ -33,6 +35,8 @@ pub struct Answer {
     pub status: u16,
     pub prefill_node: String,
     pub decode_node: String,
+    /// The `x-exo-kv-pieces` header (empty when absent).
+    pub kv_pieces: String,
     pub body: Value,
     /// For streams: the concatenated text and the finish reason.
     pub text: String,
@@ -58,6 +62,7 @@ pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Answer {
     let status = resp.status().as_u16();
     let prefill_node = header(&resp, "x-exo-prefill-node");
     let decode_node = header(&resp, "x-exo-decode-node");
+    let kv_pieces = header(&resp, "x-exo-kv-pieces");
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false) && status == 200;
     let raw = resp.text().await.unwrap();
     if !streaming {
@@ -76,6 +81,7 @@ pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Answer {
             status,
             prefill_node,
             decode_node,
+            kv_pieces,
             body,
             text,
             finish,
@@ -113,6 +119,7 @@ pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Answer {
         status,
         prefill_node,
         decode_node,
+        kv_pieces,
         body: serde_json::json!({ "usage": usage }),
         text,
         finish,
@@ -161,18 +168,29 @@ pub fn write_split_profile(
     decode: (&str, &str),
     tag: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
+    let nodes = [
+        (prefill.0, prefill.1, "prefill"),
+        (decode.0, decode.1, "decode"),
+    ];
+    write_profile(model, &nodes, "", tag)
+}
+
+/// [`write_split_profile`] for any `nodes` (name, address, role), with `extra` TOML (tables such
+/// as `[router]`) after the top-level keys.
+pub fn write_profile(
+    model: &str,
+    nodes: &[(&str, &str, &str)],
+    extra: &str,
+    tag: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("exo-router-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let profile = dir.join("cluster.toml");
-    std::fs::write(
-        &profile,
-        format!(
-            "model = \"{model}\"\nplacement = \"disaggregated\"\n\
-             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"prefill\"\n\
-             [[nodes]]\nname = \"{}\"\naddress = \"{}\"\nrole = \"decode\"\n",
-            prefill.0, prefill.1, decode.0, decode.1
-        ),
-    )
-    .unwrap();
+    let mut text = format!("model = \"{model}\"\nplacement = \"disaggregated\"\n{extra}\n");
+    for (name, address, role) in nodes {
+        text +=
+            &format!("[[nodes]]\nname = \"{name}\"\naddress = \"{address}\"\nrole = \"{role}\"\n");
+    }
+    std::fs::write(&profile, text).unwrap();
     (dir, profile)
 }

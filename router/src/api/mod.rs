@@ -38,6 +38,9 @@ use shape::Shaper;
 pub const PREFILL_HEADER: &str = "x-exo-prefill-node";
 /// Header naming the node that generated.
 pub const DECODE_HEADER: &str = "x-exo-decode-node";
+/// Header with the pieces the KV cache was shipped in, where the router chose them (a split
+/// placed with perf tables).
+pub const PIECES_HEADER: &str = "x-exo-kv-pieces";
 
 /// The HTTP routes over a cluster.
 pub fn router(cluster: Arc<Cluster>) -> Router {
@@ -160,6 +163,9 @@ async fn serve(
         if let Ok(v) = HeaderValue::from_str(value) {
             headers.insert(name, v);
         }
+    }
+    if let Some(pieces) = generation.kv_pieces() {
+        headers.insert(PIECES_HEADER, HeaderValue::from(pieces));
     }
     let shaper = Shaper::new(meta.clone(), tools);
     if params.stream {

@@ -147,6 +147,8 @@ pub struct Placement {
     pub decode_load: DecodeLoad,
     /// The KV codec for this request's hand-off.
     pub codec: Codec,
+    /// Pieces the hand-off is cut in while the prompt runs; `None`: the prefill node's default.
+    pub pieces: Option<u64>,
     /// The cost model's prediction, when it chose.
     pub predicted: Option<Prediction>,
 }
@@ -172,6 +174,8 @@ pub struct Cluster {
     max_queued: usize,
     /// Longest a request may go without output (the profile's `router.progress_timeout_s`).
     pub progress_timeout: Duration,
+    /// Times a request may move after a node serving it failed (`router.migration_limit`).
+    pub migration_limit: u32,
     expected_output_tokens: u64,
     chars_per_token: Mutex<f64>,
 }
@@ -235,6 +239,7 @@ impl Cluster {
             admitted: AtomicUsize::new(0),
             max_queued: profile.max_queued,
             progress_timeout: profile.progress_timeout,
+            migration_limit: profile.migration_limit,
             expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
         });
@@ -515,6 +520,7 @@ impl Cluster {
             decode,
             guards,
             codec,
+            pieces: choice.pieces,
             predicted,
         })
     }

@@ -19,6 +19,7 @@ impl Placer for Fixed {
             prefill: self.prefill,
             decode: self.decode,
             codec: Some(exo_kvcache::Codec::None),
+            pieces: None,
             predicted: None,
         })
     }

@@ -51,6 +51,7 @@ impl Placer for LeastLoaded {
             prefill,
             decode,
             codec: None,
+            pieces: None,
             predicted: None,
         })
     }

@@ -93,6 +93,8 @@ pub struct Choice {
     pub decode: NodeId,
     /// KV codec of the hand-off; `None`: the profile's `kv.codec`.
     pub codec: Option<Codec>,
+    /// Pieces the hand-off is cut in while the prompt runs; `None`: the prefill node's default.
+    pub pieces: Option<u64>,
     /// The cost model's prediction, when it chose.
     pub predicted: Option<Prediction>,
 }

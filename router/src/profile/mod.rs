@@ -14,6 +14,9 @@ use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMod
 pub const DEFAULT_PROFILE: &str = "profiles/local.toml";
 /// Requests admitted beyond the decode slots by default.
 pub const DEFAULT_MAX_QUEUED: usize = 64;
+/// Default `router.migration_limit`: enough for a request to outlive a couple of node failures,
+/// few enough that a request that kills every node it reaches does not go round the cluster.
+pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 /// Default `router.progress_timeout_s`: above the decode node's own waits (a cache queued for a
 /// slot, a stalled transfer: 60 s each), so it only fires for a node that stopped working.
 pub const DEFAULT_PROGRESS_TIMEOUT_S: f64 = 120.0;
@@ -103,6 +106,9 @@ pub struct Profile {
     /// Longest a request may go without output from its decode node before it fails with 504
     /// (a wedged engine that answers polls with nothing).
     pub progress_timeout: std::time::Duration,
+    /// Times one request may move to other nodes after a node serving it failed
+    /// (`router.migration_limit`; 0: never, the request fails instead).
+    pub migration_limit: u32,
     /// KV shipping.
     pub kv: KvShipping,
     /// KV layout of embedded nodes (slots per node come from each node).
@@ -181,6 +187,7 @@ struct RawRouter {
     listen: Option<String>,
     max_queued: Option<usize>,
     progress_timeout_s: Option<f64>,
+    migration_limit: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +499,10 @@ impl Profile {
             listen,
             max_queued: raw.router.max_queued.unwrap_or(DEFAULT_MAX_QUEUED),
             progress_timeout: progress_timeout(raw.router.progress_timeout_s)?,
+            migration_limit: raw
+                .router
+                .migration_limit
+                .unwrap_or(DEFAULT_MIGRATION_LIMIT),
             kv,
             layout,
             nodes,

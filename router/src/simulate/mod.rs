@@ -275,6 +275,7 @@ fn requests(workload: &Workload) -> Vec<Req> {
                 prefill: 0,
                 decode: 0,
                 codec: Codec::None,
+                pieces: exo_kvcache::HANDOFF_PIECES,
                 first_token: None,
                 finished: None,
                 generated: 0,

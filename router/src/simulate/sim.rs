@@ -20,6 +20,8 @@ pub(super) struct Req {
     pub(super) prefill: usize,
     pub(super) decode: usize,
     pub(super) codec: Codec,
+    /// Pieces its hand-off is cut in.
+    pub(super) pieces: u64,
     pub(super) first_token: Option<f64>,
     pub(super) finished: Option<f64>,
     pub(super) generated: u64,
@@ -247,17 +249,18 @@ impl<'a> Sim<'a> {
             output_tokens: self.reqs[r].output,
         };
         let views = self.views();
-        let chosen = self
-            .placer
-            .choose(&views, shape)
-            .map(|c| (c.prefill, c.decode, c.codec.unwrap_or(Codec::None)));
-        let Some((p, d, codec)) = chosen else {
+        let chosen = self.placer.choose(&views, shape).map(|c| {
+            let pieces = c.pieces.unwrap_or(exo_kvcache::HANDOFF_PIECES);
+            (c.prefill, c.decode, c.codec.unwrap_or(Codec::None), pieces)
+        });
+        let Some((p, d, codec, pieces)) = chosen else {
             return false;
         };
         let req = &mut self.reqs[r];
         req.prefill = p;
         req.decode = d;
         req.codec = codec;
+        req.pieces = pieces;
         self.nodes[p].load.prefill_backlog += req.prompt;
         self.nodes[d].load.decoding += 1;
         self.nodes[d].load.decode_ctx += req.prompt;
@@ -368,7 +371,7 @@ impl<'a> Sim<'a> {
         let once = bytes / (self.perf[d].kv_import_gb_s * 1e9) + link.latency_ms / 1000.0;
         let export = bytes / (self.perf[n].kv_export_gb_s * 1e9);
         let own = self.perf[n].prefill_s(prompt);
-        streamed_handoff_s(prompt, own, export, move_s - once)
+        streamed_handoff_s(prompt, self.reqs[r].pieces, own, export, move_s - once)
     }
 
     /// Sends what is left of request `r`'s cache from node `n` to its decode node once its prompt

@@ -13,7 +13,10 @@ use super::{Choice, NodeId, NodeView, PlacementMode, Placer};
 
 mod predict;
 
-pub use predict::{best_codec, choose, predict, streamed_handoff_s, transfer_s};
+pub use predict::{
+    PIECE_CHOICES, best_codec, best_pieces, choose, handoff_s, predict, streamed_handoff_s,
+    transfer_s,
+};
 
 /// Prompt tokens a prefill pass takes at once (the engine's `n_batch`): a colocated node runs one
 /// such chunk between decode steps.
@@ -106,6 +109,9 @@ pub struct Prediction {
     pub decode: NodeId,
     /// Codec for the KV transfer (split placements only).
     pub codec: Option<Codec>,
+    /// Pieces the KV transfer is cut in while the prompt runs (split placements only; 1: one
+    /// piece after it).
+    pub pieces: Option<u64>,
     /// Time to first token, seconds.
     pub ttft_s: f64,
     /// Pause after the first token while the cache moves (export, transfer, import, slot wait).
@@ -191,28 +197,32 @@ impl CostModel {
 
 impl CostModel {
     /// The codec that moves a cache of `shape`'s prompt fastest from `prefill` to `decode` over
-    /// their link, from both nodes' measured codec speeds; `None` when either has no perf table.
-    pub fn codec_for(
+    /// their link, from both nodes' measured codec speeds, and the pieces to cut it in
+    /// ([`best_pieces`]); `None` when either has no perf table.
+    pub fn handoff_for(
         &self,
         nodes: &[NodeView],
         prefill: NodeId,
         decode: NodeId,
         shape: RequestShape,
-    ) -> Option<Codec> {
+    ) -> Option<(Codec, u64)> {
         let perf = |id: NodeId| nodes.iter().find(|n| n.id == id).and_then(|n| n.perf);
         let (p, d) = (perf(prefill)?, perf(decode)?);
         let link = self
             .link(prefill, decode)
             .unwrap_or(self.policy.default_link);
         let bytes = shape.prompt_tokens as f64 * self.policy.kv_bytes_per_token;
-        Some(best_codec(bytes, p, d, &link).0)
+        let codec = best_codec(bytes, p, d, &link).0;
+        let (pieces, _, _) = handoff_s(shape.prompt_tokens, bytes, (p, d), &link, codec)?;
+        Some((codec, pieces))
     }
 }
 
-/// Another placer's choice, with the codec of a split chosen per link the way the cost model
-/// chooses it ([`CostModel::codec_for`]) when that placer left it open: so `disaggregated`
-/// placement compresses on a slow link and not on loopback, as `auto` does. Without perf tables the
-/// profile's `kv.codec` applies.
+/// Another placer's choice, with the codec and pieces of a split chosen per link the way the cost
+/// model chooses them ([`CostModel::handoff_for`]) when that placer left them open: so
+/// `disaggregated` placement compresses on a slow link and not on loopback, and streams the cache
+/// during the prompt only where that pays, as `auto` does. Without perf tables the profile's
+/// `kv.codec` and the prefill node's `--handoff-pieces` apply.
 pub struct LinkCodec<P> {
     /// The placer that chooses the nodes.
     pub inner: P,
@@ -223,8 +233,11 @@ pub struct LinkCodec<P> {
 impl<P: Placer> Placer for LinkCodec<P> {
     fn choose(&self, nodes: &[NodeView], shape: RequestShape) -> Option<Choice> {
         let mut c = self.inner.choose(nodes, shape)?;
-        if c.codec.is_none() && c.prefill != c.decode {
-            c.codec = self.cost.codec_for(nodes, c.prefill, c.decode, shape);
+        if c.codec.is_none()
+            && c.prefill != c.decode
+            && let Some((codec, pieces)) = self.cost.handoff_for(nodes, c.prefill, c.decode, shape)
+        {
+            (c.codec, c.pieces) = (Some(codec), Some(pieces));
         }
         Some(c)
     }
@@ -237,6 +250,7 @@ impl Placer for CostModel {
             prefill: p.prefill,
             decode: p.decode,
             codec: p.codec,
+            pieces: p.pieces,
             predicted: Some(p),
         })
     }

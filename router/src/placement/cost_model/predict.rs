@@ -33,17 +33,27 @@ pub fn transfer_s(
     Some(pipeline + bytes / (d.kv_import_gb_s * 1e9) + link.latency_ms / 1000.0)
 }
 
-/// A streamed hand-off of a `tokens`-token prompt whose own prefill takes `prefill_s` (docs/kvcache.md):
-/// the cells of every [`piece_tokens`] go out as the prompt passes them, after an export of the
-/// sequence so far (`export_s` for the whole cache), and queue on the link (`wire_s` for the whole
-/// cache); the rest follows the last batch. Returns the seconds the exports add to the prefill
-/// (before token 0) and the seconds from the prompt's end until the last byte arrived.
-pub fn streamed_handoff_s(tokens: u64, prefill_s: f64, export_s: f64, wire_s: f64) -> (f64, f64) {
+/// The numbers of pieces a hand-off may be cut in; [`best_pieces`] picks one per request.
+pub const PIECE_CHOICES: [u64; 4] = [1, 2, 4, 8];
+
+/// A streamed hand-off of a `tokens`-token prompt cut in `pieces`, whose own prefill takes
+/// `prefill_s` (docs/kvcache.md): the cells of every [`piece_tokens`] go out as the prompt passes
+/// them, after an export of the sequence so far (`export_s` for the whole cache), and queue on the
+/// link (`wire_s` for the whole cache); the rest follows the last batch. Returns the seconds the
+/// exports add to the prefill (before token 0) and the seconds from the prompt's end until the last
+/// byte arrived.
+pub fn streamed_handoff_s(
+    tokens: u64,
+    pieces: u64,
+    prefill_s: f64,
+    export_s: f64,
+    wire_s: f64,
+) -> (f64, f64) {
     if tokens == 0 {
         return (0.0, export_s + wire_s);
     }
     let n = tokens as f64;
-    let every = piece_tokens(tokens);
+    let every = piece_tokens(tokens, pieces);
     let (mut during, mut link_free, mut sent, mut at) = (0.0, 0.0f64, 0u64, every);
     while at < tokens {
         let share = at as f64 / n;
@@ -57,6 +67,46 @@ pub fn streamed_handoff_s(tokens: u64, prefill_s: f64, export_s: f64, wire_s: f6
     // The last piece is cut from an export of the whole cache, made after token 0 went back.
     let last = link_free.max(end + export_s) + wire_s * (tokens - sent) as f64 / n;
     (during, last - end)
+}
+
+/// The pieces (one of [`PIECE_CHOICES`]) that bring a split request's second token soonest, and
+/// their [`streamed_handoff_s`]. Each piece costs an export of the sequence so far, so streaming
+/// pays where the wire is slow next to the exports (a CPU prefill over Ethernet) and loses where
+/// exports are dear next to the wire (a GPU prefill on a fast link: exports from GPU memory ran at
+/// about 0.3 GB/s on an H100, docs/gpu.md). Ties go to fewer pieces.
+pub fn best_pieces(tokens: u64, prefill_s: f64, export_s: f64, wire_s: f64) -> (u64, (f64, f64)) {
+    let mut best = (
+        1,
+        streamed_handoff_s(tokens, 1, prefill_s, export_s, wire_s),
+    );
+    for pieces in PIECE_CHOICES.into_iter().skip(1) {
+        let t = streamed_handoff_s(tokens, pieces, prefill_s, export_s, wire_s);
+        if t.0 + t.1 < best.1.0 + best.1.1 {
+            best = (pieces, t);
+        }
+    }
+    best
+}
+
+/// What the hand-off of a `tokens`-token prompt (`bytes` of cache) from `p` to `d` over `link`
+/// costs with `codec`, cut in the best number of pieces ([`best_pieces`]): `(pieces, seconds the
+/// exports add before token 0, seconds of hand-off after it)`, the import and the link's latency
+/// included in the latter; `None` when a node has not measured `codec`.
+pub fn handoff_s(
+    tokens: u64,
+    bytes: f64,
+    (p, d): (&NodePerf, &NodePerf),
+    link: &Link,
+    codec: Codec,
+) -> Option<(u64, f64, f64)> {
+    let move_s = transfer_s(bytes, p, d, link, codec)?;
+    // Import and the link's latency come once at the end; the rest of the move can overlap the
+    // prefill.
+    let once = bytes / (d.kv_import_gb_s * 1e9) + link.latency_ms / 1000.0;
+    let export = bytes / (p.kv_export_gb_s * 1e9);
+    let (pieces, (during, exposed)) =
+        best_pieces(tokens, p.prefill_s(tokens), export, move_s - once);
+    Some((pieces, during, exposed + once))
 }
 
 /// The codec that moves `bytes` fastest from `p` to `d` over `link`, and its time.
@@ -150,6 +200,7 @@ fn candidate(
         prefill,
         decode,
         codec,
+        pieces: None,
         ttft_s,
         handoff_s,
         tpot_s,
@@ -203,20 +254,17 @@ pub fn predict(
         for p in priced.iter().filter(|n| n.role.prefills()) {
             for d in priced.iter().filter(|n| n.role.decodes() && n.id != p.id) {
                 let l = link(p.id, d.id).unwrap_or(policy.default_link);
-                let (codec, move_s) = best_codec(bytes, p.perf, d.perf, &l);
-                // The cache goes out in pieces while the prompt runs: import and the link's
-                // latency come once at the end, the rest of the move overlaps the prefill.
-                let import = bytes / (d.perf.kv_import_gb_s * 1e9);
-                let once = import + l.latency_ms / 1000.0;
-                let export = bytes / (p.perf.kv_export_gb_s * 1e9);
-                let own = p.perf.prefill_s(req.prompt_tokens);
-                let (during, exposed) =
-                    streamed_handoff_s(req.prompt_tokens, own, export, move_s - once);
+                let (codec, _) = best_codec(bytes, p.perf, d.perf, &l);
+                let Some((pieces, during, after)) =
+                    handoff_s(req.prompt_tokens, bytes, (p.perf, d.perf), &l, codec)
+                else {
+                    continue;
+                };
                 let ttft = prefill_wait_s(p, req.prompt_tokens) + during;
                 let (tpot, slot_wait) = decode_cost(d, req.prompt_tokens, out);
-                let handoff = policy.handoff_overhead_s + exposed + once + slot_wait;
+                let handoff = policy.handoff_overhead_s + after + slot_wait;
                 let ids = (p.id, d.id);
-                let c = candidate(
+                let mut c = candidate(
                     PlacementMode::Disaggregated,
                     ids,
                     Some(codec),
@@ -224,6 +272,7 @@ pub fn predict(
                     handoff,
                     tpot,
                 );
+                c.pieces = Some(pieces);
                 found.push(finish(policy, out, c));
             }
         }
@@ -352,21 +401,41 @@ mod tests {
     #[test]
     fn the_streamed_hand_off_hides_the_wire_behind_the_prefill() {
         // A 4,096-token prompt, 16 s of prefill: pieces of 512 tokens every 2 s.
-        let (during, exposed) = streamed_handoff_s(4096, 16.0, 0.0, 4.0);
+        let (during, exposed) = streamed_handoff_s(4096, 8, 16.0, 0.0, 4.0);
         // A link faster than the prefill leaves only the last eighth exposed.
         assert_eq!(during, 0.0);
         assert!((exposed - 0.5).abs() < 1e-9, "{exposed}");
         // A link slower than the prefill: the pieces queue; all but 7/8 of the prefill shows.
-        let (_, slow) = streamed_handoff_s(4096, 16.0, 0.0, 40.0);
+        let (_, slow) = streamed_handoff_s(4096, 8, 16.0, 0.0, 40.0);
         assert!((slow - (40.0 - 14.0)).abs() < 1e-9, "{slow}");
         // Seven exports of 1/8..7/8 of the cache delay the prefill by 3.5 whole exports; the last
         // export, after token 0, is part of what shows.
-        let (during, exposed) = streamed_handoff_s(4096, 16.0, 0.1, 4.0);
+        let (during, exposed) = streamed_handoff_s(4096, 8, 16.0, 0.1, 4.0);
         assert!((during - 0.35).abs() < 1e-9, "{during}");
         assert!((exposed - 0.6).abs() < 1e-9, "{exposed}");
         // Under 512 tokens a piece is 256 tokens: a 300-token prompt sends one, then 44 tokens.
-        let (_, short) = streamed_handoff_s(300, 3.0, 0.0, 0.3);
+        let (_, short) = streamed_handoff_s(300, 8, 3.0, 0.0, 0.3);
         assert!((short - 0.3 * 44.0 / 300.0).abs() < 1e-9, "{short}");
+        // One piece: the whole export and wire after the prompt.
+        let (during, exposed) = streamed_handoff_s(4096, 1, 16.0, 0.1, 4.0);
+        assert_eq!(during, 0.0);
+        assert!((exposed - 4.1).abs() < 1e-9, "{exposed}");
+    }
+
+    #[test]
+    fn the_cache_streams_where_the_wire_is_slow_next_to_the_exports() {
+        // The H100 on loopback (docs/gpu.md): a 7,700-token prompt prefilled in 0.21 s, its
+        // 177 MB exported at 0.3 GB/s (0.59 s), 18 ms of wire: one piece after the prompt.
+        let (pieces, (during, exposed)) = best_pieces(7700, 0.21, 0.59, 0.018);
+        assert_eq!((pieces, during), (1, 0.0));
+        assert!((exposed - 0.608).abs() < 1e-9, "{exposed}");
+        // A CPU prefill of 3,500 tokens in 7 s, 80 MB exported at 1 GB/s, 6.4 s over 100 Mbit/s:
+        // eight pieces, most of the wire behind the prompt.
+        let (pieces, (during, exposed)) = best_pieces(3500, 7.0, 0.08, 6.4);
+        assert_eq!(pieces, 8);
+        assert!(during < 0.5 && exposed < 1.5, "{during} {exposed}");
+        // Nothing to gain (no wire, free exports): the fewest pieces.
+        assert_eq!(best_pieces(3500, 7.0, 0.0, 0.0).0, 1);
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! Real processes for the multi-process tests: `exo-router` nodes and routers started on free
+//! loopback ports and killed when dropped.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// Kills the process when dropped, so a failing test leaves nothing running.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `exo-router ARGS` and returns it with the first stdout line containing `marker`.
+pub fn spawn(args: &[&str], marker: &str) -> (Proc, String) {
+    spawn_logged(args, marker, Stdio::inherit())
+}
+
+/// [`spawn`] with the process's stderr going to `stderr`.
+pub fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_exo-router"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.contains(marker)))
+        .unwrap_or_else(|| panic!("no {marker:?} from {args:?}"));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (proc, line)
+}
+
+pub fn last_word(line: &str) -> String {
+    line.split_whitespace()
+        .last()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string()
+}
+
+/// Starts `exo-router node` for `role` as `name` on a free port with `extra` flags; returns the
+/// process and its RPC address.
+pub fn spawn_node(model: &str, role: &str, name: &str, extra: &[&str]) -> (Proc, String) {
+    spawn_node_logged(model, role, name, extra, Stdio::inherit())
+}
+
+/// [`spawn_node`] with the node's stderr going to `stderr`.
+pub fn spawn_node_logged(
+    model: &str,
+    role: &str,
+    name: &str,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (Proc, String) {
+    let mut args = vec![
+        "node",
+        "--role",
+        role,
+        "--name",
+        name,
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (proc, line) = spawn_logged(&args, "listening on", stderr);
+    (proc, last_word(&line))
+}
+
+/// A free loopback address for a metrics listener.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The Prometheus page at `http://addr/metrics`.
+pub async fn metrics(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
