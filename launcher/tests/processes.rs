@@ -427,7 +427,8 @@ async fn transfers_through_a_faulty_link_strand_nothing() {
 /// A link that stalls mid-transfer (a proxy stops forwarding the prefill node's bytes after
 /// 64 KiB, keeping the connection open): the decode node, given `--transfer-timeout 2`, fails the
 /// request with "transfer timed out" once the transfer made no progress for 2 s, the client gets
-/// that error, and the decode node holds nothing afterwards.
+/// that error, and the decode node holds nothing afterwards; once the prefill node's own call
+/// deadline passes, requests get through again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_transfer_fails_at_the_transfer_timeout_and_strands_nothing() {
     let d_metrics = free_addr();
@@ -466,5 +467,21 @@ async fn a_stalled_transfer_fails_at_the_transfer_timeout_and_strands_nothing() 
         held.iter().all(|&v| v == 0.0),
         "decode node still holds {held:?}"
     );
+
+    // The prefill node's call on the stalled connection fails at its own deadline (5 s plus its
+    // chunks at 1 MB/s, well under 30 s) and the connection is dropped: a later request gets a
+    // fresh one and its answer, instead of queueing behind the stall (60 s before).
+    let recovered = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            let again = post(addr, "/v1/chat/completions", &body).await;
+            if again.status == 200 {
+                return again;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+    .expect("transfers to the decode node stayed stuck behind the stalled connection");
+    assert_eq!(recovered.text, "The capital of France is Paris.");
     let _ = std::fs::remove_dir_all(&split.dir);
 }

@@ -20,8 +20,18 @@ mod ship;
 use ship::Outbound;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
-/// Deadline of one KV call to a decode node.
-const KV_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Every KV call to a decode node gets this long, plus its bytes' time at [`MIN_LINK_BYTES_PER_S`].
+const KV_CALL_BASE: Duration = Duration::from_secs(5);
+/// The slowest link a KV call's deadline allows for: 1 MB/s (8 Mbit/s), shared by the chunk calls
+/// in flight. A call that does not finish by then is taken for a stalled link: it fails, and the
+/// connection is dropped, so later transfers to that decode node open a fresh one instead of
+/// queueing behind the stall.
+const MIN_LINK_BYTES_PER_S: f64 = 1e6;
+
+/// The deadline of a KV call carrying `bytes` while `in_flight` such calls share the link.
+pub(crate) fn kv_call_timeout(bytes: usize, in_flight: usize) -> Duration {
+    KV_CALL_BASE + Duration::from_secs_f64((bytes * in_flight.max(1)) as f64 / MIN_LINK_BYTES_PER_S)
+}
 /// Deadline of the call that tells a decode node a transfer failed.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections tried for that call.

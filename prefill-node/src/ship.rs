@@ -20,7 +20,7 @@ use exo_protocol::{
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{ABORT_BACKOFF, ABORT_TIMEOUT, ABORT_TRIES, InFlight, KV_CALL_TIMEOUT, PrefillNode};
+use crate::{ABORT_BACKOFF, ABORT_TIMEOUT, ABORT_TRIES, InFlight, PrefillNode, kv_call_timeout};
 
 /// A prompt whose cache is to be shipped.
 pub(crate) struct Outbound<'a> {
@@ -172,13 +172,14 @@ impl PrefillNode {
         };
         let client = self.client(&handoff.decode_addr).await?;
         let rpc = |e: tarpc::client::RpcError| NodeError::Transfer(e.to_string());
+        let header_len = header.len();
         let begin = KvBegin {
             id,
             header,
             sampling,
         };
         client
-            .kv_begin(context_with_deadline(KV_CALL_TIMEOUT), begin)
+            .kv_begin(context_with_deadline(kv_call_timeout(header_len, 1)), begin)
             .await
             .map_err(rpc)??;
         let frames = futures::stream::unfold(frames_rx, |mut rx| async move {
@@ -191,7 +192,7 @@ impl PrefillNode {
                 async move {
                     client
                         .kv_chunk(
-                            context_with_deadline(KV_CALL_TIMEOUT),
+                            context_with_deadline(kv_call_timeout(bytes.len(), depth)),
                             KvFrame { id, bytes },
                         )
                         .await
@@ -216,6 +217,7 @@ impl PrefillNode {
         let frame = end.ok_or_else(|| {
             NodeError::Transfer("the engine ended the cache's pieces early".into())
         })?;
+        let end_len = frame.len();
         let end = KvEnd {
             id,
             frame,
@@ -223,7 +225,7 @@ impl PrefillNode {
             index,
         };
         client
-            .kv_end(context_with_deadline(KV_CALL_TIMEOUT), end)
+            .kv_end(context_with_deadline(kv_call_timeout(end_len, 1)), end)
             .await
             .map_err(rpc)??;
         let (raw, wire) = encoder.bytes_sent();

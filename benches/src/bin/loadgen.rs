@@ -57,6 +57,45 @@ struct Args {
     /// With `--duration`: a long prompt every this many seconds, beside the chats.
     #[arg(long)]
     long_period: Option<f64>,
+    /// Reuse connections (HTTP keep-alive) instead of one per request: a server that closes a
+    /// kept-alive connection under a client shows up as dropped connections.
+    #[arg(long)]
+    keep_alive: bool,
+}
+
+/// Why requests failed, by kind.
+#[derive(Default)]
+struct Failures {
+    /// HTTP 429 (the server's queue was full: expected under overload).
+    rate_limited: usize,
+    /// Any other HTTP error status.
+    http: usize,
+    /// The connection failed or closed: before the answer, or in the middle of its stream.
+    dropped: usize,
+    /// The stream ended with an error event, bad data or no content.
+    other: usize,
+}
+
+impl Failures {
+    fn count(&mut self, e: &anyhow::Error) {
+        let text = e.to_string();
+        if text.starts_with("HTTP 429") {
+            self.rate_limited += 1;
+        } else if text.starts_with("HTTP ") {
+            self.http += 1;
+        } else if e
+            .chain()
+            .any(|c| c.downcast_ref::<reqwest::Error>().is_some())
+        {
+            self.dropped += 1;
+        } else {
+            self.other += 1;
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.rate_limited + self.http + self.dropped + self.other
+    }
 }
 
 /// What one request measured.
@@ -136,6 +175,9 @@ async fn one(
                     continue;
                 }
                 let v: Value = serde_json::from_str(data).context("bad event")?;
+                if let Some(e) = v.get("error") {
+                    anyhow::bail!("error event: {e}");
+                }
                 if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                     usage_tokens = Some(n);
                 }
@@ -202,7 +244,8 @@ async fn model_id(client: &reqwest::Client, args: &Args) -> Result<String> {
 }
 
 /// Prints the run's summary and the latency table.
-fn report(args: &Args, model: &str, wall: f64, samples: &[Sample], errors: usize) {
+fn report(args: &Args, model: &str, wall: f64, samples: &[Sample], failures: &Failures) {
+    let errors = failures.total();
     let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
     let (requests, long) = match (args.duration, args.long_period) {
         (Some(d), None) => (
@@ -226,9 +269,14 @@ fn report(args: &Args, model: &str, wall: f64, samples: &[Sample], errors: usize
         args.url, args.concurrency, args.max_tokens, args.short_words
     );
     println!(
-        "wall {wall:.1} s | output {:.1} tok/s | {:.2} req/s | errors {errors}",
+        "wall {wall:.1} s | output {:.1} tok/s | {:.2} req/s | errors {errors} (429: {}, other HTTP: {}, dropped connections: {}, other: {}) | keep-alive {}",
         tokens as f64 / wall,
-        samples.len() as f64 / wall
+        samples.len() as f64 / wall,
+        failures.rate_limited,
+        failures.http,
+        failures.dropped,
+        failures.other,
+        if args.keep_alive { "on" } else { "off" }
     );
     println!();
     println!("| metric (ms) | n | p50 | p90 | p99 |");
@@ -292,10 +340,10 @@ async fn timed(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    // A connection per request: llama-server closes idle keep-alive connections, and a request sent
-    // on one it just closed fails ("connection closed before message completed").
+    // A connection per request unless asked: llama-server closes idle keep-alive connections, and
+    // a request sent on one it just closed fails ("connection closed before message completed").
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
+        .pool_max_idle_per_host(if args.keep_alive { usize::MAX } else { 0 })
         .build()?;
     let model = model_id(&client, &args).await?;
     let started = Instant::now();
@@ -310,17 +358,17 @@ async fn main() -> Result<()> {
         }
     };
     let wall = started.elapsed().as_secs_f64();
-    let mut errors = 0;
+    let mut failures = Failures::default();
     let mut samples = Vec::new();
     for r in results {
         match r {
             Ok(s) => samples.push(s),
             Err(e) => {
-                errors += 1;
+                failures.count(&e);
                 eprintln!("error: {e:#}");
             }
         }
     }
-    report(&args, &model, wall, &samples, errors);
+    report(&args, &model, wall, &samples, &failures);
     Ok(())
 }
