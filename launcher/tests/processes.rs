@@ -336,19 +336,27 @@ async fn transfers_through_a_faulty_link_strand_nothing() {
     let (p_metrics, d_metrics) = (free_addr(), free_addr());
     let fault = Fault::Chaos {
         refuse_one_in: 4,
+        stall_one_in: 4,
         max_bytes: 16 << 20,
         seed: 7,
     };
     let prefill_flags = ["--metrics-listen", &p_metrics, "--slots", "2"];
-    let decode_flags = ["--metrics-listen", &d_metrics];
+    // A stalled transfer fails at the decode node's transfer timeout (and at the prefill node's
+    // call deadline, a few seconds on): 3 s here instead of 60.
+    let decode_flags = ["--metrics-listen", &d_metrics, "--transfer-timeout", "3"];
     let mut split = proxied_split("chaos", fault, &prefill_flags, &decode_flags).await;
     let (addr, proxy) = (split.addr, &split.proxy);
 
     let (mut ok, mut failed, mut sent) = (0usize, 0usize, 0usize);
     let transfers = |page: &str| node_metric(page, "exo_prefill_seconds_count", "chaos-prefill");
-    while transfers(&metrics(&p_metrics).await) < 200.0 {
+    // Benchmark mode: EXO_CHAOS_TRANSFERS=1000 (docs/reliability.md).
+    let target: f64 = std::env::var("EXO_CHAOS_TRANSFERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200.0);
+    while transfers(&metrics(&p_metrics).await) < target {
         assert!(
-            sent < 1500,
+            (sent as f64) < 7.5 * target,
             "{sent} requests made only {} transfers",
             transfers(&metrics(&p_metrics).await)
         );

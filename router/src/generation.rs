@@ -17,8 +17,9 @@ use crate::placement::RequestShape;
 const PREFILL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long one poll waits on the decode node for output.
 const POLL_WAIT_MS: u32 = 1000;
-/// Deadline of one poll call.
-const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of one poll call: the node answers within [`POLL_WAIT_MS`], so a poll that takes
+/// seconds more went down a stalled connection or to a hung node, and the request moves.
+const POLL_TIMEOUT: Duration = Duration::from_secs(6);
 /// Deadline of the liveness check on the decode node.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the decode node is checked while a split request's prompt runs.
@@ -453,8 +454,12 @@ impl Generation {
                     return Some(Err(e.into()));
                 }
                 Err(e) => {
-                    let lost = is_connection_error(&e);
-                    let error = rpc_failure(&self.placement.decode, e);
+                    let lost = is_connection_error(&e) || matches!(e, RpcError::DeadlineExceeded);
+                    let error = if lost {
+                        unreachable_node(&self.placement.decode, &e)
+                    } else {
+                        rpc_failure(&self.placement.decode, e)
+                    };
                     let moved = if lost {
                         self.migrate(error).await
                     } else {

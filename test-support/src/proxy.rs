@@ -35,12 +35,15 @@ pub enum Fault {
         times: usize,
     },
     /// Each connection is refused (closed as soon as it is accepted) with probability
-    /// 1/`refuse_one_in`, and otherwise cut after a random number of client bytes below
-    /// `max_bytes`: a busy connection is cut sooner or later, a quiet one may never be. The draws
-    /// come from `seed`, so a run can be repeated.
+    /// 1/`refuse_one_in`, else stalled with probability 1/`stall_one_in`, and otherwise cut, after
+    /// a random number of client bytes below `max_bytes`: a busy connection is cut (or stalls)
+    /// sooner or later, a quiet one may never be. The draws come from `seed`, so a run can be
+    /// repeated.
     Chaos {
         /// One refused connection in this many.
         refuse_one_in: u64,
+        /// Of the others, one stalled (not cut) in this many (0: none).
+        stall_one_in: u64,
         /// Cuts happen below this many client bytes.
         max_bytes: u64,
         /// Seed of the draws.
@@ -54,6 +57,7 @@ enum Fate {
     Pass,
     Refuse,
     Cut(u64),
+    Stall(u64),
 }
 
 /// A small deterministic generator (splitmix64) for the proxy's draws.
@@ -70,14 +74,18 @@ impl Fault {
         match self {
             Fault::Chaos {
                 refuse_one_in,
+                stall_one_in,
                 max_bytes,
                 seed,
             } => {
                 let draw = splitmix(seed ^ splitmix(n));
+                let bytes = splitmix(draw) % max_bytes.max(1);
                 if refuse_one_in > 0 && draw.is_multiple_of(refuse_one_in) {
                     Fate::Refuse
+                } else if stall_one_in > 0 && splitmix(draw ^ 1).is_multiple_of(stall_one_in) {
+                    Fate::Stall(bytes)
                 } else {
-                    Fate::Cut(splitmix(draw) % max_bytes.max(1))
+                    Fate::Cut(bytes)
                 }
             }
             Fault::None | Fault::CutAfter { .. } | Fault::StallAfter { .. } => Fate::Pass,
@@ -159,6 +167,7 @@ async fn forward(
                 (Fault::CutAfter { bytes, times }, _) => (Some((bytes, times)), false),
                 (Fault::StallAfter { bytes, times }, _) => (Some((bytes, times)), true),
                 (_, Fate::Cut(bytes)) => (Some((bytes, usize::MAX)), false),
+                (_, Fate::Stall(bytes)) => (Some((bytes, usize::MAX)), true),
                 _ => (None, false),
             };
             if let Some((bytes, times)) = limit
