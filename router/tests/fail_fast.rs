@@ -201,15 +201,16 @@ enum Failure {
     ReportsFault,
 }
 
-/// Starts a split cluster of stand-ins, sends one streaming chat, fails the decode node as
-/// `failure` says once the prompt is running, and checks the request fails with 503 and the
-/// prefill call is cancelled.
-async fn decode_node_fails_mid_prompt(failure: Failure) {
+/// Starts a split cluster of stand-ins (with `router` as its `[router]` table), sends one
+/// streaming chat, fails the decode node as `failure` says once the prompt is running, and checks
+/// the request fails with 503 (the only decode node is lost, so it cannot move) and the prefill
+/// call is cancelled; returns the error message.
+async fn decode_node_fails_mid_prompt(failure: Failure, router: &str) -> String {
     let (_keep_prefill, prefill_stop) = oneshot::channel();
     let (kill_decode, decode_stop) = oneshot::channel();
     let (p_addr, prefill) = stand_in(Role::Prefill, prefill_stop).await;
     let (d_addr, decode) = stand_in(Role::Decode, decode_stop).await;
-    let server = start_split(p_addr, d_addr).await;
+    let server = start_split_with(p_addr, d_addr, router).await;
     assert!(server.cluster.nodes().iter().all(|n| n.healthy()));
 
     let url = format!("http://{}/v1/chat/completions", server.addr);
@@ -255,21 +256,42 @@ async fn decode_node_fails_mid_prompt(failure: Failure) {
         "{failure:?}"
     );
     server.shutdown().await;
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The message of a request that tried to move: the lost node, and why no other node took it.
+fn tried_to_move(message: &str) -> bool {
+    message.contains("node d ") && message.contains("no other node could take the request")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_node_that_dies_mid_prompt_fails_the_request_and_cancels_the_prefill() {
-    decode_node_fails_mid_prompt(Failure::Dies).await;
+    let message = decode_node_fails_mid_prompt(Failure::Dies, "").await;
+    assert!(tried_to_move(&message), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_node_that_hangs_mid_prompt_fails_the_request_and_cancels_the_prefill() {
-    decode_node_fails_mid_prompt(Failure::Hangs).await;
+    let message = decode_node_fails_mid_prompt(Failure::Hangs, "").await;
+    assert!(tried_to_move(&message), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_node_that_reports_a_fault_mid_prompt_fails_the_request_and_cancels_the_prefill() {
-    decode_node_fails_mid_prompt(Failure::ReportsFault).await;
+    let message = decode_node_fails_mid_prompt(Failure::ReportsFault, "").await;
+    assert!(tried_to_move(&message), "{message}");
+}
+
+/// With `router.migration_limit = 0` a lost node fails the request at once, without trying to
+/// place it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_migrations_allowed_a_lost_node_fails_the_request_at_once() {
+    let message = decode_node_fails_mid_prompt(Failure::Dies, "migration_limit = 0").await;
+    assert!(!tried_to_move(&message), "{message}");
+    assert!(message.contains("node d is unreachable"), "{message}");
 }
 
 /// What a node whose engine context was retired reports.
