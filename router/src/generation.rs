@@ -51,8 +51,10 @@ pub struct Generation {
     decode_client: NodeServiceClient,
     first: Option<Delta>,
     done: bool,
-    /// The decode slot this request holds until it is dropped.
-    _slot: SlotPermit,
+    /// The decode slot this request holds until it is dropped; `None` only while the request
+    /// moves (the lost leg's slot goes back first, or requests moving to the same node would each
+    /// hold a slot while they wait for another).
+    slot: Option<SlotPermit>,
     /// When the decode node last produced output (or the request started on it).
     last_progress: Instant,
     /// Longest the decode node may go without output before the request fails (504).
@@ -352,7 +354,7 @@ impl Generation {
             decode_client: leg.decode_client,
             first: None,
             done: false,
-            _slot: leg.slot,
+            slot: Some(leg.slot),
             last_progress: Instant::now(),
             progress_timeout: cluster.progress_timeout,
             prompt_tokens: leg.reply.n_prompt,
@@ -513,6 +515,7 @@ impl Generation {
         self.migrations += 1;
         metrics::counter!("exo_migrations_total", "reason" => Lost::Decode.reason()).increment(1);
         tracing::warn!(request = %self.id, node = self.placement.decode.name(), tokens = self.output.len(), %error, "decode node lost mid-stream; resuming the request on other nodes");
+        self.slot = None;
         let left = self
             .sampling
             .max_tokens
@@ -531,7 +534,7 @@ impl Generation {
             })?;
         self.rpc_id = leg.rpc_id;
         self.decode_client = leg.decode_client;
-        self._slot = leg.slot;
+        self.slot = Some(leg.slot);
         self.placement = leg.placement;
         self.last_progress = Instant::now();
         Ok(self.take_first(&leg.reply))
