@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use exo_engine::{ContextHandle, EventSink, GenEvent, SlotLease};
+use exo_engine::{ContextHandle, EventSink, GenEvent, SlotLease, resumed_output};
 use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder, chunk_index};
 use exo_protocol::{KvBegin, KvEnd, KvFrame, NodeError, PollReply, RequestId, SamplingParams};
 use tokio::sync::mpsc;
@@ -337,11 +337,7 @@ impl DecodeNode {
                 }
             };
             let tokens = &kv.header.tokens;
-            let n = index as usize;
-            let history = (n < tokens.len())
-                .then(|| tokens.get(tokens.len() - n..))
-                .flatten();
-            let Some(history) = history.map(<[i32]>::to_vec) else {
+            let Some(history) = resumed_output(tokens, index as usize).map(<[i32]>::to_vec) else {
                 let why = format!(
                     "output index {index} outside a cache of {} tokens",
                     tokens.len()

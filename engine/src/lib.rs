@@ -18,7 +18,7 @@ mod text;
 
 pub use context::{
     ContextConfig, ContextHandle, EventSink, ExportedKv, GenEvent, Generated, KvPiece,
-    PrefillBatching, PrefillOutput, SlotLease,
+    PrefillBatching, PrefillOutput, SlotLease, resumed_output,
 };
 pub use error::EngineError;
 pub use model::{ChatMessage, FirstOutput, Model, ModelOptions, fingerprint_file};

@@ -141,10 +141,7 @@ impl Model {
         token: i32,
         sampling: &SamplingParams,
     ) -> FirstOutput {
-        let mut stream = TextStream::new(&sampling.stop);
-        for &t in history {
-            let _ = stream.push(&self.token_bytes(t));
-        }
+        let mut stream = self.text_after(history.iter().copied(), sampling);
         let mut text = stream.push(&self.token_bytes(token));
         let finish = if self.is_eog(token) {
             text.clear();
@@ -158,6 +155,21 @@ impl Model {
             None
         };
         FirstOutput { text, finish }
+    }
+
+    /// The text stream of a request sampled with `sampling` after its output `sent`, whose text
+    /// already went to the client: only the state is kept (text held back for a possible stop
+    /// string, a character split between tokens), so the same tokens never send text twice.
+    pub fn text_after(
+        &self,
+        sent: impl IntoIterator<Item = i32>,
+        sampling: &SamplingParams,
+    ) -> TextStream {
+        let mut stream = TextStream::new(&sampling.stop);
+        for t in sent {
+            let _ = stream.push(&self.token_bytes(t));
+        }
+        stream
     }
 
     /// Loads a GGUF file and computes its fingerprint.

@@ -50,14 +50,8 @@ impl Worker<'_> {
             .map_err(|e| EngineError::Decode(e.to_string()))
     }
 
-    /// Adds a sequence to the batch loop; its reply is sent when it finishes. `history`: its
-    /// output before `a.token`, when it resumes a request.
-    pub(super) fn start(&mut self, mut a: Active, history: &[i32]) {
-        // The output so far was already sent by whoever sampled it; only its bytes matter here
-        // (text held back for a possible stop string, or a character split between tokens).
-        for &t in history.iter().chain([a.token].iter()) {
-            let _ = a.text.push(&self.model.token_bytes(t));
-        }
+    /// Adds a sequence to the batch loop; its reply is sent when it finishes.
+    pub(super) fn start(&mut self, a: Active) {
         self.active.push(a);
     }
 

@@ -198,15 +198,7 @@ impl ContextHandle {
         tokens: Vec<i32>,
         sampling: SamplingParams,
     ) -> Result<PrefillOutput, EngineError> {
-        self.call(|reply| Command::Prefill {
-            seq,
-            tokens,
-            resumed: 0,
-            sampling,
-            stream: None,
-            reply,
-        })
-        .await
+        self.prefill_resumed(seq, tokens, 0, sampling, None).await
     }
 
     /// [`Self::prefill`] or [`Self::prefill_streamed`] (with `stream`: where the pieces go and
@@ -274,16 +266,8 @@ impl ContextHandle {
         sampling: SamplingParams,
         events: impl EventSink,
     ) -> Result<(), EngineError> {
-        self.call(|reply| Command::Generate {
-            seq,
-            next,
-            index,
-            history: Vec::new(),
-            sampling,
-            events: Box::new(events),
-            reply,
-        })
-        .await
+        self.generate_after(seq, (next, index), Vec::new(), sampling, events)
+            .await
     }
 
     /// [`Self::generate_stream`] for a request whose output tokens before `next` were `history`
@@ -299,6 +283,19 @@ impl ContextHandle {
     ) -> Result<(), EngineError> {
         let index = u32::try_from(history.len())
             .map_err(|_| EngineError::InvalidRequest("output too long".into()))?;
+        self.generate_after(seq, (next, index), history, sampling, events)
+            .await
+    }
+
+    /// Continues sequence `seq` from `next`, output token `index`, after the output `history`.
+    async fn generate_after(
+        &self,
+        seq: i32,
+        (next, index): (i32, u32),
+        history: Vec<i32>,
+        sampling: SamplingParams,
+        events: impl EventSink,
+    ) -> Result<(), EngineError> {
         self.call(|reply| Command::Generate {
             seq,
             next,

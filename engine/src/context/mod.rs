@@ -44,6 +44,16 @@ impl EventSink for mpsc::UnboundedSender<GenEvent> {
 }
 pub use slots::SlotLease;
 
+/// The output a resumed request already produced: the last `resumed` of a sequence's `tokens`,
+/// which follow its prompt. `None` when they would not leave at least one prompt token.
+pub fn resumed_output(tokens: &[i32], resumed: usize) -> Option<&[i32]> {
+    tokens
+        .len()
+        .checked_sub(resumed)
+        .filter(|&at| at > 0)
+        .and_then(|at| tokens.get(at..))
+}
+
 /// Result of a prefill: the first output token, sampled on the prefill side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefillOutput {

@@ -19,7 +19,6 @@ use super::{Command, ContextConfig, ExportedKv};
 use crate::constraint::advance;
 use crate::error::EngineError;
 use crate::model::Model;
-use crate::text::TextStream;
 
 fn kv_cache_type(t: KvType) -> KvCacheType {
     match t {
@@ -218,20 +217,20 @@ impl Worker<'_> {
                     .and_then(|()| self.model.check_tokens(&history))
                     .and_then(|()| self.resume_matcher(&sampling, index, &history, next));
                 match matcher {
-                    Ok(matcher) => self.start(
-                        Active {
-                            seq,
-                            slot: seq as usize,
-                            token: next,
-                            index,
-                            text: TextStream::new(&sampling.stop),
-                            sampling,
-                            matcher,
-                            events,
-                            reply,
-                        },
-                        &history,
-                    ),
+                    // `next` and the output before it were sent by whoever sampled them.
+                    Ok(matcher) => self.start(Active {
+                        seq,
+                        slot: seq as usize,
+                        token: next,
+                        index,
+                        text: self
+                            .model
+                            .text_after(history.into_iter().chain([next]), &sampling),
+                        sampling,
+                        matcher,
+                        events,
+                        reply,
+                    }),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -263,16 +262,9 @@ impl Worker<'_> {
         resumed: usize,
         sampling: &SamplingParams,
     ) -> Result<(usize, Option<Matcher>, u32), EngineError> {
-        let history = tokens
-            .len()
-            .checked_sub(resumed)
-            .filter(|&at| at > 0)
-            .and_then(|at| tokens.get(at..))
-            .ok_or_else(|| {
-                EngineError::InvalidRequest(
-                    "the resumed output is not shorter than the prompt".into(),
-                )
-            })?;
+        let history = super::resumed_output(tokens, resumed).ok_or_else(|| {
+            EngineError::InvalidRequest("the resumed output is not shorter than the prompt".into())
+        })?;
         let first_index = u32::try_from(resumed)
             .map_err(|_| EngineError::InvalidRequest("resumed output too long".into()))?;
         self.model.check_tokens(tokens)?;
