@@ -366,12 +366,12 @@ impl Generation {
             output: Vec::new(),
             migrations,
         };
-        generation.first = Some(generation.take_first(&leg.reply));
+        generation.first = Some(generation.take_first(leg.reply));
         Ok(generation)
     }
 
     /// Counts the token a leg's prefill sampled and returns its text.
-    fn take_first(&mut self, reply: &PrefillReply) -> Delta {
+    fn take_first(&mut self, reply: PrefillReply) -> Delta {
         // An end token as the first token carries no text and is not output.
         let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
         if produced {
@@ -379,7 +379,7 @@ impl Generation {
             self.completion_tokens += 1;
         }
         Delta {
-            text: reply.first_text.clone(),
+            text: reply.first_text,
             finish: reply.finish,
         }
     }
@@ -456,17 +456,15 @@ impl Generation {
                     return Some(Err(e.into()));
                 }
                 Err(e) => {
-                    let lost = is_connection_error(&e) || matches!(e, RpcError::DeadlineExceeded);
-                    let error = if lost {
-                        unreachable_node(&self.placement.decode, &e)
-                    } else {
-                        rpc_failure(&self.placement.decode, e)
-                    };
-                    let moved = if lost {
-                        self.migrate(error).await
-                    } else {
-                        Err(error)
-                    };
+                    // A poll past its deadline went down a stalled connection or to a hung
+                    // node: as lost as a closed connection.
+                    let moved =
+                        if is_connection_error(&e) || matches!(e, RpcError::DeadlineExceeded) {
+                            let error = unreachable_node(&self.placement.decode, &e);
+                            self.migrate(error).await
+                        } else {
+                            Err(rpc_failure(&self.placement.decode, e))
+                        };
                     self.done = moved.as_ref().map_or(true, |d| d.finish.is_some());
                     if let Ok(d) = &moved
                         && d.text.is_empty()
@@ -526,8 +524,7 @@ impl Generation {
         };
         let input = (&self.prompt, &self.sampling, &self.output[..]);
         let ids = (self.id, self.cluster.next_id());
-        let cluster = Arc::clone(&self.cluster);
-        let leg = place_and_prefill(&cluster, ids, input, shape, &mut self.migrations)
+        let leg = place_and_prefill(&self.cluster, ids, input, shape, &mut self.migrations)
             .await
             .map_err(|e| {
                 ApiError::Unavailable(format!("{error}; resuming elsewhere failed: {e}"))
@@ -537,7 +534,7 @@ impl Generation {
         self.slot = Some(leg.slot);
         self.placement = leg.placement;
         self.last_progress = Instant::now();
-        Ok(self.take_first(&leg.reply))
+        Ok(self.take_first(leg.reply))
     }
 
     /// Runs to the end and returns the whole text and why it ended.

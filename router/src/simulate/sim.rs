@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use exo_kvcache::Codec;
 
 use super::{Arrival, Workload};
-use crate::placement::cost_model::{PREFILL_CHUNK, streamed_handoff_s};
+use crate::placement::cost_model::{PREFILL_CHUNK, handoff_terms, streamed_handoff_s};
 use crate::placement::{NodeLoad, NodeView, PlacementMode, Placer, RequestShape};
 use crate::profile::Profile;
 use exo_protocol::NodePerf;
@@ -358,20 +358,12 @@ impl<'a> Sim<'a> {
     fn streamed(&self, n: usize, r: usize) -> (f64, f64) {
         let d = self.reqs[r].decode;
         let prompt = self.reqs[r].prompt;
-        let bytes = self.bytes(r);
         let link = self.profile.link(n, d);
-        let move_s = crate::placement::cost_model::transfer_s(
-            bytes,
-            self.perf[n],
-            self.perf[d],
-            &link,
-            self.reqs[r].codec,
-        )
-        .unwrap_or(f64::INFINITY);
-        let once = bytes / (self.perf[d].kv_import_gb_s * 1e9) + link.latency_ms / 1000.0;
-        let export = bytes / (self.perf[n].kv_export_gb_s * 1e9);
+        let perf = (self.perf[n], self.perf[d]);
+        let t = handoff_terms(self.bytes(r), perf, &link, self.reqs[r].codec);
         let own = self.perf[n].prefill_s(prompt);
-        streamed_handoff_s(prompt, self.reqs[r].pieces, own, export, move_s - once)
+        let overlap = t.overlap_s.unwrap_or(f64::INFINITY);
+        streamed_handoff_s(prompt, self.reqs[r].pieces, own, t.export_s, overlap)
     }
 
     /// Sends what is left of request `r`'s cache from node `n` to its decode node once its prompt

@@ -14,8 +14,8 @@ use super::{Choice, NodeId, NodeView, PlacementMode, Placer};
 mod predict;
 
 pub use predict::{
-    PIECE_CHOICES, best_codec, best_pieces, choose, handoff_s, predict, streamed_handoff_s,
-    transfer_s,
+    HandoffTerms, PIECE_CHOICES, best_codec, best_pieces, choose, handoff_s, handoff_terms,
+    predict, streamed_handoff_s, transfer_s,
 };
 
 /// Prompt tokens a prefill pass takes at once (the engine's `n_batch`): a colocated node runs one

@@ -88,6 +88,34 @@ pub fn best_pieces(tokens: u64, prefill_s: f64, export_s: f64, wire_s: f64) -> (
     best
 }
 
+/// The terms of a hand-off of `bytes` of cache from `p` to `d` over `link` with `codec`, as
+/// [`streamed_handoff_s`] takes them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HandoffTerms {
+    /// An export of the whole cache on `p`.
+    pub export_s: f64,
+    /// What comes once, after the last byte: the import on `d` and the link's latency.
+    pub once_s: f64,
+    /// The rest of the move (encode, wire, decode), which can overlap the prefill; `None` when a
+    /// node has not measured `codec`.
+    pub overlap_s: Option<f64>,
+}
+
+/// The [`HandoffTerms`] of moving `bytes` from `p` to `d` over `link` with `codec`.
+pub fn handoff_terms(
+    bytes: f64,
+    (p, d): (&NodePerf, &NodePerf),
+    link: &Link,
+    codec: Codec,
+) -> HandoffTerms {
+    let once_s = bytes / (d.kv_import_gb_s * 1e9) + link.latency_ms / 1000.0;
+    HandoffTerms {
+        export_s: bytes / (p.kv_export_gb_s * 1e9),
+        once_s,
+        overlap_s: transfer_s(bytes, p, d, link, codec).map(|move_s| move_s - once_s),
+    }
+}
+
 /// What the hand-off of a `tokens`-token prompt (`bytes` of cache) from `p` to `d` over `link`
 /// costs with `codec`, cut in the best number of pieces ([`best_pieces`]): `(pieces, seconds the
 /// exports add before token 0, seconds of hand-off after it)`, the import and the link's latency
@@ -99,14 +127,10 @@ pub fn handoff_s(
     link: &Link,
     codec: Codec,
 ) -> Option<(u64, f64, f64)> {
-    let move_s = transfer_s(bytes, p, d, link, codec)?;
-    // Import and the link's latency come once at the end; the rest of the move can overlap the
-    // prefill.
-    let once = bytes / (d.kv_import_gb_s * 1e9) + link.latency_ms / 1000.0;
-    let export = bytes / (p.kv_export_gb_s * 1e9);
+    let t = handoff_terms(bytes, (p, d), link, codec);
     let (pieces, (during, exposed)) =
-        best_pieces(tokens, p.prefill_s(tokens), export, move_s - once);
-    Some((pieces, during, exposed + once))
+        best_pieces(tokens, p.prefill_s(tokens), t.export_s, t.overlap_s?);
+    Some((pieces, during, exposed + t.once_s))
 }
 
 /// The codec that moves `bytes` fastest from `p` to `d` over `link`, and its time.
