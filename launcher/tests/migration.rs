@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::procs::{Proc, free_addr, last_word, metrics, spawn, spawn_node};
-use common::{long_message, model_path, node_metric, write_profile};
+use common::{long_message, model_path, node_metric, post, write_profile};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -240,37 +240,22 @@ async fn a_prompt_on_a_killed_prefill_node_runs_again_elsewhere() {
         "messages": [{ "role": "user", "content": long_message(1500) }],
         "max_tokens": 24, "temperature": 0,
     });
-    let post = |body: Value| {
-        let addr = addr.clone();
-        async move {
-            let resp = reqwest::Client::new()
-                .post(format!("http://{addr}/v1/chat/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let v: Value = resp.json().await.unwrap();
-            (status, v)
-        }
-    };
-    let (status, undisturbed) = post(body.clone()).await;
-    assert_eq!(status, 200, "{undisturbed}");
+    let http: std::net::SocketAddr = addr.parse().unwrap();
+    let chat = "/v1/chat/completions";
+    let undisturbed = post(http, chat, &body).await;
+    assert_eq!(undisturbed.status, 200, "{}", undisturbed.body);
 
     // Again; B comes up while the prompt runs on A, then A is killed mid-prompt.
-    let request = tokio::spawn(post(body));
+    let request = tokio::spawn(async move { post(http, chat, &body).await });
     let args = ["--listen", q_addr.as_str()];
     let _second = spawn_node_args(&model, "prefill", "r-prefill-b", &args);
     wait_healthy(&addr, "r-prefill-b").await;
     assert!(!request.is_finished(), "the prompt ended before the kill");
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    let (status, moved) = request.await.unwrap();
-    assert_eq!(status, 200, "{moved}");
-    assert_eq!(
-        moved["choices"][0]["message"]["content"],
-        undisturbed["choices"][0]["message"]["content"]
-    );
+    let moved = request.await.unwrap();
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert_eq!(moved.text, undisturbed.text);
     assert_eq!(migrations(&addr, "prefill_node_lost").await, 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
