@@ -119,6 +119,21 @@ pub struct ServeArgs {
     /// request fails instead).
     #[arg(long, env = "EXO_MIGRATION_LIMIT")]
     pub migration_limit: Option<u32>,
+    /// An API key clients must present (`Authorization: Bearer KEY` or `x-api-key: KEY`), at
+    /// least 16 printable characters; with no key at all the API is open.
+    #[arg(long, env = "EXO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A TOML file of named API keys (`[keys]` then `name = "key"` lines), re-read when it
+    /// changes: delete a line to revoke that key (overrides the profile's api.keys_file).
+    #[arg(long, env = "EXO_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve /metrics without a key (for a Prometheus server that holds none).
+    #[arg(long, env = "EXO_OPEN_METRICS")]
+    pub open_metrics: bool,
+    /// Largest request body in bytes; larger ones get 413 (overrides api.max_body_bytes,
+    /// default 8 MiB).
+    #[arg(long, env = "EXO_MAX_BODY_BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// `exo-router node`.

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use exo_engine::{EngineError, Model, ModelOptions};
 use exo_kvcache::KvLayout;
 use exo_node::{DecodeTimeouts, NodeOptions, SpawnError, spawn_node};
+use exo_router::api::auth::ApiKeys;
+use exo_router::api::gate::HttpOptions;
 use exo_router::cluster::ServedModel;
 use exo_router::profile::{NodeAddress, NodeSpec, Profile};
 use exo_router::{Deployment, ServeError, Server};
@@ -44,6 +46,9 @@ pub enum LaunchError {
     /// The router failed to start.
     #[error(transparent)]
     Router(#[from] ServeError),
+    /// The API keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] exo_router::api::auth::KeysError),
 }
 
 /// Finds the profile's model: as written (relative to the working directory), then relative to the
@@ -142,9 +147,15 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
         };
         addrs.push(addr);
     }
+    let http = HttpOptions {
+        keys: Arc::new(ApiKeys::load(profile.api.keys.clone())?),
+        open_metrics: profile.api.open_metrics,
+        max_body_bytes: profile.api.max_body_bytes,
+    };
     let deployment = Deployment {
         profile,
         addrs,
+        http,
         model: model.map(|m| ServedModel {
             id: m.name(),
             fingerprint: m.fingerprint(),

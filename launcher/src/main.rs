@@ -169,12 +169,21 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let path = args
         .profile
+        .clone()
         .unwrap_or_else(|| exo_router::default_profile().to_path_buf());
     let mut profile = Profile::load(&path)?;
     if let Some(limit) = args.migration_limit {
         profile.migration_limit = limit;
     }
+    apply_api_flags(&mut profile, &args)?;
     let listen = args.listen.unwrap_or(profile.listen);
+    if !listen.ip().is_loopback() && profile.api.keys.is_empty() {
+        eprintln!(
+            "WARNING: the API listens on {listen}, reachable from other machines, and asks for no key:\n\
+             WARNING: anyone who can reach it can run prompts and read /metrics. Give it a key with\n\
+             WARNING: --api-key / EXO_API_KEY or --api-keys-file (docs/security.md)."
+        );
+    }
     let server = exo_launcher::start(&profile, listen).await?;
     println!(
         "exo-router serving {} (profile {}), listening on http://{}",
@@ -190,6 +199,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     server.drain(Duration::from_secs(args.drain_timeout)).await;
     eprintln!("stopped");
+    Ok(())
+}
+
+/// `serve`'s API flags over the profile's `[api]` table.
+fn apply_api_flags(profile: &mut Profile, args: &ServeArgs) -> Result<()> {
+    let api = &mut profile.api;
+    if let Some(key) = &args.api_key {
+        api.keys.inline.push(("cli".into(), key.clone()));
+    }
+    if let Some(file) = &args.api_keys_file {
+        api.keys.file = Some(file.clone());
+    }
+    api.open_metrics |= args.open_metrics;
+    if let Some(max) = args.max_body_bytes {
+        api.max_body_bytes = usize::try_from(max).context("--max-body-bytes is too large")?;
+    }
     Ok(())
 }
 

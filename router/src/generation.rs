@@ -376,7 +376,7 @@ impl Generation {
         let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
         if produced {
             self.output.push(reply.first_token);
-            self.completion_tokens += 1;
+            self.completion_tokens = self.completion_tokens.saturating_add(1);
         }
         Delta {
             text: reply.first_text,
@@ -475,7 +475,9 @@ impl Generation {
                     return Some(moved);
                 }
             };
-            self.completion_tokens += reply.tokens.len() as u32;
+            // A node's reply is input: counts saturate instead of wrapping.
+            let got = u32::try_from(reply.tokens.len()).unwrap_or(u32::MAX);
+            self.completion_tokens = self.completion_tokens.saturating_add(got);
             self.output.extend_from_slice(&reply.tokens);
             self.done = reply.finish.is_some();
             if !reply.tokens.is_empty() || self.done {

@@ -49,6 +49,8 @@ pub struct Deployment<'a> {
     pub addrs: Vec<String>,
     /// The model, when the launcher loaded it (embedded nodes); otherwise learnt from the nodes.
     pub model: Option<ServedModel>,
+    /// How the HTTP API admits requests (keys, body limit).
+    pub http: api::gate::HttpOptions,
 }
 
 /// A running router: HTTP API, cluster connections and health checks.
@@ -83,7 +85,8 @@ impl Server {
         };
         let listener = TcpListener::bind(listen).await.map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
-        let app = api::router(Arc::clone(&cluster));
+        let app = api::router(Arc::clone(&cluster), &deployment.http);
+        let keys = tokio::spawn(Arc::clone(&deployment.http.keys).watch());
         let (http_stop, mut stopped) = watch::channel(false);
         let http = tokio::spawn(async move {
             let served = axum::serve(listener, app)
@@ -95,6 +98,7 @@ impl Server {
                 tracing::error!(error = %e, "HTTP server failed");
             }
             health.abort();
+            keys.abort();
         });
         Ok(Server {
             addr,

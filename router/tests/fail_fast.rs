@@ -183,6 +183,7 @@ async fn start_split_with(p_addr: SocketAddr, d_addr: SocketAddr, router: &str) 
         profile: &profile,
         addrs: vec![p_addr.to_string(), d_addr.to_string()],
         model: None,
+        http: Default::default(),
     };
     let (stop, _) = watch::channel(false);
     Server::start(deployment, SocketAddr::from(([127, 0, 0, 1], 0)), stop)

@@ -5,7 +5,9 @@
 //! Each request gets its id here, once: it is the response `id`, the `request` field of every log
 //! line about it, and the id of every RPC the request makes.
 
+pub mod auth;
 pub mod error;
+pub mod gate;
 pub mod openai;
 pub mod response;
 pub mod shape;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +32,7 @@ use crate::cluster::Cluster;
 use crate::generation::Generation;
 use crate::placement::RequestShape;
 use error::ApiError;
+use gate::{HttpOptions, JsonBody};
 use openai::{ChatRequest, CommonParams, CompletionRequest, Tools};
 use response::{Completion, Endpoint, Health, ModelList, NodeHealth, ResponseMeta, Usage};
 use shape::Shaper;
@@ -42,14 +45,28 @@ pub const DECODE_HEADER: &str = "x-exo-decode-node";
 /// placed with perf tables).
 pub const PIECES_HEADER: &str = "x-exo-kv-pieces";
 
-/// The HTTP routes over a cluster.
-pub fn router(cluster: Arc<Cluster>) -> Router {
-    Router::new()
+/// The HTTP routes over a cluster. Every route but `/health` (and `/metrics`, when
+/// `open_metrics`) asks for an API key when `options.keys` has any.
+pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
+    let mut keyed = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
+        .route("/v1/models", get(models));
+    let mut open = Router::new().route("/health", get(health));
+    if options.open_metrics {
+        open = open.route("/metrics", get(metrics_text));
+    } else {
+        keyed = keyed.route("/metrics", get(metrics_text));
+    }
+    let keyed = keyed.route_layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&options.keys),
+        gate::require_key,
+    ));
+    keyed
+        .merge(open)
+        .fallback(gate::not_found)
+        .method_not_allowed_fallback(gate::wrong_method)
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .with_state(cluster)
 }
 
@@ -75,9 +92,9 @@ struct Call {
     tools: Option<Tools>,
 }
 
-async fn chat(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
+async fn chat(State(cluster): State<Arc<Cluster>>, body: Result<JsonBody, ApiError>) -> Response {
     let call = || -> Result<Call, ApiError> {
-        let req: ChatRequest = parse(&body)?;
+        let req: ChatRequest = parse(&body?.0)?;
         let tools = req.tools()?;
         let prompt = ChatPrompt {
             turns: req.turns()?,
@@ -93,9 +110,12 @@ async fn chat(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
     counted("chat", answer(&cluster, call()).await)
 }
 
-async fn completions(State(cluster): State<Arc<Cluster>>, body: Bytes) -> Response {
+async fn completions(
+    State(cluster): State<Arc<Cluster>>,
+    body: Result<JsonBody, ApiError>,
+) -> Response {
     let call = || -> Result<Call, ApiError> {
-        let req: CompletionRequest = parse(&body)?;
+        let req: CompletionRequest = parse(&body?.0)?;
         if req.params.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad("tools", "tools are for /v1/chat/completions"));
         }

@@ -10,6 +10,9 @@ use serde::Deserialize;
 use crate::placement::cost_model::{CostModel, link_between};
 use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMode, Policy};
 
+mod security;
+pub use security::ApiAccess;
+
 /// The default profile `serve` uses when none is given.
 pub const DEFAULT_PROFILE: &str = "profiles/local.toml";
 /// Requests admitted beyond the decode slots by default.
@@ -119,6 +122,8 @@ pub struct Profile {
     pub policy: Policy,
     /// Links between nodes; others use `policy.default_link`.
     pub links: Vec<(NodeId, NodeId, Link)>,
+    /// Who may call the API (`[api]`).
+    pub api: ApiAccess,
 }
 
 /// The default `[policy]` link: gigabit Ethernet.
@@ -138,6 +143,8 @@ struct RawProfile {
     links: Vec<RawLink>,
     #[serde(default)]
     router: RawRouter,
+    #[serde(default)]
+    api: security::RawApi,
     #[serde(default)]
     kv: RawKv,
     #[serde(default)]
@@ -490,7 +497,9 @@ impl Profile {
             .map(|l| l.validate(&nodes))
             .collect::<Result<Vec<_>, _>>()?;
         let policy = raw.policy.validate(raw.placement, &nodes)?;
+        let api = raw.api.validate(path)?;
         Ok(Profile {
+            api,
             policy,
             links,
             path: path.to_path_buf(),
