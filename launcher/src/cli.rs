@@ -35,6 +35,28 @@ pub enum Command {
     Plan(PlanArgs),
     /// Simulate the cluster under a workload and compare placement policies.
     Simulate(SimulateArgs),
+    /// Make the files that secure a cluster (see docs/security.md).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `exo-router cluster ...`.
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Write a new cluster file (mutual TLS for every node link) and an API keys file with one
+    /// fresh key. Copy the cluster file to every machine; keep both private.
+    Init(ClusterInitArgs),
+}
+
+/// `exo-router cluster init`.
+#[derive(clap::Args)]
+pub struct ClusterInitArgs {
+    /// Folder to write `cluster.pem` and `api-keys.toml` into (made if missing).
+    #[arg(long, default_value = "cluster")]
+    pub out_dir: PathBuf,
+    /// Replace files that already exist (every machine then needs the new cluster file).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The model and KV cache a node runs with (`node` and `profile`).
@@ -134,6 +156,10 @@ pub struct ServeArgs {
     /// default 8 MiB).
     #[arg(long, env = "EXO_MAX_BODY_BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_body_bytes: Option<u64>,
+    /// The cluster file (`exo-router cluster init`): node links use mutual TLS with it, and
+    /// every node must hold the same file (overrides the profile's `[cluster] file`).
+    #[arg(long, env = "EXO_CLUSTER")]
+    pub cluster: Option<PathBuf>,
 }
 
 /// `exo-router node`.
@@ -145,9 +171,14 @@ pub struct NodeArgs {
     /// The model and KV cache.
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// RPC listen address; port 0 picks a free port (printed on start).
-    #[arg(long, env = "EXO_NODE_LISTEN", default_value = "0.0.0.0:52416")]
-    pub listen: SocketAddr,
+    /// RPC listen address; port 0 picks a free port (printed on start). Default: 0.0.0.0:52416
+    /// with a cluster file, else 127.0.0.1:52416 (this machine only).
+    #[arg(long, env = "EXO_NODE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The cluster file (`exo-router cluster init`): only the router and nodes holding the
+    /// same file may connect, and every link is encrypted.
+    #[arg(long, env = "EXO_CLUSTER")]
+    pub cluster: Option<PathBuf>,
     /// Node name (defaults to the host name and port).
     #[arg(long, env = "EXO_NODE_NAME")]
     pub name: Option<String>,

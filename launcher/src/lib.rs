@@ -9,6 +9,7 @@ use std::sync::Arc;
 use exo_engine::{EngineError, Model, ModelOptions};
 use exo_kvcache::KvLayout;
 use exo_node::{DecodeTimeouts, NodeOptions, SpawnError, spawn_node};
+use exo_protocol::LinkSecurity;
 use exo_router::api::auth::ApiKeys;
 use exo_router::api::gate::HttpOptions;
 use exo_router::cluster::ServedModel;
@@ -49,6 +50,9 @@ pub enum LaunchError {
     /// The API keys could not be loaded.
     #[error(transparent)]
     Keys(#[from] exo_router::api::auth::KeysError),
+    /// The cluster file could not be loaded.
+    #[error(transparent)]
+    Cluster(#[from] exo_protocol::ClusterError),
 }
 
 /// Finds the profile's model: as written (relative to the working directory), then relative to the
@@ -84,6 +88,7 @@ async fn start_embedded(
     profile: &Profile,
     spec: &NodeSpec,
     threads: u32,
+    security: &LinkSecurity,
     stop: &watch::Sender<bool>,
 ) -> Result<String, LaunchError> {
     let options = NodeOptions {
@@ -97,6 +102,7 @@ async fn start_embedded(
         handoff_pieces: exo_kvcache::HANDOFF_PIECES,
         transfer_timeout: DecodeTimeouts::default().transfer,
         threads,
+        security: security.clone(),
     };
     let mut stopped = stop.subscribe();
     let shutdown = async move {
@@ -119,6 +125,10 @@ async fn start_embedded(
 /// `listen`. [`Server::shutdown`] stops the embedded nodes too.
 pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, LaunchError> {
     let (stop, _) = watch::channel(false);
+    let security = match &profile.cluster_file {
+        Some(file) => LinkSecurity::load(file)?,
+        None => LinkSecurity::Plain,
+    };
     let mut model: Option<Arc<Model>> = None;
     let mut addrs = Vec::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -140,7 +150,8 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
                     None => Model::load(&resolve_model(profile)?, &ModelOptions::default())?,
                 };
                 let threads = budget.unwrap_or(cores);
-                let addr = start_embedded(&loaded, profile, spec, threads, &stop).await?;
+                let addr =
+                    start_embedded(&loaded, profile, spec, threads, &security, &stop).await?;
                 model = Some(loaded);
                 addr
             }
@@ -156,6 +167,7 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
         profile,
         addrs,
         http,
+        security,
         model: model.map(|m| ServedModel {
             id: m.name(),
             fingerprint: m.fingerprint(),

@@ -17,7 +17,11 @@ use exo_router::placement::{PlacementMode, RequestShape};
 use exo_router::profile::Profile;
 use exo_router::simulate::Workload;
 
-use cli::{Cli, Command, NodeArgs, PlanArgs, ProfileArgs, ServeArgs, SimulateArgs};
+use cli::{
+    Cli, ClusterCommand, ClusterInitArgs, Command, NodeArgs, PlanArgs, ProfileArgs, ServeArgs,
+    SimulateArgs,
+};
+use exo_protocol::LinkSecurity;
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
         Command::Profile(args) => rt.block_on(profile(args)),
         Command::Plan(args) => plan(&args),
         Command::Simulate(args) => simulate(&args),
+        Command::Cluster(ClusterCommand::Init(args)) => cluster_init(&args),
     }
 }
 
@@ -202,6 +207,73 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `exo-router cluster init`: writes the cluster file and an API keys file with one fresh key,
+/// both readable by their owner only.
+fn cluster_init(args: &ClusterInitArgs) -> Result<()> {
+    let dir = &args.out_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cluster = dir.join("cluster.pem");
+    let keys = dir.join("api-keys.toml");
+    for f in [&cluster, &keys] {
+        anyhow::ensure!(
+            args.force || !f.exists(),
+            "{} exists; pass --force to replace it (then copy the new cluster file to every machine)",
+            f.display()
+        );
+    }
+    let label = hex(&random_bytes::<4>()?);
+    let pem = exo_protocol::new_cluster_pem(&label)?;
+    let key = format!("exo-{}", hex(&random_bytes::<24>()?));
+    let keys_text = format!(
+        "# exo-router API keys: one `name = \"key\"` per client. The router re-reads this file when\n\
+         # it changes: delete a line to revoke that key.\n[keys]\nadmin = \"{key}\"\n"
+    );
+    write_private(&cluster, &pem)?;
+    write_private(&keys, &keys_text)?;
+    println!("cluster {label}:");
+    println!(
+        "  {}  copy to every node and the router machine",
+        cluster.display()
+    );
+    println!("  {}  API keys (admin = {key})", keys.display());
+    println!("then, on each node machine:");
+    println!(
+        "  exo-router node --role ROLE --cluster {}",
+        cluster.display()
+    );
+    println!("and on the router machine (a profile listing the nodes):");
+    println!(
+        "  exo-router serve --profile PROFILE --cluster {} --api-keys-file {}",
+        cluster.display(),
+        keys.display()
+    );
+    Ok(())
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a secret file that only its owner may read (mode 0600 on Unix).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// `serve`'s API flags over the profile's `[api]` table.
 fn apply_api_flags(profile: &mut Profile, args: &ServeArgs) -> Result<()> {
     let api = &mut profile.api;
@@ -212,6 +284,9 @@ fn apply_api_flags(profile: &mut Profile, args: &ServeArgs) -> Result<()> {
         api.keys.file = Some(file.clone());
     }
     api.open_metrics |= args.open_metrics;
+    if let Some(file) = &args.cluster {
+        profile.cluster_file = Some(file.clone());
+    }
     if let Some(max) = args.max_body_bytes {
         api.max_body_bytes = usize::try_from(max).context("--max-body-bytes is too large")?;
     }
@@ -253,12 +328,38 @@ async fn serve_node_metrics(addr: std::net::SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// The node's listen address: as given, else every interface with a cluster file and loopback
+/// without one. A node reachable from other machines without a cluster file gets a warning.
+fn node_listen(args: &NodeArgs, security: &LinkSecurity) -> std::net::SocketAddr {
+    let default_ip = if security.is_tls() {
+        [0, 0, 0, 0]
+    } else {
+        [127, 0, 0, 1]
+    };
+    let listen = args
+        .listen
+        .unwrap_or_else(|| (default_ip, exo_router::profile::DEFAULT_NODE_PORT).into());
+    if !security.is_tls() && !listen.ip().is_loopback() {
+        eprintln!(
+            "WARNING: this node listens on {listen}, reachable from other machines, without a cluster file:\n\
+             WARNING: anyone who reaches it can run prompts, push KV caches and read other requests'\n\
+             WARNING: output. Start it with --cluster FILE (`exo-router cluster init`; docs/security.md)."
+        );
+    }
+    listen
+}
+
 async fn node(args: NodeArgs) -> Result<()> {
+    let security = match &args.cluster {
+        Some(file) => LinkSecurity::load(file)?,
+        None => LinkSecurity::Plain,
+    };
+    let listen = node_listen(&args, &security);
     let model = load_model(&args.engine)?;
     let slots = args.slots.unwrap_or(args.role.default_slots());
     let name = args
         .name
-        .unwrap_or_else(|| format!("{}-{}", host_name(), args.listen.port()));
+        .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
     let options = NodeOptions {
         name: name.clone(),
         role: args.role,
@@ -267,9 +368,10 @@ async fn node(args: NodeArgs) -> Result<()> {
         handoff_pieces: args.handoff_pieces,
         transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
         threads: args.engine.threads,
+        security: security.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (bound, server) = spawn_node(Arc::clone(&model), &options, args.listen, async move {
+    let (bound, server) = spawn_node(Arc::clone(&model), &options, listen, async move {
         let _ = stop_rx.await;
     })
     .await?;
@@ -277,8 +379,9 @@ async fn node(args: NodeArgs) -> Result<()> {
         serve_node_metrics(addr).await?;
     }
     println!(
-        "exo-router node {name} ({}) listening on {bound}",
-        args.role
+        "exo-router node {name} ({}, {}) listening on {bound}",
+        args.role,
+        security.describe()
     );
     let signal = stop_signal().await?;
     eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);

@@ -11,8 +11,8 @@ use exo_engine::{ContextConfig, ContextHandle, Model};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
-    HardwareFacts, KvBegin, KvEnd, KvFrame, NodeError, NodeInfo, NodeService, PollReply,
-    PrefillReply, PrefillRequest, RequestId, Role,
+    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkSecurity, NodeError, NodeInfo, NodeService,
+    PollReply, PrefillReply, PrefillRequest, RequestId, Role,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -40,6 +40,8 @@ pub struct NodeOptions {
     /// CPU threads of the node's engine context (0: every core of the machine). Nodes that share
     /// a machine should get disjoint budgets, or their thread teams slow each other down.
     pub threads: u32,
+    /// How its links (served and made) are secured: mutual TLS with the cluster file, or plain.
+    pub security: LinkSecurity,
 }
 
 /// The node RPC service: dispatches each call to the prefill or decode side the node has.
@@ -52,6 +54,8 @@ pub struct NodeServer {
     ctx: ContextHandle,
     /// Set by [`NodeServer::drain`]: no new prompts, `hello` reports the node out of service.
     draining: Arc<AtomicBool>,
+    /// How the links it serves are secured.
+    security: LinkSecurity,
 }
 
 impl NodeServer {
@@ -77,6 +81,7 @@ impl NodeServer {
                     handoff_pieces: options.handoff_pieces,
                     ..ShipConfig::default()
                 },
+                options.security.clone(),
             )
         });
         let decode = options.role.decodes().then(|| {
@@ -108,6 +113,7 @@ impl NodeServer {
             decode,
             ctx,
             draining: Arc::new(AtomicBool::new(false)),
+            security: options.security.clone(),
         })
     }
 
@@ -161,7 +167,8 @@ impl NodeServer {
 
     /// Serves the RPC service on `listener` until `shutdown` completes.
     pub async fn run(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        exo_protocol::serve(listener, shutdown, move |transport| {
+        let security = self.security.clone();
+        exo_protocol::serve(listener, security, shutdown, move |transport| {
             let server = self.clone();
             async move {
                 BaseChannel::with_defaults(transport)

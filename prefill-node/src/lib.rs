@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use exo_engine::{ChatMessage, ContextHandle, EngineError, SlotLease};
 use exo_protocol::{
-    NodeError, NodeServiceClient, PrefillReply, PrefillRequest, Prompt, SamplingParams,
+    LinkSecurity, NodeError, NodeServiceClient, PrefillReply, PrefillRequest, Prompt,
+    SamplingParams,
 };
 
 mod ship;
@@ -38,6 +39,8 @@ const ABORT_TIMEOUT: Duration = Duration::from_secs(2);
 const ABORT_TRIES: u32 = 6;
 /// Wait before the second try of that call; it doubles for each try after (1.55 s in all).
 const ABORT_BACKOFF: Duration = Duration::from_millis(50);
+/// Most decode-node connections a prefill node keeps.
+pub const MAX_PEERS: usize = 64;
 
 /// How a prefill node ships caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +81,11 @@ pub struct PrefillNode {
     name: String,
     ctx: ContextHandle,
     ship: ShipConfig,
+    /// Connections to decode nodes, by address: at most [`MAX_PEERS`].
     peers: Mutex<HashMap<String, NodeServiceClient>>,
+    /// How links to decode nodes are secured: under TLS only a cluster member can be shipped to,
+    /// whatever address a request names.
+    security: LinkSecurity,
     /// Requests between the start of `prefill` and the end of their KV transfer.
     in_flight: Arc<AtomicUsize>,
     /// One permit per long prompt being prefilled at once: one fewer than the slots (at least one).
@@ -102,8 +109,14 @@ fn engine_error(e: EngineError) -> NodeError {
 }
 
 impl PrefillNode {
-    /// A prefill node called `name` (its metrics label) over `ctx`.
-    pub fn new(name: &str, ctx: ContextHandle, ship: ShipConfig) -> Arc<Self> {
+    /// A prefill node called `name` (its metrics label) over `ctx`, shipping caches over links
+    /// secured by `security`.
+    pub fn new(
+        name: &str,
+        ctx: ContextHandle,
+        ship: ShipConfig,
+        security: LinkSecurity,
+    ) -> Arc<Self> {
         let long = (ctx.config().layout.n_seq_max as usize)
             .saturating_sub(1)
             .max(1);
@@ -112,6 +125,7 @@ impl PrefillNode {
             ctx,
             ship,
             peers: Mutex::new(HashMap::new()),
+            security,
             in_flight: Arc::new(AtomicUsize::new(0)),
             long_prompts: Arc::new(Semaphore::new(long)),
         })

@@ -20,7 +20,9 @@ use exo_protocol::{
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{ABORT_BACKOFF, ABORT_TIMEOUT, ABORT_TRIES, InFlight, PrefillNode, kv_call_timeout};
+use crate::{
+    ABORT_BACKOFF, ABORT_TIMEOUT, ABORT_TRIES, InFlight, MAX_PEERS, PrefillNode, kv_call_timeout,
+};
 
 /// A prompt whose cache is to be shipped.
 pub(crate) struct Outbound<'a> {
@@ -131,16 +133,18 @@ impl PrefillNode {
         if let Some(c) = self.peers.lock().await.get(addr) {
             return Ok(c.clone());
         }
-        let c = connect(addr)
+        let c = connect(addr, &self.security)
             .await
             .map_err(|e| NodeError::Transfer(format!("cannot reach decode node {addr}: {e}")))?;
-        Ok(self
-            .peers
-            .lock()
-            .await
-            .entry(addr.to_string())
-            .or_insert(c)
-            .clone())
+        let mut peers = self.peers.lock().await;
+        if peers.len() >= MAX_PEERS && !peers.contains_key(addr) {
+            // A cluster has far fewer decode nodes; past the bound, forget any one connection
+            // (it is made again when needed) rather than grow without limit.
+            if let Some(old) = peers.keys().next().cloned() {
+                peers.remove(&old);
+            }
+        }
+        Ok(peers.entry(addr.to_string()).or_insert(c).clone())
     }
 
     /// Sends the header, then each piece's chunks as the engine hands them over (up to

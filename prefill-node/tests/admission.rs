@@ -39,7 +39,7 @@ async fn a_short_prompt_gets_a_slot_while_long_ones_queue() {
         queue_timeout: Duration::from_secs(60),
         ..ShipConfig::default()
     };
-    let node = PrefillNode::new("prefill-test", ctx, ship);
+    let node = PrefillNode::new("prefill-test", ctx, ship, exo_protocol::LinkSecurity::Plain);
     assert_eq!(node.free_long_prompt_permits(), 1);
     // About 1,100 tokens each, two prefill batches and more.
     let long_text = |v: usize| {

@@ -1,5 +1,6 @@
 //! The RPC protocol between the router and the nodes: the tarpc service, its messages, and the TCP
-//! transport (bincode frames, `TCP_NODELAY`, explicit frame limits and deadlines).
+//! transport (bincode frames, `TCP_NODELAY`, explicit frame limits and deadlines), plain or under
+//! mutual TLS with the cluster file ([`tls`]).
 //!
 //! Also the facts a node reports or measures about itself ([`NodeInfo`], [`NodePerf`]), which the
 //! router reads. No llama.cpp here, so the router can depend on it without linking an inference
@@ -7,6 +8,7 @@
 
 mod perf;
 mod service;
+pub mod tls;
 mod transport;
 
 pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
@@ -17,6 +19,8 @@ pub use service::{
     NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
     PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
 };
+pub use tls::{ClusterError, LinkSecurity, new_cluster_pem};
 pub use transport::{
-    CONNECT_TIMEOUT, MAX_FRAME_BYTES, ServerTransport, connect, context_with_deadline, serve,
+    CONNECT_TIMEOUT, MAX_CONNECTIONS, MAX_FRAME_BYTES, ServerTransport, connect,
+    context_with_deadline, open_link, serve,
 };

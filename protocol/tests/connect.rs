@@ -23,7 +23,11 @@ async fn connect_gives_up_on_a_host_that_never_answers() -> std::io::Result<()> 
     }
 
     // The outer timeout only keeps a regression from hanging the test run.
-    let attempt = tokio::time::timeout(CONNECT_TIMEOUT * 10, connect(&addr.to_string())).await;
+    let attempt = tokio::time::timeout(
+        CONNECT_TIMEOUT * 10,
+        connect(&addr.to_string(), &exo_protocol::LinkSecurity::Plain),
+    )
+    .await;
     let Ok(result) = attempt else {
         panic!("connect did not give up on its own");
     };

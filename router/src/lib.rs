@@ -51,6 +51,8 @@ pub struct Deployment<'a> {
     pub model: Option<ServedModel>,
     /// How the HTTP API admits requests (keys, body limit).
     pub http: api::gate::HttpOptions,
+    /// How links to the nodes are secured (the cluster file's mutual TLS, or plain TCP).
+    pub security: exo_protocol::LinkSecurity,
 }
 
 /// A running router: HTTP API, cluster connections and health checks.
@@ -76,8 +78,13 @@ impl Server {
         stop: watch::Sender<bool>,
     ) -> Result<Server, ServeError> {
         metrics::handle();
-        let cluster =
-            Cluster::connect(deployment.profile, deployment.addrs, deployment.model).await;
+        let cluster = Cluster::connect(
+            deployment.profile,
+            deployment.addrs,
+            deployment.model,
+            deployment.security,
+        )
+        .await;
         let health = tokio::spawn(Arc::clone(&cluster).run_health());
         let bind = |source| ServeError::Bind {
             addr: listen,

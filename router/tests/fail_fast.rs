@@ -152,17 +152,22 @@ async fn stand_in_with_slots(
     let shutdown = async move {
         let _ = stop.await;
     };
-    tokio::spawn(exo_protocol::serve(listener, shutdown, move |transport| {
-        let node = node.clone();
-        async move {
-            BaseChannel::with_defaults(transport)
-                .execute(node.serve())
-                .for_each(|response| async move {
-                    tokio::spawn(response);
-                })
-                .await;
-        }
-    }));
+    tokio::spawn(exo_protocol::serve(
+        listener,
+        exo_protocol::LinkSecurity::Plain,
+        shutdown,
+        move |transport| {
+            let node = node.clone();
+            async move {
+                BaseChannel::with_defaults(transport)
+                    .execute(node.serve())
+                    .for_each(|response| async move {
+                        tokio::spawn(response);
+                    })
+                    .await;
+            }
+        },
+    ));
     (addr, signals)
 }
 
@@ -184,6 +189,7 @@ async fn start_split_with(p_addr: SocketAddr, d_addr: SocketAddr, router: &str) 
         addrs: vec![p_addr.to_string(), d_addr.to_string()],
         model: None,
         http: Default::default(),
+        security: exo_protocol::LinkSecurity::Plain,
     };
     let (stop, _) = watch::channel(false);
     Server::start(deployment, SocketAddr::from(([127, 0, 0, 1], 0)), stop)

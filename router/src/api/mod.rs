@@ -225,6 +225,7 @@ async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
             role: n.spec.role,
             address: n.addr.clone(),
             healthy: n.healthy(),
+            error: n.down_reason(),
             in_flight: n.in_flight(),
         })
         .collect();

@@ -402,6 +402,9 @@ pub struct NodeHealth {
     pub address: String,
     /// Whether the last check succeeded.
     pub healthy: bool,
+    /// Why it is down, when it is (a refused TLS handshake names the cluster file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Requests placed on it and not finished.
     pub in_flight: usize,
 }

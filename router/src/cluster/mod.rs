@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use exo_kvcache::Codec;
 use exo_protocol::{
-    ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, connect, context_with_deadline,
+    LinkSecurity, ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, connect,
+    context_with_deadline,
 };
 
 use crate::api::error::ApiError;
@@ -40,6 +41,8 @@ pub struct ClusterNode {
     client: RwLock<Option<NodeServiceClient>>,
     info: RwLock<Option<NodeInfo>>,
     healthy: AtomicBool,
+    /// Why the node is down, while it is (the last failed contact).
+    down_reason: RwLock<Option<String>>,
     in_flight: AtomicUsize,
     /// Prompt tokens placed here whose prefill has not finished (estimated until tokenized).
     prefill_backlog: AtomicU64,
@@ -98,6 +101,14 @@ impl ClusterNode {
         self.info.read().ok().and_then(|i| i.clone())
     }
 
+    /// Why the node is down (`None` while it is up).
+    pub fn down_reason(&self) -> Option<String> {
+        if self.healthy() {
+            return None;
+        }
+        self.down_reason.read().ok().and_then(|r| r.clone())
+    }
+
     /// True when the last contact succeeded.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
@@ -124,7 +135,19 @@ impl ClusterNode {
 
     /// Marks the node down after a failed call; the health loop reconnects it.
     pub fn mark_down(&self, why: &str) {
-        if self.healthy.swap(false, Ordering::Relaxed) {
+        let was_up = self.healthy.swap(false, Ordering::Relaxed);
+        let changed = self
+            .down_reason
+            .write()
+            .map(|mut r| {
+                let changed = r.as_deref() != Some(why);
+                *r = Some(why.to_string());
+                changed
+            })
+            .unwrap_or(true);
+        // Logged when the node goes down, and when the reason changes (a node that never came up
+        // says why once, not at every health check).
+        if was_up || changed {
             tracing::warn!(node = %self.spec.name, addr = %self.addr, %why, "node down");
         }
         if let Ok(mut c) = self.client.write() {
@@ -178,6 +201,8 @@ pub struct Cluster {
     pub migration_limit: u32,
     expected_output_tokens: u64,
     chars_per_token: Mutex<f64>,
+    /// How links to the nodes are secured.
+    security: LinkSecurity,
 }
 
 /// The model a cluster serves, when the router already knows it (it loaded it for embedded nodes).
@@ -197,6 +222,7 @@ impl Cluster {
         profile: &Profile,
         addrs: Vec<String>,
         model: Option<ServedModel>,
+        security: LinkSecurity,
     ) -> Arc<Cluster> {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -221,6 +247,7 @@ impl Cluster {
                         client: RwLock::new(None),
                         info: RwLock::new(None),
                         healthy: AtomicBool::new(false),
+                        down_reason: RwLock::new(Some("not contacted yet".into())),
                         in_flight: AtomicUsize::new(0),
                         prefill_backlog: AtomicU64::new(0),
                         decoding: AtomicUsize::new(0),
@@ -242,6 +269,7 @@ impl Cluster {
             migration_limit: profile.migration_limit,
             expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
+            security,
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
         cluster
@@ -265,10 +293,10 @@ impl Cluster {
 
     /// Connects (if needed) and says hello; marks the node up or down.
     async fn check(&self, node: &Arc<ClusterNode>) {
-        let client = match node.client() {
-            Some(c) => c,
-            None => match connect(&node.addr).await {
-                Ok(c) => c,
+        let (client, fresh) = match node.client() {
+            Some(c) => (c, false),
+            None => match connect(&node.addr, &self.security).await {
+                Ok(c) => (c, true),
                 Err(e) => {
                     node.mark_down(&format!("connect: {e}"));
                     return;
@@ -278,7 +306,13 @@ impl Cluster {
         let info = match client.hello(context_with_deadline(HELLO_TIMEOUT)).await {
             Ok(info) => info,
             Err(e) => {
-                node.mark_down(&format!("hello: {e}"));
+                // A node under TLS closes a plain connection without a word.
+                let hint = if fresh && !self.security.is_tls() {
+                    " (a node started with --cluster closes plain connections: give the router the same cluster file)"
+                } else {
+                    ""
+                };
+                node.mark_down(&format!("hello: {e}{hint}"));
                 return;
             }
         };

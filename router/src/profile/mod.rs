@@ -23,6 +23,8 @@ pub const DEFAULT_MIGRATION_LIMIT: u32 = 3;
 /// Default `router.progress_timeout_s`: above the decode node's own waits (a cache queued for a
 /// slot, a stalled transfer: 60 s each), so it only fires for a node that stopped working.
 pub const DEFAULT_PROGRESS_TIMEOUT_S: f64 = 120.0;
+/// A node's default RPC port.
+pub const DEFAULT_NODE_PORT: u16 = 52416;
 /// The router's default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:52415";
 
@@ -124,6 +126,9 @@ pub struct Profile {
     pub links: Vec<(NodeId, NodeId, Link)>,
     /// Who may call the API (`[api]`).
     pub api: ApiAccess,
+    /// The cluster file that secures node links with mutual TLS (`[cluster] file`); `None`: plain
+    /// TCP.
+    pub cluster_file: Option<PathBuf>,
 }
 
 /// The default `[policy]` link: gigabit Ethernet.
@@ -145,6 +150,8 @@ struct RawProfile {
     router: RawRouter,
     #[serde(default)]
     api: security::RawApi,
+    #[serde(default)]
+    cluster: security::RawCluster,
     #[serde(default)]
     kv: RawKv,
     #[serde(default)]
@@ -500,6 +507,7 @@ impl Profile {
         let api = raw.api.validate(path)?;
         Ok(Profile {
             api,
+            cluster_file: raw.cluster.validate(path),
             policy,
             links,
             path: path.to_path_buf(),

@@ -1,4 +1,5 @@
-//! The profile's `[api]` table: who may call the HTTP API and how large a body may be.
+//! The profile's `[api]` table (who may call the HTTP API and how large a body may be) and
+//! `[cluster]` table (the cluster file that secures node links).
 
 use std::path::Path;
 
@@ -47,10 +48,7 @@ impl RawApi {
                 "api.max_body_bytes = {max_body_bytes} leaves no room for a request (at least 1024)"
             ));
         }
-        let file = self.keys_file.map(|f| match profile.parent() {
-            Some(dir) if f.is_relative() => dir.join(f),
-            _ => f,
-        });
+        let file = self.keys_file.map(|f| beside(profile, f));
         Ok(ApiAccess {
             keys: KeySource {
                 inline: Vec::new(),
@@ -59,5 +57,27 @@ impl RawApi {
             open_metrics: self.open_metrics,
             max_body_bytes,
         })
+    }
+}
+
+/// `[cluster]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    file: Option<std::path::PathBuf>,
+}
+
+impl RawCluster {
+    /// The cluster file, a relative one taken from the profile's folder.
+    pub(super) fn validate(self, profile: &Path) -> Option<std::path::PathBuf> {
+        self.file.map(|f| beside(profile, f))
+    }
+}
+
+/// `file` as the profile names it: a relative path is relative to the profile's folder.
+fn beside(profile: &Path, file: std::path::PathBuf) -> std::path::PathBuf {
+    match profile.parent() {
+        Some(dir) if file.is_relative() => dir.join(file),
+        _ => file,
     }
 }
