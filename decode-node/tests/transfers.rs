@@ -16,7 +16,9 @@ use exo_test_support::{context, model};
 async fn collect(node: &DecodeNode, id: u64) -> Result<(String, FinishReason), NodeError> {
     let mut text = String::new();
     loop {
-        let r = node.poll(RequestId(id), Duration::from_millis(500)).await?;
+        let r = node
+            .poll(RequestId(u128::from(id)), Duration::from_millis(500))
+            .await?;
         text += &r.text;
         if let Some(f) = r.finish {
             return Ok((text, f));
@@ -66,12 +68,12 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     let spec = src.transfer_header(0, kv.tokens.clone(), Codec::Lz4, 512 << 10);
     let (header, chunks, end_frame) = KvEncoder::whole(spec, &kv.state).unwrap();
     let begin = |id: u64, header: Vec<u8>| KvBegin {
-        id: RequestId(id),
+        id: RequestId(u128::from(id)),
         header,
         sampling: sampling.clone(),
     };
     let end = |id: u64| KvEnd {
-        id: RequestId(id),
+        id: RequestId(u128::from(id)),
         frame: end_frame.clone(),
         first_token: pre.first_token,
         index: 0,
@@ -146,9 +148,11 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     })
     .await
     .unwrap();
-    for id in [6, 7] {
-        node.kv_abort(RequestId(id), "the link broke".into());
-        let aborted = node.poll(RequestId(id), Duration::from_secs(30)).await;
+    for id in [6u64, 7] {
+        node.kv_abort(RequestId(u128::from(id)), "the link broke".into());
+        let aborted = node
+            .poll(RequestId(u128::from(id)), Duration::from_secs(30))
+            .await;
         assert_eq!(aborted, Err(NodeError::Transfer("the link broke".into())));
     }
 

@@ -14,7 +14,7 @@ use exo_test_support::model;
 
 fn request(id: u64, text: String) -> PrefillRequest {
     PrefillRequest {
-        id: RequestId(id),
+        id: RequestId(u128::from(id)),
         prompt: Prompt::Text(text),
         sampling: SamplingParams::greedy(4),
         handoff: None,

@@ -11,16 +11,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::{FinishReason, KvLayout, ModelFingerprint, SamplingParams};
 
-/// A request's id, made once by the router's HTTP layer and unique within the cluster for its
-/// lifetime: the same in the API response (`chatcmpl-<id>`), in every log line about the request
-/// (`request=<id>` on the router, `id=<id>` on the nodes) and in every RPC. Shown as 16 hex digits.
+/// A request's id, made once by the router's HTTP layer: 128 random bits, so another client (or
+/// a device on the LAN) cannot guess a live request's id to poll or cancel it. The same in the
+/// API response (`chatcmpl-<id>`), in every log line about the request (`request=<id>` on the
+/// router, `id=<id>` on the nodes) and in every RPC. Shown as 32 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct RequestId(pub u64);
+pub struct RequestId(pub u128);
+
+impl RequestId {
+    /// The low 64 bits: the sampling seed of a request whose client gave none.
+    pub fn seed(self) -> u64 {
+        self.0 as u64
+    }
+}
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "{:032x}", self.0)
     }
 }
 

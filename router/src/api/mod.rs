@@ -158,7 +158,7 @@ async fn serve(
         tools,
     } = call;
     let model = cluster.model_id();
-    let mut sampling = params.sampling(&model, id.0)?;
+    let mut sampling = params.sampling(&model, id.seed())?;
     if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
         if sampling.constraint.is_some() {
             return Err(ApiError::bad(

@@ -285,10 +285,17 @@ impl Cluster {
         &self.nodes
     }
 
-    /// A fresh request id (the HTTP layer takes one per request; it names the request in the
-    /// response, the logs and every RPC).
+    /// A fresh request id, 128 bits from the OS's random source (the HTTP layer takes one per
+    /// request; it names the request in the response, the logs and every RPC).
     pub fn next_id(&self) -> RequestId {
-        RequestId(self.next_id.fetch_add(1, Ordering::Relaxed))
+        let mut bytes = [0u8; 16];
+        if getrandom::fill(&mut bytes).is_err() {
+            // No OS randomness (not seen on any supported system): still unique, but guessable.
+            tracing::warn!("no randomness from the OS; this request id is sequential");
+            let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+            return RequestId(u128::from(n));
+        }
+        RequestId(u128::from_le_bytes(bytes))
     }
 
     /// Connects (if needed) and says hello; marks the node up or down.
