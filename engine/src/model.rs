@@ -303,11 +303,70 @@ impl Model {
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
     ) -> Result<String, EngineError> {
+        self.chat_template()?.render(messages, tools)
+    }
+
+    fn chat_template(&self) -> Result<&ChatTemplate, EngineError> {
         self.template
             .get_or_init(|| self.load_template())
             .as_ref()
-            .map_err(|e| EngineError::Prompt(e.clone()))?
-            .render(messages, tools)
+            .map_err(|e| EngineError::Prompt(e.clone()))
+    }
+
+    /// The tokens of a chat request: the template's own markers are special tokens, while the
+    /// messages' text is plain text, as OpenAI tokenizes it: a user who writes `<|im_start|>`
+    /// gets those characters, not a role marker. A message whose special-token text the template
+    /// rewrote (so it cannot be found in the rendered prompt) is refused rather than guessed at.
+    pub fn chat_tokens(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<i32>, EngineError> {
+        let (text, parts) = self.chat_template()?.render_parts(messages, tools)?;
+        let mut plain = Vec::new();
+        let mut cursor = 0;
+        for part in parts.iter().filter(|p| self.has_special_text(p)) {
+            let at = text
+                .get(cursor..)
+                .and_then(|rest| rest.find(part.as_str()))
+                .ok_or_else(|| {
+                    EngineError::InvalidRequest(
+                        "a message holds special-token text (such as `<|im_start|>`) that the chat template rewrites, so it cannot be kept as plain text; remove it".into(),
+                    )
+                })?;
+            plain.push(cursor + at..cursor + at + part.len());
+            cursor += at + part.len();
+        }
+        let vocab = self.llama.vocab();
+        let tokens = |text: &str, first: bool, special: bool| {
+            vocab
+                .tokenize(text.as_bytes(), first, special)
+                .into_iter()
+                .map(|t| t.0)
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        for span in plain {
+            out.extend(tokens(&text[at..span.start], at == 0, true));
+            out.extend(tokens(&text[span.clone()], false, false));
+            at = span.end;
+        }
+        out.extend(tokens(&text[at..], at == 0, true));
+        Ok(out)
+    }
+
+    /// The tokens of a raw text prompt (`/v1/completions`): the start token where the vocabulary
+    /// asks for one, then the text as plain text (special-token text is not parsed).
+    pub fn text_tokens(&self, text: &str) -> Vec<i32> {
+        let toks = self.llama.vocab().tokenize(text.as_bytes(), true, false);
+        toks.into_iter().map(|t| t.0).collect()
+    }
+
+    /// True when `text` holds characters the tokenizer would read as a special token.
+    fn has_special_text(&self, text: &str) -> bool {
+        let vocab = self.llama.vocab();
+        vocab.tokenize(text.as_bytes(), false, true)
+            != vocab.tokenize(text.as_bytes(), false, false)
     }
 
     fn load_template(&self) -> Result<ChatTemplate, String> {

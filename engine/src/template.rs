@@ -62,6 +62,16 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         tools: Option<&Value>,
     ) -> Result<String, EngineError> {
+        self.render_parts(messages, tools).map(|(text, _)| text)
+    }
+
+    /// [`ChatTemplate::render`], and the message texts handed to the template (the client's
+    /// words, with any tool preamble or earlier calls written in), in message order.
+    pub(crate) fn render_parts(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+    ) -> Result<(String, Vec<String>), EngineError> {
         let mut msgs: Vec<Value> = messages.iter().map(|m| self.message(m)).collect();
         let tools = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
         if let Some(t) = tools
@@ -76,6 +86,10 @@ impl ChatTemplate {
                 _ => msgs.insert(0, json!({ "role": "system", "content": preamble })),
             }
         }
+        let texts = msgs
+            .iter()
+            .filter_map(|m| m["content"].as_str().map(str::to_string))
+            .collect();
         let ctx = json!({
             "messages": msgs,
             "tools": if self.knows_tools { tools.cloned() } else { None },
@@ -87,8 +101,10 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| EngineError::Prompt(format!("`{TEMPLATE_KEY}`: {e}")))?;
-        tmpl.render(Jinja::from_serialize(&ctx))
-            .map_err(|e| EngineError::Prompt(format!("`{TEMPLATE_KEY}` failed to render: {e}")))
+        let text = tmpl
+            .render(Jinja::from_serialize(&ctx))
+            .map_err(|e| EngineError::Prompt(format!("`{TEMPLATE_KEY}` failed to render: {e}")))?;
+        Ok((text, texts))
     }
 
     fn message(&self, m: &ChatMessage) -> Value {

@@ -172,11 +172,12 @@ impl PrefillNode {
         &self.ctx
     }
 
-    /// Renders and tokenizes a prompt.
+    /// Renders and tokenizes a prompt; the client's text is plain text, never special tokens
+    /// (see `Model::chat_tokens`).
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<i32>, NodeError> {
         let model = self.ctx.model();
-        let text = match prompt {
-            Prompt::Text(t) => t.clone(),
+        let tokens = match prompt {
+            Prompt::Text(t) => model.text_tokens(t),
             Prompt::Chat(chat) => {
                 if chat.turns.is_empty() {
                     return Err(NodeError::InvalidRequest(
@@ -209,11 +210,10 @@ impl PrefillNode {
                     .map(|t| json("tools", t))
                     .transpose()?;
                 model
-                    .chat_prompt(&msgs, tools.as_ref())
+                    .chat_tokens(&msgs, tools.as_ref())
                     .map_err(engine_error)?
             }
         };
-        let tokens = model.tokenize(&text, true);
         if tokens.is_empty() {
             return Err(NodeError::InvalidRequest("the prompt is empty".into()));
         }
