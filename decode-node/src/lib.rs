@@ -22,6 +22,16 @@ use tokio::sync::mpsc;
 
 /// Chunks accepted ahead of the next expected one.
 const REORDER_WINDOW: u32 = 16;
+/// Most bytes of chunks one transfer may park ahead of the next expected chunk.
+pub const MAX_PARKED_BYTES: usize = 32 << 20;
+/// Requests a node knows at most, per sequence slot (plus [`EXTRA_REQUESTS`]): enough for a full
+/// node with transfers queued behind it, few enough that polls or transfers for made-up ids
+/// cannot grow the table without bound.
+pub const REQUESTS_PER_SLOT: usize = 4;
+/// Requests a node knows beyond [`REQUESTS_PER_SLOT`] per slot.
+pub const EXTRA_REQUESTS: usize = 16;
+/// Ended requests remembered at most (to refuse their late transfers).
+pub const MAX_ENDED: usize = 4096;
 
 /// Timeouts of a decode node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +97,12 @@ impl Transfer {
                     "chunk {index} is outside the reorder window at {next}"
                 )));
             }
+            let parked: usize = self.ahead.values().map(Vec::len).sum();
+            if parked + bytes.len() > MAX_PARKED_BYTES {
+                return Err(NodeError::Transfer(format!(
+                    "chunk {index} would park more than {MAX_PARKED_BYTES} bytes ahead of chunk {next}"
+                )));
+            }
             self.ahead.insert(index, bytes);
         } else {
             decoder.push_chunk(&bytes).map_err(transfer)?;
@@ -105,6 +121,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct Entry {
     stage: Stage,
+    /// Bytes the transfer may come to hold (its declared state plus parked chunks), counted
+    /// against the node's budget while it is receiving.
+    promised: usize,
     tx: mpsc::UnboundedSender<Event>,
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>,
     last_progress: Instant,
@@ -117,6 +136,7 @@ impl Entry {
         let now = Instant::now();
         Entry {
             stage: Stage::Waiting,
+            promised: 0,
             tx,
             rx: Arc::new(tokio::sync::Mutex::new(rx)),
             last_progress: now,
@@ -130,6 +150,7 @@ impl Entry {
         if !matches!(self.stage, Stage::Running) {
             let _ = self.tx.send(Err(error));
             self.stage = Stage::Running;
+            self.promised = 0;
             self.last_poll = Instant::now();
         }
     }
@@ -166,6 +187,11 @@ pub struct DecodeNode {
     /// Requests cancelled or ended recently: a transfer (or an abort) for one of them that
     /// arrives late is refused, instead of making a new entry nobody will poll.
     ended: Mutex<HashMap<RequestId, Instant>>,
+    /// Most requests known at once ([`REQUESTS_PER_SLOT`] per slot, plus [`EXTRA_REQUESTS`]).
+    max_requests: usize,
+    /// Bytes all transfers together may come to hold: two caches per slot of the largest state
+    /// the limits admit, each with its parked chunks.
+    budget: usize,
 }
 
 impl DecodeNode {
@@ -176,6 +202,10 @@ impl DecodeNode {
         limits: DecodeLimits,
         timeouts: DecodeTimeouts,
     ) -> Arc<Self> {
+        let slots = ctx.config().layout.n_seq_max as usize;
+        let per_transfer = usize::try_from(limits.max_state_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(MAX_PARKED_BYTES);
         Arc::new(DecodeNode {
             name: name.to_string(),
             ctx,
@@ -183,6 +213,8 @@ impl DecodeNode {
             timeouts,
             requests: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
+            max_requests: slots * REQUESTS_PER_SLOT + EXTRA_REQUESTS,
+            budget: per_transfer.saturating_mul(2 * slots.max(1)),
         })
     }
 
@@ -218,14 +250,26 @@ impl DecodeNode {
                 return Err(e);
             }
         };
+        let promised = decoder
+            .header()
+            .shape
+            .state_len(decoder.header().tokens.len())
+            .unwrap_or(usize::MAX)
+            .saturating_add(MAX_PARKED_BYTES);
         let mut map = self.lock();
-        let entry = map.entry(begin.id).or_insert_with(Entry::new);
+        let held: usize = map.values().map(|e| e.promised).sum();
+        if held.saturating_add(promised) > self.budget {
+            tracing::warn!(id = %begin.id, held, promised, budget = self.budget, "KV transfer refused: the node's transfer budget is spent");
+            return Err(NodeError::Busy);
+        }
+        let entry = self.entry(&mut map, begin.id)?;
         if !matches!(entry.stage, Stage::Waiting) {
             return Err(NodeError::Transfer(format!(
                 "request {} already has a transfer",
                 begin.id
             )));
         }
+        entry.promised = promised;
         entry.stage = Stage::Receiving(Arc::new(Mutex::new(Transfer {
             decoder: Some(Box::new(decoder)),
             sampling: begin.sampling,
@@ -233,6 +277,19 @@ impl DecodeNode {
         })));
         entry.last_progress = Instant::now();
         Ok(())
+    }
+
+    /// Request `id`'s entry, made if the node has room for one more request (else `Busy`).
+    fn entry<'m>(
+        &self,
+        map: &'m mut HashMap<RequestId, Entry>,
+        id: RequestId,
+    ) -> Result<&'m mut Entry, NodeError> {
+        if !map.contains_key(&id) && map.len() >= self.max_requests {
+            tracing::warn!(%id, limit = self.max_requests, "request refused: the node knows too many requests");
+            return Err(NodeError::Busy);
+        }
+        Ok(map.entry(id).or_insert_with(Entry::new))
     }
 
     /// The prefill node gave up on request `id`'s transfer: the request fails now with `reason`.
@@ -246,7 +303,10 @@ impl DecodeNode {
     /// Fails request `id`'s transfer with `error` ([`Entry::fail`]), making the entry if the
     /// router has not polled yet.
     fn fail_transfer(&self, id: RequestId, error: NodeError) {
-        self.lock().entry(id).or_insert_with(Entry::new).fail(error);
+        let mut map = self.lock();
+        if let Ok(entry) = self.entry(&mut map, id) {
+            entry.fail(error);
+        }
     }
 
     fn has_ended(&self, id: RequestId) -> bool {
@@ -314,6 +374,7 @@ impl DecodeNode {
         let Stage::Receiving(transfer) = std::mem::replace(&mut entry.stage, Stage::Running) else {
             return;
         };
+        entry.promised = 0;
         let tx = entry.tx.clone();
         let node = Arc::clone(self);
         tokio::spawn(async move {
@@ -410,7 +471,7 @@ impl DecodeNode {
     pub async fn poll(&self, id: RequestId, wait: Duration) -> Result<PollReply, NodeError> {
         let rx = {
             let mut map = self.lock();
-            let entry = map.entry(id).or_insert_with(Entry::new);
+            let entry = self.entry(&mut map, id)?;
             entry.last_poll = Instant::now();
             Arc::clone(&entry.rx)
         };
@@ -448,7 +509,16 @@ impl DecodeNode {
     /// Drops request `id`'s entry (after its final reply, or on cancel), remembering it as
     /// ended; true if there was one.
     fn forget(&self, id: RequestId) -> bool {
-        lock(&self.ended).insert(id, Instant::now());
+        // Remembered as ended before the entry goes, so a transfer arriving in between is refused.
+        // A cancel for an id never seen is remembered only while there is room: made-up ids
+        // cannot grow the table.
+        let known = self.lock().contains_key(&id);
+        {
+            let mut ended = lock(&self.ended);
+            if known || ended.len() < MAX_ENDED {
+                ended.insert(id, Instant::now());
+            }
+        }
         self.lock().remove(&id).is_some()
     }
 

@@ -190,3 +190,54 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     assert!(matches!(early, Err(NodeError::Transfer(_))), "{early:?}");
     assert_eq!(node.active_requests(), 0);
 }
+
+/// Made-up ids and oversized promises cannot grow a node without bound: polls for unknown ids
+/// stop making entries at the node's request limit, and transfers stop being admitted once
+/// their declared caches fill the node's budget, until failed transfers give their share back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_and_large_transfers_are_bounded() {
+    let layout = KvLayout {
+        n_seq_max: 2,
+        ..KvLayout::default()
+    };
+    let dst = context(layout);
+    let limits = DecodeLimits::for_context(dst.shape(), layout.n_ctx_seq);
+    assert!(limits.max_state_bytes < DecodeLimits::default().max_state_bytes);
+    let header = dst
+        .transfer_header(
+            0,
+            vec![1; layout.n_ctx_seq as usize - 1],
+            Codec::None,
+            1 << 20,
+        )
+        .encode();
+    let node = DecodeNode::new("bounds", dst, limits, DecodeTimeouts::default());
+
+    let limit = 2 * exo_decode_node::REQUESTS_PER_SLOT + exo_decode_node::EXTRA_REQUESTS;
+    let id = |n: usize| RequestId(0xdead_0000 + n as u128);
+    for n in 0..limit {
+        node.poll(id(n), Duration::ZERO).await.unwrap();
+    }
+    assert_eq!(
+        node.poll(id(limit), Duration::ZERO).await,
+        Err(NodeError::Busy)
+    );
+    for n in 0..limit {
+        node.cancel(id(n));
+    }
+    assert_eq!(node.active_requests(), 0);
+
+    // Each transfer promises a whole sequence's cache: two per slot fit, the next is refused.
+    let begin = |n: usize| KvBegin {
+        id: RequestId(0xbeef_0000 + n as u128),
+        header: header.clone(),
+        sampling: SamplingParams::default(),
+    };
+    for n in 0..4 {
+        node.kv_begin(begin(n)).unwrap();
+    }
+    assert_eq!(node.kv_begin(begin(4)), Err(NodeError::Busy));
+    // A failed transfer gives its share back.
+    node.kv_abort(begin(0).id, "gone".into());
+    node.kv_begin(begin(5)).unwrap();
+}

@@ -88,7 +88,7 @@ impl NodeServer {
             let node = DecodeNode::new(
                 &options.name,
                 ctx.clone(),
-                DecodeLimits::default(),
+                DecodeLimits::for_context(ctx.shape(), options.layout.n_ctx_seq),
                 DecodeTimeouts {
                     transfer: options.transfer_timeout,
                     ..DecodeTimeouts::default()
@@ -202,6 +202,10 @@ impl NodeService for NodeServer {
         if request.handoff.is_none() && self.decode.is_none() {
             return Err(self.wrong_role("generate without a decode node"));
         }
+        request
+            .sampling
+            .check()
+            .map_err(NodeError::InvalidRequest)?;
         let id = request.id;
         let (reply, local) = prefill.prefill(request).await?;
         if let (Some(cont), Some(decode)) = (local, self.decode.as_ref()) {
@@ -216,7 +220,9 @@ impl NodeService for NodeServer {
     }
 
     async fn kv_begin(self, _: Context, begin: KvBegin) -> Result<(), NodeError> {
-        self.decode_side("receive a KV cache")?.kv_begin(begin)
+        let decode = self.decode_side("receive a KV cache")?;
+        begin.sampling.check().map_err(NodeError::InvalidRequest)?;
+        decode.kv_begin(begin)
     }
 
     async fn kv_chunk(self, _: Context, frame: KvFrame) -> Result<(), NodeError> {

@@ -60,7 +60,51 @@ impl Default for SamplingParams {
     }
 }
 
+/// Most stop strings a request may carry (the API allows 4; nodes accept a few more).
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Longest constraint text (a JSON Schema or a grammar), in bytes.
+pub const MAX_CONSTRAINT_BYTES: usize = 1 << 20;
+
 impl SamplingParams {
+    /// Checks values a node must not trust from the wire: finite numbers within their ranges,
+    /// and bounded stop strings and constraint text. The error says which field is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f32, ok: bool| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(format!("{name} = {v} is out of range"))
+            }
+        };
+        finite("temperature", self.temperature, self.temperature <= 100.0)?;
+        finite("top_p", self.top_p, self.top_p > 0.0 && self.top_p <= 1.0)?;
+        finite("min_p", self.min_p, (0.0..=1.0).contains(&self.min_p))?;
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(format!(
+                "{} stop strings, at most {MAX_STOP_STRINGS}",
+                self.stop.len()
+            ));
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(format!(
+                "a stop string of {} bytes, at most {MAX_STOP_BYTES}",
+                s.len()
+            ));
+        }
+        let constraint_len = match &self.constraint {
+            Some(Constraint::JsonSchema(t) | Constraint::Lark(t)) => t.len(),
+            Some(Constraint::JsonObject) | None => 0,
+        };
+        if constraint_len > MAX_CONSTRAINT_BYTES {
+            return Err(format!(
+                "a constraint of {constraint_len} bytes, at most {MAX_CONSTRAINT_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+
     /// Greedy decoding of at most `max_tokens` tokens.
     pub fn greedy(max_tokens: u32) -> Self {
         SamplingParams {
@@ -81,4 +125,52 @@ pub enum FinishReason {
     Length,
     /// The client went away or the request was cancelled.
     Cancelled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_and_out_of_range_values_are_refused() {
+        assert!(SamplingParams::default().check().is_ok());
+        assert!(SamplingParams::greedy(4).check().is_ok());
+        let bad = [
+            SamplingParams {
+                temperature: f32::NAN,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: f32::INFINITY,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: f32::NAN,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                min_p: -0.1,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                stop: vec!["x".into(); 17],
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                stop: vec!["x".repeat(2000)],
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                constraint: Some(Constraint::Lark("x".repeat(MAX_CONSTRAINT_BYTES + 1))),
+                ..SamplingParams::default()
+            },
+        ];
+        for p in bad {
+            assert!(p.check().is_err(), "{p:?}");
+        }
+    }
 }

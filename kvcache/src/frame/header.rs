@@ -257,6 +257,22 @@ pub struct DecodeLimits {
     pub max_chunk_size: u32,
 }
 
+impl DecodeLimits {
+    /// The limits of a receiver whose context holds `n_ctx_seq` tokens per sequence in cache
+    /// `shape`: no more tokens than a sequence holds, no larger state than such a sequence's.
+    pub fn for_context(shape: &crate::StateShape, n_ctx_seq: u32) -> DecodeLimits {
+        let defaults = DecodeLimits::default();
+        let state = shape
+            .state_len(n_ctx_seq as usize)
+            .map_or(defaults.max_state_bytes, |b| b as u64);
+        DecodeLimits {
+            max_state_bytes: state.min(defaults.max_state_bytes),
+            max_tokens: u64::from(n_ctx_seq),
+            ..defaults
+        }
+    }
+}
+
 impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {
