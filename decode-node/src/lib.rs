@@ -53,6 +53,12 @@ impl Default for DecodeTimeouts {
 
 type Event = Result<GenEvent, NodeError>;
 
+/// The connection a call arrived on, as the node server numbers them. A transfer's chunks and
+/// end frame are accepted only on the connection that began it: a peer that learnt a request's
+/// id cannot write into its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinkId(pub u64);
+
 enum Stage {
     /// Polled, but no transfer has begun.
     Waiting,
@@ -124,6 +130,8 @@ struct Entry {
     /// Bytes the transfer may come to hold (its declared state plus parked chunks), counted
     /// against the node's budget while it is receiving.
     promised: usize,
+    /// The connection that began the transfer, once one did.
+    kv_link: Option<LinkId>,
     tx: mpsc::UnboundedSender<Event>,
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>,
     last_progress: Instant,
@@ -137,6 +145,7 @@ impl Entry {
         Entry {
             stage: Stage::Waiting,
             promised: 0,
+            kv_link: None,
             tx,
             rx: Arc::new(tokio::sync::Mutex::new(rx)),
             last_progress: now,
@@ -233,7 +242,7 @@ impl DecodeNode {
     }
 
     /// Starts a transfer: checks the header against this node's model, layout and limits.
-    pub fn kv_begin(self: &Arc<Self>, begin: KvBegin) -> Result<(), NodeError> {
+    pub fn kv_begin(self: &Arc<Self>, begin: KvBegin, from: LinkId) -> Result<(), NodeError> {
         let target = ImportTarget {
             fingerprint: self.ctx.model().fingerprint(),
             layout: self.ctx.config().layout,
@@ -270,6 +279,7 @@ impl DecodeNode {
             )));
         }
         entry.promised = promised;
+        entry.kv_link = Some(from);
         entry.stage = Stage::Receiving(Arc::new(Mutex::new(Transfer {
             decoder: Some(Box::new(decoder)),
             sampling: begin.sampling,
@@ -313,14 +323,17 @@ impl DecodeNode {
         lock(&self.ended).contains_key(&id)
     }
 
-    /// Accepts one chunk (in any order within the reorder window). The chunk is checked and
-    /// decompressed on a blocking thread under its transfer's own lock. A refused chunk fails
-    /// the request.
-    pub async fn kv_chunk(self: &Arc<Self>, frame: KvFrame) -> Result<(), NodeError> {
+    /// Accepts one chunk (in any order within the reorder window) on the connection that began the
+    /// transfer (another gets `UnknownRequest`). The chunk is checked and decompressed on a
+    /// blocking thread under its transfer's own lock. A refused chunk fails the request.
+    pub async fn kv_chunk(self: &Arc<Self>, frame: KvFrame, from: LinkId) -> Result<(), NodeError> {
         let id = frame.id;
         let transfer = {
             let mut map = self.lock();
-            let entry = map.get_mut(&id).ok_or(NodeError::UnknownRequest(id))?;
+            let entry = map
+                .get_mut(&id)
+                .filter(|e| e.kv_link == Some(from))
+                .ok_or(NodeError::UnknownRequest(id))?;
             let Stage::Receiving(transfer) = &entry.stage else {
                 return Err(NodeError::Transfer("no transfer in progress".into()));
             };
@@ -346,12 +359,13 @@ impl DecodeNode {
         }
     }
 
-    /// Ends a transfer: the state is checked whole against the end frame, imported into a free
-    /// slot, and generation starts from `first_token`, on a task.
-    pub fn kv_end(self: &Arc<Self>, end: KvEnd) -> Result<(), NodeError> {
+    /// Ends a transfer (on the connection that began it): the state is checked whole against the
+    /// end frame, imported into a free slot, and generation starts from `first_token`, on a task.
+    pub fn kv_end(self: &Arc<Self>, end: KvEnd, from: LinkId) -> Result<(), NodeError> {
         let mut map = self.lock();
         let entry = map
             .get_mut(&end.id)
+            .filter(|e| e.kv_link == Some(from))
             .ok_or(NodeError::UnknownRequest(end.id))?;
         if !matches!(entry.stage, Stage::Receiving(_)) {
             return Err(NodeError::Transfer("no transfer in progress".into()));

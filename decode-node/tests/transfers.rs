@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use exo_decode_node::{DecodeNode, DecodeTimeouts};
+use exo_decode_node::{DecodeNode, DecodeTimeouts, LinkId};
+
+/// The connection the test's transfers arrive on.
+const LINK: LinkId = LinkId(1);
 use exo_kvcache::{Codec, DecodeLimits, KvEncoder, KvLayout};
 use exo_protocol::{FinishReason, KvBegin, KvEnd, KvFrame, NodeError, RequestId, SamplingParams};
 
@@ -85,30 +88,50 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         "{} chunks",
         chunks.len()
     );
-    node.kv_begin(begin(1, header.clone())).unwrap();
+    node.kv_begin(begin(1, header.clone()), LINK).unwrap();
+    // Another connection cannot write into (or end) this transfer, even knowing its id.
+    let other = LinkId(2);
+    let frame = KvFrame {
+        id: RequestId(1),
+        bytes: chunks[0].clone(),
+    };
+    assert_eq!(
+        node.kv_chunk(frame, other).await,
+        Err(NodeError::UnknownRequest(RequestId(1)))
+    );
+    assert_eq!(
+        node.kv_end(end(1), other),
+        Err(NodeError::UnknownRequest(RequestId(1)))
+    );
     for bytes in chunks.iter().rev() {
-        node.kv_chunk(KvFrame {
-            id: RequestId(1),
-            bytes: bytes.clone(),
-        })
+        node.kv_chunk(
+            KvFrame {
+                id: RequestId(1),
+                bytes: bytes.clone(),
+            },
+            LINK,
+        )
         .await
         .unwrap();
     }
-    node.kv_end(end(1)).unwrap();
+    node.kv_end(end(1), LINK).unwrap();
     let (text, finish) = collect(&node, 1).await.unwrap();
     assert_eq!(first_text + &text, reference.text);
     assert_eq!(finish, reference.finish);
 
     // A corrupted chunk fails the request with a transfer error; the node keeps serving.
-    node.kv_begin(begin(2, header.clone())).unwrap();
+    node.kv_begin(begin(2, header.clone()), LINK).unwrap();
     let mut bad = chunks[0].clone();
     let n = bad.len();
     bad[n - 1] ^= 1;
     assert!(matches!(
-        node.kv_chunk(KvFrame {
-            id: RequestId(2),
-            bytes: bad
-        })
+        node.kv_chunk(
+            KvFrame {
+                id: RequestId(2),
+                bytes: bad
+            },
+            LINK
+        )
         .await,
         Err(NodeError::Transfer(_))
     ));
@@ -120,7 +143,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     // A transfer for a request cancelled before it began is refused.
     node.cancel(RequestId(3));
     assert!(matches!(
-        node.kv_begin(begin(3, header.clone())),
+        node.kv_begin(begin(3, header.clone()), LINK),
         Err(NodeError::UnknownRequest(RequestId(3)))
     ));
 
@@ -130,7 +153,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     let n = bad_header.len();
     bad_header[n - 1] ^= 1;
     assert!(matches!(
-        node.kv_begin(begin(5, bad_header)),
+        node.kv_begin(begin(5, bad_header), LINK),
         Err(NodeError::Transfer(_))
     ));
     let refused = node.poll(RequestId(5), Duration::from_secs(30)).await;
@@ -141,11 +164,14 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
 
     // The prefill node gives up mid-transfer, or before sending anything: the request fails with
     // the prefill node's reason.
-    node.kv_begin(begin(6, header.clone())).unwrap();
-    node.kv_chunk(KvFrame {
-        id: RequestId(6),
-        bytes: chunks[0].clone(),
-    })
+    node.kv_begin(begin(6, header.clone()), LINK).unwrap();
+    node.kv_chunk(
+        KvFrame {
+            id: RequestId(6),
+            bytes: chunks[0].clone(),
+        },
+        LINK,
+    )
     .await
     .unwrap();
     for id in [6u64, 7] {
@@ -163,29 +189,35 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         tokio::spawn(async move { collect(&node, 4).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    node.kv_begin(begin(4, header.clone())).unwrap();
+    node.kv_begin(begin(4, header.clone()), LINK).unwrap();
     for bytes in chunks.clone() {
-        node.kv_chunk(KvFrame {
-            id: RequestId(4),
-            bytes,
-        })
+        node.kv_chunk(
+            KvFrame {
+                id: RequestId(4),
+                bytes,
+            },
+            LINK,
+        )
         .await
         .unwrap();
     }
-    node.kv_end(end(4)).unwrap();
+    node.kv_end(end(4), LINK).unwrap();
     node.kv_abort(RequestId(4), "too late".into());
     let (again, _) = poller.await.unwrap().unwrap();
     assert_eq!(again, text);
 
     // An end frame before the last chunk fails the request: the transfer is incomplete.
-    node.kv_begin(begin(8, header.clone())).unwrap();
-    node.kv_chunk(KvFrame {
-        id: RequestId(8),
-        bytes: chunks[0].clone(),
-    })
+    node.kv_begin(begin(8, header.clone()), LINK).unwrap();
+    node.kv_chunk(
+        KvFrame {
+            id: RequestId(8),
+            bytes: chunks[0].clone(),
+        },
+        LINK,
+    )
     .await
     .unwrap();
-    node.kv_end(end(8)).unwrap();
+    node.kv_end(end(8), LINK).unwrap();
     let early = node.poll(RequestId(8), Duration::from_secs(30)).await;
     assert!(matches!(early, Err(NodeError::Transfer(_))), "{early:?}");
     assert_eq!(node.active_requests(), 0);
@@ -234,10 +266,10 @@ async fn unknown_ids_and_large_transfers_are_bounded() {
         sampling: SamplingParams::default(),
     };
     for n in 0..4 {
-        node.kv_begin(begin(n)).unwrap();
+        node.kv_begin(begin(n), LINK).unwrap();
     }
-    assert_eq!(node.kv_begin(begin(4)), Err(NodeError::Busy));
+    assert_eq!(node.kv_begin(begin(4), LINK), Err(NodeError::Busy));
     // A failed transfer gives its share back.
     node.kv_abort(begin(0).id, "gone".into());
-    node.kv_begin(begin(5)).unwrap();
+    node.kv_begin(begin(5), LINK).unwrap();
 }

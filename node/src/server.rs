@@ -3,10 +3,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use exo_decode_node::{DecodeNode, DecodeTimeouts};
+use exo_decode_node::{DecodeNode, DecodeTimeouts, LinkId};
 use exo_engine::{ContextConfig, ContextHandle, Model};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
@@ -56,6 +56,8 @@ pub struct NodeServer {
     draining: Arc<AtomicBool>,
     /// How the links it serves are secured.
     security: LinkSecurity,
+    /// The connection this copy of the server answers (each connection gets its own copy).
+    link: LinkId,
 }
 
 impl NodeServer {
@@ -114,6 +116,7 @@ impl NodeServer {
             ctx,
             draining: Arc::new(AtomicBool::new(false)),
             security: options.security.clone(),
+            link: LinkId(0),
         })
     }
 
@@ -168,8 +171,12 @@ impl NodeServer {
     /// Serves the RPC service on `listener` until `shutdown` completes.
     pub async fn run(self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         let security = self.security.clone();
+        let links = AtomicU64::new(1);
         exo_protocol::serve(listener, security, shutdown, move |transport| {
-            let server = self.clone();
+            let server = NodeServer {
+                link: LinkId(links.fetch_add(1, Ordering::Relaxed)),
+                ..self.clone()
+            };
             async move {
                 BaseChannel::with_defaults(transport)
                     .execute(NodeService::serve(server))
@@ -222,17 +229,18 @@ impl NodeService for NodeServer {
     async fn kv_begin(self, _: Context, begin: KvBegin) -> Result<(), NodeError> {
         let decode = self.decode_side("receive a KV cache")?;
         begin.sampling.check().map_err(NodeError::InvalidRequest)?;
-        decode.kv_begin(begin)
+        decode.kv_begin(begin, self.link)
     }
 
     async fn kv_chunk(self, _: Context, frame: KvFrame) -> Result<(), NodeError> {
         self.decode_side("receive a KV cache")?
-            .kv_chunk(frame)
+            .kv_chunk(frame, self.link)
             .await
     }
 
     async fn kv_end(self, _: Context, end: KvEnd) -> Result<(), NodeError> {
-        self.decode_side("receive a KV cache")?.kv_end(end)
+        self.decode_side("receive a KV cache")?
+            .kv_end(end, self.link)
     }
 
     async fn kv_abort(self, _: Context, id: RequestId, reason: String) {

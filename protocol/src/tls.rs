@@ -153,7 +153,7 @@ impl LinkSecurity {
     }
 
     /// The client side of a link over `tcp`; TLS proves both ends within [`HANDSHAKE_TIMEOUT`].
-    pub(crate) async fn client(&self, tcp: TcpStream) -> std::io::Result<Box<dyn LinkIo>> {
+    pub async fn client(&self, tcp: TcpStream) -> std::io::Result<Box<dyn LinkIo>> {
         match self {
             LinkSecurity::Plain => Ok(Box::new(tcp)),
             LinkSecurity::Tls(t) => {
@@ -167,7 +167,7 @@ impl LinkSecurity {
 
     /// The server side of a link over `tcp`; a peer that cannot prove membership fails here,
     /// before any frame is read.
-    pub(crate) async fn server(&self, tcp: TcpStream) -> std::io::Result<Box<dyn LinkIo>> {
+    pub async fn server(&self, tcp: TcpStream) -> std::io::Result<Box<dyn LinkIo>> {
         match self {
             LinkSecurity::Plain => Ok(Box::new(tcp)),
             LinkSecurity::Tls(t) => {

@@ -1,7 +1,10 @@
 //! KV transfer benchmark: export, encode, decode and import throughput and compression ratio per codec,
 //! on a real prompt's KV cache, for several KV layouts.
 //!
-//! `cargo run --release -p exo-benches --bin kvbench -- [--model PATH] [--tokens N] [--reps R]`
+//! Also the node link's own throughput over loopback, plain and under mutual TLS (what encryption
+//! costs a transfer).
+//!
+//! `cargo run --release -p exo-benches --bin kvbench -- [--model PATH] [--tokens N] [--reps R] [--link-mb MB]`
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use exo_kvcache::{
     Codec, DEFAULT_CHUNK_SIZE, DecodeLimits, ImportTarget, KvDecoder, KvEncoder, KvHeader,
     KvLayout, KvType,
 };
-use exo_protocol::SamplingParams;
+use exo_protocol::{LinkSecurity, SamplingParams};
 
 #[derive(Parser)]
 #[command(about = "Measure KV export/encode/decode/import per codec and KV layout")]
@@ -32,6 +35,9 @@ struct Args {
     /// Repetitions of each timed step (the best run is reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// MB sent over loopback per link measurement (plain TCP and mutual TLS); 0 skips it.
+    #[arg(long, default_value_t = 512)]
+    link_mb: usize,
 }
 
 fn best<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Duration, T)> {
@@ -182,9 +188,63 @@ async fn codec_row(
     Ok(())
 }
 
-#[tokio::main(flavor = "current_thread")]
+/// Sends `mb` MB in 1 MiB writes over one loopback link secured by `security` and returns the
+/// receiver's MB/s (handshake excluded): what encryption costs a KV transfer's bytes.
+async fn link_mbps(security: &LinkSecurity, mb: usize) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let server = security.clone();
+    let receiver = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        let mut io = server.server(tcp).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut first = [0u8; 1];
+        io.read_exact(&mut first).await?;
+        let started = Instant::now();
+        let mut got = 1usize;
+        loop {
+            let n = io.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok::<_, std::io::Error>((got, started.elapsed()))
+    });
+    let mut io = exo_protocol::open_link(&addr, security).await?;
+    let block = vec![0x5au8; 1 << 20];
+    for _ in 0..mb {
+        io.write_all(&block).await?;
+    }
+    io.shutdown().await?;
+    let (got, took) = receiver.await??;
+    Ok(mbps(got, took))
+}
+
+async fn link_table(mb: usize) -> Result<()> {
+    let tls = LinkSecurity::from_pem(exo_protocol::new_cluster_pem("kvbench")?.as_bytes())
+        .map_err(anyhow::Error::msg)?;
+    println!();
+    println!("node link over loopback, {mb} MB in 1 MiB writes (one connection):");
+    println!();
+    println!("| link | MB/s | Gbit/s |");
+    println!("|---|---|---|");
+    for (name, security) in [("plain TCP", LinkSecurity::Plain), ("mutual TLS 1.3", tls)] {
+        let rate = link_mbps(&security, mb).await?;
+        println!("| {name} | {rate:.0} | {:.1} |", rate * 8.0 / 1e3);
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.link_mb > 0 {
+        link_table(args.link_mb).await?;
+        println!();
+    }
     let model = Model::load(&args.model, &ModelOptions::default())?;
     let tokens = prompt_tokens(&model, args.tokens)?;
     println!(
