@@ -16,14 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use exo_engine::{ContextHandle, EventSink, GenEvent, SlotLease, resumed_output};
-use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder, chunk_index};
+use exo_kvcache::{DecodeLimits, ImportTarget, KvDecoder};
 use exo_protocol::{KvBegin, KvEnd, KvFrame, NodeError, PollReply, RequestId, SamplingParams};
 use tokio::sync::mpsc;
 
-/// Chunks accepted ahead of the next expected one.
-const REORDER_WINDOW: u32 = 16;
-/// Most bytes of chunks one transfer may park ahead of the next expected chunk.
-pub const MAX_PARKED_BYTES: usize = 32 << 20;
+mod transfer;
+pub use transfer::MAX_PARKED_BYTES;
+use transfer::Transfer;
+
 /// Requests a node knows at most, per sequence slot (plus [`EXTRA_REQUESTS`]): enough for a full
 /// node with transfers queued behind it, few enough that polls or transfers for made-up ids
 /// cannot grow the table without bound.
@@ -68,56 +68,6 @@ enum Stage {
     /// Imported (or prefilled here) and generating, or failed with the error queued: no transfer
     /// is expected any more.
     Running,
-}
-
-/// A transfer in progress.
-struct Transfer {
-    /// `None` once the transfer ended and the import took it.
-    decoder: Option<Box<KvDecoder>>,
-    sampling: SamplingParams,
-    /// Chunks that arrived ahead of the next expected one.
-    ahead: BTreeMap<u32, Vec<u8>>,
-}
-
-impl Transfer {
-    /// Bytes this transfer holds: the state decoded so far and the chunks parked ahead.
-    fn bytes_held(&self) -> usize {
-        let decoded = self.decoder.as_ref().map_or(0, |d| d.bytes_held());
-        decoded + self.ahead.values().map(Vec::len).sum::<usize>()
-    }
-
-    /// Feeds a chunk to the decoder, or parks it until its predecessors arrive. Decompression and
-    /// checksums happen here: call it off the async threads.
-    fn accept(&mut self, bytes: Vec<u8>) -> Result<(), NodeError> {
-        let transfer = |e: exo_kvcache::KvError| NodeError::Transfer(e.to_string());
-        let Some(decoder) = self.decoder.as_mut() else {
-            return Err(NodeError::Transfer(
-                "the transfer is already complete".into(),
-            ));
-        };
-        let index = chunk_index(&bytes).map_err(transfer)?;
-        let next = decoder.chunks_received();
-        if index > next {
-            if index - next > REORDER_WINDOW || self.ahead.contains_key(&index) {
-                return Err(NodeError::Transfer(format!(
-                    "chunk {index} is outside the reorder window at {next}"
-                )));
-            }
-            let parked: usize = self.ahead.values().map(Vec::len).sum();
-            if parked + bytes.len() > MAX_PARKED_BYTES {
-                return Err(NodeError::Transfer(format!(
-                    "chunk {index} would park more than {MAX_PARKED_BYTES} bytes ahead of chunk {next}"
-                )));
-            }
-            self.ahead.insert(index, bytes);
-        } else {
-            decoder.push_chunk(&bytes).map_err(transfer)?;
-            while let Some(parked) = self.ahead.remove(&decoder.chunks_received()) {
-                decoder.push_chunk(&parked).map_err(transfer)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Locks `m`, whatever an earlier holder's panic left: the data is only ever replaced whole.
