@@ -82,6 +82,9 @@ struct Entry {
     promised: usize,
     /// The connection that began the transfer, once one did.
     kv_link: Option<LinkId>,
+    /// The connection that polls the request (the router's): the first to poll it, or the one
+    /// that ran a colocated prompt here. Polls and cancels on another are not served.
+    poll_link: Option<LinkId>,
     tx: mpsc::UnboundedSender<Event>,
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>,
     last_progress: Instant,
@@ -96,6 +99,7 @@ impl Entry {
             stage: Stage::Waiting,
             promised: 0,
             kv_link: None,
+            poll_link: None,
             tx,
             rx: Arc::new(tokio::sync::Mutex::new(rx)),
             last_progress: now,
@@ -395,9 +399,11 @@ impl DecodeNode {
         lease: SlotLease,
         (first_token, history): (i32, Vec<i32>),
         sampling: SamplingParams,
+        from: LinkId,
     ) {
         let mut entry = Entry::new();
         entry.stage = Stage::Running;
+        entry.poll_link = Some(from);
         let tx = entry.tx.clone();
         self.lock().insert(id, entry);
         let node = Arc::clone(self);
@@ -431,11 +437,21 @@ impl DecodeNode {
     }
 
     /// Waits up to `wait` for output of request `id` and returns everything available. The request is
-    /// forgotten once its final reply (finish or error) has been returned.
-    pub async fn poll(&self, id: RequestId, wait: Duration) -> Result<PollReply, NodeError> {
+    /// forgotten once its final reply (finish or error) has been returned. The first connection
+    /// to poll a request (or the one that prefilled it here) is the only one served: on another,
+    /// the request is unknown.
+    pub async fn poll(
+        &self,
+        id: RequestId,
+        wait: Duration,
+        from: LinkId,
+    ) -> Result<PollReply, NodeError> {
         let rx = {
             let mut map = self.lock();
             let entry = self.entry(&mut map, id)?;
+            if *entry.poll_link.get_or_insert(from) != from {
+                return Err(NodeError::UnknownRequest(id));
+            }
             entry.last_poll = Instant::now();
             Arc::clone(&entry.rx)
         };
@@ -486,8 +502,17 @@ impl DecodeNode {
         self.lock().remove(&id).is_some()
     }
 
-    /// Stops request `id`: generation ends before its next token and the slot is freed.
-    pub fn cancel(&self, id: RequestId) {
+    /// Stops request `id`: generation ends before its next token and the slot is freed. A cancel
+    /// on a connection other than the one that polls the request is ignored.
+    pub fn cancel(&self, id: RequestId, from: LinkId) {
+        let foreign = self
+            .lock()
+            .get(&id)
+            .is_some_and(|e| e.poll_link.is_some_and(|l| l != from));
+        if foreign {
+            tracing::debug!(%id, "cancel refused: not from the connection that polls the request");
+            return;
+        }
         if self.forget(id) {
             tracing::debug!(%id, "request cancelled");
         }

@@ -20,7 +20,7 @@ async fn collect(node: &DecodeNode, id: u64) -> Result<(String, FinishReason), N
     let mut text = String::new();
     loop {
         let r = node
-            .poll(RequestId(u128::from(id)), Duration::from_millis(500))
+            .poll(RequestId(u128::from(id)), Duration::from_millis(500), LINK)
             .await?;
         text += &r.text;
         if let Some(f) = r.finish {
@@ -141,7 +141,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     ));
 
     // A transfer for a request cancelled before it began is refused.
-    node.cancel(RequestId(3));
+    node.cancel(RequestId(3), LINK);
     assert!(matches!(
         node.kv_begin(begin(3, header.clone()), LINK),
         Err(NodeError::UnknownRequest(RequestId(3)))
@@ -156,7 +156,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
         node.kv_begin(begin(5, bad_header), LINK),
         Err(NodeError::Transfer(_))
     ));
-    let refused = node.poll(RequestId(5), Duration::from_secs(30)).await;
+    let refused = node.poll(RequestId(5), Duration::from_secs(30), LINK).await;
     assert!(
         matches!(refused, Err(NodeError::Transfer(_))),
         "{refused:?}"
@@ -177,7 +177,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     for id in [6u64, 7] {
         node.kv_abort(RequestId(u128::from(id)), "the link broke".into());
         let aborted = node
-            .poll(RequestId(u128::from(id)), Duration::from_secs(30))
+            .poll(RequestId(u128::from(id)), Duration::from_secs(30), LINK)
             .await;
         assert_eq!(aborted, Err(NodeError::Transfer("the link broke".into())));
     }
@@ -218,7 +218,7 @@ async fn reordered_chunks_decode_like_the_original_and_faults_fail_the_request()
     .await
     .unwrap();
     node.kv_end(end(8), LINK).unwrap();
-    let early = node.poll(RequestId(8), Duration::from_secs(30)).await;
+    let early = node.poll(RequestId(8), Duration::from_secs(30), LINK).await;
     assert!(matches!(early, Err(NodeError::Transfer(_))), "{early:?}");
     assert_eq!(node.active_requests(), 0);
 }
@@ -248,14 +248,22 @@ async fn unknown_ids_and_large_transfers_are_bounded() {
     let limit = 2 * exo_decode_node::REQUESTS_PER_SLOT + exo_decode_node::EXTRA_REQUESTS;
     let id = |n: usize| RequestId(0xdead_0000 + n as u128);
     for n in 0..limit {
-        node.poll(id(n), Duration::ZERO).await.unwrap();
+        node.poll(id(n), Duration::ZERO, LINK).await.unwrap();
     }
     assert_eq!(
-        node.poll(id(limit), Duration::ZERO).await,
+        node.poll(id(limit), Duration::ZERO, LINK).await,
         Err(NodeError::Busy)
     );
+    // Only the connection that polls a request may poll or cancel it.
+    let other = LinkId(9);
+    assert_eq!(
+        node.poll(id(0), Duration::ZERO, other).await,
+        Err(NodeError::UnknownRequest(id(0)))
+    );
+    node.cancel(id(0), other);
+    assert_eq!(node.active_requests(), limit);
     for n in 0..limit {
-        node.cancel(id(n));
+        node.cancel(id(n), LINK);
     }
     assert_eq!(node.active_requests(), 0);
 

@@ -221,6 +221,7 @@ impl NodeService for NodeServer {
                 cont.lease,
                 (cont.first_token, cont.history),
                 cont.sampling,
+                self.link,
             );
         }
         Ok(reply)
@@ -251,12 +252,14 @@ impl NodeService for NodeServer {
 
     async fn poll(self, _: Context, id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError> {
         let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_POLL_WAIT);
-        self.decode_side("generate")?.poll(id, wait).await
+        self.decode_side("generate")?
+            .poll(id, wait, self.link)
+            .await
     }
 
     async fn cancel(self, _: Context, id: RequestId) {
         if let Some(d) = &self.decode {
-            d.cancel(id);
+            d.cancel(id, self.link);
         }
     }
 }
