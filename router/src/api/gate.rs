@@ -60,8 +60,18 @@ pub async fn require_key(
                 }
                 Denied::Wrong => "incorrect API key provided",
             };
-            ApiError::Unauthorized(message.into()).into_response()
+            answer_error(request.uri().path(), ApiError::Unauthorized(message.into()))
         }
+    }
+}
+
+/// An error in the shape of the API `path` belongs to: Anthropic's under `/v1/messages`,
+/// OpenAI's elsewhere.
+pub fn answer_error(path: &str, e: ApiError) -> Response {
+    if path.starts_with("/v1/messages") {
+        super::anthropic::reply::error_response(e)
+    } else {
+        e.into_response()
     }
 }
 
@@ -98,14 +108,16 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 }
 
 /// Fallback for paths the API does not have (404).
-pub async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!(
-        "no route {method} {}; the API serves /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics",
+pub async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    let e = ApiError::NotFound(format!(
+        "no route {method} {}; the API serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health and /metrics",
         uri.path()
-    ))
+    ));
+    answer_error(uri.path(), e)
 }
 
 /// Fallback for a known path asked with a method it does not serve (405).
-pub async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+pub async fn wrong_method(method: Method, uri: axum::http::Uri) -> Response {
+    let e = ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()));
+    answer_error(uri.path(), e)
 }

@@ -5,6 +5,7 @@
 //! Each request gets its id here, once: it is the response `id`, the `request` field of every log
 //! line about it, and the id of every RPC the request makes.
 
+pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod gate;
@@ -51,6 +52,7 @@ pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
     let mut keyed = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models));
     let mut open = Router::new().route("/health", get(health));
     if options.open_metrics {
@@ -92,22 +94,38 @@ struct Call {
     tools: Option<Tools>,
 }
 
-async fn chat(State(cluster): State<Arc<Cluster>>, body: Result<JsonBody, ApiError>) -> Response {
-    let call = || -> Result<Call, ApiError> {
-        let req: ChatRequest = parse(&body?.0)?;
-        let tools = req.tools()?;
-        let prompt = ChatPrompt {
-            turns: req.turns()?,
-            tools: tools.as_ref().and_then(Tools::prompt_json),
-        };
-        Ok(Call {
-            endpoint: Endpoint::Chat,
-            prompt: Prompt::Chat(prompt),
-            params: req.params,
-            tools,
-        })
+/// The call a chat request makes, through whichever API it came.
+fn chat_call(endpoint: Endpoint, req: ChatRequest) -> Result<Call, ApiError> {
+    let tools = req.tools()?;
+    let prompt = ChatPrompt {
+        turns: req.turns()?,
+        tools: tools.as_ref().and_then(Tools::prompt_json),
     };
-    counted("chat", answer(&cluster, call()).await)
+    Ok(Call {
+        endpoint,
+        prompt: Prompt::Chat(prompt),
+        params: req.params,
+        tools,
+    })
+}
+
+async fn chat(State(cluster): State<Arc<Cluster>>, body: Result<JsonBody, ApiError>) -> Response {
+    let call = || chat_call(Endpoint::Chat, parse(&body?.0)?);
+    counted("chat", answer(&cluster, Endpoint::Chat, call()).await)
+}
+
+async fn messages(
+    State(cluster): State<Arc<Cluster>>,
+    body: Result<JsonBody, ApiError>,
+) -> Response {
+    let call = || {
+        let req: anthropic::MessagesRequest = parse(&body?.0)?;
+        chat_call(Endpoint::Messages, req.to_chat()?)
+    };
+    counted(
+        "messages",
+        answer(&cluster, Endpoint::Messages, call()).await,
+    )
 }
 
 async fn completions(
@@ -126,7 +144,10 @@ async fn completions(
             tools: None,
         })
     };
-    counted("completions", answer(&cluster, call()).await)
+    counted(
+        "completions",
+        answer(&cluster, Endpoint::Completion, call()).await,
+    )
 }
 
 fn counted(endpoint: &'static str, response: Response) -> Response {
@@ -136,14 +157,22 @@ fn counted(endpoint: &'static str, response: Response) -> Response {
     response
 }
 
-/// Runs a parsed call under a new request id and answers it (errors become their status).
-async fn answer(cluster: &Arc<Cluster>, call: Result<Call, ApiError>) -> Response {
+/// Runs a parsed call under a new request id and answers it (errors become their status, in
+/// the shape of the `endpoint`'s API).
+async fn answer(
+    cluster: &Arc<Cluster>,
+    endpoint: Endpoint,
+    call: Result<Call, ApiError>,
+) -> Response {
     let id = cluster.next_id();
     let span = tracing::info_span!("request", request = %id);
     let run = async { serve(cluster, id, call?).await };
-    run.instrument(span)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    let answered = run.instrument(span).await;
+    match (answered, endpoint) {
+        (Ok(r), _) => r,
+        (Err(e), Endpoint::Messages) => anthropic::reply::error_response(e),
+        (Err(e), _) => e.into_response(),
+    }
 }
 
 async fn serve(
@@ -188,6 +217,9 @@ async fn serve(
         headers.insert(PIECES_HEADER, HeaderValue::from(pieces));
     }
     let shaper = Shaper::new(meta.clone(), tools);
+    if endpoint == Endpoint::Messages {
+        return anthropic_reply(meta, params.stream, generation, shaper, headers).await;
+    }
     if params.stream {
         let span = tracing::Span::current();
         let events = sse::events(meta, params.include_usage(), generation, shaper, span);
@@ -198,6 +230,27 @@ async fn serve(
     let (reply, finish) = shaper.whole(text, finish);
     let usage = Usage::new(generation.prompt_tokens, generation.completion_tokens);
     let body = Completion::new(&meta, reply, finish, usage);
+    Ok((StatusCode::OK, headers, Json(body)).into_response())
+}
+
+/// A Messages answer: the event stream, or the whole `message` object.
+async fn anthropic_reply(
+    meta: ResponseMeta,
+    stream: bool,
+    mut generation: Generation,
+    shaper: Shaper,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if stream {
+        let span = tracing::Span::current();
+        let events = anthropic::reply::events(meta, generation, shaper, span);
+        let sse = Sse::new(events).keep_alive(KeepAlive::default());
+        return Ok((headers, sse).into_response());
+    }
+    let (text, finish) = generation.collect().await?;
+    let (reply, finish) = shaper.whole(text, finish);
+    let usage = (generation.prompt_tokens, generation.completion_tokens);
+    let body = anthropic::reply::message(&meta, reply, finish, usage);
     Ok((StatusCode::OK, headers, Json(body)).into_response())
 }
 

@@ -82,6 +82,8 @@ pub struct CommonParams {
     pub temperature: Option<f32>,
     /// Nucleus sampling (default 1).
     pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens (not OpenAI's; many compatible clients send it).
+    pub top_k: Option<u32>,
     /// Seed for reproducible sampling.
     pub seed: Option<i64>,
     /// Stop strings.
@@ -191,7 +193,7 @@ impl CommonParams {
         }
         Ok(SamplingParams {
             temperature,
-            top_k: 0,
+            top_k: self.top_k.unwrap_or(0),
             top_p,
             min_p: 0.0,
             seed: self.seed.map_or(fresh_seed, |s| s as u64),

@@ -32,6 +32,8 @@ pub enum Endpoint {
     Chat,
     /// `/v1/completions`.
     Completion,
+    /// `/v1/messages` (Anthropic).
+    Messages,
 }
 
 /// The fields every body of one response repeats.
@@ -53,6 +55,7 @@ impl ResponseMeta {
         match self.endpoint {
             Endpoint::Chat => format!("chatcmpl-{}", self.id),
             Endpoint::Completion => format!("cmpl-{}", self.id),
+            Endpoint::Messages => format!("msg_{}", self.id),
         }
     }
 
@@ -159,7 +162,7 @@ impl Completion {
     /// The answer of a finished request: its text, or the tool calls it made.
     pub fn new(meta: &ResponseMeta, reply: Reply, finish: Finish, usage: Usage) -> Self {
         let (object, fingerprint, message, text) = match (meta.endpoint, reply) {
-            (Endpoint::Chat, Reply::Text(t)) => {
+            (Endpoint::Chat | Endpoint::Messages, Reply::Text(t)) => {
                 let m = AssistantMessage {
                     role: "assistant",
                     content: Some(t),
@@ -167,7 +170,7 @@ impl Completion {
                 };
                 ("chat.completion", Some(None), Some(m), None)
             }
-            (Endpoint::Chat, Reply::Calls(calls)) => {
+            (Endpoint::Chat | Endpoint::Messages, Reply::Calls(calls)) => {
                 let m = AssistantMessage {
                     role: "assistant",
                     content: None,
@@ -314,7 +317,9 @@ impl Chunk {
     /// only the delta's text.
     pub fn new(meta: &ResponseMeta, delta: Delta, finish: Option<Finish>) -> Self {
         let (object, fingerprint, delta, text) = match meta.endpoint {
-            Endpoint::Chat => ("chat.completion.chunk", Some(None), Some(delta), None),
+            Endpoint::Chat | Endpoint::Messages => {
+                ("chat.completion.chunk", Some(None), Some(delta), None)
+            }
             Endpoint::Completion => {
                 let text = delta.content.unwrap_or_default();
                 ("text_completion", None, None, Some(text))
@@ -337,7 +342,7 @@ impl Chunk {
     /// The last chunk of a stream that asked for usage: no choices, the token counts.
     pub fn usage(meta: &ResponseMeta, usage: Usage) -> Self {
         let object = match meta.endpoint {
-            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Chat | Endpoint::Messages => "chat.completion.chunk",
             Endpoint::Completion => "text_completion",
         };
         Chunk {

@@ -1,0 +1,184 @@
+//! The Anthropic Messages API over a split cluster: the same text as chat completions for the same
+//! request, streamed with Anthropic's event sequence, tool use and tool results, and errors in
+//! Anthropic's shape.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::start_profile;
+use serde_json::{Value, json};
+
+async fn post(base: &str, path: &str, body: &Value) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The (event name, data) pairs of an SSE body.
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter_map(|frame| {
+            let mut name = None;
+            let mut data = None;
+            for line in frame.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = Some(n.to_string());
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).ok();
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
+}
+
+fn weather_tool() -> Value {
+    json!([{
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "input_schema": {
+            "type": "object",
+            "properties": { "city": { "type": "string", "maxLength": 20 } },
+            "required": ["city"],
+            "additionalProperties": false,
+        },
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_api_matches_chat_streams_events_and_round_trips_a_tool() {
+    let server = start_profile("local.toml").await;
+    let model = server.cluster.model_id();
+    let base = format!("http://{}", server.addr);
+
+    // The same request through both APIs gives the same text (seeded sampling, split placement).
+    let question = "Name three colours.";
+    let messages = json!({
+        "model": model, "max_tokens": 24, "temperature": 0.8, "seed": 7,
+        "system": "You are terse.",
+        "messages": [{ "role": "user", "content": question }],
+    });
+    let (status, body) = post(&base, "/v1/messages", &messages).await;
+    assert_eq!(status, 200, "{body}");
+    let m: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["type"], "message");
+    assert_eq!(m["role"], "assistant");
+    assert!(m["id"].as_str().unwrap().starts_with("msg_"));
+    assert!(["end_turn", "max_tokens"].contains(&m["stop_reason"].as_str().unwrap()));
+    assert!(m["usage"]["input_tokens"].as_u64().unwrap() > 5);
+    let text = m["content"][0]["text"].as_str().unwrap().to_string();
+    let chat = json!({
+        "model": model, "max_tokens": 24, "temperature": 0.8, "seed": 7,
+        "messages": [{ "role": "system", "content": "You are terse." }, { "role": "user", "content": question }],
+    });
+    let (status, body) = post(&base, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(m["usage"]["output_tokens"], c["usage"]["completion_tokens"]);
+
+    // Streamed: Anthropic's event sequence, and the same text.
+    let mut streamed = messages.clone();
+    streamed["stream"] = json!(true);
+    let (status, body) = post(&base, "/v1/messages", &streamed).await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_events(&body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names[..3],
+        ["message_start", "ping", "content_block_start"],
+        "{names:?}"
+    );
+    assert_eq!(
+        names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"],
+        "{names:?}"
+    );
+    let deltas: String = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(deltas, text);
+    let end = &events[events.len() - 2].1;
+    assert_eq!(end["delta"]["stop_reason"], m["stop_reason"]);
+    assert_eq!(end["usage"]["output_tokens"], m["usage"]["output_tokens"]);
+
+    // A forced tool use, streamed: a tool_use block whose input_json_delta pieces join into the
+    // input the whole reply gives.
+    let tool_request = json!({
+        "model": model, "max_tokens": 48, "temperature": 0,
+        "tools": weather_tool(), "tool_choice": { "type": "tool", "name": "get_weather" },
+        "messages": [{ "role": "user", "content": "What is the weather in Oslo?" }],
+    });
+    let (status, body) = post(&base, "/v1/messages", &tool_request).await;
+    assert_eq!(status, 200, "{body}");
+    let t: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(t["stop_reason"], "tool_use", "{t}");
+    let call = &t["content"][0];
+    assert_eq!(call["type"], "tool_use");
+    assert_eq!(call["name"], "get_weather");
+    assert!(call["input"]["city"].is_string(), "{t}");
+    let mut streamed = tool_request.clone();
+    streamed["stream"] = json!(true);
+    let (_, body) = post(&base, "/v1/messages", &streamed).await;
+    let events = sse_events(&body);
+    let start = events
+        .iter()
+        .find(|(n, _)| n == "content_block_start")
+        .unwrap();
+    assert_eq!(start.1["content_block"]["type"], "tool_use");
+    let json_text: String = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .map(|(_, d)| d["delta"]["partial_json"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&json_text).unwrap(),
+        call["input"]
+    );
+
+    // The round trip: the tool's result goes back, the model answers in text.
+    let follow_up = json!({
+        "model": model, "max_tokens": 24, "temperature": 0, "tools": weather_tool(),
+        "messages": [
+            { "role": "user", "content": "What is the weather in Oslo?" },
+            { "role": "assistant", "content": [call.clone()] },
+            { "role": "user", "content": [{ "type": "tool_result", "tool_use_id": call["id"], "content": "12 C and rain" }] },
+        ],
+    });
+    let (status, body) = post(&base, "/v1/messages", &follow_up).await;
+    assert_eq!(status, 200, "{body}");
+    let f: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        f["content"].as_array().is_some_and(|c| !c.is_empty()),
+        "{f}"
+    );
+
+    // Errors in Anthropic's shape.
+    let missing = json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] });
+    let (status, body) = post(&base, "/v1/messages", &missing).await;
+    assert_eq!(status, 400);
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens")
+    );
+    let image = json!({ "model": model, "max_tokens": 4, "messages": [{ "role": "user", "content": [{ "type": "image", "source": {} }] }] });
+    let (status, body) = post(&base, "/v1/messages", &image).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&base, "/v1/messages/count_tokens", &missing).await;
+    assert_eq!(status, 404);
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["type"], "not_found_error", "{e}");
+    server.shutdown().await;
+}
