@@ -75,8 +75,58 @@ def main() -> int:
     shaped = client.chat.completions.create(model=model, messages=msgs, response_format=fmt, max_tokens=48, temperature=0)
     assert "city" in json.loads(shaped.choices[0].message.content), shaped
 
+    responses_api(client, model, text, tools, ask)
     print(f"openai client check passed: {text!r}")
     return 0
+
+
+def responses_api(client: OpenAI, model: str, text: str, chat_tools: list, ask: list) -> None:
+    """The Responses API through `responses.create`: the chat answer's text, whole and streamed, a
+    forced function call and its output sent back, a JSON schema, and `previous_response_id` refused."""
+    question = "Tell me the capital of France."
+    whole = client.responses.create(model=model, input=question, max_output_tokens=24, temperature=0)
+    assert whole.output_text == text, (whole.output_text, text)
+    assert whole.usage.input_tokens > 0 and whole.usage.output_tokens > 0, whole.usage
+    deltas, final = "", None
+    for event in client.responses.create(model=model, input=question, max_output_tokens=24, temperature=0,
+                                         stream=True):
+        if event.type == "response.output_text.delta":
+            deltas += event.delta
+        elif event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert deltas == text and final is not None and final.output_text == text, (deltas, final)
+
+    tools = [{"type": "function", **t["function"]} for t in chat_tools]
+    choice = {"type": "function", "name": "get_weather"}
+    called = client.responses.create(model=model, input=ask, tools=tools, tool_choice=choice, max_output_tokens=48,
+                                     temperature=0)
+    call = next(o for o in called.output if o.type == "function_call")
+    assert call.name == "get_weather" and "city" in json.loads(call.arguments), called
+    args = ""
+    for event in client.responses.create(model=model, input=ask, tools=tools, tool_choice=choice,
+                                         max_output_tokens=48, temperature=0, stream=True):
+        if event.type == "response.function_call_arguments.delta":
+            args += event.delta
+    assert args == call.arguments, (args, call.arguments)
+    answer = client.responses.create(
+        model=model, tools=tools, max_output_tokens=24, temperature=0,
+        input=ask + [
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "12 C and rain"},
+        ],
+    )
+    assert answer.output, answer
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    shaped = client.responses.create(model=model, input=question, max_output_tokens=48, temperature=0,
+                                     text={"format": {"type": "json_schema", "name": "city", "schema": schema}})
+    assert "city" in json.loads(shaped.output_text), shaped
+
+    try:
+        client.responses.create(model=model, input="hi", previous_response_id="resp_0")
+        raise AssertionError("previous_response_id must be refused")
+    except BadRequestError as e:
+        assert e.status_code == 400
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 /// Fallback for paths the API does not have (404).
 pub async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     let e = ApiError::NotFound(format!(
-        "no route {method} {}; the API serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health and /metrics",
+        "no route {method} {}; the API serves /v1/chat/completions, /v1/completions, /v1/messages, /v1/responses, /v1/models, /health and /metrics",
         uri.path()
     ));
     answer_error(uri.path(), e)

@@ -11,6 +11,7 @@ pub mod error;
 pub mod gate;
 pub mod openai;
 pub mod response;
+pub mod responses;
 pub mod shape;
 pub mod sse;
 pub mod toolcall;
@@ -53,6 +54,7 @@ pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(messages))
+        .route("/v1/responses", post(responses_api))
         .route("/v1/models", get(models));
     let mut open = Router::new().route("/health", get(health));
     if options.open_metrics {
@@ -125,6 +127,20 @@ async fn messages(
     counted(
         "messages",
         answer(&cluster, Endpoint::Messages, call()).await,
+    )
+}
+
+async fn responses_api(
+    State(cluster): State<Arc<Cluster>>,
+    body: Result<JsonBody, ApiError>,
+) -> Response {
+    let call = || {
+        let req: responses::ResponsesRequest = parse(&body?.0)?;
+        chat_call(Endpoint::Responses, req.to_chat()?)
+    };
+    counted(
+        "responses",
+        answer(&cluster, Endpoint::Responses, call()).await,
     )
 }
 
@@ -217,8 +233,11 @@ async fn serve(
         headers.insert(PIECES_HEADER, HeaderValue::from(pieces));
     }
     let shaper = Shaper::new(meta.clone(), tools);
-    if endpoint == Endpoint::Messages {
-        return anthropic_reply(meta, params.stream, generation, shaper, headers).await;
+    match endpoint {
+        Endpoint::Messages | Endpoint::Responses => {
+            return other_api_reply(meta, params.stream, generation, shaper, headers).await;
+        }
+        Endpoint::Chat | Endpoint::Completion => {}
     }
     if params.stream {
         let span = tracing::Span::current();
@@ -233,8 +252,8 @@ async fn serve(
     Ok((StatusCode::OK, headers, Json(body)).into_response())
 }
 
-/// A Messages answer: the event stream, or the whole `message` object.
-async fn anthropic_reply(
+/// A Messages or Responses answer: the API's event stream, or its whole reply object.
+async fn other_api_reply(
     meta: ResponseMeta,
     stream: bool,
     mut generation: Generation,
@@ -243,14 +262,23 @@ async fn anthropic_reply(
 ) -> Result<Response, ApiError> {
     if stream {
         let span = tracing::Span::current();
-        let events = anthropic::reply::events(meta, generation, shaper, span);
-        let sse = Sse::new(events).keep_alive(KeepAlive::default());
-        return Ok((headers, sse).into_response());
+        let response = if meta.endpoint == Endpoint::Messages {
+            let events = anthropic::reply::events(meta, generation, shaper, span);
+            (headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response()
+        } else {
+            let events = responses::reply::events(meta, generation, shaper, span);
+            (headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response()
+        };
+        return Ok(response);
     }
     let (text, finish) = generation.collect().await?;
     let (reply, finish) = shaper.whole(text, finish);
     let usage = (generation.prompt_tokens, generation.completion_tokens);
-    let body = anthropic::reply::message(&meta, reply, finish, usage);
+    let body = if meta.endpoint == Endpoint::Messages {
+        anthropic::reply::message(&meta, reply, finish, usage)
+    } else {
+        responses::reply::whole(&meta, reply, finish, usage)
+    };
     Ok((StatusCode::OK, headers, Json(body)).into_response())
 }
 

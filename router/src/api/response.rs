@@ -34,6 +34,8 @@ pub enum Endpoint {
     Completion,
     /// `/v1/messages` (Anthropic).
     Messages,
+    /// `/v1/responses` (OpenAI Responses).
+    Responses,
 }
 
 /// The fields every body of one response repeats.
@@ -56,6 +58,7 @@ impl ResponseMeta {
             Endpoint::Chat => format!("chatcmpl-{}", self.id),
             Endpoint::Completion => format!("cmpl-{}", self.id),
             Endpoint::Messages => format!("msg_{}", self.id),
+            Endpoint::Responses => format!("resp_{}", self.id),
         }
     }
 
@@ -162,7 +165,7 @@ impl Completion {
     /// The answer of a finished request: its text, or the tool calls it made.
     pub fn new(meta: &ResponseMeta, reply: Reply, finish: Finish, usage: Usage) -> Self {
         let (object, fingerprint, message, text) = match (meta.endpoint, reply) {
-            (Endpoint::Chat | Endpoint::Messages, Reply::Text(t)) => {
+            (Endpoint::Chat | Endpoint::Messages | Endpoint::Responses, Reply::Text(t)) => {
                 let m = AssistantMessage {
                     role: "assistant",
                     content: Some(t),
@@ -170,7 +173,7 @@ impl Completion {
                 };
                 ("chat.completion", Some(None), Some(m), None)
             }
-            (Endpoint::Chat | Endpoint::Messages, Reply::Calls(calls)) => {
+            (Endpoint::Chat | Endpoint::Messages | Endpoint::Responses, Reply::Calls(calls)) => {
                 let m = AssistantMessage {
                     role: "assistant",
                     content: None,
@@ -317,7 +320,7 @@ impl Chunk {
     /// only the delta's text.
     pub fn new(meta: &ResponseMeta, delta: Delta, finish: Option<Finish>) -> Self {
         let (object, fingerprint, delta, text) = match meta.endpoint {
-            Endpoint::Chat | Endpoint::Messages => {
+            Endpoint::Chat | Endpoint::Messages | Endpoint::Responses => {
                 ("chat.completion.chunk", Some(None), Some(delta), None)
             }
             Endpoint::Completion => {
@@ -342,7 +345,7 @@ impl Chunk {
     /// The last chunk of a stream that asked for usage: no choices, the token counts.
     pub fn usage(meta: &ResponseMeta, usage: Usage) -> Self {
         let object = match meta.endpoint {
-            Endpoint::Chat | Endpoint::Messages => "chat.completion.chunk",
+            Endpoint::Chat | Endpoint::Messages | Endpoint::Responses => "chat.completion.chunk",
             Endpoint::Completion => "text_completion",
         };
         Chunk {

@@ -1,6 +1,6 @@
-//! The Anthropic Messages API over a split cluster: the same text as chat completions for the same
-//! request, streamed with Anthropic's event sequence, tool use and tool results, and errors in
-//! Anthropic's shape.
+//! The agent APIs over one split cluster: Anthropic Messages and OpenAI Responses give the same
+//! text as chat completions for the same request and seed, stream with their own event sequences,
+//! round-trip tool calls, and answer errors in their own shapes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -37,6 +37,73 @@ fn sse_events(body: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The Responses API: the same text as the other two APIs for the same seed, streamed events,
+/// a forced function call and its output, and a stored-response id refused.
+async fn responses_api(base: &str, model: &str, text: &str) {
+    let request = json!({
+        "model": model, "max_output_tokens": 24, "temperature": 0.8, "seed": 7,
+        "instructions": "You are terse.", "input": "Name three colours.",
+    });
+    let (status, body) = post(base, "/v1/responses", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["object"], "response");
+    assert!(r["id"].as_str().unwrap().starts_with("resp_"));
+    assert_eq!(r["output"][0]["content"][0]["text"], text, "{r}");
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (_, body) = post(base, "/v1/responses", &streamed).await;
+    let events = sse_events(&body);
+    assert_eq!(events[0].0, "response.created");
+    let deltas: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(deltas, text);
+    let (last, done) = events.last().unwrap();
+    assert!(
+        last == "response.completed" || last == "response.incomplete",
+        "{last}"
+    );
+    assert_eq!(done["response"]["output"][0]["content"][0]["text"], text);
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|(_, d)| d["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+
+    let tools = json!([{ "type": "function", "name": "get_weather", "parameters": weather_tool()[0]["input_schema"] }]);
+    let ask = json!([{ "role": "user", "content": "What is the weather in Oslo?" }]);
+    let call_request = json!({
+        "model": model, "max_output_tokens": 48, "temperature": 0, "input": ask, "tools": tools,
+        "tool_choice": { "type": "function", "name": "get_weather" },
+    });
+    let (status, body) = post(base, "/v1/responses", &call_request).await;
+    assert_eq!(status, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).unwrap();
+    let call = &c["output"][0];
+    assert_eq!(call["type"], "function_call", "{c}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{c}");
+    let follow_up = json!({
+        "model": model, "max_output_tokens": 16, "temperature": 0, "tools": tools,
+        "input": [
+            ask[0],
+            { "type": "function_call", "call_id": call["call_id"], "name": "get_weather", "arguments": call["arguments"] },
+            { "type": "function_call_output", "call_id": call["call_id"], "output": "12 C and rain" },
+        ],
+    });
+    let (status, body) = post(base, "/v1/responses", &follow_up).await;
+    assert_eq!(status, 200, "{body}");
+
+    let stored = json!({ "model": model, "input": "hi", "previous_response_id": "resp_1" });
+    let (status, body) = post(base, "/v1/responses", &stored).await;
+    assert_eq!(status, 400, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["param"], "previous_response_id", "{e}");
+}
+
 fn weather_tool() -> Value {
     json!([{
         "name": "get_weather",
@@ -51,7 +118,7 @@ fn weather_tool() -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_api_matches_chat_streams_events_and_round_trips_a_tool() {
+async fn agent_apis_match_chat_stream_their_events_and_round_trip_tools() {
     let server = start_profile("local.toml").await;
     let model = server.cluster.model_id();
     let base = format!("http://{}", server.addr);
@@ -159,6 +226,8 @@ async fn messages_api_matches_chat_streams_events_and_round_trips_a_tool() {
         f["content"].as_array().is_some_and(|c| !c.is_empty()),
         "{f}"
     );
+
+    responses_api(&base, &model, &text).await;
 
     // Errors in Anthropic's shape.
     let missing = json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] });
