@@ -173,6 +173,46 @@ async fn named_tool_calls_validate_split_and_colocated_and_conversations_continu
         );
     }
 
+    // As a new user writes a tool: no `additionalProperties`, no length bounds. The schema is read
+    // strictly, so the call ends after the declared property; and a call cut by max_tokens comes
+    // back as a call with finish_reason "length", never as the wrapper's text.
+    let loose = json!({
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": { "type": "object", "properties": { "city": { "type": "string" } } },
+        },
+    });
+    let ask = |max_tokens: u32| {
+        json!({
+            "model": model,
+            "messages": [{ "role": "user", "content": "Look up Oslo." }],
+            "tools": [loose],
+            "tool_choice": { "type": "function", "function": { "name": "lookup" } },
+            "max_tokens": max_tokens, "temperature": 0,
+        })
+    };
+    let r = post(split.addr, "/v1/chat/completions", &ask(96)).await;
+    let choice = &r.body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{}", r.body);
+    let args = choice["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    let args: Value = serde_json::from_str(args).unwrap();
+    assert!(
+        args.as_object().unwrap().keys().all(|k| k == "city"),
+        "{args}"
+    );
+    let r = post(split.addr, "/v1/chat/completions", &ask(20)).await;
+    let choice = &r.body["choices"][0];
+    assert_eq!(choice["finish_reason"], "length", "{}", r.body);
+    assert!(choice["message"]["content"].is_null(), "{}", r.body);
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"], "lookup",
+        "{}",
+        r.body
+    );
+
     // Malformed tools and choices: OpenAI's error body.
     let bad_bodies = [
         json!({ "tools": [{ "type": "function" }] }),

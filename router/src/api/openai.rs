@@ -131,6 +131,37 @@ pub struct CompletionRequest {
     pub params: CommonParams,
 }
 
+/// A tool's parameters schema made strict, as OpenAI's strict mode reads it: every object schema
+/// that does not say otherwise allows no properties beyond those it declares (a model told
+/// nothing keeps inventing properties until `max_tokens`). Nested schemas too.
+pub fn strict(schema: &Value) -> Value {
+    let Some(map) = schema.as_object() else {
+        return schema.clone();
+    };
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        let v = match k.as_str() {
+            "properties" | "$defs" | "definitions" | "patternProperties" => match v.as_object() {
+                Some(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), strict(v))).collect()),
+                None => v.clone(),
+            },
+            "items" | "additionalItems" | "not" | "if" | "then" | "else" => strict(v),
+            "anyOf" | "oneOf" | "allOf" | "prefixItems" => match v.as_array() {
+                Some(a) => Value::Array(a.iter().map(strict).collect()),
+                None => v.clone(),
+            },
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    let is_object =
+        out.get("type").and_then(Value::as_str) == Some("object") || out.contains_key("properties");
+    if is_object && !out.contains_key("additionalProperties") {
+        out.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    Value::Object(out)
+}
+
 /// Largest stop-string count (OpenAI allows 4).
 const MAX_STOP: usize = 4;
 
@@ -424,7 +455,7 @@ impl Tools {
                     .unwrap_or_else(|| json!({ "type": "object" }));
                 json!({
                     "type": "object",
-                    "properties": { "name": { "const": f["name"] }, "arguments": params },
+                    "properties": { "name": { "const": f["name"] }, "arguments": strict(&params) },
                     "required": ["name", "arguments"],
                     "additionalProperties": false,
                 })
@@ -437,6 +468,9 @@ impl Tools {
             },
             "required": ["tool_calls"],
             "additionalProperties": false,
+            // One space after `:` and `,`, none elsewhere: a model cannot pad a call with
+            // whitespace until max_tokens.
+            "x-guidance": { "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " },
         });
         Some(Constraint::JsonSchema(schema.to_string()))
     }

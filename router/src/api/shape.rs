@@ -4,7 +4,7 @@
 //! the same [`Tools::calls`] to decide between text and calls.
 
 use crate::api::openai::{ToolChoice, Tools};
-use crate::api::response::{Finish, Reply, ResponseMeta, ToolCall};
+use crate::api::response::{Finish, FunctionCall, Reply, ResponseMeta, ToolCall};
 use crate::api::toolcall::{CallStream, Piece};
 use crate::generation::Delta;
 
@@ -75,6 +75,43 @@ impl Shaper {
         tools.calls(&self.held, |i| self.meta.call_id(i))
     }
 
+    /// A call cut off by `max_tokens`: its name and the arguments generated so far, when the
+    /// reply got as far as the name of a listed function. It is answered as a call with
+    /// `finish_reason: "length"`, never as the wrapper's text.
+    fn cut_call(&self, finish: Finish) -> Option<ToolCall> {
+        let tools = self
+            .tools
+            .as_ref()
+            .filter(|t| finish == Finish::Length && t.choice != ToolChoice::None)?;
+        let (name, start) = crate::api::toolcall::header(&self.held)?;
+        if !tools
+            .list
+            .iter()
+            .any(|t| t["function"]["name"] == name.as_str())
+        {
+            return None;
+        }
+        let args = &self.held[start..];
+        let len = crate::api::toolcall::object_len(args).unwrap_or(args.len());
+        Some(ToolCall {
+            id: self.meta.call_id(0),
+            kind: "function",
+            function: FunctionCall {
+                name,
+                arguments: args[..len].to_string(),
+            },
+        })
+    }
+
+    /// True when the reply must be a call (`required` or a named function): its text is never
+    /// content, even when it was cut off before the call's name.
+    fn must_call(&self) -> bool {
+        matches!(
+            self.tools.as_ref().map(|t| &t.choice),
+            Some(ToolChoice::Required | ToolChoice::Named(_))
+        )
+    }
+
     /// The events new output makes sendable.
     pub fn push(&mut self, delta: Delta) -> Vec<ReplyEvent> {
         self.held.push_str(&delta.text);
@@ -111,6 +148,11 @@ impl Shaper {
         } else if let Some(calls) = calls {
             events.extend(calls.into_iter().enumerate().flat_map(call_events));
             events.push(ReplyEvent::Finish(Finish::ToolCalls));
+        } else if let Some(cut) = self.cut_call(finish) {
+            events.extend(call_events((0, cut)));
+            events.push(ReplyEvent::Finish(finish));
+        } else if self.must_call() {
+            events.push(ReplyEvent::Finish(finish));
         } else {
             if !self.held.is_empty() {
                 events.push(ReplyEvent::Content(std::mem::take(&mut self.held)));
@@ -126,10 +168,16 @@ impl Shaper {
     pub fn whole(mut self, text: String, finish: exo_protocol::FinishReason) -> (Reply, Finish) {
         self.held = text;
         let finish = Finish::from(finish);
-        match self.calls(finish) {
-            Some(calls) => (Reply::Calls(calls), Finish::ToolCalls),
-            None => (Reply::Text(self.held), finish),
+        if let Some(calls) = self.calls(finish) {
+            return (Reply::Calls(calls), Finish::ToolCalls);
         }
+        if let Some(cut) = self.cut_call(finish) {
+            return (Reply::Calls(vec![cut]), finish);
+        }
+        if self.must_call() {
+            return (Reply::Text(String::new()), finish);
+        }
+        (Reply::Text(self.held), finish)
     }
 }
 
@@ -149,4 +197,82 @@ fn call_events((index, call): (usize, ToolCall)) -> Vec<ReplyEvent> {
             text: piece.iter().collect(),
         });
     std::iter::once(begin).chain(args).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::api::openai::strict;
+    use crate::api::response::Endpoint;
+    use exo_protocol::{FinishReason, RequestId};
+    use serde_json::json;
+
+    fn shaper(choice: ToolChoice) -> Shaper {
+        let meta = ResponseMeta {
+            endpoint: Endpoint::Chat,
+            id: RequestId(7),
+            created: 0,
+            model: "m".into(),
+        };
+        let list = vec![json!({ "type": "function", "function": { "name": "get_weather" } })];
+        Shaper::new(meta, Some(Tools { list, choice }))
+    }
+
+    const CUT: &str =
+        "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Os";
+
+    #[test]
+    fn a_call_cut_by_max_tokens_is_a_call_with_finish_length_never_content() {
+        let named = || shaper(ToolChoice::Named("get_weather".into()));
+        let (reply, finish) = named().whole(CUT.into(), FinishReason::Length);
+        assert_eq!(finish, Finish::Length);
+        let Reply::Calls(calls) = reply else {
+            panic!("not a call")
+        };
+        assert_eq!(calls[0].function.name, "get_weather");
+        assert_eq!(calls[0].function.arguments, "{\"city\": \"Os");
+        // Cut before the name: no call, and no wrapper text as content either.
+        let early = "{\"tool_calls\": [{\"na";
+        let (reply, _) = named().whole(early.into(), FinishReason::Length);
+        assert!(matches!(reply, Reply::Text(t) if t.is_empty()));
+        // Streamed: the same, as call events.
+        for text in [CUT, early] {
+            let mut s = named();
+            let events = s.push(Delta {
+                text: text.into(),
+                finish: Some(FinishReason::Length),
+            });
+            assert!(
+                !events.iter().any(|e| matches!(e, ReplyEvent::Content(_))),
+                "{events:?}"
+            );
+            assert_eq!(events.last(), Some(&ReplyEvent::Finish(Finish::Length)));
+        }
+        // With `auto`, a cut call is a call too.
+        let (reply, finish) = shaper(ToolChoice::Auto).whole(CUT.into(), FinishReason::Length);
+        assert!(matches!(reply, Reply::Calls(_)) && finish == Finish::Length);
+    }
+
+    #[test]
+    fn parameter_schemas_are_made_strict_unless_they_say_otherwise() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "place": { "type": "object", "properties": { "city": { "type": "string" } } },
+                "tags": { "type": "array", "items": { "type": "object", "properties": {} } },
+                "extra": { "type": "object", "additionalProperties": true },
+            },
+        });
+        let s = strict(&schema);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["place"]["additionalProperties"], false);
+        assert_eq!(
+            s["properties"]["tags"]["items"]["additionalProperties"],
+            false
+        );
+        assert_eq!(s["properties"]["extra"]["additionalProperties"], true);
+        assert_eq!(strict(&json!(true)), json!(true));
+    }
 }
