@@ -127,6 +127,10 @@ fn cases(model: &str) -> Vec<Case> {
         bad("five stop strings", json!({ "stop": ["a", "b", "c", "d", "e"] })),
         bad("tools not a list", json!({ "tools": { "type": "function" } })),
         bad("unknown response_format", json!({ "response_format": { "type": "xml" } })),
+        bad("logprobs asked for", json!({ "logprobs": true })),
+        bad("presence_penalty set", json!({ "presence_penalty": 0.5 })),
+        bad("logit_bias set", json!({ "logit_bias": { "42": 10 } })),
+        bad("min_p out of range", json!({ "min_p": 2.0 })),
         case("unknown model", 400, Some("model_not_found")).json(chat("gpt-5", json!({}))),
         case("prompt past the context", 400, Some("context_length_exceeded"))
             .json(chat(model, json!({ "messages": [{ "role": "user", "content": long_message(400) }] }))),
@@ -242,8 +246,12 @@ async fn hostile_requests_get_4xx_with_openai_bodies_and_the_server_keeps_answer
     .await
     .unwrap();
 
-    // The server still answers: a chat with the key (either header), health without one.
-    let ok = chat(&model, json!({}));
+    // The server still answers: a chat with the key (either header; the fields clients send at
+    // their defaults are accepted), health without one.
+    let ok = chat(
+        &model,
+        json!({ "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": false, "min_p": 0.05 }),
+    );
     let a = client
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(KEY)
