@@ -369,6 +369,12 @@ impl Model {
             != vocab.tokenize(text.as_bytes(), false, false)
     }
 
+    /// The chat template's Jinja source, if the model has one (the node reads its tool-call
+    /// convention from it).
+    pub fn chat_template_source(&self) -> Option<String> {
+        self.llama.meta_val_str(TEMPLATE_KEY).ok()
+    }
+
     fn load_template(&self) -> Result<ChatTemplate, String> {
         let source = self
             .llama

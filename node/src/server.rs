@@ -12,7 +12,7 @@ use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
     HardwareFacts, KvBegin, KvEnd, KvFrame, LinkSecurity, NodeError, NodeInfo, NodeService,
-    PollReply, PrefillReply, PrefillRequest, RequestId, Role,
+    PollReply, PrefillReply, PrefillRequest, RequestId, Role, ToolSyntax,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -108,6 +108,9 @@ impl NodeServer {
             hardware: hardware_facts(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             fault: None,
+            tool_syntax: model
+                .chat_template_source()
+                .map_or(ToolSyntax::Wrapped, |t| ToolSyntax::detect(&t)),
         };
         Ok(NodeServer {
             info: Arc::new(info),

@@ -17,7 +17,7 @@ pub use perf::{CodecPerf, NodePerf, PerfError, positive};
 pub use service::{
     ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvEnd, KvFrame, NodeError, NodeInfo,
     NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
-    PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService,
+    PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService, ToolSyntax,
 };
 pub use tls::{ClusterError, LinkSecurity, new_cluster_pem};
 pub use transport::{

@@ -103,6 +103,42 @@ pub struct HardwareFacts {
     pub arch: String,
 }
 
+/// How a model writes a tool call: the convention its chat template teaches it, or ours for a
+/// template that has none (then the tool list and this format are put in the system message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum ToolSyntax {
+    /// Ours: `{"tool_calls": [{"name": "f", "arguments": {...}}, ...]}` as the whole reply.
+    #[default]
+    Wrapped,
+    /// Hermes and Qwen: `<tool_call>{"name": "f", "arguments": {...}}</tool_call>`, one block per
+    /// call.
+    Hermes,
+    /// Llama 3.x: `{"name": "f", "parameters": {...}}` (after `<|python_tag|>` where that token is
+    /// shown), several separated by `;`.
+    Llama3,
+    /// Mistral: `[TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]`.
+    Mistral,
+}
+
+impl ToolSyntax {
+    /// The convention a chat template's source teaches; `Wrapped` for one that knows no tools.
+    pub fn detect(template: &str) -> ToolSyntax {
+        if !template.contains("tools") {
+            ToolSyntax::Wrapped
+        } else if template.contains("<tool_call>") {
+            ToolSyntax::Hermes
+        } else if template.contains("[TOOL_CALLS]") {
+            ToolSyntax::Mistral
+        } else if template.contains("<|python_tag|>")
+            || (template.contains("<|start_header_id|>") && template.contains("\"parameters\""))
+        {
+            ToolSyntax::Llama3
+        } else {
+            ToolSyntax::Wrapped
+        }
+    }
+}
+
 /// What a node reports when the router connects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -123,6 +159,8 @@ pub struct NodeInfo {
     /// Why the node cannot serve, when it cannot (its engine context was retired after llama.cpp
     /// rejected a KV state, or its engine stopped); the router marks such a node down.
     pub fault: Option<String>,
+    /// How its model writes tool calls (from its chat template).
+    pub tool_syntax: ToolSyntax,
 }
 
 /// One chat message.

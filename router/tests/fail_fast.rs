@@ -146,6 +146,7 @@ async fn stand_in_with_slots(
             hardware: HardwareFacts::default(),
             version: "test".into(),
             fault: None,
+            tool_syntax: exo_protocol::ToolSyntax::Wrapped,
         },
         signals: Arc::clone(&signals),
     };

@@ -203,6 +203,10 @@ async fn serve(
         tools,
     } = call;
     let model = cluster.model_id();
+    let tools = tools.map(|t| Tools {
+        syntax: cluster.tool_syntax(),
+        ..t
+    });
     let mut sampling = params.sampling(&model, id.seed())?;
     if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
         if sampling.constraint.is_some() {

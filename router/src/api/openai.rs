@@ -1,7 +1,7 @@
 //! OpenAI request bodies for `/v1/chat/completions` and `/v1/completions`, checked and turned into
 //! the typed values the router works with (chat turns, sampling parameters, tools).
 
-use exo_protocol::{ChatTurn, Constraint, SamplingParams};
+use exo_protocol::{ChatTurn, Constraint, SamplingParams, ToolSyntax};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -421,6 +421,8 @@ pub struct Tools {
     pub list: Vec<Value>,
     /// What the model may do with them.
     pub choice: ToolChoice,
+    /// How the served model writes a call when left to itself (`auto`), from its chat template.
+    pub syntax: ToolSyntax,
 }
 
 impl ChatRequest {
@@ -495,7 +497,11 @@ impl ChatRequest {
                 _ => Ok(None),
             };
         }
-        Ok(Some(Tools { list, choice }))
+        Ok(Some(Tools {
+            list,
+            choice,
+            syntax: ToolSyntax::default(),
+        }))
     }
 }
 
@@ -548,40 +554,39 @@ impl Tools {
     }
 
     /// The tool calls in a finished reply, call `i` with id `call_id(i)`; `None` when the reply is
-    /// not a call of a listed function.
+    /// not calls of listed functions with JSON-object arguments. The arguments are the text
+    /// exactly as generated, so a stream that sent them piece by piece and this answer agree to
+    /// the byte.
     pub fn calls(&self, text: &str, call_id: impl Fn(usize) -> String) -> Option<Vec<ToolCall>> {
         if self.choice == ToolChoice::None {
             return None;
         }
-        let v: Value = serde_json::from_str(text.trim()).ok()?;
-        let calls = v.get("tool_calls")?.as_array()?;
-        if calls.is_empty() {
-            return None;
-        }
-        // The first call's arguments exactly as generated, so a stream that sent them piece by
-        // piece and this answer agree to the byte.
-        let raw_first = crate::api::toolcall::first_call(text);
-        calls
-            .iter()
+        let found = crate::api::toolcall::all_calls(text, self.reply_syntax())?;
+        found
+            .into_iter()
             .enumerate()
-            .map(|(i, c)| {
-                let name = c.get("name")?.as_str()?;
-                let known = self.list.iter().any(|t| t["function"]["name"] == name);
-                let args = c.get("arguments").filter(|a| a.is_object())?;
-                let arguments = match &raw_first {
-                    Some((n, raw)) if i == 0 && n == name => (*raw).to_string(),
-                    _ => args.to_string(),
-                };
-                known.then(|| ToolCall {
+            .map(|(i, (name, arguments))| {
+                let known = self
+                    .list
+                    .iter()
+                    .any(|t| t["function"]["name"] == name.as_str());
+                let object = serde_json::from_str::<Value>(&arguments).is_ok_and(|v| v.is_object());
+                (known && object).then(|| ToolCall {
                     id: call_id(i),
                     kind: "function",
-                    function: FunctionCall {
-                        name: name.to_string(),
-                        arguments,
-                    },
+                    function: FunctionCall { name, arguments },
                 })
             })
             .collect()
+    }
+
+    /// The syntax a reply's calls are in: the model's own with `auto`; ours, which the constraint
+    /// enforces, with `required` or a named function.
+    pub fn reply_syntax(&self) -> ToolSyntax {
+        match self.choice {
+            ToolChoice::Auto => self.syntax,
+            _ => ToolSyntax::Wrapped,
+        }
     }
 }
 

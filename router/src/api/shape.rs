@@ -5,7 +5,7 @@
 
 use crate::api::openai::{ToolChoice, Tools};
 use crate::api::response::{Finish, FunctionCall, Reply, ResponseMeta, ToolCall};
-use crate::api::toolcall::{CallStream, Piece};
+use crate::api::toolcall::{CallStream, Piece, header_in, may_open};
 use crate::generation::Delta;
 
 /// Argument text per streamed piece when a call is only recognised at the end (`auto`).
@@ -48,11 +48,12 @@ pub struct Shaper {
 impl Shaper {
     /// A shaper for one response; `tools` are the request's, if any.
     pub fn new(meta: ResponseMeta, tools: Option<Tools>) -> Self {
+        let syntax = tools.as_ref().map(Tools::reply_syntax).unwrap_or_default();
         Shaper {
             meta,
             tools,
             held: String::new(),
-            call: CallStream::default(),
+            call: CallStream::new(syntax),
         }
     }
 
@@ -62,10 +63,10 @@ impl Shaper {
         match self.tools.as_ref().map(|t| &t.choice) {
             None | Some(ToolChoice::None) => false,
             Some(ToolChoice::Required | ToolChoice::Named(_)) => true,
-            Some(ToolChoice::Auto) => {
-                let t = self.held.trim_start();
-                t.is_empty() || t.starts_with('{')
-            }
+            Some(ToolChoice::Auto) => self
+                .tools
+                .as_ref()
+                .is_some_and(|t| may_open(&self.held, t.syntax)),
         }
     }
 
@@ -83,7 +84,7 @@ impl Shaper {
             .tools
             .as_ref()
             .filter(|t| finish == Finish::Length && t.choice != ToolChoice::None)?;
-        let (name, start) = crate::api::toolcall::header(&self.held)?;
+        let (name, start) = header_in(&self.held, tools.reply_syntax())?;
         if !tools
             .list
             .iter()
@@ -138,11 +139,14 @@ impl Shaper {
         };
         let calls = self.calls(finish);
         if self.call.begun() {
-            // Streamed already; a call that was cut off ends with the reason it was cut off.
-            let reason = if calls.is_some() {
-                Finish::ToolCalls
-            } else {
-                finish
+            // The first call was streamed already; any further (parallel) calls go whole. A call
+            // that was cut off ends with the reason it was cut off.
+            let reason = match calls {
+                Some(calls) => {
+                    events.extend(calls.into_iter().enumerate().skip(1).flat_map(call_events));
+                    Finish::ToolCalls
+                }
+                None => finish,
             };
             events.push(ReplyEvent::Finish(reason));
         } else if let Some(calls) = calls {
@@ -217,7 +221,14 @@ mod tests {
             model: "m".into(),
         };
         let list = vec![json!({ "type": "function", "function": { "name": "get_weather" } })];
-        Shaper::new(meta, Some(Tools { list, choice }))
+        Shaper::new(
+            meta,
+            Some(Tools {
+                list,
+                choice,
+                syntax: exo_protocol::ToolSyntax::Wrapped,
+            }),
+        )
     }
 
     const CUT: &str =

@@ -1,11 +1,51 @@
-//! Reading a tool call while it is generated: in a reply of the form
-//! `{"tool_calls": [{"name": "f", "arguments": {...}}]}`, the function name as soon as it is
-//! complete and the `arguments` object's text as it grows, so streams can send both early.
+//! Reading tool calls in the syntax a model writes them ([`ToolSyntax`]): while one is generated,
+//! the function name as soon as it is complete and the arguments object's text as it grows, so
+//! streams can send both early; and, once the reply is whole, every call it makes.
+
+use exo_protocol::ToolSyntax;
+
+/// What comes before the first call's function name, token by token (whitespace between).
+fn opening(syntax: ToolSyntax) -> &'static [&'static str] {
+    match syntax {
+        ToolSyntax::Wrapped => &["{", "\"tool_calls\"", ":", "[", "{", "\"name\"", ":"],
+        ToolSyntax::Hermes => &["<tool_call>", "{", "\"name\"", ":"],
+        ToolSyntax::Llama3 => &["{", "\"name\"", ":"],
+        ToolSyntax::Mistral => &["[TOOL_CALLS]", "[", "{", "\"name\"", ":"],
+    }
+}
+
+/// The reply so far with what a syntax allows before its opening removed: Llama 3's
+/// `<|python_tag|>`, where the detokenizer shows it.
+fn strip_lead(text: &str, syntax: ToolSyntax) -> &str {
+    let t = text.trim_start();
+    match syntax {
+        ToolSyntax::Llama3 => t.strip_prefix("<|python_tag|>").unwrap_or(t),
+        _ => t,
+    }
+}
+
+/// True while `text` (trimmed) could still become, or already is, the opening of a call in
+/// `syntax`: a stream holds such text back instead of sending it as content.
+pub fn may_open(text: &str, syntax: ToolSyntax) -> bool {
+    let t = text.trim_start();
+    let leads: &[&str] = match syntax {
+        ToolSyntax::Wrapped => &["{"],
+        ToolSyntax::Hermes => &["<tool_call>"],
+        ToolSyntax::Llama3 => &["{", "<|python_tag|>"],
+        ToolSyntax::Mistral => &["[TOOL_CALLS]"],
+    };
+    t.is_empty() || leads.iter().any(|l| t.starts_with(l) || l.starts_with(t))
+}
 
 /// Where the first call's arguments start, and its function name, once the text has got that far.
 pub fn header(text: &str) -> Option<(String, usize)> {
-    let mut rest = text.trim_start();
-    for token in ["{", "\"tool_calls\"", ":", "[", "{", "\"name\"", ":"] {
+    header_in(text, ToolSyntax::Wrapped)
+}
+
+/// [`header`] for a reply in `syntax`.
+pub fn header_in(text: &str, syntax: ToolSyntax) -> Option<(String, usize)> {
+    let mut rest = strip_lead(text, syntax);
+    for token in opening(syntax) {
         rest = rest.strip_prefix(token)?.trim_start();
     }
     let quoted = rest.strip_prefix('"')?;
@@ -15,11 +55,96 @@ pub fn header(text: &str) -> Option<(String, usize)> {
     }
     let name = quoted[..end].to_string();
     rest = quoted[end + 1..].trim_start();
-    for token in [",", "\"arguments\"", ":"] {
-        rest = rest.strip_prefix(token)?.trim_start();
-    }
+    rest = rest.strip_prefix(',')?.trim_start();
+    rest = rest
+        .strip_prefix("\"arguments\"")
+        .or_else(|| rest.strip_prefix("\"parameters\""))?
+        .trim_start();
+    rest = rest.strip_prefix(':')?.trim_start();
     rest.starts_with('{')
         .then(|| (name, text.len() - rest.len()))
+}
+
+/// Every call a whole reply in `syntax` makes, as (function name, exact arguments text); `None`
+/// when the reply is not calls in that syntax.
+pub fn all_calls(text: &str, syntax: ToolSyntax) -> Option<Vec<(String, String)>> {
+    let one = |obj: &str| -> Option<(String, String)> {
+        // Each call object: `{"name": ..., "arguments"|"parameters": {...}}`.
+        let (name, start) = header_in(obj, ToolSyntax::Llama3)?;
+        let len = object_len(&obj[start..])?;
+        Some((name, obj[start..start + len].to_string()))
+    };
+    let calls = match syntax {
+        ToolSyntax::Wrapped => {
+            let t = text.trim();
+            let list = t.strip_prefix('{')?.trim_start();
+            let list = list.strip_prefix("\"tool_calls\"")?.trim_start();
+            let list = list.strip_prefix(':')?.trim_start();
+            let len = object_len(list)?;
+            let rest = list[len..].trim();
+            if rest != "}" {
+                return None;
+            }
+            objects_in_array(&list[..len])?
+                .iter()
+                .map(|o| one(o))
+                .collect::<Option<Vec<_>>>()?
+        }
+        ToolSyntax::Hermes => {
+            let mut calls = Vec::new();
+            let mut rest = text;
+            while let Some(at) = rest.find("<tool_call>") {
+                let body = rest[at + "<tool_call>".len()..].trim_start();
+                let len = object_len(body)?;
+                calls.push(one(&body[..len])?);
+                rest = body[len..].trim_start();
+                rest = rest.strip_prefix("</tool_call>").unwrap_or(rest);
+            }
+            if !rest.trim().is_empty() {
+                return None;
+            }
+            calls
+        }
+        ToolSyntax::Llama3 => {
+            let mut calls = Vec::new();
+            let mut rest = strip_lead(text, syntax);
+            while !rest.is_empty() {
+                let len = object_len(rest)?;
+                calls.push(one(&rest[..len])?);
+                rest = rest[len..].trim_start();
+                rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
+            }
+            calls
+        }
+        ToolSyntax::Mistral => {
+            let t = text.trim();
+            let list = t.strip_prefix("[TOOL_CALLS]")?.trim_start();
+            let len = object_len(list)?;
+            if !list[len..].trim().is_empty() {
+                return None;
+            }
+            objects_in_array(&list[..len])?
+                .iter()
+                .map(|o| one(o))
+                .collect::<Option<Vec<_>>>()?
+        }
+    };
+    (!calls.is_empty()).then_some(calls)
+}
+
+/// The objects of a JSON array's text, each as its exact text.
+fn objects_in_array(array: &str) -> Option<Vec<&str>> {
+    let mut rest = array.trim().strip_prefix('[')?.trim_start();
+    let mut out = Vec::new();
+    loop {
+        if let Some(end) = rest.strip_prefix(']') {
+            return end.trim().is_empty().then_some(out);
+        }
+        let len = object_len(rest)?;
+        out.push(&rest[..len]);
+        rest = rest[len..].trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+    }
 }
 
 /// The length of the JSON object at the start of `s` when it is complete (string-aware brace
@@ -51,16 +176,11 @@ pub fn object_len(s: &str) -> Option<usize> {
     None
 }
 
-/// The first call's name and the exact text of its arguments, when the reply has both complete.
-pub fn first_call(text: &str) -> Option<(String, &str)> {
-    let (name, start) = header(text)?;
-    let len = object_len(&text[start..])?;
-    Some((name, &text[start..start + len]))
-}
-
 /// Sends one call's pieces as the text grows.
 #[derive(Debug, Default)]
 pub struct CallStream {
+    /// The syntax the reply is read in.
+    syntax: ToolSyntax,
     /// Where the arguments start, once the header has been seen.
     start: Option<usize>,
     /// Argument bytes already handed out.
@@ -77,11 +197,19 @@ pub enum Piece {
 }
 
 impl CallStream {
+    /// A stream reading calls in `syntax`.
+    pub fn new(syntax: ToolSyntax) -> Self {
+        CallStream {
+            syntax,
+            ..CallStream::default()
+        }
+    }
+
     /// Looks at the whole reply so far and returns what has become sendable.
     pub fn advance(&mut self, text: &str) -> Vec<Piece> {
         let mut out = Vec::new();
         if self.start.is_none()
-            && let Some((name, start)) = header(text)
+            && let Some((name, start)) = header_in(text, self.syntax)
         {
             self.start = Some(start);
             out.push(Piece::Begin(name));
@@ -108,6 +236,13 @@ impl CallStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first call's name and the exact text of its arguments, when both are complete.
+    fn first_call(text: &str) -> Option<(String, &str)> {
+        let (name, start) = header(text)?;
+        let len = object_len(&text[start..])?;
+        Some((name, &text[start..start + len]))
+    }
 
     const REPLY: &str = "{ \"tool_calls\": [ {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo {x}\", \"n\": [1, {\"a\": \"}\\\"\"}]} } ] }";
 
@@ -146,5 +281,89 @@ mod tests {
         }
         assert!(s.begun());
         assert_eq!(Some((name, args.as_str())), first_call(REPLY));
+    }
+
+    /// Replies as each family's models write them (recorded shapes).
+    const HERMES: &str = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}\n</tool_call>";
+    const LLAMA3: &str = "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}; {\"name\": \"get_time\", \"parameters\": {\"zone\": \"CET\"}}";
+    const MISTRAL: &str = "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}, {\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}]";
+    const WRAPPED: &str = "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}, {\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}]}";
+
+    fn two_calls() -> Vec<(String, String)> {
+        vec![
+            ("get_weather".into(), "{\"city\": \"Oslo\"}".into()),
+            ("get_time".into(), "{\"zone\": \"CET\"}".into()),
+        ]
+    }
+
+    #[test]
+    fn every_family_parallel_calls_parse_to_the_same_calls() {
+        for (syntax, text) in [
+            (ToolSyntax::Hermes, HERMES),
+            (ToolSyntax::Llama3, LLAMA3),
+            (
+                ToolSyntax::Llama3,
+                LLAMA3.trim_start_matches("<|python_tag|>"),
+            ),
+            (ToolSyntax::Mistral, MISTRAL),
+            (ToolSyntax::Wrapped, WRAPPED),
+        ] {
+            assert_eq!(
+                all_calls(text, syntax),
+                Some(two_calls()),
+                "{syntax:?}: {text}"
+            );
+        }
+        // Text before a Hermes call is the model thinking aloud; the calls still count.
+        let chatty = format!("Let me check both.\n{HERMES}");
+        assert_eq!(all_calls(&chatty, ToolSyntax::Hermes), Some(two_calls()));
+        // Not calls: plain answers, another family's syntax, a call left open.
+        assert_eq!(all_calls("It is sunny in Oslo.", ToolSyntax::Hermes), None);
+        assert_eq!(all_calls(MISTRAL, ToolSyntax::Hermes), None);
+        assert_eq!(all_calls(HERMES, ToolSyntax::Wrapped), None);
+        assert_eq!(all_calls(&HERMES[..40], ToolSyntax::Hermes), None);
+        assert_eq!(all_calls("{\"answer\": 4}", ToolSyntax::Llama3), None);
+    }
+
+    #[test]
+    fn streams_hold_what_may_open_a_call_and_send_the_first_call_early() {
+        assert!(may_open("<tool", ToolSyntax::Hermes));
+        assert!(may_open("  <tool_call>\n{", ToolSyntax::Hermes));
+        assert!(!may_open("The weather", ToolSyntax::Hermes));
+        assert!(may_open("<|python", ToolSyntax::Llama3));
+        assert!(may_open("[TOOL", ToolSyntax::Mistral));
+        assert!(!may_open("[1, 2]", ToolSyntax::Mistral));
+        for (syntax, text) in [
+            (ToolSyntax::Hermes, HERMES),
+            (ToolSyntax::Llama3, LLAMA3),
+            (ToolSyntax::Mistral, MISTRAL),
+        ] {
+            let mut stream = CallStream::new(syntax);
+            let (mut name, mut args) = (String::new(), String::new());
+            let chars: Vec<char> = text.chars().collect();
+            for n in (0..=chars.len()).step_by(5).chain([chars.len()]) {
+                let so_far: String = chars[..n].iter().collect();
+                for p in stream.advance(&so_far) {
+                    match p {
+                        Piece::Begin(n) => name = n,
+                        Piece::Arguments(a) => args += &a,
+                    }
+                }
+            }
+            assert_eq!((name, args), two_calls()[0].clone(), "{syntax:?}");
+        }
+    }
+
+    #[test]
+    fn templates_tell_their_syntax() {
+        let hermes = "{% if tools %}<tools>{{ tools }}</tools> ... <tool_call>{\"name\": ...}</tool_call>{% endif %}";
+        let llama = "{% if tools %}<|start_header_id|>ipython ... {\"name\": function name, \"parameters\": ...}<|python_tag|>{% endif %}";
+        let mistral =
+            "{% if tools %}[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]";
+        let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}";
+        assert_eq!(ToolSyntax::detect(hermes), ToolSyntax::Hermes);
+        assert_eq!(ToolSyntax::detect(llama), ToolSyntax::Llama3);
+        assert_eq!(ToolSyntax::detect(mistral), ToolSyntax::Mistral);
+        assert_eq!(ToolSyntax::detect(chatml), ToolSyntax::Wrapped);
     }
 }

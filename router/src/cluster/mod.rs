@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use exo_kvcache::Codec;
 use exo_protocol::{
-    LinkSecurity, ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, connect,
+    LinkSecurity, ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, ToolSyntax, connect,
     context_with_deadline,
 };
 
@@ -203,6 +203,8 @@ pub struct Cluster {
     chars_per_token: Mutex<f64>,
     /// How links to the nodes are secured.
     security: LinkSecurity,
+    /// How the served model writes tool calls (its nodes report it).
+    tool_syntax: RwLock<ToolSyntax>,
 }
 
 /// The model a cluster serves, when the router already knows it (it loaded it for embedded nodes).
@@ -270,6 +272,7 @@ impl Cluster {
             expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
             security,
+            tool_syntax: RwLock::new(ToolSyntax::default()),
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
         cluster
@@ -278,6 +281,11 @@ impl Cluster {
     /// The model id clients must name.
     pub fn model_id(&self) -> String {
         self.model_id.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// How the served model writes tool calls, as its nodes report it.
+    pub fn tool_syntax(&self) -> ToolSyntax {
+        self.tool_syntax.read().map(|t| *t).unwrap_or_default()
     }
 
     /// The nodes.
@@ -369,6 +377,9 @@ impl Cluster {
                     *m = info.model.clone();
                 }
             }
+        }
+        if let Ok(mut t) = self.tool_syntax.write() {
+            *t = info.tool_syntax;
         }
         // Every decode-capable node must accept caches from every prefill-capable node.
         for other in self.nodes.iter().filter_map(|n| n.info()) {
