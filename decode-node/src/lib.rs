@@ -38,7 +38,10 @@ pub const MAX_ENDED: usize = 4096;
 pub struct DecodeTimeouts {
     /// A transfer (or a polled request whose transfer never began) with no progress for this long fails.
     pub transfer: Duration,
-    /// A request nobody polled for this long is cancelled (its router went away).
+    /// A request nobody polled for this long is cancelled (its router went away). A cache still
+    /// arriving before the router's first poll is judged by `transfer` instead (a long prompt
+    /// ships for as long as it runs), and a request's idle clock starts no earlier than its
+    /// transfer's end.
     pub idle: Duration,
 }
 
@@ -325,6 +328,10 @@ impl DecodeNode {
             return Err(NodeError::Transfer("no transfer in progress".into()));
         }
         entry.last_progress = Instant::now();
+        if entry.poll_link.is_none() {
+            // The idle clock of a request nobody polled yet starts when it can produce output.
+            entry.last_poll = Instant::now();
+        }
         self.start_import(end.id, entry, end.frame, (end.first_token, end.index));
         Ok(())
     }
@@ -559,7 +566,12 @@ impl DecodeNode {
                     tracing::warn!(%id, "KV transfer timed out");
                     e.fail(NodeError::Transfer("transfer timed out".into()));
                 }
-                let idle = now - e.last_poll > self.timeouts.idle;
+                // A cache still arriving that the router has not polled yet (it polls once the
+                // prompt's first token is out) is the transfer timeout's to judge, however long
+                // the prompt runs.
+                let unpolled_transfer =
+                    e.poll_link.is_none() && matches!(e.stage, Stage::Receiving(_));
+                let idle = !unpolled_transfer && now - e.last_poll > self.timeouts.idle;
                 if idle {
                     tracing::warn!(%id, "request not polled for too long; cancelling");
                 }

@@ -281,3 +281,48 @@ async fn unknown_ids_and_large_transfers_are_bounded() {
     node.kv_abort(begin(0).id, "gone".into());
     node.kv_begin(begin(5), LINK).unwrap();
 }
+
+/// A prompt that runs longer than the idle timeout keeps its transfer: the router polls only once
+/// the first token is out, so an unpolled transfer in progress is not idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_outlasting_the_idle_timeout_is_kept_until_polled() {
+    let model = model();
+    let layout = KvLayout::default();
+    let src = context(layout);
+    let timeouts = DecodeTimeouts {
+        idle: Duration::from_secs(1),
+        ..DecodeTimeouts::default()
+    };
+    let node = DecodeNode::new("idle", context(layout), DecodeLimits::default(), timeouts);
+    tokio::spawn(Arc::clone(&node).run_reaper());
+    let tokens = model.tokenize("The lighthouse keeper wrote in his log that night.", true);
+    let sampling = SamplingParams::greedy(8);
+    let pre = src.prefill(0, tokens, sampling.clone()).await.unwrap();
+    let kv = src.export(0).await.unwrap();
+    let spec = src.transfer_header(0, kv.tokens.clone(), Codec::None, 1 << 20);
+    let (header, chunks, end_frame) = KvEncoder::whole(spec, &kv.state).unwrap();
+    let id = RequestId(77);
+    node.kv_begin(
+        KvBegin {
+            id,
+            header,
+            sampling,
+        },
+        LINK,
+    )
+    .unwrap();
+    // The prompt "runs" for longer than the idle timeout, the reaper ticking meanwhile.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for bytes in chunks {
+        node.kv_chunk(KvFrame { id, bytes }, LINK).await.unwrap();
+    }
+    let end = KvEnd {
+        id,
+        frame: end_frame,
+        first_token: pre.first_token,
+        index: 0,
+    };
+    node.kv_end(end, LINK).unwrap();
+    let (_, finish) = collect(&node, 77).await.unwrap();
+    assert!(matches!(finish, FinishReason::Stop | FinishReason::Length));
+}

@@ -104,6 +104,61 @@ async fn responses_api(base: &str, model: &str, text: &str) {
     assert_eq!(e["error"]["param"], "previous_response_id", "{e}");
 }
 
+/// `tool_choice: auto` on the default model: whatever it decides, the answer is consistent. A
+/// reply in the model's tool syntax (ours, for its template) is a call with `content: null`,
+/// never the wrapper's text; streamed and whole agree.
+async fn auto_tools(base: &str, model: &str) {
+    let tools = json!([{ "type": "function", "function": { "name": "get_weather", "parameters": weather_tool()[0]["input_schema"] } }]);
+    for prompt in ["What is the weather in Oslo? Use the tool.", "Say hello."] {
+        let body = json!({
+            "model": model, "max_tokens": 64, "temperature": 0, "tools": tools,
+            "messages": [{ "role": "user", "content": prompt }],
+        });
+        let (status, whole) = post(base, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{whole}");
+        let whole: Value = serde_json::from_str(&whole).unwrap();
+        let choice = &whole["choices"][0];
+        let content = choice["message"]["content"].as_str().unwrap_or_default();
+        assert!(!content.contains("\"tool_calls\""), "{whole}");
+        if choice["finish_reason"] == "tool_calls" {
+            assert!(choice["message"]["content"].is_null(), "{whole}");
+            assert_eq!(
+                choice["message"]["tool_calls"][0]["function"]["name"],
+                "get_weather"
+            );
+        }
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (_, sse) = post(base, "/v1/chat/completions", &streamed).await;
+        let (mut text, mut args, mut finish) = (String::new(), String::new(), String::new());
+        for line in sse.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let Ok(chunk) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let delta = &chunk["choices"][0]["delta"];
+            text += delta["content"].as_str().unwrap_or_default();
+            if let Some(calls) = delta["tool_calls"].as_array() {
+                args += calls[0]["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or_default();
+            }
+            if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+        }
+        assert_eq!(
+            finish,
+            choice["finish_reason"].as_str().unwrap(),
+            "{prompt}"
+        );
+        assert_eq!(text, content, "{prompt}");
+        let whole_args = choice["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(args, whole_args, "{prompt}");
+    }
+}
+
 fn weather_tool() -> Value {
     json!([{
         "name": "get_weather",
@@ -228,6 +283,7 @@ async fn agent_apis_match_chat_stream_their_events_and_round_trip_tools() {
     );
 
     responses_api(&base, &model, &text).await;
+    auto_tools(&base, &model).await;
 
     // Errors in Anthropic's shape.
     let missing = json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] });
