@@ -53,8 +53,14 @@ pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
     let mut keyed = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/v1/messages", post(messages))
-        .route("/v1/responses", post(responses_api))
+        .route(
+            "/v1/messages",
+            post(other_api::<anthropic::MessagesRequest>),
+        )
+        .route(
+            "/v1/responses",
+            post(other_api::<responses::ResponsesRequest>),
+        )
         .route("/v1/models", get(models));
     let mut open = Router::new().route("/health", get(health));
     if options.open_metrics {
@@ -116,32 +122,39 @@ async fn chat(State(cluster): State<Arc<Cluster>>, body: Result<JsonBody, ApiErr
     counted("chat", answer(&cluster, Endpoint::Chat, call()).await)
 }
 
-async fn messages(
-    State(cluster): State<Arc<Cluster>>,
-    body: Result<JsonBody, ApiError>,
-) -> Response {
-    let call = || {
-        let req: anthropic::MessagesRequest = parse(&body?.0)?;
-        chat_call(Endpoint::Messages, req.to_chat()?)
-    };
-    counted(
-        "messages",
-        answer(&cluster, Endpoint::Messages, call()).await,
-    )
+/// A request body of another API that becomes the chat request `/v1/chat/completions` makes.
+pub trait IntoChat: DeserializeOwned {
+    /// The API's endpoint.
+    const ENDPOINT: Endpoint;
+    /// Its name in `exo_requests_total`.
+    const METRIC: &'static str;
+    /// The chat request it stands for.
+    fn to_chat(&self) -> Result<ChatRequest, ApiError>;
 }
 
-async fn responses_api(
+impl IntoChat for anthropic::MessagesRequest {
+    const ENDPOINT: Endpoint = Endpoint::Messages;
+    const METRIC: &'static str = "messages";
+    fn to_chat(&self) -> Result<ChatRequest, ApiError> {
+        anthropic::MessagesRequest::to_chat(self)
+    }
+}
+
+impl IntoChat for responses::ResponsesRequest {
+    const ENDPOINT: Endpoint = Endpoint::Responses;
+    const METRIC: &'static str = "responses";
+    fn to_chat(&self) -> Result<ChatRequest, ApiError> {
+        responses::ResponsesRequest::to_chat(self)
+    }
+}
+
+/// `/v1/messages` and `/v1/responses`: parsed into a chat request, answered in the API's shape.
+async fn other_api<R: IntoChat>(
     State(cluster): State<Arc<Cluster>>,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    let call = || {
-        let req: responses::ResponsesRequest = parse(&body?.0)?;
-        chat_call(Endpoint::Responses, req.to_chat()?)
-    };
-    counted(
-        "responses",
-        answer(&cluster, Endpoint::Responses, call()).await,
-    )
+    let call = || chat_call(R::ENDPOINT, parse::<R>(&body?.0)?.to_chat()?);
+    counted(R::METRIC, answer(&cluster, R::ENDPOINT, call()).await)
 }
 
 async fn completions(

@@ -68,3 +68,45 @@ pub fn events(
         .chain(body.flat_map(|events: Vec<Event>| futures::stream::iter(events)))
         .map(Ok)
 }
+
+/// How an API other than chat completions frames the shaped reply events of a stream
+/// (Anthropic's Messages, OpenAI's Responses).
+pub trait Framing: Send + 'static {
+    /// Appends the events `event` makes; `usage` is (prompt, completion) tokens so far.
+    fn frame(&mut self, event: ReplyEvent, usage: (u32, u32), out: &mut Vec<Event>);
+    /// The event that ends a stream on `error`.
+    fn error(&mut self, error: &crate::api::error::ApiError) -> Event;
+}
+
+/// The events of one streamed reply: `head`, then each generation step framed by `framer`, until
+/// the generation ends or fails; each step runs in the request's `span`.
+pub fn framed_events<F: Framing>(
+    head: Vec<Event>,
+    generation: Generation,
+    shaper: Shaper,
+    framer: F,
+    span: tracing::Span,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let body = futures::stream::unfold(Some((generation, shaper, framer)), move |state| {
+        let span = span.clone();
+        async move {
+            let (mut generation, mut shaper, mut framer) = state?;
+            match generation.next().await {
+                Some(Ok(delta)) => {
+                    let mut out = Vec::new();
+                    for e in shaper.push(delta) {
+                        let usage = (generation.prompt_tokens, generation.completion_tokens);
+                        framer.frame(e, usage, &mut out);
+                    }
+                    Some((out, Some((generation, shaper, framer))))
+                }
+                Some(Err(e)) => Some((vec![framer.error(&e)], None)),
+                None => None,
+            }
+        }
+        .instrument(span)
+    });
+    futures::stream::iter(head)
+        .chain(body.flat_map(|events: Vec<Event>| futures::stream::iter(events)))
+        .map(Ok)
+}

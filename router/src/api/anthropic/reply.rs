@@ -8,13 +8,13 @@ use std::convert::Infallible;
 use axum::Json;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::{Value, json};
-use tracing::Instrument;
 
 use crate::api::error::ApiError;
 use crate::api::response::{Finish, Reply, ResponseMeta};
 use crate::api::shape::{ReplyEvent, Shaper};
+use crate::api::sse::{Framing, framed_events};
 use crate::generation::Generation;
 
 /// Anthropic's `stop_reason` for how a reply ended.
@@ -167,6 +167,16 @@ impl Framer {
     }
 }
 
+impl Framing for Framer {
+    fn frame(&mut self, event: ReplyEvent, usage: (u32, u32), out: &mut Vec<Event>) {
+        Framer::frame(self, event, usage.1, out);
+    }
+
+    fn error(&mut self, error: &ApiError) -> Event {
+        event("error", &error_body(error))
+    }
+}
+
 /// The events of one streamed Messages response; each step runs in the request's `span`.
 pub fn events(
     meta: ResponseMeta,
@@ -187,7 +197,7 @@ pub fn events(
             "usage": { "input_tokens": generation.prompt_tokens, "output_tokens": 0 },
         },
     });
-    let head = [
+    let head = vec![
         event("message_start", &start),
         event("ping", &json!({ "type": "ping" })),
     ];
@@ -195,25 +205,5 @@ pub fn events(
         block: 0,
         open: None,
     };
-    let body = futures::stream::unfold(Some((generation, shaper, framer)), move |state| {
-        let span = span.clone();
-        async move {
-            let (mut generation, mut shaper, mut framer) = state?;
-            let mut out = Vec::new();
-            match generation.next().await {
-                Some(Ok(delta)) => {
-                    for e in shaper.push(delta) {
-                        framer.frame(e, generation.completion_tokens, &mut out);
-                    }
-                    Some((out, Some((generation, shaper, framer))))
-                }
-                Some(Err(e)) => Some((vec![event("error", &error_body(&e))], None)),
-                None => None,
-            }
-        }
-        .instrument(span)
-    });
-    futures::stream::iter(head)
-        .chain(body.flat_map(|events: Vec<Event>| futures::stream::iter(events)))
-        .map(Ok)
+    framed_events(head, generation, shaper, framer, span)
 }

@@ -7,12 +7,13 @@
 use std::convert::Infallible;
 
 use axum::response::sse::Event;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::{Value, json};
-use tracing::Instrument;
 
+use crate::api::error::ApiError;
 use crate::api::response::{Finish, Reply, ResponseMeta};
 use crate::api::shape::{ReplyEvent, Shaper};
+use crate::api::sse::{Framing, framed_events};
 use crate::generation::Generation;
 
 /// The id of the reply's message item.
@@ -233,6 +234,17 @@ impl Framer {
     }
 }
 
+impl Framing for Framer {
+    fn frame(&mut self, event: ReplyEvent, usage: (u32, u32), out: &mut Vec<Event>) {
+        Framer::frame(self, event, usage, out);
+    }
+
+    fn error(&mut self, e: &ApiError) -> Event {
+        let data = json!({ "code": e.status().as_u16(), "message": e.to_string(), "param": null, "error": e.body() });
+        self.event("error", data)
+    }
+}
+
 /// The events of one streamed Responses reply; each step runs in the request's `span`.
 pub fn events(
     meta: ResponseMeta,
@@ -251,30 +263,5 @@ pub fn events(
         framer.event("response.created", json!({ "response": started })),
         framer.event("response.in_progress", json!({ "response": started })),
     ];
-    let body = futures::stream::unfold(Some((generation, shaper, framer)), move |state| {
-        let span = span.clone();
-        async move {
-            let (mut generation, mut shaper, mut framer) = state?;
-            let mut out = Vec::new();
-            match generation.next().await {
-                Some(Ok(delta)) => {
-                    for e in shaper.push(delta) {
-                        let usage = (generation.prompt_tokens, generation.completion_tokens);
-                        framer.frame(e, usage, &mut out);
-                    }
-                    Some((out, Some((generation, shaper, framer))))
-                }
-                Some(Err(e)) => {
-                    let body = e.body();
-                    let data = json!({ "code": e.status().as_u16(), "message": e.to_string(), "param": null, "error": body });
-                    Some((vec![framer.event("error", data)], None))
-                }
-                None => None,
-            }
-        }
-        .instrument(span)
-    });
-    futures::stream::iter(head)
-        .chain(body.flat_map(|events: Vec<Event>| futures::stream::iter(events)))
-        .map(Ok)
+    framed_events(head, generation, shaper, framer, span)
 }
