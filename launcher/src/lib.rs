@@ -10,7 +10,6 @@ use exo_engine::{EngineError, Model, ModelOptions};
 use exo_kvcache::KvLayout;
 use exo_node::{DecodeTimeouts, NodeOptions, SpawnError, spawn_node};
 use exo_protocol::LinkSecurity;
-use exo_router::api::auth::ApiKeys;
 use exo_router::api::gate::HttpOptions;
 use exo_router::cluster::ServedModel;
 use exo_router::profile::{NodeAddress, NodeSpec, Profile};
@@ -125,10 +124,7 @@ async fn start_embedded(
 /// `listen`. [`Server::shutdown`] stops the embedded nodes too.
 pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, LaunchError> {
     let (stop, _) = watch::channel(false);
-    let security = match &profile.cluster_file {
-        Some(file) => LinkSecurity::load(file)?,
-        None => LinkSecurity::Plain,
-    };
+    let security = LinkSecurity::from_cluster_file(profile.cluster_file.as_deref())?;
     let mut model: Option<Arc<Model>> = None;
     let mut addrs = Vec::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -158,15 +154,10 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
         };
         addrs.push(addr);
     }
-    let http = HttpOptions {
-        keys: Arc::new(ApiKeys::load(profile.api.keys.clone())?),
-        open_metrics: profile.api.open_metrics,
-        max_body_bytes: profile.api.max_body_bytes,
-    };
     let deployment = Deployment {
         profile,
         addrs,
-        http,
+        http: HttpOptions::load(&profile.api)?,
         security,
         model: model.map(|m| ServedModel {
             id: m.name(),

@@ -383,10 +383,7 @@ fn node_listen(args: &NodeArgs, security: &LinkSecurity) -> std::net::SocketAddr
 }
 
 async fn node(args: NodeArgs) -> Result<()> {
-    let security = match &args.cluster {
-        Some(file) => LinkSecurity::load(file)?,
-        None => LinkSecurity::Plain,
-    };
+    let security = LinkSecurity::from_cluster_file(args.cluster.as_deref())?;
     let listen = node_listen(&args, &security);
     let model = load_model(&args.engine)?;
     let slots = args.slots.unwrap_or(args.role.default_slots());

@@ -97,6 +97,11 @@ impl LinkSecurity {
         Self::from_pem(&pem).map_err(|detail| ClusterError::Invalid { path: p, detail })
     }
 
+    /// Mutual TLS with the cluster file at `path` when there is one, plain TCP otherwise.
+    pub fn from_cluster_file(path: Option<&Path>) -> Result<LinkSecurity, ClusterError> {
+        path.map_or(Ok(LinkSecurity::Plain), LinkSecurity::load)
+    }
+
     /// Builds both TLS ends from a cluster file's text: the authority's certificate first, then
     /// the member certificate, then the member key.
     pub fn from_pem(pem: &[u8]) -> Result<LinkSecurity, String> {

@@ -162,6 +162,19 @@ fn read_file(path: &Path) -> Result<Vec<Entry>, KeysError> {
     file.keys.iter().map(|(n, k)| checked(n, k)).collect()
 }
 
+/// Every key `source` names: the inline ones, then the file's.
+fn read_all(source: &KeySource) -> Result<Vec<Entry>, KeysError> {
+    let mut entries = source
+        .inline
+        .iter()
+        .map(|(n, k)| checked(n, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(path) = &source.file {
+        entries.extend(read_file(path)?);
+    }
+    Ok(entries)
+}
+
 impl ApiKeys {
     /// No keys: an open API.
     pub fn none() -> ApiKeys {
@@ -174,15 +187,8 @@ impl ApiKeys {
 
     /// Loads the keys `source` names; an unusable key or file is an error.
     pub fn load(source: KeySource) -> Result<ApiKeys, KeysError> {
-        let mut entries = source
-            .inline
-            .iter()
-            .map(|(n, k)| checked(n, k))
-            .collect::<Result<Vec<_>, _>>()?;
         let stamp = source.file.as_deref().and_then(file_stamp);
-        if let Some(path) = &source.file {
-            entries.extend(read_file(path)?);
-        }
+        let entries = read_all(&source)?;
         Ok(ApiKeys {
             source,
             entries: RwLock::new(Arc::new(entries)),
@@ -233,22 +239,12 @@ impl ApiKeys {
         if let Ok(mut s) = self.file_stamp.write() {
             *s = stamp;
         }
-        let mut entries = match self
-            .source
-            .inline
-            .iter()
-            .map(|(n, k)| checked(n, k))
-            .collect::<Result<Vec<_>, _>>()
-        {
+        let entries = match read_all(&self.source) {
             Ok(e) => e,
-            Err(e) => return tracing::error!(error = %e, "API keys not reloaded"),
-        };
-        match read_file(path) {
-            Ok(more) => entries.extend(more),
             Err(e) => {
                 return tracing::error!(error = %e, "API keys file not reloaded; the keys read before stay in force");
             }
-        }
+        };
         tracing::info!(path = %path.display(), keys = entries.len(), "API keys reloaded");
         if let Ok(mut current) = self.entries.write() {
             *current = Arc::new(entries);

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::auth::{ApiKeys, Denied};
 use super::error::ApiError;
+use super::response::Endpoint;
 
 /// Largest request body by default: a long conversation with tool schemas fits many times over.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
@@ -34,6 +35,18 @@ impl Default for HttpOptions {
             open_metrics: false,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
+    }
+}
+
+impl HttpOptions {
+    /// The options a profile's `[api]` table (with `serve`'s flags applied) asks for, its keys
+    /// loaded.
+    pub fn load(access: &crate::profile::ApiAccess) -> Result<HttpOptions, super::auth::KeysError> {
+        Ok(HttpOptions {
+            keys: Arc::new(ApiKeys::load(access.keys.clone())?),
+            open_metrics: access.open_metrics,
+            max_body_bytes: access.max_body_bytes,
+        })
     }
 }
 
@@ -65,14 +78,23 @@ pub async fn require_key(
     }
 }
 
-/// An error in the shape of the API `path` belongs to: Anthropic's under `/v1/messages`,
-/// OpenAI's elsewhere.
-pub fn answer_error(path: &str, e: ApiError) -> Response {
-    if path.starts_with("/v1/messages") {
-        super::anthropic::reply::error_response(e)
-    } else {
-        e.into_response()
+/// An error in the shape of `endpoint`'s API: Anthropic's for Messages, OpenAI's otherwise.
+pub fn error_response(endpoint: Endpoint, e: ApiError) -> Response {
+    match endpoint {
+        Endpoint::Messages => super::anthropic::reply::error_response(e),
+        Endpoint::Chat | Endpoint::Completion | Endpoint::Responses => e.into_response(),
     }
+}
+
+/// [`error_response`] for a request to `path`, before a handler knows its endpoint: paths under
+/// `/v1/messages` are Anthropic's.
+pub fn answer_error(path: &str, e: ApiError) -> Response {
+    let endpoint = if path.starts_with("/v1/messages") {
+        Endpoint::Messages
+    } else {
+        Endpoint::Chat
+    };
+    error_response(endpoint, e)
 }
 
 /// A request body that is JSON by its content type (or has none) and within the size limit.

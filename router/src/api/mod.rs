@@ -196,12 +196,9 @@ async fn answer(
     let id = cluster.next_id();
     let span = tracing::info_span!("request", request = %id);
     let run = async { serve(cluster, id, call?).await };
-    let answered = run.instrument(span).await;
-    match (answered, endpoint) {
-        (Ok(r), _) => r,
-        (Err(e), Endpoint::Messages) => anthropic::reply::error_response(e),
-        (Err(e), _) => e.into_response(),
-    }
+    run.instrument(span)
+        .await
+        .unwrap_or_else(|e| gate::error_response(endpoint, e))
 }
 
 async fn serve(

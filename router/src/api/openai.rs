@@ -45,6 +45,43 @@ pub struct Message {
     pub tool_call_id: Option<String>,
 }
 
+impl Message {
+    /// A turn of plain text by `role` (other APIs' messages, turned into chat's).
+    pub fn text(role: &str, text: String) -> Message {
+        Message {
+            role: role.into(),
+            content: Some(Content::Text(text)),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
+
+    /// A `tool` turn: the answer to call `call_id`.
+    pub fn tool_result(call_id: String, text: String) -> Message {
+        Message {
+            tool_call_id: Some(call_id),
+            ..Message::text("tool", text)
+        }
+    }
+}
+
+/// A function tool in chat's `tools` form (what other APIs' tool definitions become).
+pub fn function_tool(name: &str, description: Option<&str>, parameters: Option<&Value>) -> Value {
+    json!({
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description.unwrap_or_default(),
+            "parameters": parameters.cloned().unwrap_or_else(|| json!({ "type": "object" })),
+        },
+    })
+}
+
+/// A call in an assistant turn's `tool_calls`, chat's form.
+pub fn tool_call(id: &str, name: &str, arguments: &str) -> Value {
+    json!({ "id": id, "type": "function", "function": { "name": name, "arguments": arguments } })
+}
+
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -566,10 +603,7 @@ impl Tools {
             .into_iter()
             .enumerate()
             .map(|(i, (name, arguments))| {
-                let known = self
-                    .list
-                    .iter()
-                    .any(|t| t["function"]["name"] == name.as_str());
+                let known = self.lists(&name);
                 let object = serde_json::from_str::<Value>(&arguments).is_ok_and(|v| v.is_object());
                 (known && object).then(|| ToolCall {
                     id: call_id(i),
@@ -578,6 +612,11 @@ impl Tools {
                 })
             })
             .collect()
+    }
+
+    /// True when `name` is one of the request's functions.
+    pub fn lists(&self, name: &str) -> bool {
+        self.list.iter().any(|t| t["function"]["name"] == name)
     }
 
     /// The syntax a reply's calls are in: the model's own with `auto`; ours, which the constraint

@@ -5,7 +5,7 @@
 
 use crate::api::openai::{ToolChoice, Tools};
 use crate::api::response::{Finish, FunctionCall, Reply, ResponseMeta, ToolCall};
-use crate::api::toolcall::{CallStream, Piece, header_in, may_open};
+use crate::api::toolcall::{CallStream, Piece, args_so_far, header_in, may_open};
 use crate::generation::Delta;
 
 /// Argument text per streamed piece when a call is only recognised at the end (`auto`).
@@ -85,21 +85,15 @@ impl Shaper {
             .as_ref()
             .filter(|t| finish == Finish::Length && t.choice != ToolChoice::None)?;
         let (name, start) = header_in(&self.held, tools.reply_syntax())?;
-        if !tools
-            .list
-            .iter()
-            .any(|t| t["function"]["name"] == name.as_str())
-        {
+        if !tools.lists(&name) {
             return None;
         }
-        let args = &self.held[start..];
-        let len = crate::api::toolcall::object_len(args).unwrap_or(args.len());
         Some(ToolCall {
             id: self.meta.call_id(0),
             kind: "function",
             function: FunctionCall {
                 name,
-                arguments: args[..len].to_string(),
+                arguments: args_so_far(&self.held[start..]).to_string(),
             },
         })
     }

@@ -14,40 +14,39 @@ fn opening(syntax: ToolSyntax) -> &'static [&'static str] {
     }
 }
 
-/// The reply so far with what a syntax allows before its opening removed: Llama 3's
-/// `<|python_tag|>`, where the detokenizer shows it.
+/// What a syntax allows before its opening: Llama 3's `<|python_tag|>`, where the detokenizer
+/// shows it.
+fn lead_tag(syntax: ToolSyntax) -> Option<&'static str> {
+    (syntax == ToolSyntax::Llama3).then_some("<|python_tag|>")
+}
+
+/// The reply so far with its syntax's lead tag removed.
 fn strip_lead(text: &str, syntax: ToolSyntax) -> &str {
     let t = text.trim_start();
-    match syntax {
-        ToolSyntax::Llama3 => t.strip_prefix("<|python_tag|>").unwrap_or(t),
-        _ => t,
-    }
+    lead_tag(syntax)
+        .and_then(|l| t.strip_prefix(l))
+        .unwrap_or(t)
+}
+
+/// `text` after `tokens`, each possibly preceded by whitespace; `None` if it does not start so.
+fn after_tokens<'a>(text: &'a str, tokens: &[&str]) -> Option<&'a str> {
+    tokens.iter().try_fold(text.trim_start(), |rest, t| {
+        Some(rest.strip_prefix(t)?.trim_start())
+    })
 }
 
 /// True while `text` (trimmed) could still become, or already is, the opening of a call in
 /// `syntax`: a stream holds such text back instead of sending it as content.
 pub fn may_open(text: &str, syntax: ToolSyntax) -> bool {
     let t = text.trim_start();
-    let leads: &[&str] = match syntax {
-        ToolSyntax::Wrapped => &["{"],
-        ToolSyntax::Hermes => &["<tool_call>"],
-        ToolSyntax::Llama3 => &["{", "<|python_tag|>"],
-        ToolSyntax::Mistral => &["[TOOL_CALLS]"],
-    };
-    t.is_empty() || leads.iter().any(|l| t.starts_with(l) || l.starts_with(t))
+    let mut leads = std::iter::once(opening(syntax)[0]).chain(lead_tag(syntax));
+    t.is_empty() || leads.any(|l| t.starts_with(l) || l.starts_with(t))
 }
 
-/// Where the first call's arguments start, and its function name, once the text has got that far.
-pub fn header(text: &str) -> Option<(String, usize)> {
-    header_in(text, ToolSyntax::Wrapped)
-}
-
-/// [`header`] for a reply in `syntax`.
+/// Where the first call's arguments start in a reply in `syntax`, and its function name, once
+/// the text has got that far.
 pub fn header_in(text: &str, syntax: ToolSyntax) -> Option<(String, usize)> {
-    let mut rest = strip_lead(text, syntax);
-    for token in opening(syntax) {
-        rest = rest.strip_prefix(token)?.trim_start();
-    }
+    let mut rest = after_tokens(strip_lead(text, syntax), opening(syntax))?;
     let quoted = rest.strip_prefix('"')?;
     let end = quoted.find(['"', '\\'])?;
     if quoted[end..].starts_with('\\') {
@@ -75,21 +74,10 @@ pub fn all_calls(text: &str, syntax: ToolSyntax) -> Option<Vec<(String, String)>
         Some((name, obj[start..start + len].to_string()))
     };
     let calls = match syntax {
-        ToolSyntax::Wrapped => {
-            let t = text.trim();
-            let list = t.strip_prefix('{')?.trim_start();
-            let list = list.strip_prefix("\"tool_calls\"")?.trim_start();
-            let list = list.strip_prefix(':')?.trim_start();
-            let len = object_len(list)?;
-            let rest = list[len..].trim();
-            if rest != "}" {
-                return None;
-            }
-            objects_in_array(&list[..len])?
-                .iter()
-                .map(|o| one(o))
-                .collect::<Option<Vec<_>>>()?
-        }
+        ToolSyntax::Wrapped => array_calls(text, &["{", "\"tool_calls\"", ":"], "}")?
+            .iter()
+            .map(|o| one(o))
+            .collect::<Option<Vec<_>>>()?,
         ToolSyntax::Hermes => {
             let mut calls = Vec::new();
             let mut rest = text;
@@ -116,20 +104,23 @@ pub fn all_calls(text: &str, syntax: ToolSyntax) -> Option<Vec<(String, String)>
             }
             calls
         }
-        ToolSyntax::Mistral => {
-            let t = text.trim();
-            let list = t.strip_prefix("[TOOL_CALLS]")?.trim_start();
-            let len = object_len(list)?;
-            if !list[len..].trim().is_empty() {
-                return None;
-            }
-            objects_in_array(&list[..len])?
-                .iter()
-                .map(|o| one(o))
-                .collect::<Option<Vec<_>>>()?
-        }
+        ToolSyntax::Mistral => array_calls(text, &["[TOOL_CALLS]"], "")?
+            .iter()
+            .map(|o| one(o))
+            .collect::<Option<Vec<_>>>()?,
     };
     (!calls.is_empty()).then_some(calls)
+}
+
+/// The call objects of a reply that is `before` tokens, a JSON array of objects, then `after`
+/// (whitespace between), each object as its exact text.
+fn array_calls<'a>(text: &'a str, before: &[&str], after: &str) -> Option<Vec<&'a str>> {
+    let list = after_tokens(text, before)?;
+    let len = object_len(list)?;
+    if list[len..].trim() != after {
+        return None;
+    }
+    objects_in_array(&list[..len])
 }
 
 /// The objects of a JSON array's text, each as its exact text.
@@ -149,7 +140,7 @@ fn objects_in_array(array: &str) -> Option<Vec<&str>> {
 
 /// The length of the JSON object at the start of `s` when it is complete (string-aware brace
 /// matching), else `None`.
-pub fn object_len(s: &str) -> Option<usize> {
+fn object_len(s: &str) -> Option<usize> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for (i, c) in s.char_indices() {
         if in_string {
@@ -174,6 +165,12 @@ pub fn object_len(s: &str) -> Option<usize> {
         }
     }
     None
+}
+
+/// A call's arguments text as generated so far (from where they start): the whole object once it
+/// is complete, nothing after it.
+pub fn args_so_far(args: &str) -> &str {
+    &args[..object_len(args).unwrap_or(args.len())]
 }
 
 /// Sends one call's pieces as the text grows.
@@ -215,8 +212,8 @@ impl CallStream {
             out.push(Piece::Begin(name));
         }
         if let Some(start) = self.start {
-            let args = &text[start..];
-            let upto = object_len(args).unwrap_or(args.len());
+            let args = args_so_far(&text[start..]);
+            let upto = args.len();
             if upto > self.sent
                 && let Some(piece) = args.get(self.sent..upto)
             {
@@ -239,7 +236,7 @@ mod tests {
 
     /// The first call's name and the exact text of its arguments, when both are complete.
     fn first_call(text: &str) -> Option<(String, &str)> {
-        let (name, start) = header(text)?;
+        let (name, start) = header_in(text, ToolSyntax::Wrapped)?;
         let len = object_len(&text[start..])?;
         Some((name, &text[start..start + len]))
     }

@@ -203,8 +203,6 @@ pub struct Cluster {
     chars_per_token: Mutex<f64>,
     /// How links to the nodes are secured.
     security: LinkSecurity,
-    /// How the served model writes tool calls (its nodes report it).
-    tool_syntax: RwLock<ToolSyntax>,
 }
 
 /// The model a cluster serves, when the router already knows it (it loaded it for embedded nodes).
@@ -272,7 +270,6 @@ impl Cluster {
             expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
             security,
-            tool_syntax: RwLock::new(ToolSyntax::default()),
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
         cluster
@@ -283,9 +280,13 @@ impl Cluster {
         self.model_id.read().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// How the served model writes tool calls, as its nodes report it.
+    /// How the served model writes tool calls, as its nodes report it (every node runs the same
+    /// model, so the first that answered says).
     pub fn tool_syntax(&self) -> ToolSyntax {
-        self.tool_syntax.read().map(|t| *t).unwrap_or_default()
+        self.nodes
+            .iter()
+            .find_map(|n| n.info.read().ok()?.as_ref().map(|i| i.tool_syntax))
+            .unwrap_or_default()
     }
 
     /// The nodes.
@@ -377,9 +378,6 @@ impl Cluster {
                     *m = info.model.clone();
                 }
             }
-        }
-        if let Ok(mut t) = self.tool_syntax.write() {
-            *t = info.tool_syntax;
         }
         // Every decode-capable node must accept caches from every prefill-capable node.
         for other in self.nodes.iter().filter_map(|n| n.info()) {

@@ -9,7 +9,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::error::ApiError;
-use crate::api::openai::{ChatRequest, CommonParams, Content, Message, Stop};
+use crate::api::openai::{
+    ChatRequest, CommonParams, Content, Message, Stop, function_tool, tool_call,
+};
 
 /// `POST /v1/messages` body. Fields not listed (`metadata`, `anthropic-version` is a header) are
 /// accepted and ignored; `seed` is our extension (Anthropic has none) for reproducible sampling.
@@ -149,28 +151,15 @@ pub struct AnthropicToolChoice {
     pub name: Option<String>,
 }
 
-fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::bad(param, message)
-}
-
 fn block_text(blocks: &[Block], param: &'static str) -> Result<String, ApiError> {
     let mut text = Vec::new();
     for b in blocks {
         match b {
             Block::Text { text: t } => text.push(t.as_str()),
-            _ => return Err(bad(param, "only text blocks are supported here")),
+            _ => return Err(ApiError::bad(param, "only text blocks are supported here")),
         }
     }
     Ok(text.join("\n"))
-}
-
-fn turn(role: &str, text: String) -> Message {
-    Message {
-        role: role.into(),
-        content: Some(Content::Text(text)),
-        tool_calls: None,
-        tool_call_id: None,
-    }
 }
 
 impl MessagesRequest {
@@ -179,7 +168,7 @@ impl MessagesRequest {
     /// tools and `tool_choice` in OpenAI's form.
     pub fn to_chat(&self) -> Result<ChatRequest, ApiError> {
         if self.max_tokens.is_none() {
-            return Err(bad("max_tokens", "max_tokens: field required"));
+            return Err(ApiError::bad("max_tokens", "max_tokens: field required"));
         }
         if self
             .thinking
@@ -188,13 +177,16 @@ impl MessagesRequest {
             .and_then(Value::as_str)
             .is_some_and(|t| t != "disabled")
         {
-            return Err(bad("thinking", "extended thinking is not supported"));
+            return Err(ApiError::bad(
+                "thinking",
+                "extended thinking is not supported",
+            ));
         }
         let mut messages = Vec::new();
         match &self.system {
-            Some(SystemPrompt::Text(t)) => messages.push(turn("system", t.clone())),
+            Some(SystemPrompt::Text(t)) => messages.push(Message::text("system", t.clone())),
             Some(SystemPrompt::Blocks(b)) => {
-                messages.push(turn("system", block_text(b, "system")?));
+                messages.push(Message::text("system", block_text(b, "system")?));
             }
             None => {}
         }
@@ -203,7 +195,7 @@ impl MessagesRequest {
                 "user" => user_turns(&m.content, &mut messages)?,
                 "assistant" => messages.push(assistant_turn(&m.content)?),
                 other => {
-                    return Err(bad(
+                    return Err(ApiError::bad(
                         "messages",
                         format!("unknown role `{other}` (user or assistant)"),
                     ));
@@ -211,7 +203,7 @@ impl MessagesRequest {
             }
         }
         if self.messages.is_empty() {
-            return Err(bad("messages", "messages must not be empty"));
+            return Err(ApiError::bad("messages", "messages must not be empty"));
         }
         Ok(ChatRequest {
             messages,
@@ -246,7 +238,7 @@ impl MessagesRequest {
 fn user_turns(content: &AnthropicContent, out: &mut Vec<Message>) -> Result<(), ApiError> {
     let blocks = match content {
         AnthropicContent::Text(t) => {
-            out.push(turn("user", t.clone()));
+            out.push(Message::text("user", t.clone()));
             return Ok(());
         }
         AnthropicContent::Blocks(b) => b,
@@ -254,7 +246,7 @@ fn user_turns(content: &AnthropicContent, out: &mut Vec<Message>) -> Result<(), 
     let mut text: Vec<&str> = Vec::new();
     let flush = |text: &mut Vec<&str>, out: &mut Vec<Message>| {
         if !text.is_empty() {
-            out.push(turn("user", text.join("\n")));
+            out.push(Message::text("user", text.join("\n")));
             text.clear();
         }
     };
@@ -275,21 +267,16 @@ fn user_turns(content: &AnthropicContent, out: &mut Vec<Message>) -> Result<(), 
                 if *is_error {
                     result = format!("error: {result}");
                 }
-                out.push(Message {
-                    role: "tool".into(),
-                    content: Some(Content::Text(result)),
-                    tool_calls: None,
-                    tool_call_id: Some(tool_use_id.clone()),
-                });
+                out.push(Message::tool_result(tool_use_id.clone(), result));
             }
             Block::ToolUse { .. } => {
-                return Err(bad(
+                return Err(ApiError::bad(
                     "messages",
                     "tool_use blocks belong to assistant messages",
                 ));
             }
             Block::Unsupported => {
-                return Err(bad(
+                return Err(ApiError::bad(
                     "messages",
                     "content block type not supported (text, tool_use and tool_result are)",
                 ));
@@ -303,7 +290,7 @@ fn user_turns(content: &AnthropicContent, out: &mut Vec<Message>) -> Result<(), 
 /// An assistant message: its text, and its tool uses as OpenAI `tool_calls`.
 fn assistant_turn(content: &AnthropicContent) -> Result<Message, ApiError> {
     let blocks = match content {
-        AnthropicContent::Text(t) => return Ok(turn("assistant", t.clone())),
+        AnthropicContent::Text(t) => return Ok(Message::text("assistant", t.clone())),
         AnthropicContent::Blocks(b) => b,
     };
     let mut text = Vec::new();
@@ -311,13 +298,11 @@ fn assistant_turn(content: &AnthropicContent) -> Result<Message, ApiError> {
     for b in blocks {
         match b {
             Block::Text { text: t } => text.push(t.as_str()),
-            Block::ToolUse { id, name, input } => calls.push(json!({
-                "id": id,
-                "type": "function",
-                "function": { "name": name, "arguments": input.to_string() },
-            })),
+            Block::ToolUse { id, name, input } => {
+                calls.push(tool_call(id, name, &input.to_string()));
+            }
             _ => {
-                return Err(bad(
+                return Err(ApiError::bad(
                     "messages",
                     "an assistant message holds text and tool_use blocks only",
                 ));
@@ -334,7 +319,7 @@ fn assistant_turn(content: &AnthropicContent) -> Result<Message, ApiError> {
 
 fn openai_tool(t: &AnthropicTool) -> Result<Value, ApiError> {
     if t.kind.as_deref().is_some_and(|k| k != "custom") {
-        return Err(bad(
+        return Err(ApiError::bad(
             "tools",
             format!(
                 "tool {:?} is a server tool ({:?}); only custom tools are supported",
@@ -342,14 +327,11 @@ fn openai_tool(t: &AnthropicTool) -> Result<Value, ApiError> {
             ),
         ));
     }
-    Ok(json!({
-        "type": "function",
-        "function": {
-            "name": t.name,
-            "description": t.description.clone().unwrap_or_default(),
-            "parameters": t.input_schema.clone().unwrap_or_else(|| json!({ "type": "object" })),
-        },
-    }))
+    Ok(function_tool(
+        &t.name,
+        t.description.as_deref(),
+        t.input_schema.as_ref(),
+    ))
 }
 
 fn openai_choice(c: &AnthropicToolChoice) -> Result<Value, ApiError> {
@@ -358,14 +340,13 @@ fn openai_choice(c: &AnthropicToolChoice) -> Result<Value, ApiError> {
         "any" => json!("required"),
         "none" => json!("none"),
         "tool" => {
-            let name = c
-                .name
-                .as_deref()
-                .ok_or_else(|| bad("tool_choice", "tool_choice of type tool needs a name"))?;
+            let name = c.name.as_deref().ok_or_else(|| {
+                ApiError::bad("tool_choice", "tool_choice of type tool needs a name")
+            })?;
             json!({ "type": "function", "function": { "name": name } })
         }
         other => {
-            return Err(bad(
+            return Err(ApiError::bad(
                 "tool_choice",
                 format!("tool_choice type {other:?} (auto, any, tool or none)"),
             ));

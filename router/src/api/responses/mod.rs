@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::error::ApiError;
-use crate::api::openai::{ChatRequest, CommonParams, Content, Message};
+use crate::api::openai::{ChatRequest, CommonParams, Message, function_tool, tool_call};
 
 /// `POST /v1/responses` body. Fields not listed (`store`, `metadata`, `user`, `include`,
 /// `truncation`, `parallel_tool_calls`) are accepted and ignored.
@@ -84,19 +84,6 @@ pub struct TextOptions {
     pub format: Option<Value>,
 }
 
-fn bad(param: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::bad(param, message)
-}
-
-fn text_message(role: &str, text: String) -> Message {
-    Message {
-        role: role.into(),
-        content: Some(Content::Text(text)),
-        tool_calls: None,
-        tool_call_id: None,
-    }
-}
-
 /// A message item's text: a string, or `input_text` / `output_text` parts.
 fn item_text(content: &Value) -> Result<String, ApiError> {
     match content {
@@ -109,7 +96,7 @@ fn item_text(content: &Value) -> Result<String, ApiError> {
                         text += t;
                     }
                     (kind, _) => {
-                        return Err(bad(
+                        return Err(ApiError::bad(
                             "input",
                             format!(
                                 "content part {kind:?} is not supported (input_text, output_text)"
@@ -120,7 +107,7 @@ fn item_text(content: &Value) -> Result<String, ApiError> {
             }
             Ok(text)
         }
-        _ => Err(bad(
+        _ => Err(ApiError::bad(
             "input",
             "message content must be a string or a list of parts",
         )),
@@ -133,24 +120,24 @@ fn push_item(item: &Value, out: &mut Vec<Message>) -> Result<(), ApiError> {
     let field = |name: &str| item.get(name).and_then(Value::as_str);
     match field("type").unwrap_or("message") {
         "message" => {
-            let role = field("role").ok_or_else(|| bad("input", "a message item needs a role"))?;
+            let role = field("role")
+                .ok_or_else(|| ApiError::bad("input", "a message item needs a role"))?;
             let role = match role {
                 "user" | "assistant" | "system" => role,
                 "developer" => "system",
-                other => return Err(bad("input", format!("unknown role {other:?}"))),
+                other => return Err(ApiError::bad("input", format!("unknown role {other:?}"))),
             };
             let text = item_text(item.get("content").unwrap_or(&Value::Null))?;
-            out.push(text_message(role, text));
+            out.push(Message::text(role, text));
         }
         "function_call" => {
             let (Some(call_id), Some(name)) = (field("call_id"), field("name")) else {
-                return Err(bad("input", "a function_call item needs call_id and name"));
+                return Err(ApiError::bad(
+                    "input",
+                    "a function_call item needs call_id and name",
+                ));
             };
-            let call = json!({
-                "id": call_id,
-                "type": "function",
-                "function": { "name": name, "arguments": field("arguments").unwrap_or("{}") },
-            });
+            let call = tool_call(call_id, name, field("arguments").unwrap_or("{}"));
             match out.last_mut() {
                 Some(m) if m.role == "assistant" => match &mut m.tool_calls {
                     Some(Value::Array(calls)) => calls.push(call),
@@ -165,22 +152,18 @@ fn push_item(item: &Value, out: &mut Vec<Message>) -> Result<(), ApiError> {
             }
         }
         "function_call_output" => {
-            let call_id = field("call_id")
-                .ok_or_else(|| bad("input", "a function_call_output item needs call_id"))?;
+            let call_id = field("call_id").ok_or_else(|| {
+                ApiError::bad("input", "a function_call_output item needs call_id")
+            })?;
             let output = match item.get("output") {
                 Some(Value::String(s)) => s.clone(),
                 Some(other) => item_text(other)?,
                 None => String::new(),
             };
-            out.push(Message {
-                role: "tool".into(),
-                content: Some(Content::Text(output)),
-                tool_calls: None,
-                tool_call_id: Some(call_id.to_string()),
-            });
+            out.push(Message::tool_result(call_id.to_string(), output));
         }
         other => {
-            return Err(bad(
+            return Err(ApiError::bad(
                 "input",
                 format!(
                     "input item type {other:?} is not supported (message, function_call, function_call_output)"
@@ -197,17 +180,17 @@ impl ResponsesRequest {
     /// tools and `text.format` in chat's form.
     pub fn to_chat(&self) -> Result<ChatRequest, ApiError> {
         if self.previous_response_id.is_some() {
-            return Err(bad(
+            return Err(ApiError::bad(
                 "previous_response_id",
                 "this server stores no responses: send the whole conversation as `input` items",
             ));
         }
         let mut messages = Vec::new();
         if let Some(i) = &self.instructions {
-            messages.push(text_message("system", i.clone()));
+            messages.push(Message::text("system", i.clone()));
         }
         match &self.input {
-            Input::Text(t) => messages.push(text_message("user", t.clone())),
+            Input::Text(t) => messages.push(Message::text("user", t.clone())),
             Input::Items(items) => {
                 for item in items {
                     push_item(item, &mut messages)?;
@@ -246,19 +229,16 @@ impl ResponsesRequest {
 
 fn chat_tool(t: &ResponsesTool) -> Result<Value, ApiError> {
     if t.kind != "function" {
-        return Err(bad(
+        return Err(ApiError::bad(
             "tools",
             format!("tool type {:?} is not supported (function)", t.kind),
         ));
     }
-    Ok(json!({
-        "type": "function",
-        "function": {
-            "name": t.name.clone().unwrap_or_default(),
-            "description": t.description.clone().unwrap_or_default(),
-            "parameters": t.parameters.clone().unwrap_or_else(|| json!({ "type": "object" })),
-        },
-    }))
+    Ok(function_tool(
+        t.name.as_deref().unwrap_or_default(),
+        t.description.as_deref(),
+        t.parameters.as_ref(),
+    ))
 }
 
 /// Responses' `{"type": "function", "name"}` is chat's `{"type": "function", "function": {"name"}}`.
@@ -282,7 +262,7 @@ fn chat_format(f: &Value) -> Result<Value, ApiError> {
         }),
         Some("text" | "json_object") => f.clone(),
         _ => {
-            return Err(bad(
+            return Err(ApiError::bad(
                 "text",
                 "text.format type must be text, json_object or json_schema",
             ));
