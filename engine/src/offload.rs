@@ -73,6 +73,41 @@ pub struct Offload {
     pub devices: Vec<GpuDevice>,
 }
 
+impl Offload {
+    /// What the first GPU holding layers calls itself, e.g. `NVIDIA H100 80GB HBM3` (`None`: the
+    /// model runs on the CPU).
+    pub fn gpu(&self) -> Option<&str> {
+        let first = self.devices.first().filter(|_| self.gpu_layers > 0)?;
+        Some(&first.description)
+    }
+}
+
+/// Where the model went, as the node prints it at start-up: `30 of 30 layers on CUDA0 (NVIDIA ...)`
+/// or `on the CPU (...)`.
+impl fmt::Display for Offload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.devices.first() {
+            Some(gpu) if self.gpu_layers == 0 => write!(
+                f,
+                "on the CPU (--n-gpu-layers 0; {} ({}) is not used for layers)",
+                gpu.name, gpu.description
+            ),
+            Some(gpu) => {
+                write!(
+                    f,
+                    "{} of {} layers on {} ({})",
+                    self.gpu_layers, self.n_layer, gpu.name, gpu.description
+                )?;
+                match self.devices.len() {
+                    1 => Ok(()),
+                    n => write!(f, " and {} more GPUs", n - 1),
+                }
+            }
+            None => f.write_str("on the CPU (no GPU in this build or machine)"),
+        }
+    }
+}
+
 /// The GPUs llama.cpp has registered (none in a build without a GPU backend).
 pub fn gpu_devices() -> Vec<GpuDevice> {
     llama_cpp_2::list_llama_ggml_backend_devices()

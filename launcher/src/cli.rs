@@ -38,6 +38,35 @@ pub enum Command {
     /// Make the files that secure a cluster (see docs/security.md).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Show a running cluster: its nodes, links and last requests, as the web page does.
+    Status(StatusArgs),
+}
+
+/// `exo-router status`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The router's API.
+    #[arg(long, default_value = "http://127.0.0.1:52415")]
+    pub url: String,
+    /// API key, when the router asks for one.
+    #[arg(long, env = "EXO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Redraw every `--interval` seconds until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between redraws with `--watch`.
+    #[arg(long, default_value_t = 2.0, value_parser = positive_seconds)]
+    pub interval: f64,
+    /// Print the router's JSON (`GET /v1/cluster`) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: give seconds between 0.1 and 3600")),
+    }
 }
 
 /// `exo-router cluster ...`.

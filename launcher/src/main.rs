@@ -1,8 +1,10 @@
 //! The `exo-router` command line: `serve` the API over a cluster, run a `node` daemon, `profile` a
-//! machine, `plan` one request's placement, or `simulate` a workload.
+//! machine, `plan` one request's placement, `simulate` a workload, or show a running cluster's
+//! `status`.
 
 mod cli;
 mod output;
+mod status;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -73,6 +75,7 @@ fn run() -> Result<()> {
         Command::Plan(args) => plan(&args),
         Command::Simulate(args) => simulate(&args),
         Command::Cluster(ClusterCommand::Init(args)) => cluster_init(&args),
+        Command::Status(args) => rt.block_on(status::status(&args)),
     }
 }
 
@@ -84,32 +87,7 @@ fn load_model(engine: &cli::EngineArgs) -> Result<Arc<Model>> {
             path.display()
         )
     })?;
-    let offload = model.offload();
-    match offload.devices.first() {
-        Some(gpu) if offload.gpu_layers == 0 => eprintln!(
-            "model {}: on the CPU (--n-gpu-layers 0; {} ({}) is not used for layers)",
-            model.name(),
-            gpu.name,
-            gpu.description
-        ),
-        Some(gpu) => eprintln!(
-            "model {}: {} of {} layers on {} ({}){}",
-            model.name(),
-            offload.gpu_layers,
-            offload.n_layer,
-            gpu.name,
-            gpu.description,
-            if offload.devices.len() > 1 {
-                format!(" and {} more GPUs", offload.devices.len() - 1)
-            } else {
-                String::new()
-            }
-        ),
-        None => eprintln!(
-            "model {}: on the CPU (no GPU in this build or machine)",
-            model.name()
-        ),
-    }
+    eprintln!("model {}: {}", model.name(), model.offload());
     Ok(model)
 }
 

@@ -91,6 +91,10 @@ fn cases(model: &str) -> Vec<Case> {
             .at("POST", "/v1/chat/completions?api_key=alice-key-0123456789abcdef"),
         case("models without key", 401, Some("invalid_api_key")).at("GET", "/v1/models").key(None),
         case("metrics without key", 401, Some("invalid_api_key")).at("GET", "/metrics").key(None),
+        case("cluster state without key", 401, Some("invalid_api_key")).at("GET", "/v1/cluster").key(None),
+        case("cluster events without key", 401, Some("invalid_api_key")).at("GET", "/v1/cluster/events").key(None),
+        case("POST to the page", 405, Some("method_not_allowed")).at("POST", "/").key(None),
+        case("unknown page file", 404, Some("unknown_url")).at("GET", "/ui/../Cargo.toml").key(None),
         case("completions without key", 401, Some("invalid_api_key")).at("POST", "/v1/completions")
             .key(None).json(json!({ "model": model, "prompt": "hi" })),
         // Paths and methods.
@@ -275,6 +279,11 @@ async fn hostile_requests_get_4xx_with_openai_bodies_and_the_server_keeps_answer
     assert_eq!(a.status().as_u16(), 200);
     let health = client.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
+    // The page holds no data: it loads without a key (and asks for one when the API does).
+    for path in ["/", "/ui/app.js", "/ui/app.css", "/ui/icon.svg"] {
+        let file = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(file.status().as_u16(), 200, "{path}");
+    }
     let metrics = client
         .get(format!("{base}/metrics"))
         .bearer_auth(KEY)

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use exo_decode_node::{DecodeNode, DecodeTimeouts, LinkId};
-use exo_engine::{ContextConfig, ContextHandle, Model};
+use exo_engine::{ContextConfig, ContextHandle, Model, Offload};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
@@ -105,7 +105,7 @@ impl NodeServer {
             model: model.name(),
             fingerprint: model.fingerprint(),
             layout: options.layout,
-            hardware: hardware_facts(),
+            hardware: hardware_facts(model.offload()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             fault: None,
             tool_syntax: model
@@ -299,9 +299,13 @@ pub async fn spawn_node(
     Ok((bound, server))
 }
 
-/// This machine's facts from the OS, as a node reports them in `hello`.
-pub fn hardware_facts() -> HardwareFacts {
+/// This machine's facts from the OS and where the model went (`offload`), as a node reports them
+/// in `hello`.
+pub fn hardware_facts(offload: &Offload) -> HardwareFacts {
     HardwareFacts {
+        gpu: offload.gpu().map(str::to_string),
+        gpu_layers: offload.gpu_layers,
+        n_layer: offload.n_layer,
         cpu_threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         memory_bytes: crate::hardware::os_memory().unwrap_or(0),
         os: std::env::consts::OS.into(),

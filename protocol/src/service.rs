@@ -101,6 +101,12 @@ pub struct HardwareFacts {
     pub os: String,
     /// CPU architecture.
     pub arch: String,
+    /// The GPU the model's layers run on, as its driver names it (`None`: on the CPU).
+    pub gpu: Option<String>,
+    /// Model layers on that GPU, of `n_layer`.
+    pub gpu_layers: u32,
+    /// The model's layers.
+    pub n_layer: u32,
 }
 
 /// How a model writes a tool call: the convention its chat template teaches it, or ours for a

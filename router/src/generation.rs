@@ -10,7 +10,9 @@ use exo_protocol::{
 use tarpc::client::RpcError;
 
 use crate::api::error::ApiError;
-use crate::cluster::{Admission, Cluster, ClusterNode, Placement, SlotPermit};
+use crate::cluster::{
+    Admission, Cluster, ClusterNode, Outcome, Placement, RequestRecord, SlotPermit,
+};
 use crate::placement::RequestShape;
 
 /// Deadline of a prefill call: long prompts on slow machines legitimately take minutes.
@@ -372,6 +374,12 @@ impl Generation {
 
     /// Counts the token a leg's prefill sampled and returns its text.
     fn take_first(&mut self, reply: PrefillReply) -> Delta {
+        let (prefill, decode) = (&self.placement.prefill, &self.placement.decode);
+        prefill.prefill_rate.add(u64::from(reply.n_prompt));
+        if self.placement.is_split() && reply.finish.is_none() {
+            let tokens = u64::from(reply.n_prompt);
+            self.cluster.activity.handoff(prefill.id, decode.id, tokens);
+        }
         // An end token as the first token carries no text and is not output.
         let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
         if produced {
@@ -418,19 +426,43 @@ impl Generation {
         );
     }
 
+    /// Adds the request to the cluster's recent activity once it is over.
+    fn remember(&self, outcome: Outcome) {
+        let after_first = (Instant::now() - self.first_at).as_secs_f64();
+        let decode_tok_s = match self.completion_tokens {
+            0 | 1 => 0.0,
+            n if after_first > 0.0 => f64::from(n - 1) / after_first,
+            _ => 0.0,
+        };
+        let ended_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.cluster.activity.finished(RequestRecord {
+            id: self.id.to_string(),
+            ended_unix_ms,
+            prefill: self.prefill_node().to_string(),
+            decode: self.decode_node().to_string(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            ttft_ms: (self.first_at - self.started).as_secs_f64() * 1e3,
+            decode_tok_s,
+            migrations: self.migrations,
+            outcome,
+        });
+    }
+
     /// The next piece of output; `None` after the last.
     pub async fn next(&mut self) -> Option<Result<Delta, ApiError>> {
         let item = self.advance().await;
-        if self.done
-            && matches!(
-                item,
-                Some(Ok(Delta {
-                    finish: Some(_),
-                    ..
-                }))
-            )
-        {
-            self.record_end();
+        match &item {
+            Some(Ok(Delta {
+                finish: Some(_), ..
+            })) if self.done => {
+                self.record_end();
+                self.remember(Outcome::Done);
+            }
+            Some(Err(_)) if self.done => self.remember(Outcome::Failed),
+            _ => {}
         }
         item
     }
@@ -478,6 +510,7 @@ impl Generation {
             // A node's reply is input: counts saturate instead of wrapping.
             let got = u32::try_from(reply.tokens.len()).unwrap_or(u32::MAX);
             self.completion_tokens = self.completion_tokens.saturating_add(got);
+            self.placement.decode.decode_rate.add(u64::from(got));
             self.output.extend_from_slice(&reply.tokens);
             self.done = reply.finish.is_some();
             if !reply.tokens.is_empty() || self.done {
@@ -575,5 +608,6 @@ impl Drop for Generation {
         // The client went away mid-request: free the sequence on the decode node.
         tracing::debug!(id = %self.id, "request dropped before the end; cancelling");
         self.cancel_on_node();
+        self.remember(Outcome::Cancelled);
     }
 }

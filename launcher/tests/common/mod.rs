@@ -11,6 +11,7 @@ use serde_json::Value;
 
 pub use exo_test_support::{model_path, root};
 
+pub mod browser;
 pub mod procs;
 
 /// Starts an in-process router for a shipped profile, on a free port.

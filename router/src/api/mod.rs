@@ -1,6 +1,7 @@
-//! The OpenAI-compatible HTTP API (axum): routes, request parsing ([`openai`]), the one error ->
-//! status map ([`error`]), tool-call shaping ([`shape`]), typed response bodies ([`response`]) and
-//! server-sent events ([`sse`]).
+//! The HTTP API (axum): OpenAI's chat and completions ([`openai`]), Anthropic's Messages
+//! ([`anthropic`]), OpenAI's Responses ([`responses`]), the cluster's state ([`status`]) and the
+//! web page ([`ui`]); the one error -> status map ([`error`]), tool-call shaping ([`shape`]), typed
+//! response bodies ([`response`]) and server-sent events ([`sse`]).
 //!
 //! Each request gets its id here, once: it is the response `id`, the `request` field of every log
 //! line about it, and the id of every RPC the request makes.
@@ -14,7 +15,9 @@ pub mod response;
 pub mod responses;
 pub mod shape;
 pub mod sse;
+pub mod status;
 pub mod toolcall;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,8 +50,8 @@ pub const DECODE_HEADER: &str = "x-exo-decode-node";
 /// placed with perf tables).
 pub const PIECES_HEADER: &str = "x-exo-kv-pieces";
 
-/// The HTTP routes over a cluster. Every route but `/health` (and `/metrics`, when
-/// `open_metrics`) asks for an API key when `options.keys` has any.
+/// The HTTP routes over a cluster. Every route but `/health`, the web page's files ([`ui`]) and
+/// `/metrics` when `open_metrics` asks for an API key when `options.keys` has any.
 pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
     let mut keyed = Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -61,8 +64,13 @@ pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
             "/v1/responses",
             post(other_api::<responses::ResponsesRequest>),
         )
-        .route("/v1/models", get(models));
+        .route("/v1/models", get(models))
+        .route("/v1/cluster", get(status::snapshot))
+        .route("/v1/cluster/events", get(status::events));
     let mut open = Router::new().route("/health", get(health));
+    for asset in ui::ASSETS {
+        open = open.route(asset.path, get(move || async move { ui::serve(asset) }));
+    }
     if options.open_metrics {
         open = open.route("/metrics", get(metrics_text));
     } else {

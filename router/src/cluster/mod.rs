@@ -14,11 +14,14 @@ use exo_protocol::{
 
 use crate::api::error::ApiError;
 use crate::placement::{
-    self, Choice, NodeId, NodeLoad, NodeView, PlacementMode, Placer, Prediction, RequestShape,
+    self, Choice, Link, NodeId, NodeLoad, NodeView, PlacementMode, Placer, Prediction, RequestShape,
 };
 use crate::profile::{KvShipping, NodeSpec, Profile};
 
+mod activity;
 mod guards;
+
+pub use activity::{Activity, LinkTally, Outcome, Rate, RequestRecord};
 
 pub use guards::{Admission, DecodeLoad, InFlight, PrefillLoad, SlotPermit};
 
@@ -56,6 +59,10 @@ pub struct ClusterNode {
     slots: Arc<tokio::sync::Semaphore>,
     /// The slot count the permits were made for (0 until the node first answered).
     slot_count: AtomicUsize,
+    /// Prompt tokens it ran, per second.
+    pub prefill_rate: Rate,
+    /// Tokens it generated, per second.
+    pub decode_rate: Rate,
 }
 
 impl ClusterNode {
@@ -83,6 +90,16 @@ impl ClusterNode {
     /// Slots free for new requests (permits not held).
     pub fn free_slots(&self) -> usize {
         self.slots.available_permits()
+    }
+
+    /// Its sequence slots (0 until it first answered).
+    pub fn slot_count(&self) -> usize {
+        self.slot_count.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens placed here whose prefill has not finished.
+    pub fn prefill_backlog(&self) -> u64 {
+        self.prefill_backlog.load(Ordering::Relaxed)
     }
 
     /// Makes the permits for `n` slots the first time the node says how many it has.
@@ -203,6 +220,10 @@ pub struct Cluster {
     chars_per_token: Mutex<f64>,
     /// How links to the nodes are secured.
     security: LinkSecurity,
+    /// The links the profile describes.
+    links: Vec<(NodeId, NodeId, Link)>,
+    /// What it has done lately.
+    pub activity: Activity,
 }
 
 /// The model a cluster serves, when the router already knows it (it loaded it for embedded nodes).
@@ -254,6 +275,8 @@ impl Cluster {
                         decode_ctx: AtomicU64::new(0),
                         slots: Arc::new(tokio::sync::Semaphore::new(0)),
                         slot_count: AtomicUsize::new(0),
+                        prefill_rate: Rate::default(),
+                        decode_rate: Rate::default(),
                     })
                 })
                 .collect(),
@@ -270,6 +293,8 @@ impl Cluster {
             expected_output_tokens: profile.policy.expected_output_tokens,
             chars_per_token: Mutex::new(INITIAL_CHARS_PER_TOKEN),
             security,
+            links: profile.links.clone(),
+            activity: Activity::default(),
         });
         futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
         cluster
@@ -292,6 +317,16 @@ impl Cluster {
     /// The nodes.
     pub fn nodes(&self) -> &[Arc<ClusterNode>] {
         &self.nodes
+    }
+
+    /// How it places requests.
+    pub fn mode(&self) -> PlacementMode {
+        self.mode
+    }
+
+    /// The link between nodes `a` and `b` as the profile describes it (`None`: not described).
+    pub fn link(&self, a: NodeId, b: NodeId) -> Option<Link> {
+        placement::cost_model::link_between(&self.links, a, b)
     }
 
     /// A fresh request id, 128 bits from the OS's random source (the HTTP layer takes one per

@@ -1,0 +1,211 @@
+//! The cluster at a glance: `GET /v1/cluster` (one [`ClusterStatus`] as JSON) and
+//! `GET /v1/cluster/events` (one every [`EVENT_INTERVAL`] as server-sent events), read by the web
+//! page and by `exo-router status`. Both sit behind the API key, like `/metrics`: they name the
+//! nodes' addresses and hardware.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use exo_protocol::{HardwareFacts, Role};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Cluster, RequestRecord};
+use crate::placement::RequestShape;
+
+/// How often `/v1/cluster/events` sends the cluster's state.
+pub const EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The whole cluster, now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The model id clients name.
+    pub model: String,
+    /// True when a request could be placed right now (as `/health`'s `ok`).
+    pub ready: bool,
+    /// The profile's placement mode.
+    pub placement: String,
+    /// Requests admitted and not yet over.
+    pub requests_in_flight: usize,
+    /// Of those, the ones beyond the decode slots (waiting).
+    pub queued: usize,
+    /// Sequence slots of the healthy nodes that generate.
+    pub decode_slots: usize,
+    /// Every node of the profile.
+    pub nodes: Vec<NodeStatus>,
+    /// Every prefill -> decode pair that has shipped a cache, or that the profile describes.
+    pub links: Vec<LinkStatus>,
+    /// The last requests, newest first.
+    pub recent: Vec<RequestRecord>,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    pub role: Role,
+    /// Its RPC address (`embedded` ones are in the router's process).
+    pub address: String,
+    /// True when the last health check succeeded.
+    pub healthy: bool,
+    /// Why it is down, while it is.
+    pub error: Option<String>,
+    /// Its machine and where its model runs, once it answered.
+    pub hardware: Option<HardwareFacts>,
+    /// Its exo-router version, once it answered.
+    pub version: Option<String>,
+    /// Its sequence slots (0 until it answered).
+    pub slots: usize,
+    /// Of those, the ones requests hold.
+    pub slots_in_use: usize,
+    /// Requests placed on it and not yet over.
+    pub in_flight: usize,
+    /// Prompt tokens waiting for or in its prefill.
+    pub prefill_backlog_tokens: u64,
+    /// Prompt tokens it ran per second, lately.
+    pub prefill_tok_s: f64,
+    /// Tokens it generated per second, lately.
+    pub decode_tok_s: f64,
+}
+
+/// One prefill -> decode pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The node that ran the prompts.
+    pub prefill: String,
+    /// The node that received their caches.
+    pub decode: String,
+    /// Caches shipped this way since the router started.
+    pub handoffs: u64,
+    /// Their tokens, summed.
+    pub kv_tokens: u64,
+    /// The link's bandwidth as the profile's `[[links]]` gives it (`None`: not described).
+    pub bandwidth_gbit_s: Option<f64>,
+    /// Its one-way latency as the profile gives it.
+    pub latency_ms: Option<f64>,
+}
+
+impl ClusterStatus {
+    /// The state of `cluster` now.
+    pub fn of(cluster: &Cluster) -> ClusterStatus {
+        let nodes: Vec<NodeStatus> = cluster
+            .nodes()
+            .iter()
+            .map(|n| {
+                let info = n.info();
+                NodeStatus {
+                    name: n.name().to_string(),
+                    role: n.spec.role,
+                    address: n.addr.clone(),
+                    healthy: n.healthy(),
+                    error: n.down_reason(),
+                    hardware: info.as_ref().map(|i| i.hardware.clone()),
+                    version: info.map(|i| i.version),
+                    slots: n.slot_count(),
+                    slots_in_use: n.slot_count().saturating_sub(n.free_slots()),
+                    in_flight: n.in_flight(),
+                    prefill_backlog_tokens: n.prefill_backlog(),
+                    prefill_tok_s: n.prefill_rate.per_second(),
+                    decode_tok_s: n.decode_rate.per_second(),
+                }
+            })
+            .collect();
+        let probe = RequestShape {
+            prompt_tokens: 1,
+            output_tokens: 1,
+        };
+        let decode_slots = cluster.decode_capacity();
+        ClusterStatus {
+            model: cluster.model_id(),
+            ready: cluster.choose(probe).is_ok(),
+            placement: cluster.mode().to_string(),
+            requests_in_flight: cluster.in_flight(),
+            queued: cluster.in_flight().saturating_sub(decode_slots),
+            decode_slots,
+            links: links(cluster),
+            nodes,
+            recent: cluster.activity.recent(),
+        }
+    }
+}
+
+/// The pairs that shipped caches, then the profile's other prefill -> decode links.
+fn links(cluster: &Cluster) -> Vec<LinkStatus> {
+    let nodes = cluster.nodes();
+    let name = |id: usize| nodes.get(id).map(|n| n.name().to_string());
+    let mut out = Vec::new();
+    let shipped = cluster.activity.links();
+    for ((p, d), tally) in &shipped {
+        let (Some(prefill), Some(decode)) = (name(*p), name(*d)) else {
+            continue;
+        };
+        let link = cluster.link(*p, *d);
+        out.push(LinkStatus {
+            prefill,
+            decode,
+            handoffs: tally.handoffs,
+            kv_tokens: tally.kv_tokens,
+            bandwidth_gbit_s: link.map(|l| l.bandwidth_gbit_s),
+            latency_ms: link.map(|l| l.latency_ms),
+        });
+    }
+    for p in nodes.iter().filter(|n| n.spec.role.prefills()) {
+        for d in nodes
+            .iter()
+            .filter(|n| n.spec.role.decodes() && n.id != p.id)
+        {
+            let seen = shipped.iter().any(|((a, b), _)| (*a, *b) == (p.id, d.id));
+            if let (false, Some(link)) = (seen, cluster.link(p.id, d.id)) {
+                out.push(LinkStatus {
+                    prefill: p.name().to_string(),
+                    decode: d.name().to_string(),
+                    handoffs: 0,
+                    kv_tokens: 0,
+                    bandwidth_gbit_s: Some(link.bandwidth_gbit_s),
+                    latency_ms: Some(link.latency_ms),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `GET /v1/cluster`.
+pub async fn snapshot(State(cluster): State<Arc<Cluster>>) -> Json<ClusterStatus> {
+    Json(ClusterStatus::of(&cluster))
+}
+
+/// `GET /v1/cluster/events`: the state now, then again every [`EVENT_INTERVAL`] (event `cluster`)
+/// until the client leaves.
+pub async fn events(
+    State(cluster): State<Arc<Cluster>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let ticks = tokio_stream_interval(EVENT_INTERVAL);
+    let stream = futures::StreamExt::map(ticks, move |()| {
+        let status = ClusterStatus::of(&cluster);
+        let event = Event::default().event("cluster");
+        Ok(event
+            .json_data(&status)
+            .unwrap_or_else(|_| Event::default().comment("unserializable")))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// A stream that yields at once and then every `period`.
+fn tokio_stream_interval(period: Duration) -> impl Stream<Item = ()> {
+    futures::stream::unfold(None::<tokio::time::Interval>, move |tick| async move {
+        let mut tick = tick.unwrap_or_else(|| {
+            let mut t = tokio::time::interval(period);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        tick.tick().await;
+        Some(((), Some(tick)))
+    })
+}
