@@ -189,6 +189,16 @@ pub struct ServeArgs {
     /// every node must hold the same file (overrides the profile's `[cluster] file`).
     #[arg(long, env = "EXO_CLUSTER")]
     pub cluster: Option<PathBuf>,
+    /// Also take the nodes that announce themselves on the LAN (mDNS; `[discovery]` in the
+    /// profile). On by default without --profile.
+    #[arg(long, env = "EXO_DISCOVER", conflicts_with = "no_discover")]
+    pub discover: bool,
+    /// Never look for nodes on the LAN, even without --profile.
+    #[arg(long)]
+    pub no_discover: bool,
+    /// Look for nodes on this network interface only (repeat for several; default: all).
+    #[arg(long = "discovery-interface", value_name = "NAME")]
+    pub discovery_interfaces: Vec<String>,
 }
 
 /// `exo-router node`.
@@ -233,6 +243,13 @@ pub struct NodeArgs {
     /// Serve this node's Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "EXO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Do not announce this node on the LAN (mDNS); routers then reach it only through a
+    /// profile that lists its address.
+    #[arg(long, env = "EXO_NO_ANNOUNCE")]
+    pub no_announce: bool,
+    /// Announce on this network interface only (repeat for several; default: all).
+    #[arg(long = "discovery-interface", value_name = "NAME")]
+    pub discovery_interfaces: Vec<String>,
 }
 
 /// `exo-router profile`.

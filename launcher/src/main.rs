@@ -3,6 +3,7 @@
 //! `status`.
 
 mod cli;
+mod lan;
 mod output;
 mod status;
 
@@ -183,11 +184,7 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let path = args
-        .profile
-        .clone()
-        .unwrap_or_else(|| exo_router::default_profile().to_path_buf());
-    let mut profile = Profile::load(&path)?;
+    let (mut profile, path) = lan::serve_profile(&args).await?;
     if let Some(limit) = args.migration_limit {
         profile.migration_limit = limit;
     }
@@ -367,6 +364,7 @@ async fn node(args: NodeArgs) -> Result<()> {
     let slots = args.slots.unwrap_or(args.role.default_slots());
     let name = args
         .name
+        .clone()
         .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
     let options = NodeOptions {
         name: name.clone(),
@@ -386,12 +384,20 @@ async fn node(args: NodeArgs) -> Result<()> {
     if let Some(addr) = args.metrics_listen {
         serve_node_metrics(addr).await?;
     }
+    let announcer = lan::announce(&server, bound, &security, &args, &host_name());
     println!(
-        "exo-router node {name} ({}, {}) listening on {bound}",
+        "exo-router node {name} ({}, {}) listening on {bound}{}",
         args.role,
-        security.describe()
+        security.describe(),
+        if announcer.is_some() {
+            ", announced on the LAN"
+        } else {
+            ""
+        }
     );
     let signal = stop_signal().await?;
+    // The goodbye first: routers place nothing more here while the requests held finish.
+    drop(announcer);
     eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);
     let left = server.drain(Duration::from_secs(args.drain_timeout)).await;
     eprintln!("stopped with {left} requests unfinished");

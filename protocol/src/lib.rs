@@ -1,11 +1,13 @@
 //! The RPC protocol between the router and the nodes: the tarpc service, its messages, and the TCP
 //! transport (bincode frames, `TCP_NODELAY`, explicit frame limits and deadlines), plain or under
-//! mutual TLS with the cluster file ([`tls`]).
+//! mutual TLS with the cluster file ([`tls`]); nodes announcing themselves on the LAN and the router
+//! finding them ([`discovery`]).
 //!
 //! Also the facts a node reports or measures about itself ([`NodeInfo`], [`NodePerf`]), which the
 //! router reads. No llama.cpp here, so the router can depend on it without linking an inference
 //! engine.
 
+pub mod discovery;
 mod perf;
 mod service;
 pub mod tls;

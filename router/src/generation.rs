@@ -248,7 +248,7 @@ async fn start_leg(
             ))
         })?;
     let handoff = placement.is_split().then(|| Handoff {
-        decode_addr: placement.decode.addr.clone(),
+        decode_addr: placement.decode.addr(),
         codec: placement.codec,
         pieces: placement.pieces.map_or(0, |p| p as u32),
         chunk_size: cluster.kv.chunk_size,

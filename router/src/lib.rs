@@ -86,6 +86,16 @@ impl Server {
         )
         .await;
         let health = tokio::spawn(Arc::clone(&cluster).run_health());
+        let discovery = &deployment.profile.discovery;
+        let browse = discovery.enabled.then(|| {
+            let interfaces = discovery.interfaces.clone();
+            let run = Arc::clone(&cluster).run_discovery(interfaces);
+            tokio::spawn(async move {
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, "LAN discovery stopped; only the profile's nodes serve");
+                }
+            })
+        });
         let bind = |source| ServeError::Bind {
             addr: listen,
             source,
@@ -106,6 +116,9 @@ impl Server {
             }
             health.abort();
             keys.abort();
+            if let Some(browse) = browse {
+                browse.abort();
+            }
         });
         Ok(Server {
             addr,

@@ -306,6 +306,7 @@ function nodeCard(n) {
     el("div", { class: "node-head" },
       el("span", { class: "dot", title: n.healthy ? "up" : "down" }),
       el("span", { class: "node-name" }, n.name),
+      n.origin === "discovered" ? el("span", { class: "role", title: "found on the LAN" }, "LAN") : null,
       el("span", { class: "role" }, n.role)),
     el("div", { class: "hw" }, where, mem),
     el("div", { class: "bar-line", title: `${n.slots_in_use} of ${n.slots} slots in use` },

@@ -326,7 +326,7 @@ async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
         .map(|n| NodeHealth {
             name: n.name().to_string(),
             role: n.spec.role,
-            address: n.addr.clone(),
+            address: n.addr(),
             healthy: n.healthy(),
             error: n.down_reason(),
             in_flight: n.in_flight(),

@@ -14,7 +14,7 @@ use exo_protocol::{HardwareFacts, Role};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Cluster, RequestRecord};
+use crate::cluster::{Cluster, Origin, RequestRecord};
 use crate::placement::RequestShape;
 
 /// How often `/v1/cluster/events` sends the cluster's state.
@@ -50,8 +50,10 @@ pub struct NodeStatus {
     pub name: String,
     /// What it does.
     pub role: Role,
-    /// Its RPC address (`embedded` ones are in the router's process).
+    /// Its RPC address.
     pub address: String,
+    /// Listed in the profile, or found on the LAN.
+    pub origin: Origin,
     /// True when the last health check succeeded.
     pub healthy: bool,
     /// Why it is down, while it is.
@@ -102,7 +104,8 @@ impl ClusterStatus {
                 NodeStatus {
                     name: n.name().to_string(),
                     role: n.spec.role,
-                    address: n.addr.clone(),
+                    address: n.addr(),
+                    origin: n.origin,
                     healthy: n.healthy(),
                     error: n.down_reason(),
                     hardware: info.as_ref().map(|i| i.hardware.clone()),

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use exo_kvcache::Codec;
 use exo_protocol::{
-    LinkSecurity, ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, ToolSyntax, connect,
-    context_with_deadline,
+    LinkSecurity, ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, ToolSyntax,
 };
 
 use crate::api::error::ApiError;
@@ -20,8 +19,10 @@ use crate::profile::{KvShipping, NodeSpec, Profile};
 
 mod activity;
 mod guards;
+mod membership;
 
 pub use activity::{Activity, LinkTally, Outcome, Rate, RequestRecord};
+pub use membership::Origin;
 
 pub use guards::{Admission, DecodeLoad, InFlight, PrefillLoad, SlotPermit};
 
@@ -37,10 +38,14 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub struct ClusterNode {
     /// Its position in the profile.
     pub id: NodeId,
-    /// Its profile entry.
+    /// Its profile entry (for a node found on the LAN, made from its announcement).
     pub spec: NodeSpec,
-    /// Its RPC address.
-    pub addr: String,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Its RPC address (a discovered node's may change when it announces itself again).
+    addr: RwLock<String>,
+    /// A discovered node that said goodbye: not checked or used until it is seen again.
+    left: AtomicBool,
     client: RwLock<Option<NodeServiceClient>>,
     info: RwLock<Option<NodeInfo>>,
     healthy: AtomicBool,
@@ -69,6 +74,39 @@ impl ClusterNode {
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Its RPC address.
+    pub fn addr(&self) -> String {
+        self.addr.read().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// True for a discovered node that said goodbye and was not seen since.
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// A node at `addr` as the profile or an announcement describes it, not contacted yet.
+    fn new(id: NodeId, spec: NodeSpec, origin: Origin, addr: String) -> ClusterNode {
+        ClusterNode {
+            id,
+            spec,
+            origin,
+            addr: RwLock::new(addr),
+            left: AtomicBool::new(false),
+            client: RwLock::new(None),
+            info: RwLock::new(None),
+            healthy: AtomicBool::new(false),
+            down_reason: RwLock::new(Some("not contacted yet".into())),
+            in_flight: AtomicUsize::new(0),
+            prefill_backlog: AtomicU64::new(0),
+            decoding: AtomicUsize::new(0),
+            decode_ctx: AtomicU64::new(0),
+            slots: Arc::new(tokio::sync::Semaphore::new(0)),
+            slot_count: AtomicUsize::new(0),
+            prefill_rate: Rate::default(),
+            decode_rate: Rate::default(),
+        }
     }
 
     /// Waits up to `timeout` for one of the node's sequence slots and holds it until the permit
@@ -165,7 +203,7 @@ impl ClusterNode {
         // Logged when the node goes down, and when the reason changes (a node that never came up
         // says why once, not at every health check).
         if was_up || changed {
-            tracing::warn!(node = %self.spec.name, addr = %self.addr, %why, "node down");
+            tracing::warn!(node = %self.spec.name, addr = %self.addr(), %why, "node down");
         }
         if let Ok(mut c) = self.client.write() {
             *c = None;
@@ -202,7 +240,9 @@ impl Placement {
 
 /// All nodes of the cluster.
 pub struct Cluster {
-    nodes: Vec<Arc<ClusterNode>>,
+    /// Every node ever known, in order of arrival: a node's [`NodeId`] is its index, and entries
+    /// are never removed (a node that leaves is marked so), so ids stay valid.
+    nodes: RwLock<Vec<Arc<ClusterNode>>>,
     mode: PlacementMode,
     placer: Box<dyn Placer>,
     /// How KV caches travel.
@@ -258,28 +298,11 @@ impl Cluster {
             None => (stem(), None),
         };
         let nodes = profile.nodes.iter().zip(addrs).enumerate();
+        let nodes = nodes.map(|(id, (spec, addr))| {
+            Arc::new(ClusterNode::new(id, spec.clone(), Origin::Profile, addr))
+        });
         let cluster = Arc::new(Cluster {
-            nodes: nodes
-                .map(|(id, (spec, addr))| {
-                    Arc::new(ClusterNode {
-                        id,
-                        spec: spec.clone(),
-                        addr,
-                        client: RwLock::new(None),
-                        info: RwLock::new(None),
-                        healthy: AtomicBool::new(false),
-                        down_reason: RwLock::new(Some("not contacted yet".into())),
-                        in_flight: AtomicUsize::new(0),
-                        prefill_backlog: AtomicU64::new(0),
-                        decoding: AtomicUsize::new(0),
-                        decode_ctx: AtomicU64::new(0),
-                        slots: Arc::new(tokio::sync::Semaphore::new(0)),
-                        slot_count: AtomicUsize::new(0),
-                        prefill_rate: Rate::default(),
-                        decode_rate: Rate::default(),
-                    })
-                })
-                .collect(),
+            nodes: RwLock::new(nodes.collect()),
             mode: profile.placement,
             placer: placement::for_mode(profile.placement, profile.cost_model(PlacementMode::Auto)),
             kv: profile.kv,
@@ -296,7 +319,8 @@ impl Cluster {
             links: profile.links.clone(),
             activity: Activity::default(),
         });
-        futures::future::join_all(cluster.nodes.iter().map(|n| cluster.check(n))).await;
+        let nodes = cluster.nodes();
+        futures::future::join_all(nodes.iter().map(|n| cluster.check(n))).await;
         cluster
     }
 
@@ -308,15 +332,20 @@ impl Cluster {
     /// How the served model writes tool calls, as its nodes report it (every node runs the same
     /// model, so the first that answered says).
     pub fn tool_syntax(&self) -> ToolSyntax {
-        self.nodes
+        self.nodes()
             .iter()
             .find_map(|n| n.info.read().ok()?.as_ref().map(|i| i.tool_syntax))
             .unwrap_or_default()
     }
 
-    /// The nodes.
-    pub fn nodes(&self) -> &[Arc<ClusterNode>] {
-        &self.nodes
+    /// The nodes, now (the profile's, then those found on the LAN in order of arrival).
+    pub fn nodes(&self) -> Vec<Arc<ClusterNode>> {
+        self.nodes.read().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// Node `id`.
+    pub fn node(&self, id: NodeId) -> Option<Arc<ClusterNode>> {
+        self.nodes.read().ok()?.get(id).cloned()
     }
 
     /// How it places requests.
@@ -342,103 +371,6 @@ impl Cluster {
         RequestId(u128::from_le_bytes(bytes))
     }
 
-    /// Connects (if needed) and says hello; marks the node up or down.
-    async fn check(&self, node: &Arc<ClusterNode>) {
-        let (client, fresh) = match node.client() {
-            Some(c) => (c, false),
-            None => match connect(&node.addr, &self.security).await {
-                Ok(c) => (c, true),
-                Err(e) => {
-                    node.mark_down(&format!("connect: {e}"));
-                    return;
-                }
-            },
-        };
-        let info = match client.hello(context_with_deadline(HELLO_TIMEOUT)).await {
-            Ok(info) => info,
-            Err(e) => {
-                // A node under TLS closes a plain connection without a word.
-                let hint = if fresh && !self.security.is_tls() {
-                    " (a node started with --cluster closes plain connections: give the router the same cluster file)"
-                } else {
-                    ""
-                };
-                node.mark_down(&format!("hello: {e}{hint}"));
-                return;
-            }
-        };
-        if let Err(why) = self.accept_node(node, &info) {
-            node.mark_down(&why);
-            return;
-        }
-        if let Ok(mut c) = node.client.write() {
-            *c = Some(client);
-        }
-        node.set_slot_count(info.layout.n_seq_max as usize);
-        if let Ok(mut i) = node.info.write() {
-            *i = Some(info);
-        }
-        if !node.healthy.swap(true, Ordering::Relaxed) {
-            tracing::info!(node = %node.spec.name, addr = %node.addr, role = %node.spec.role, "node up");
-        }
-    }
-
-    /// A node joins only with the cluster's model and the role the profile gives it, and stays
-    /// only while it reports no fault.
-    fn accept_node(&self, node: &ClusterNode, info: &NodeInfo) -> Result<(), String> {
-        if let Some(fault) = &info.fault {
-            return Err(format!("cannot serve: {fault}"));
-        }
-        if info.role != node.spec.role {
-            return Err(format!(
-                "reports role {}, the profile says {}",
-                info.role, node.spec.role
-            ));
-        }
-        let mut fp = self
-            .fingerprint
-            .write()
-            .map_err(|_| "lock poisoned".to_string())?;
-        match *fp {
-            Some(expected) if expected != info.fingerprint => {
-                return Err(format!(
-                    "runs model {} ({}), the cluster runs {}",
-                    info.model, info.fingerprint, expected
-                ));
-            }
-            Some(_) => {}
-            None => {
-                *fp = Some(info.fingerprint);
-                if let Ok(mut m) = self.model_id.write() {
-                    *m = info.model.clone();
-                }
-            }
-        }
-        // Every decode-capable node must accept caches from every prefill-capable node.
-        for other in self.nodes.iter().filter_map(|n| n.info()) {
-            let (p, d) = match (
-                info.role.prefills() && other.role.decodes(),
-                info.role.decodes() && other.role.prefills(),
-            ) {
-                (true, _) => (info.layout, other.layout),
-                (_, true) => (other.layout, info.layout),
-                _ => continue,
-            };
-            d.accepts(&p)
-                .map_err(|e| format!("KV layout incompatible with node {}: {e}", other.name))?;
-        }
-        Ok(())
-    }
-
-    /// Checks every node periodically, reconnecting those that are down.
-    pub async fn run_health(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-        loop {
-            tick.tick().await;
-            futures::future::join_all(self.nodes.iter().map(|n| self.check(n))).await;
-        }
-    }
-
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.admitted.load(Ordering::Relaxed)
@@ -446,7 +378,7 @@ impl Cluster {
 
     /// Sequence slots of the healthy nodes that generate.
     pub fn decode_capacity(&self) -> usize {
-        self.nodes
+        self.nodes()
             .iter()
             .filter(|n| n.healthy() && n.spec.role.decodes())
             .filter_map(|n| n.info())
@@ -516,9 +448,11 @@ impl Cluster {
         u64::from(max_tokens).min(self.expected_output_tokens)
     }
 
-    /// The healthy nodes as placers see them, with their live load.
-    fn views(&self) -> Vec<NodeView<'_>> {
-        self.nodes
+    /// Chooses where a request would run now, without counting it anywhere.
+    pub fn choose(&self, shape: RequestShape) -> Result<Choice, ApiError> {
+        let nodes = self.nodes();
+        // The healthy nodes as placers see them, with their live load.
+        let views: Vec<NodeView<'_>> = nodes
             .iter()
             .filter(|n| n.healthy())
             .map(|n| NodeView {
@@ -529,12 +463,8 @@ impl Cluster {
                 load: n.load(),
                 in_flight: n.in_flight(),
             })
-            .collect()
-    }
-
-    /// Chooses where a request would run now, without counting it anywhere.
-    pub fn choose(&self, shape: RequestShape) -> Result<Choice, ApiError> {
-        self.placer.choose(&self.views(), shape).ok_or_else(|| {
+            .collect();
+        self.placer.choose(&views, shape).ok_or_else(|| {
             ApiError::Unavailable(format!(
                 "no healthy node can serve this request ({} placement)",
                 self.mode
@@ -547,7 +477,7 @@ impl Cluster {
     pub fn place(&self, shape: RequestShape) -> Result<Placement, ApiError> {
         let choice = self.choose(shape)?;
         let node = |id: NodeId| {
-            let node = self.nodes.get(id).cloned();
+            let node = self.node(id);
             node.ok_or_else(|| ApiError::Internal(format!("placement chose unknown node {id}")))
         };
         let (prefill, decode) = (node(choice.prefill)?, node(choice.decode)?);

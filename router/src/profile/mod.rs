@@ -10,7 +10,9 @@ use serde::Deserialize;
 use crate::placement::cost_model::{CostModel, link_between};
 use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMode, Policy};
 
+mod discovery;
 mod security;
+pub use discovery::Discovery;
 pub use security::ApiAccess;
 
 /// The default profile `serve` uses when none is given.
@@ -129,6 +131,8 @@ pub struct Profile {
     /// The cluster file that secures node links with mutual TLS (`[cluster] file`); `None`: plain
     /// TCP.
     pub cluster_file: Option<PathBuf>,
+    /// Nodes found on the LAN (`[discovery]`).
+    pub discovery: Discovery,
 }
 
 /// The default `[policy]` link: gigabit Ethernet.
@@ -152,6 +156,8 @@ struct RawProfile {
     api: security::RawApi,
     #[serde(default)]
     cluster: security::RawCluster,
+    #[serde(default)]
+    discovery: discovery::RawDiscovery,
     #[serde(default)]
     kv: RawKv,
     #[serde(default)]
@@ -497,7 +503,11 @@ impl Profile {
             nodes.push(spec);
             Ok::<_, String>(nodes)
         })?;
-        check_placement(raw.placement, &nodes)?;
+        let discovery = raw.discovery.validate()?;
+        // With discovery, the nodes the mode needs may come from the LAN.
+        if !discovery.enabled {
+            check_placement(raw.placement, &nodes)?;
+        }
         let links = raw
             .links
             .into_iter()
@@ -508,6 +518,7 @@ impl Profile {
         Ok(Profile {
             api,
             cluster_file: raw.cluster.validate(path),
+            discovery,
             policy,
             links,
             path: path.to_path_buf(),

@@ -1,0 +1,293 @@
+//! A cluster that assembles itself: a router with no node in its profile finds node processes
+//! that announce themselves (mDNS), serves through them within seconds, lets a node leave
+//! gracefully (SIGTERM: the stream it was generating finishes, nothing new goes there), takes it
+//! back when it returns on another port, and drops and re-admits a node killed with -9.
+//!
+//! The nodes run in their own network namespace, joined to the test's by a veth pair, so the
+//! announcements cross a real (virtual) Ethernet link; where namespaces cannot be made (not
+//! root), everything runs on loopback and the test says so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::procs::Proc;
+use common::{model_path, start_text};
+use exo_router::api::status::{ClusterStatus, NodeStatus};
+use exo_router::cluster::Origin;
+use serde_json::{Value, json};
+
+/// Where the nodes run: a namespace behind a veth pair, or this namespace's loopback.
+struct Lan {
+    ns: Option<String>,
+    /// The nodes' listen IP.
+    ip: &'static str,
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        if let Some(ns) = &self.ns {
+            // Deleting the namespace deletes the veth pair (and its end on this side).
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Lan {
+    /// A namespace at 10.79.T.2 joined to this one (10.79.T.1) by a veth pair; loopback when it
+    /// cannot be made.
+    fn new() -> Lan {
+        let tag = std::process::id() % 250;
+        let ns = format!("exo-lan-{}", std::process::id());
+        let (here, there) = (format!("exl{tag}a"), format!("exl{tag}b"));
+        let (near, far) = (format!("10.79.{tag}.1/24"), format!("10.79.{tag}.2/24"));
+        if ip(&["netns", "add", &ns]) {
+            let lan = Lan {
+                ns: Some(ns.clone()),
+                ip: Box::leak(format!("10.79.{tag}.2").into_boxed_str()),
+            };
+            let steps: [&[&str]; 7] = [
+                &["link", "add", &here, "type", "veth", "peer", "name", &there],
+                &["link", "set", &there, "netns", &ns],
+                &["addr", "add", &near, "dev", &here],
+                &["-n", &ns, "addr", "add", &far, "dev", &there],
+                &["link", "set", &here, "up"],
+                &["-n", &ns, "link", "set", &there, "up"],
+                &["-n", &ns, "link", "set", "lo", "up"],
+            ];
+            if steps.iter().all(|s| ip(s)) {
+                eprintln!("discovery: nodes in namespace {ns}, announced over veth {here}");
+                return lan;
+            }
+        }
+        eprintln!("discovery: cannot make a network namespace (not root?): nodes on loopback");
+        Lan {
+            ns: None,
+            ip: "127.0.0.1",
+        }
+    }
+
+    /// Starts `exo-router node` named `name` in `role`; returns it and its address.
+    fn node(&self, role: &str, name: &str) -> (Proc, String) {
+        let model = model_path();
+        let listen = format!("{}:0", self.ip);
+        let node_args = [
+            "node", "--role", role, "--name", name, "--listen", &listen, "--model",
+        ];
+        let mut cmd = match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_exo-router")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_exo-router")),
+        };
+        let mut child = cmd
+            .args(node_args)
+            .arg(&model)
+            .args(["--drain-timeout", "20"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let proc = Proc(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .find_map(|l| l.ok().filter(|l| l.contains("listening on")))
+            .unwrap_or_else(|| panic!("node {name} did not start"));
+        std::thread::spawn(move || lines.for_each(drop));
+        assert!(line.contains("announced on the LAN"), "{line}");
+        let addr = line.split(" listening on ").nth(1).unwrap();
+        (proc, addr.split(',').next().unwrap().to_string())
+    }
+}
+
+async fn status(base: &str) -> ClusterStatus {
+    reqwest::get(format!("{base}/v1/cluster"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits up to 30 s until `ok` holds for the cluster; returns how long it took.
+async fn until(base: &str, what: &str, ok: impl Fn(&ClusterStatus) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let s = status(base).await;
+        if ok(&s) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn node<'a>(s: &'a ClusterStatus, name: &str) -> Option<&'a NodeStatus> {
+    s.nodes.iter().find(|n| n.name == name)
+}
+
+fn up(s: &ClusterStatus, name: &str) -> bool {
+    node(s, name).is_some_and(|n| n.healthy)
+}
+
+async fn chat(base: &str, model: &str, stream: bool) -> reqwest::Response {
+    let body = json!({
+        "model": model, "max_tokens": 48, "temperature": 0, "stream": stream,
+        "messages": [{ "role": "user", "content": "Write a short story about a lighthouse." }],
+    });
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn decode_node(r: &reqwest::Response) -> String {
+    r.headers()["x-exo-decode-node"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn sigterm(p: &Proc) {
+    let pid = p.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_leave_and_come_back_without_a_restart() {
+    let lan = Lan::new();
+    let server = start_text(
+        "model = \"MODEL\"\nplacement = \"disaggregated\"\n[discovery]\nenabled = true\n",
+    )
+    .await;
+    let base = format!("http://{}", server.addr);
+    let s = status(&base).await;
+    assert!(s.nodes.is_empty() && !s.ready, "{s:?}");
+
+    // Three nodes start after the router; each announces itself and is in use within seconds.
+    let tag = std::process::id();
+    let (p, d1, d2) = (format!("p-{tag}"), format!("d1-{tag}"), format!("d2-{tag}"));
+    let _prefill = lan.node("prefill", &p);
+    let mut first = Some(lan.node("decode", &d1));
+    let mut second = Some(lan.node("decode", &d2));
+    let all_up = |s: &ClusterStatus| s.ready && [&p, &d1, &d2].iter().all(|n| up(s, n));
+    let took = until(&base, "three nodes joining", all_up).await;
+    eprintln!(
+        "discovery: 3 nodes in use {:.1} s after the router saw the first",
+        took.as_secs_f64()
+    );
+    let s = status(&base).await;
+    for n in &s.nodes {
+        assert_eq!(n.origin, Origin::Discovered);
+        assert!(n.address.starts_with(lan.ip), "{n:?}");
+    }
+    let model = s.model.clone();
+    let r = chat(&base, &model, false).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["x-exo-prefill-node"], p.as_str());
+    let expected: Value = r.json().await.unwrap();
+    let expected = expected["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A graceful leave: SIGTERM to the node generating a stream. The stream finishes with the
+    // whole answer; the node says goodbye and nothing new is placed on it.
+    let mut stream = chat(&base, &model, true).await;
+    let leaving = decode_node(&stream);
+    let (gone, stays) = if leaving == d1 {
+        (&mut first, &d2)
+    } else {
+        (&mut second, &d1)
+    };
+    let first_chunk = stream.chunk().await.unwrap().unwrap();
+    sigterm(&gone.as_ref().unwrap().0);
+    let mut body = String::from_utf8_lossy(&first_chunk).to_string();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        body += &String::from_utf8_lossy(&chunk);
+    }
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(!body.contains("\"error\""), "{body}");
+    assert_eq!(text, expected, "the stream on the leaving node was cut");
+    let left = |s: &ClusterStatus| !up(s, &leaving) && up(s, stays);
+    until(&base, "the leaving node marked out", left).await;
+    let why = node(&status(&base).await, &leaving)
+        .unwrap()
+        .error
+        .clone()
+        .unwrap();
+    assert!(
+        why.contains("left the cluster") || why.contains("draining"),
+        "{why}"
+    );
+    for _ in 0..3 {
+        let r = chat(&base, &model, false).await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(decode_node(&r), *stays);
+    }
+    drop(gone.take());
+
+    // It comes back on another port: the same entry, at its new address.
+    let old = node(&status(&base).await, &leaving)
+        .unwrap()
+        .address
+        .clone();
+    *gone = Some(lan.node("decode", &leaving));
+    let took = until(&base, "the node coming back", |s| up(s, &leaving)).await;
+    eprintln!(
+        "discovery: the node that left is back in use after {:.1} s",
+        took.as_secs_f64()
+    );
+    let s = status(&base).await;
+    assert_eq!(s.nodes.len(), 3, "{s:#?}");
+    assert_ne!(node(&s, &leaving).unwrap().address, old);
+
+    // A node that dies (kill -9, no goodbye) is taken out by the health checks, and comes back.
+    let victim = stays.clone();
+    let slot = if victim == d1 {
+        &mut first
+    } else {
+        &mut second
+    };
+    drop(slot.take());
+    until(&base, "the killed node marked down", |s| !up(s, &victim)).await;
+    let r = chat(&base, &model, false).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(decode_node(&r), leaving);
+    *slot = Some(lan.node("decode", &victim));
+    until(&base, "the killed node back", |s| up(s, &victim)).await;
+    assert_eq!(status(&base).await.nodes.len(), 3);
+    server.shutdown().await;
+}
