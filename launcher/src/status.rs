@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use exo_router::api::status::{ClusterStatus, NodeStatus};
+use exo_router::cluster::Origin;
 
 use crate::cli::StatusArgs;
 
@@ -128,6 +129,7 @@ pub fn render(s: &ClusterStatus) -> String {
             "NODE",
             "ROLE",
             "STATE",
+            "FROM",
             "HARDWARE",
             "SLOTS",
             "REQS",
@@ -143,6 +145,11 @@ pub fn render(s: &ClusterStatus) -> String {
             n.name.clone(),
             n.role.to_string(),
             if n.healthy { "up" } else { "DOWN" }.into(),
+            match n.origin {
+                Origin::Profile => "profile",
+                Origin::Discovered => "LAN",
+            }
+            .into(),
             hardware(n),
             format!("{}/{}", n.slots_in_use, n.slots),
             n.in_flight.to_string(),
