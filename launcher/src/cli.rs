@@ -250,6 +250,15 @@ pub struct NodeArgs {
     /// Announce on this network interface only (repeat for several; default: all).
     #[arg(long = "discovery-interface", value_name = "NAME")]
     pub discovery_interfaces: Vec<String>,
+    /// Measure this node's speed at start (`exo-router profile --quick`'s plan, seconds) and
+    /// report the table to routers, so `placement = "auto"` needs no hand-written [nodes.perf];
+    /// a measurement cached for the same model, build, layout and hardware is reused.
+    #[arg(long, env = "EXO_MEASURE")]
+    pub measure: bool,
+    /// Folder for cached measurements (default: $XDG_CACHE_HOME/exo-router, else
+    /// ~/.cache/exo-router).
+    #[arg(long, env = "EXO_PROFILE_CACHE")]
+    pub profile_cache: Option<PathBuf>,
 }
 
 /// `exo-router profile`.

@@ -1,14 +1,19 @@
 //! The command line's side of LAN discovery: `serve` without a profile looks for nodes before it
-//! chooses between the LAN profile and the local cluster, and `node` announces itself.
+//! chooses between the LAN profile and the local cluster; `node` announces itself, and with
+//! `--measure` reports the speed it measured (or cached) so routers can place on it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use exo_engine::Model;
 use exo_node::NodeServer;
-use exo_protocol::LinkSecurity;
+use exo_node::measure::MeasurePlan;
 use exo_protocol::discovery::{Announcement, Announcer, Browser, Sighting};
+use exo_protocol::{LinkSecurity, NodePerf};
 use exo_router::profile::Profile;
 
 use crate::cli::{NodeArgs, ServeArgs};
@@ -111,4 +116,92 @@ pub fn announce(
             None
         }
     }
+}
+
+/// A measurement kept between starts, with what it was measured on.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedPerf {
+    /// Model, build, layout, threads and where the model runs: another key, another measurement.
+    key: String,
+    perf: NodePerf,
+}
+
+/// The folder measurements are cached in.
+fn cache_dir(args: &NodeArgs) -> Option<PathBuf> {
+    if let Some(dir) = &args.profile_cache {
+        return Some(dir.clone());
+    }
+    let env = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("XDG_CACHE_HOME")
+        .map(|d| d.join("exo-router"))
+        .or_else(|| env("HOME").map(|h| h.join(".cache").join("exo-router")))
+}
+
+/// The node's perf table for `--measure`: the cached one for the same model, build, layout,
+/// threads and offload, else a quick measurement (cached for the next start). `None` without
+/// `--measure`.
+pub async fn measured_perf(
+    args: &NodeArgs,
+    model: &Arc<Model>,
+    slots: u32,
+) -> Result<Option<NodePerf>> {
+    if !args.measure {
+        return Ok(None);
+    }
+    let config = args.engine.context_config(slots);
+    let key = format!(
+        "exo-router {}; model {}; layout {:?}; threads {}; {}; {} CPUs",
+        env!("CARGO_PKG_VERSION"),
+        model.fingerprint(),
+        config.layout,
+        config.n_threads,
+        model.offload(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    // One file per key (FNV-1a of it): nodes of other roles or layouts on this machine keep theirs.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let file = cache_dir(args).map(|d| d.join(format!("perf-{hash:016x}.json")));
+    let cached = file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|b| serde_json::from_slice::<CachedPerf>(&b).ok())
+        .filter(|c| c.key == key && c.perf.validate().is_ok());
+    if let Some(c) = cached {
+        eprintln!("perf table: reused the measurement cached for this model and machine");
+        return Ok(Some(c.perf));
+    }
+    eprintln!("perf table: measuring this node (a quick plan; cached for the next start)");
+    let started = std::time::Instant::now();
+    let plan = MeasurePlan::for_slots(true, slots);
+    let measured = exo_node::measure::measure(Arc::clone(model), config, &plan, |line| {
+        tracing::debug!("{line}");
+    })
+    .await
+    .context("measuring this node (--measure)")?;
+    eprintln!(
+        "perf table: measured in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(f) = &file {
+        let saved = CachedPerf {
+            key,
+            perf: measured.perf.clone(),
+        };
+        let write = f
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                std::fs::write(f, serde_json::to_vec_pretty(&saved).unwrap_or_default())
+            });
+        if let Err(e) = write {
+            eprintln!("perf table: not cached ({}: {e})", f.display());
+        }
+    }
+    Ok(Some(measured.perf))
 }

@@ -102,6 +102,7 @@ async fn start_embedded(
         transfer_timeout: DecodeTimeouts::default().transfer,
         threads,
         security: security.clone(),
+        perf: spec.perf.clone(),
     };
     let mut stopped = stop.subscribe();
     let shutdown = async move {

@@ -375,6 +375,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
         threads: args.engine.threads,
         security: security.clone(),
+        perf: lan::measured_perf(&args, &model, slots).await?,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (bound, server) = spawn_node(Arc::clone(&model), &options, listen, async move {

@@ -79,8 +79,9 @@ impl Lan {
         }
     }
 
-    /// Starts `exo-router node` named `name` in `role`; returns it and its address.
-    fn node(&self, role: &str, name: &str) -> (Proc, String) {
+    /// Starts `exo-router node` named `name` in `role`, measuring itself (its measurement cached
+    /// in `cache`); returns it and its address.
+    fn node(&self, role: &str, name: &str, cache: &std::path::Path) -> (Proc, String) {
         let model = model_path();
         let listen = format!("{}:0", self.ip);
         let node_args = [
@@ -97,7 +98,8 @@ impl Lan {
         let mut child = cmd
             .args(node_args)
             .arg(&model)
-            .args(["--drain-timeout", "20"])
+            .args(["--drain-timeout", "20", "--measure", "--profile-cache"])
+            .arg(cache)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -179,10 +181,8 @@ fn sigterm(p: &Proc) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_leave_and_come_back_without_a_restart() {
     let lan = Lan::new();
-    let server = start_text(
-        "model = \"MODEL\"\nplacement = \"disaggregated\"\n[discovery]\nenabled = true\n",
-    )
-    .await;
+    let server =
+        start_text("model = \"MODEL\"\nplacement = \"auto\"\n[discovery]\nenabled = true\n").await;
     let base = format!("http://{}", server.addr);
     let s = status(&base).await;
     assert!(s.nodes.is_empty() && !s.ready, "{s:?}");
@@ -190,24 +190,37 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
     // Three nodes start after the router; each announces itself and is in use within seconds.
     let tag = std::process::id();
     let (p, d1, d2) = (format!("p-{tag}"), format!("d1-{tag}"), format!("d2-{tag}"));
-    let _prefill = lan.node("prefill", &p);
-    let mut first = Some(lan.node("decode", &d1));
-    let mut second = Some(lan.node("decode", &d2));
+    let cache = std::env::temp_dir().join(format!("exo-perf-cache-{tag}"));
+    let _ = std::fs::remove_dir_all(&cache);
+    let _prefill = lan.node("prefill", &p, &cache);
+    let mut first = Some(lan.node("decode", &d1, &cache));
+    let mut second = Some(lan.node("decode", &d2, &cache));
+    let cached = || std::fs::read_dir(&cache).unwrap().count();
     let all_up = |s: &ClusterStatus| s.ready && [&p, &d1, &d2].iter().all(|n| up(s, n));
     let took = until(&base, "three nodes joining", all_up).await;
     eprintln!(
-        "discovery: 3 nodes in use {:.1} s after the router saw the first",
+        "discovery: 3 nodes in use {:.1} s after the last one started",
         took.as_secs_f64()
     );
     let s = status(&base).await;
     for n in &s.nodes {
         assert_eq!(n.origin, Origin::Discovered);
         assert!(n.address.starts_with(lan.ip), "{n:?}");
+        assert_eq!(n.perf.as_deref(), Some("measured"), "{n:?}");
     }
+    // One measurement for the three: same model, layout, threads and machine.
+    assert_eq!(cached(), 1);
     let model = s.model.clone();
     let r = chat(&base, &model, false).await;
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["x-exo-prefill-node"], p.as_str());
+    // `auto` placed it with the cost model, over the tables the nodes measured: it chose the
+    // hand-off's pieces (no table, no pieces).
+    assert!(
+        r.headers().contains_key("x-exo-kv-pieces"),
+        "{:?}",
+        r.headers()
+    );
     let expected: Value = r.json().await.unwrap();
     let expected = expected["choices"][0]["message"]["content"]
         .as_str()
@@ -241,17 +254,13 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
         .collect();
     assert!(!body.contains("\"error\""), "{body}");
     assert_eq!(text, expected, "the stream on the leaving node was cut");
-    let left = |s: &ClusterStatus| !up(s, &leaving) && up(s, stays);
-    until(&base, "the leaving node marked out", left).await;
-    let why = node(&status(&base).await, &leaving)
-        .unwrap()
-        .error
-        .clone()
-        .unwrap();
-    assert!(
-        why.contains("left the cluster") || why.contains("draining"),
-        "{why}"
-    );
+    // Out of service while it drains, then gone: its goodbye reaches the router (mDNS lets a
+    // goodbye's records expire a second later).
+    let said_goodbye = |s: &ClusterStatus| {
+        let why = node(s, &leaving).and_then(|n| n.error.clone());
+        up(s, stays) && why.is_some_and(|w| w.contains("left the cluster"))
+    };
+    until(&base, "the leaving node's goodbye", said_goodbye).await;
     for _ in 0..3 {
         let r = chat(&base, &model, false).await;
         assert_eq!(r.status().as_u16(), 200);
@@ -264,7 +273,7 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
         .unwrap()
         .address
         .clone();
-    *gone = Some(lan.node("decode", &leaving));
+    *gone = Some(lan.node("decode", &leaving, &cache));
     let took = until(&base, "the node coming back", |s| up(s, &leaving)).await;
     eprintln!(
         "discovery: the node that left is back in use after {:.1} s",
@@ -273,6 +282,11 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
     let s = status(&base).await;
     assert_eq!(s.nodes.len(), 3, "{s:#?}");
     assert_ne!(node(&s, &leaving).unwrap().address, old);
+    assert_eq!(
+        cached(),
+        1,
+        "the returning node measured again instead of reusing its table"
+    );
 
     // A node that dies (kill -9, no goodbye) is taken out by the health checks, and comes back.
     let victim = stays.clone();
@@ -286,8 +300,9 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
     let r = chat(&base, &model, false).await;
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(decode_node(&r), leaving);
-    *slot = Some(lan.node("decode", &victim));
+    *slot = Some(lan.node("decode", &victim, &cache));
     until(&base, "the killed node back", |s| up(s, &victim)).await;
     assert_eq!(status(&base).await.nodes.len(), 3);
     server.shutdown().await;
+    std::fs::remove_dir_all(&cache).unwrap();
 }

@@ -409,6 +409,7 @@ pub async fn measure(
         kv_export_gb_s: significant(kv.export_gb_s),
         kv_import_gb_s: significant(kv.import_gb_s),
         codecs,
+        kv_bytes_per_token: Some(kv.bytes_per_token.round()),
     };
     perf.validate()
         .map_err(|e| MeasureError::Unusable(format!("measured table: {e}")))?;

@@ -11,8 +11,8 @@ use exo_engine::{ContextConfig, ContextHandle, Model, Offload};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
-    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkSecurity, NodeError, NodeInfo, NodeService,
-    PollReply, PrefillReply, PrefillRequest, RequestId, Role, ToolSyntax,
+    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkSecurity, NodeError, NodeInfo, NodePerf,
+    NodeService, PollReply, PrefillReply, PrefillRequest, RequestId, Role, ToolSyntax,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -42,6 +42,8 @@ pub struct NodeOptions {
     pub threads: u32,
     /// How its links (served and made) are secured: mutual TLS with the cluster file, or plain.
     pub security: LinkSecurity,
+    /// Its measured speed, reported in `hello` (`node --measure`).
+    pub perf: Option<NodePerf>,
 }
 
 /// The node RPC service: dispatches each call to the prefill or decode side the node has.
@@ -108,6 +110,7 @@ impl NodeServer {
             hardware: hardware_facts(model.offload()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             fault: None,
+            perf: options.perf.clone(),
             tool_syntax: model
                 .chat_template_source()
                 .map_or(ToolSyntax::Wrapped, |t| ToolSyntax::detect(&t)),

@@ -39,6 +39,10 @@ pub struct NodePerf {
     /// Compression codecs measured on this node; `none` is always available.
     #[serde(default)]
     pub codecs: std::collections::BTreeMap<String, CodecPerf>,
+    /// KV cache bytes per token of the model in the node's layout, when measured with the table
+    /// (the cost model uses it where the profile's `policy.kv_bytes_per_token` is not given).
+    #[serde(default)]
+    pub kv_bytes_per_token: Option<f64>,
 }
 
 /// Why a node's perf table cannot be used.

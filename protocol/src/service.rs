@@ -146,7 +146,7 @@ impl ToolSyntax {
 }
 
 /// What a node reports when the router connects.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node's name.
     pub name: String,
@@ -167,6 +167,9 @@ pub struct NodeInfo {
     pub fault: Option<String>,
     /// How its model writes tool calls (from its chat template).
     pub tool_syntax: ToolSyntax,
+    /// Its speed, when it measured itself at start (`node --measure`): the router's cost model
+    /// uses it for a node whose profile entry has no `[nodes.perf]`.
+    pub perf: Option<crate::perf::NodePerf>,
 }
 
 /// One chat message.

@@ -147,6 +147,7 @@ async fn stand_in_with_slots(
             version: "test".into(),
             fault: None,
             tool_syntax: exo_protocol::ToolSyntax::Wrapped,
+            perf: None,
         },
         signals: Arc::clone(&signals),
     };

@@ -62,6 +62,9 @@ pub struct NodeStatus {
     pub hardware: Option<HardwareFacts>,
     /// Its exo-router version, once it answered.
     pub version: Option<String>,
+    /// Where the perf table the cost model uses for it comes from: `profile`, `measured` (the
+    /// node measured itself at start) or `null` (none: placed by load alone).
+    pub perf: Option<String>,
     /// Its sequence slots (0 until it answered).
     pub slots: usize,
     /// Of those, the ones requests hold.
@@ -109,6 +112,13 @@ impl ClusterStatus {
                     healthy: n.healthy(),
                     error: n.down_reason(),
                     hardware: info.as_ref().map(|i| i.hardware.clone()),
+                    perf: if n.spec.perf.is_some() {
+                        Some("profile".into())
+                    } else {
+                        info.as_ref()
+                            .and_then(|i| i.perf.as_ref())
+                            .map(|_| "measured".into())
+                    },
                     version: info.map(|i| i.version),
                     slots: n.slot_count(),
                     slots_in_use: n.slot_count().saturating_sub(n.free_slots()),

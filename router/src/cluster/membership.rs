@@ -222,7 +222,7 @@ impl Cluster {
         let node = self.nodes().into_iter().find(|n| n.name() == name);
         if let Some(node) = node.filter(|n| n.origin == Origin::Discovered) {
             node.left.store(true, Ordering::Relaxed);
-            node.mark_down("left the cluster (it said goodbye)");
+            node.mark_down(super::LEFT);
         }
     }
 }

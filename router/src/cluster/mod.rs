@@ -26,6 +26,9 @@ pub use membership::Origin;
 
 pub use guards::{Admission, DecodeLoad, InFlight, PrefillLoad, SlotPermit};
 
+/// Why a discovered node that said goodbye is down.
+const LEFT: &str = "left the cluster (it said goodbye)";
+
 /// Characters per prompt token assumed until the first prefill reports a real count.
 const INITIAL_CHARS_PER_TOKEN: f64 = 4.0;
 
@@ -160,6 +163,10 @@ impl ClusterNode {
     pub fn down_reason(&self) -> Option<String> {
         if self.healthy() {
             return None;
+        }
+        // Checks that fail after the goodbye (the node is stopping) do not hide why it went.
+        if self.has_left() {
+            return Some(LEFT.into());
         }
         self.down_reason.read().ok().and_then(|r| r.clone())
     }
@@ -451,15 +458,22 @@ impl Cluster {
     /// Chooses where a request would run now, without counting it anywhere.
     pub fn choose(&self, shape: RequestShape) -> Result<Choice, ApiError> {
         let nodes = self.nodes();
-        // The healthy nodes as placers see them, with their live load.
+        let infos: Vec<Option<NodeInfo>> = nodes.iter().map(|n| n.info()).collect();
+        // The healthy nodes as placers see them, with their live load; the profile's perf table,
+        // else the one the node measured itself.
         let views: Vec<NodeView<'_>> = nodes
             .iter()
-            .filter(|n| n.healthy())
-            .map(|n| NodeView {
+            .zip(&infos)
+            .filter(|(n, _)| n.healthy())
+            .map(|(n, info)| NodeView {
                 id: n.id,
                 role: n.spec.role,
-                slots: n.info().map_or(n.spec.slots, |i| i.layout.n_seq_max),
-                perf: n.spec.perf.as_ref(),
+                slots: info.as_ref().map_or(n.spec.slots, |i| i.layout.n_seq_max),
+                perf: n
+                    .spec
+                    .perf
+                    .as_ref()
+                    .or(info.as_ref().and_then(|i| i.perf.as_ref())),
                 load: n.load(),
                 in_flight: n.in_flight(),
             })

@@ -394,7 +394,14 @@ impl RawLink {
 }
 
 impl RawPolicy {
-    fn validate(self, placement: PlacementMode, nodes: &[NodeSpec]) -> Result<Policy, String> {
+    /// Typed values; `auto` placement needs every node's perf table and the KV bytes per token
+    /// unless the cluster is not `complete` (with discovery, nodes report their own).
+    fn validate(
+        self,
+        placement: PlacementMode,
+        nodes: &[NodeSpec],
+        complete: bool,
+    ) -> Result<Policy, String> {
         self.default_link
             .validate()
             .map_err(|e| format!("policy.default_link: {e}"))?;
@@ -412,7 +419,7 @@ impl RawPolicy {
         {
             return Err("policy.kv_bytes_per_token must be positive".into());
         }
-        if placement == PlacementMode::Auto {
+        if placement == PlacementMode::Auto && complete {
             if let Some(n) = nodes.iter().find(|n| n.perf.is_none()) {
                 return Err(format!(
                     "placement \"auto\" needs [nodes.perf] for node {:?}: measure it with `exo-router profile`",
@@ -513,7 +520,10 @@ impl Profile {
             .into_iter()
             .map(|l| l.validate(&nodes))
             .collect::<Result<Vec<_>, _>>()?;
-        let policy = raw.policy.validate(raw.placement, &nodes)?;
+        // With discovery, nodes may bring their own perf tables (`node --measure`).
+        let policy = raw
+            .policy
+            .validate(raw.placement, &nodes, !discovery.enabled)?;
         let api = raw.api.validate(path)?;
         Ok(Profile {
             api,

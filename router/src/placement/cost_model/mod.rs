@@ -6,7 +6,7 @@
 //! router's `auto` placement and the unit tests all use the same predictions.
 
 use exo_kvcache::Codec;
-use exo_protocol::{PerfError, positive};
+use exo_protocol::{NodePerf, PerfError, positive};
 use serde::{Deserialize, Serialize};
 
 use super::{Choice, NodeId, NodeView, PlacementMode, Placer};
@@ -94,6 +94,20 @@ pub struct Policy {
     pub kv_bytes_per_token: f64,
     /// Link assumed between nodes the profile names no link for.
     pub default_link: Link,
+}
+
+impl Policy {
+    /// KV bytes per token: the policy's, else what the nodes measured with their perf tables
+    /// (every node of a cluster runs the same model); 0 when nobody knows.
+    pub fn kv_bytes_per_token<'a>(&self, perfs: impl IntoIterator<Item = &'a NodePerf>) -> f64 {
+        if self.kv_bytes_per_token > 0.0 {
+            return self.kv_bytes_per_token;
+        }
+        perfs
+            .into_iter()
+            .find_map(|p| p.kv_bytes_per_token)
+            .unwrap_or(0.0)
+    }
 }
 
 /// The predicted cost of one candidate placement.
@@ -211,7 +225,7 @@ impl CostModel {
         let link = self
             .link(prefill, decode)
             .unwrap_or(self.policy.default_link);
-        let bytes = shape.prompt_tokens as f64 * self.policy.kv_bytes_per_token;
+        let bytes = shape.prompt_tokens as f64 * self.policy.kv_bytes_per_token([p, d]);
         let codec = best_codec(bytes, p, d, &link).0;
         let (pieces, _, _) = handoff_s(shape.prompt_tokens, bytes, (p, d), &link, codec)?;
         Some((codec, pieces))

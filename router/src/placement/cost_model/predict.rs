@@ -257,7 +257,7 @@ pub fn predict(
         })
         .collect();
     let out = req.output_tokens.max(1);
-    let bytes = req.prompt_tokens as f64 * policy.kv_bytes_per_token;
+    let bytes = req.prompt_tokens as f64 * policy.kv_bytes_per_token(priced.iter().map(|n| n.perf));
     let mut found = Vec::new();
     if mode.admits(PlacementMode::Colocated) {
         for n in priced.iter().filter(|n| n.role == Role::Both) {

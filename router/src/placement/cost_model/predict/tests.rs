@@ -23,6 +23,7 @@ fn compute_box() -> NodePerf {
         )]
         .into_iter()
         .collect(),
+        kv_bytes_per_token: None,
     }
 }
 
@@ -36,6 +37,7 @@ fn bandwidth_box() -> NodePerf {
         kv_export_gb_s: 20.0,
         kv_import_gb_s: 20.0,
         codecs: Default::default(),
+        kv_bytes_per_token: None,
     }
 }
 
@@ -298,4 +300,26 @@ fn bad_perf_tables_are_refused() {
     );
     assert!(c.validate().unwrap_err().to_string().contains("zip"));
     assert!(compute_box().validate().is_ok());
+}
+
+#[test]
+fn kv_bytes_per_token_comes_from_the_policy_else_from_the_nodes() {
+    let measured = NodePerf {
+        kv_bytes_per_token: Some(23_040.0),
+        ..compute_box()
+    };
+    let unknown = Policy {
+        kv_bytes_per_token: 0.0,
+        ..policy()
+    };
+    assert_eq!(
+        unknown.kv_bytes_per_token([&bandwidth_box(), &measured]),
+        23_040.0
+    );
+    assert_eq!(unknown.kv_bytes_per_token([&bandwidth_box()]), 0.0);
+    let given = Policy {
+        kv_bytes_per_token: 100.0,
+        ..policy()
+    };
+    assert_eq!(given.kv_bytes_per_token([&measured]), 100.0);
 }
