@@ -165,10 +165,16 @@ pub fn render(s: &ClusterStatus) -> String {
     if !s.links.is_empty() {
         out += "\nLINKS\n";
         for l in &s.links {
-            let profile = l
-                .bandwidth_gbit_s
-                .map(|b| format!(", {b} Gbit/s in the profile"))
-                .unwrap_or_default();
+            let profile = match (l.bandwidth_gbit_s, l.latency_ms, &l.source) {
+                (Some(b), Some(ms), Some(source)) => {
+                    format!(", {b:.2} Gbit/s, {ms:.2} ms ({source})")
+                }
+                _ => l
+                    .probe_error
+                    .as_ref()
+                    .map(|e| format!(", probe failed: {e}"))
+                    .unwrap_or_default(),
+            };
             let _ = writeln!(
                 out,
                 "  {} -> {}: {} hand-offs, {} KV tokens{profile}",

@@ -210,6 +210,28 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
     }
     // One measurement for the three: same model, layout, threads and machine.
     assert_eq!(cached(), 1);
+    // The links between them are measured (nothing in the profile describes them).
+    let measured = |s: &ClusterStatus| {
+        let probed = |d: &str| {
+            s.links.iter().any(|l| {
+                (l.prefill.as_str(), l.decode.as_str()) == (p.as_str(), d)
+                    && l.source.as_deref() == Some("measured")
+                    && l.bandwidth_gbit_s.is_some_and(|b| b > 0.0)
+            })
+        };
+        probed(&d1) && probed(&d2)
+    };
+    until(&base, "both links measured", measured).await;
+    for l in status(&base).await.links {
+        let (gbit, ms) = (
+            l.bandwidth_gbit_s.unwrap_or(0.0),
+            l.latency_ms.unwrap_or(0.0),
+        );
+        eprintln!(
+            "discovery: link {} -> {}: {gbit:.2} Gbit/s, {ms:.3} ms",
+            l.prefill, l.decode
+        );
+    }
     let model = s.model.clone();
     let r = chat(&base, &model, false).await;
     assert_eq!(r.status().as_u16(), 200);

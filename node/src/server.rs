@@ -11,7 +11,7 @@ use exo_engine::{ContextConfig, ContextHandle, Model, Offload};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
-    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkSecurity, NodeError, NodeInfo, NodePerf,
+    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe, LinkSecurity, NodeError, NodeInfo, NodePerf,
     NodeService, PollReply, PrefillReply, PrefillRequest, RequestId, Role, ToolSyntax,
 };
 use futures::StreamExt;
@@ -267,6 +267,18 @@ impl NodeService for NodeServer {
         if let Some(d) = &self.decode {
             d.cancel(id, self.link);
         }
+    }
+
+    async fn probe_sink(self, _: Context, payload: exo_protocol::ByteBuf) -> u64 {
+        payload.len() as u64
+    }
+
+    async fn probe_link(self, _: Context, to: String, bytes: u32) -> Result<LinkProbe, NodeError> {
+        let prefill = self
+            .prefill
+            .as_ref()
+            .ok_or_else(|| self.wrong_role("probe a link"))?;
+        prefill.probe_link(&to, bytes).await
     }
 }
 

@@ -17,6 +17,7 @@ use exo_protocol::{
     SamplingParams,
 };
 
+mod probe;
 mod ship;
 use ship::Outbound;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};

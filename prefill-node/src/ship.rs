@@ -129,7 +129,7 @@ impl PrefillNode {
 
     /// The cached connection to decode node `addr`, made if there is none. The map is not locked
     /// while connecting, so one unreachable decode node does not hold up shipping to the others.
-    async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {
+    pub(crate) async fn client(&self, addr: &str) -> Result<NodeServiceClient, NodeError> {
         if let Some(c) = self.peers.lock().await.get(addr) {
             return Ok(c.clone());
         }

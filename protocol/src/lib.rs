@@ -16,10 +16,13 @@ mod transport;
 pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
 pub use exo_sampling::{Constraint, FinishReason, SamplingParams};
 pub use perf::{CodecPerf, NodePerf, PerfError, positive};
+/// Bytes as one serde value (probe payloads).
+pub use serde_bytes::ByteBuf;
 pub use service::{
-    ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvEnd, KvFrame, NodeError, NodeInfo,
-    NodeService, NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply,
-    PrefillReply, PrefillRequest, Prompt, RequestId, Role, ServeNodeService, ToolSyntax,
+    ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe,
+    MAX_PROBE_BYTES, NodeError, NodeInfo, NodeService, NodeServiceClient, NodeServiceRequest,
+    NodeServiceResponse, PollReply, PrefillReply, PrefillRequest, Prompt, RequestId, Role,
+    ServeNodeService, ToolSyntax,
 };
 pub use tls::{ClusterError, LinkSecurity, new_cluster_pem};
 pub use transport::{

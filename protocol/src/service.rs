@@ -341,6 +341,20 @@ pub enum NodeError {
     Engine(String),
 }
 
+/// A measurement of the link from a prefill node to a decode node ([`NodeService::probe_link`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkProbe {
+    /// Goodput of the bytes sent, gigabits per second (through the link's encryption, if any).
+    pub bandwidth_gbit_s: f64,
+    /// Half the shortest round trip of an empty call, milliseconds.
+    pub latency_ms: f64,
+    /// Bytes sent to measure the bandwidth.
+    pub bytes: u64,
+}
+
+/// The most bytes one [`NodeService::probe_link`] sends.
+pub const MAX_PROBE_BYTES: u32 = 64 << 20;
+
 /// The service every node serves.
 #[tarpc::service]
 pub trait NodeService {
@@ -363,4 +377,9 @@ pub trait NodeService {
     async fn poll(id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError>;
     /// Stops a request and frees its slot.
     async fn cancel(id: RequestId);
+    /// Takes bytes and drops them, returning how many arrived: the far end of a link probe.
+    async fn probe_sink(payload: serde_bytes::ByteBuf) -> u64;
+    /// Measures the link from this (prefill) node to the node at `to`: empty round trips, then
+    /// `bytes` (at most [`MAX_PROBE_BYTES`]) sent to it.
+    async fn probe_link(to: String, bytes: u32) -> Result<LinkProbe, NodeError>;
 }

@@ -90,11 +90,13 @@ impl Server {
         let browse = discovery.enabled.then(|| {
             let interfaces = discovery.interfaces.clone();
             let run = Arc::clone(&cluster).run_discovery(interfaces);
-            tokio::spawn(async move {
+            let probes = tokio::spawn(Arc::clone(&cluster).run_link_probes());
+            let browse = tokio::spawn(async move {
                 if let Err(e) = run.await {
                     tracing::error!(error = %e, "LAN discovery stopped; only the profile's nodes serve");
                 }
-            })
+            });
+            (browse, probes)
         });
         let bind = |source| ServeError::Bind {
             addr: listen,
@@ -116,8 +118,9 @@ impl Server {
             }
             health.abort();
             keys.abort();
-            if let Some(browse) = browse {
+            if let Some((browse, probes)) = browse {
                 browse.abort();
+                probes.abort();
             }
         });
         Ok(Server {

@@ -112,6 +112,19 @@ impl NodeService for StandIn {
     async fn cancel(self, _: Context, _: RequestId) {
         self.signals.cancelled.store(true, Ordering::SeqCst);
     }
+
+    async fn probe_sink(self, _: Context, payload: exo_protocol::ByteBuf) -> u64 {
+        payload.len() as u64
+    }
+
+    async fn probe_link(
+        self,
+        _: Context,
+        _: String,
+        _: u32,
+    ) -> Result<exo_protocol::LinkProbe, NodeError> {
+        Err(NodeError::Busy)
+    }
 }
 
 /// Serves a stand-in with `role` on a free port until `stop` fires (then its connections close).

@@ -341,7 +341,9 @@ function renderCluster(s) {
   $("links").replaceChildren(...(s.links.length ? s.links.map((l) => el("div", { class: "link" },
     el("span", { class: "ends" }, el("b", {}, l.prefill), " → ", el("b", {}, l.decode)),
     el("span", { class: "nums" }, `${l.handoffs} hand-offs · ${fmtNum(l.kv_tokens)} KV tokens`),
-    l.bandwidth_gbit_s ? el("span", { class: "nums" }, `${l.bandwidth_gbit_s} Gbit/s · ${l.latency_ms} ms (profile)`) : null))
+    l.bandwidth_gbit_s
+      ? el("span", { class: "nums" }, `${fmtRate(l.bandwidth_gbit_s)} Gbit/s · ${l.latency_ms.toFixed(2)} ms (${l.source})`)
+      : l.probe_error ? el("span", { class: "nums error-text" }, `probe failed: ${l.probe_error}`) : null))
     : [el("p", { class: "muted" }, "No cache has been shipped yet.")]));
   const rows = s.recent.slice(0, 12).map((r) => el("tr", {},
     el("td", {}, new Date(r.ended_unix_ms).toLocaleTimeString()),

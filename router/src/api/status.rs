@@ -82,18 +82,22 @@ pub struct NodeStatus {
 /// One prefill -> decode pair.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkStatus {
-    /// The node that ran the prompts.
+    /// The node that runs the prompts.
     pub prefill: String,
-    /// The node that received their caches.
+    /// The node that receives their caches.
     pub decode: String,
     /// Caches shipped this way since the router started.
     pub handoffs: u64,
     /// Their tokens, summed.
     pub kv_tokens: u64,
-    /// The link's bandwidth as the profile's `[[links]]` gives it (`None`: not described).
+    /// The link's bandwidth: the profile's `[[links]]`, else measured (`null`: neither).
     pub bandwidth_gbit_s: Option<f64>,
-    /// Its one-way latency as the profile gives it.
+    /// Its one-way latency, likewise.
     pub latency_ms: Option<f64>,
+    /// Where those numbers come from: `profile` or `measured`.
+    pub source: Option<String>,
+    /// Why the last probe of the link failed, when it did.
+    pub probe_error: Option<String>,
 }
 
 impl ClusterStatus {
@@ -148,42 +152,50 @@ impl ClusterStatus {
     }
 }
 
-/// The pairs that shipped caches, then the profile's other prefill -> decode links.
+/// Every prefill -> decode pair that shipped a cache, has a profile link or was measured.
 fn links(cluster: &Cluster) -> Vec<LinkStatus> {
     let nodes = cluster.nodes();
-    let name = |id: usize| nodes.get(id).map(|n| n.name().to_string());
-    let mut out = Vec::new();
     let shipped = cluster.activity.links();
-    for ((p, d), tally) in &shipped {
-        let (Some(prefill), Some(decode)) = (name(*p), name(*d)) else {
-            continue;
-        };
-        let link = cluster.link(*p, *d);
-        out.push(LinkStatus {
-            prefill,
-            decode,
-            handoffs: tally.handoffs,
-            kv_tokens: tally.kv_tokens,
-            bandwidth_gbit_s: link.map(|l| l.bandwidth_gbit_s),
-            latency_ms: link.map(|l| l.latency_ms),
-        });
-    }
+    let mut out = Vec::new();
     for p in nodes.iter().filter(|n| n.spec.role.prefills()) {
         for d in nodes
             .iter()
             .filter(|n| n.spec.role.decodes() && n.id != p.id)
         {
-            let seen = shipped.iter().any(|((a, b), _)| (*a, *b) == (p.id, d.id));
-            if let (false, Some(link)) = (seen, cluster.link(p.id, d.id)) {
-                out.push(LinkStatus {
-                    prefill: p.name().to_string(),
-                    decode: d.name().to_string(),
-                    handoffs: 0,
-                    kv_tokens: 0,
-                    bandwidth_gbit_s: Some(link.bandwidth_gbit_s),
-                    latency_ms: Some(link.latency_ms),
-                });
+            let tally = shipped
+                .iter()
+                .find(|(k, _)| *k == (p.id, d.id))
+                .map(|(_, t)| *t);
+            let profile = cluster.link(p.id, d.id);
+            let measured = cluster.measured_link(p.id, d.id);
+            let probe = measured.as_ref().and_then(|m| m.probe);
+            if tally.is_none() && profile.is_none() && measured.is_none() {
+                continue;
             }
+            let (bandwidth, latency, source) = match (profile, probe) {
+                (Some(l), _) => (
+                    Some(l.bandwidth_gbit_s),
+                    Some(l.latency_ms),
+                    Some("profile"),
+                ),
+                (None, Some(m)) => (
+                    Some(m.bandwidth_gbit_s),
+                    Some(m.latency_ms),
+                    Some("measured"),
+                ),
+                (None, None) => (None, None, None),
+            };
+            let tally = tally.unwrap_or_default();
+            out.push(LinkStatus {
+                prefill: p.name().to_string(),
+                decode: d.name().to_string(),
+                handoffs: tally.handoffs,
+                kv_tokens: tally.kv_tokens,
+                bandwidth_gbit_s: bandwidth,
+                latency_ms: latency,
+                source: source.map(String::from),
+                probe_error: measured.and_then(|m| m.error),
+            });
         }
     }
     out

@@ -2,6 +2,7 @@
 //! each must share), health checks, admission (429 past the queue limit), and the live load the
 //! placer reads; [`Cluster::place`] counts a request on its nodes until it ends.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use exo_protocol::{
 };
 
 use crate::api::error::ApiError;
+use crate::placement::cost_model::CostModel;
 use crate::placement::{
     self, Choice, Link, NodeId, NodeLoad, NodeView, PlacementMode, Placer, Prediction, RequestShape,
 };
@@ -19,9 +21,11 @@ use crate::profile::{KvShipping, NodeSpec, Profile};
 
 mod activity;
 mod guards;
+mod links;
 mod membership;
 
 pub use activity::{Activity, LinkTally, Outcome, Rate, RequestRecord};
+pub use links::MeasuredLink;
 pub use membership::Origin;
 
 pub use guards::{Admission, DecodeLoad, InFlight, PrefillLoad, SlotPermit};
@@ -251,7 +255,12 @@ pub struct Cluster {
     /// are never removed (a node that leaves is marked so), so ids stay valid.
     nodes: RwLock<Vec<Arc<ClusterNode>>>,
     mode: PlacementMode,
-    placer: Box<dyn Placer>,
+    /// The placer for `mode`, made again when a link is measured ([`Cluster::run_link_probes`]).
+    placer: RwLock<Box<dyn Placer>>,
+    /// The profile's cost model (its links only); measured links are added to a copy of it.
+    cost: CostModel,
+    /// Links measured between node pairs the profile describes no link for.
+    measured: RwLock<HashMap<(NodeId, NodeId), MeasuredLink>>,
     /// How KV caches travel.
     pub kv: KvShipping,
     model_id: RwLock<String>,
@@ -311,7 +320,12 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             nodes: RwLock::new(nodes.collect()),
             mode: profile.placement,
-            placer: placement::for_mode(profile.placement, profile.cost_model(PlacementMode::Auto)),
+            placer: RwLock::new(placement::for_mode(
+                profile.placement,
+                profile.cost_model(PlacementMode::Auto),
+            )),
+            cost: profile.cost_model(PlacementMode::Auto),
+            measured: RwLock::new(HashMap::new()),
             kv: profile.kv,
             model_id: RwLock::new(model_id),
             fingerprint: RwLock::new(expected),
@@ -478,7 +492,12 @@ impl Cluster {
                 in_flight: n.in_flight(),
             })
             .collect();
-        self.placer.choose(&views, shape).ok_or_else(|| {
+        let chosen = self
+            .placer
+            .read()
+            .ok()
+            .and_then(|p| p.choose(&views, shape));
+        chosen.ok_or_else(|| {
             ApiError::Unavailable(format!(
                 "no healthy node can serve this request ({} placement)",
                 self.mode
