@@ -11,11 +11,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::Proc;
+use common::procs::{Proc, ip, spawn_command};
 use common::{model_path, start_text};
 use exo_router::api::status::{ClusterStatus, NodeStatus};
 use exo_router::cluster::Origin;
@@ -35,14 +34,6 @@ impl Drop for Lan {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 impl Lan {
@@ -95,22 +86,11 @@ impl Lan {
             }
             None => Command::new(env!("CARGO_BIN_EXE_exo-router")),
         };
-        let mut child = cmd
-            .args(node_args)
+        cmd.args(node_args)
             .arg(&model)
             .args(["--drain-timeout", "20", "--measure", "--profile-cache"])
-            .arg(cache)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let proc = Proc(child);
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .find_map(|l| l.ok().filter(|l| l.contains("listening on")))
-            .unwrap_or_else(|| panic!("node {name} did not start"));
-        std::thread::spawn(move || lines.for_each(drop));
+            .arg(cache);
+        let (proc, line) = spawn_command(cmd, "listening on");
         assert!(line.contains("announced on the LAN"), "{line}");
         let addr = line.split(" listening on ").nth(1).unwrap();
         (proc, addr.split(',').next().unwrap().to_string())

@@ -11,6 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use common::procs::ip;
 use common::{long_message, model_path, post, start_profile, write_split_profile};
 use serde_json::{Value, json};
 
@@ -33,15 +34,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Runs `ip ARGS`; true if it succeeded.
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Makes namespaces `p` (10.78.0.1) and `d` (10.78.0.2) joined by a veth pair shaped to `rate`

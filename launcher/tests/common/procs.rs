@@ -23,11 +23,17 @@ pub fn spawn(args: &[&str], marker: &str) -> (Proc, String) {
 
 /// [`spawn`] with the process's stderr going to `stderr`.
 pub fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_exo-router"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exo-router"));
+    cmd.args(args).stderr(stderr);
+    spawn_command(cmd, marker)
+}
+
+/// Starts `cmd` (quiet logs, stdout piped) and returns it with its first stdout line containing
+/// `marker`.
+pub fn spawn_command(mut cmd: Command, marker: &str) -> (Proc, String) {
+    let mut child = cmd
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -35,10 +41,19 @@ pub fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String
     let mut lines = BufReader::new(stdout).lines();
     let line = lines
         .find_map(|l| l.ok().filter(|l| l.contains(marker)))
-        .unwrap_or_else(|| panic!("no {marker:?} from {args:?}"));
+        .unwrap_or_else(|| panic!("no {marker:?} from {cmd:?}"));
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     (proc, line)
+}
+
+/// Runs `ip ARGS` (network namespaces and links); true if it succeeded.
+pub fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn last_word(line: &str) -> String {
