@@ -92,6 +92,8 @@ struct Entry {
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>>,
     last_progress: Instant,
     last_poll: Instant,
+    /// The transfer's wire bytes once it ended, until a poll reports them.
+    kv_wire_bytes: Option<u64>,
 }
 
 impl Entry {
@@ -107,6 +109,7 @@ impl Entry {
             rx: Arc::new(tokio::sync::Mutex::new(rx)),
             last_progress: now,
             last_poll: now,
+            kv_wire_bytes: None,
         }
     }
 
@@ -241,6 +244,7 @@ impl DecodeNode {
             decoder: Some(Box::new(decoder)),
             sampling: begin.sampling,
             ahead: BTreeMap::new(),
+            wire_bytes: begin.header.len() as u64,
         })));
         entry.last_progress = Instant::now();
         Ok(())
@@ -350,6 +354,7 @@ impl DecodeNode {
             return;
         };
         entry.promised = 0;
+        entry.kv_wire_bytes = Some(lock(&transfer).wire_bytes + end_frame.len() as u64);
         let tx = entry.tx.clone();
         let node = Arc::clone(self);
         tokio::spawn(async move {
@@ -460,10 +465,14 @@ impl DecodeNode {
                 return Err(NodeError::UnknownRequest(id));
             }
             entry.last_poll = Instant::now();
-            Arc::clone(&entry.rx)
+            (Arc::clone(&entry.rx), entry.kv_wire_bytes.take())
         };
+        let (rx, kv_wire_bytes) = rx;
         let mut rx = rx.lock().await;
-        let mut reply = PollReply::default();
+        let mut reply = PollReply {
+            kv_wire_bytes,
+            ..PollReply::default()
+        };
         let mut events = Vec::new();
         if let Ok(Some(ev)) = tokio::time::timeout(wait, rx.recv()).await {
             events.push(ev);

@@ -18,6 +18,8 @@ pub(crate) struct Transfer {
     pub(crate) sampling: SamplingParams,
     /// Chunks that arrived ahead of the next expected one.
     pub(crate) ahead: BTreeMap<u32, Vec<u8>>,
+    /// Bytes received on the wire so far: the header frame and every chunk frame.
+    pub(crate) wire_bytes: u64,
 }
 
 impl Transfer {
@@ -37,6 +39,7 @@ impl Transfer {
             ));
         };
         let index = chunk_index(&bytes).map_err(transfer)?;
+        self.wire_bytes += bytes.len() as u64;
         let next = decoder.chunks_received();
         if index > next {
             if index - next > REORDER_WINDOW || self.ahead.contains_key(&index) {

@@ -177,8 +177,12 @@ pub fn render(s: &ClusterStatus) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {} -> {}: {} hand-offs, {} KV tokens{profile}",
-                l.prefill, l.decode, l.handoffs, l.kv_tokens
+                "  {} -> {}: {} hand-offs, {} KV tokens, {:.1} MB{profile}",
+                l.prefill,
+                l.decode,
+                l.handoffs,
+                l.kv_tokens,
+                l.kv_bytes as f64 / 1e6
             );
         }
     }

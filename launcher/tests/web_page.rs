@@ -106,6 +106,8 @@ async fn the_page_chats_and_shows_the_cluster() {
         ("prefill-0", "decode-0")
     );
     assert_eq!(link.handoffs as usize, status.recent.len());
+    // The wire bytes: at least the f16 cache of the prompts (23,040 bytes a token) plus framing.
+    assert!(link.kv_bytes >= link.kv_tokens * 23_040, "{link:?}");
     assert!(
         status
             .nodes

@@ -303,6 +303,9 @@ pub struct PollReply {
     pub tokens: Vec<i32>,
     /// Set once generation ended; the request is then forgotten by the node.
     pub finish: Option<FinishReason>,
+    /// The bytes of KV cache the request's transfer brought over the wire (frames as sent,
+    /// compressed or not), in the first reply after the cache was imported; `None` otherwise.
+    pub kv_wire_bytes: Option<u64>,
 }
 
 /// Why a node refused or failed a call; each variant maps to one HTTP status at the router.

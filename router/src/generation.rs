@@ -511,6 +511,10 @@ impl Generation {
             let got = u32::try_from(reply.tokens.len()).unwrap_or(u32::MAX);
             self.completion_tokens = self.completion_tokens.saturating_add(got);
             self.placement.decode.decode_rate.add(u64::from(got));
+            if let Some(bytes) = reply.kv_wire_bytes.filter(|_| self.placement.is_split()) {
+                let (p, d) = (self.placement.prefill.id, self.placement.decode.id);
+                self.cluster.activity.shipped_bytes(p, d, bytes);
+            }
             self.output.extend_from_slice(&reply.tokens);
             self.done = reply.finish.is_some();
             if !reply.tokens.is_empty() || self.done {

@@ -289,6 +289,7 @@ function fmtBytes(b) {
   const gib = b / 2 ** 30;
   return gib >= 1 ? `${gib.toFixed(gib >= 10 ? 0 : 1)} GiB` : `${Math.round(b / 2 ** 20)} MiB`;
 }
+function fmtMB(b) { return b >= 1e9 ? `${(b / 1e9).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`; }
 function fmtNum(n) { return n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : n >= 1e4 ? `${(n / 1e3).toFixed(1)}k` : String(n); }
 function fmtRate(r) { return r >= 100 ? r.toFixed(0) : r.toFixed(1); }
 
@@ -340,7 +341,7 @@ function renderCluster(s) {
   $("nodes").replaceChildren(...s.nodes.map(nodeCard));
   $("links").replaceChildren(...(s.links.length ? s.links.map((l) => el("div", { class: "link" },
     el("span", { class: "ends" }, el("b", {}, l.prefill), " → ", el("b", {}, l.decode)),
-    el("span", { class: "nums" }, `${l.handoffs} hand-offs · ${fmtNum(l.kv_tokens)} KV tokens`),
+    el("span", { class: "nums" }, `${l.handoffs} hand-offs · ${fmtNum(l.kv_tokens)} KV tokens · ${fmtMB(l.kv_bytes)}`),
     l.bandwidth_gbit_s
       ? el("span", { class: "nums" }, `${fmtRate(l.bandwidth_gbit_s)} Gbit/s · ${l.latency_ms.toFixed(2)} ms (${l.source})`)
       : l.probe_error ? el("span", { class: "nums error-text" }, `probe failed: ${l.probe_error}`) : null))

@@ -90,6 +90,8 @@ pub struct LinkStatus {
     pub handoffs: u64,
     /// Their tokens, summed.
     pub kv_tokens: u64,
+    /// The bytes they took on the wire (compressed or not), as the decode nodes received them.
+    pub kv_bytes: u64,
     /// The link's bandwidth: the profile's `[[links]]`, else measured (`null`: neither).
     pub bandwidth_gbit_s: Option<f64>,
     /// Its one-way latency, likewise.
@@ -191,6 +193,7 @@ fn links(cluster: &Cluster) -> Vec<LinkStatus> {
                 decode: d.name().to_string(),
                 handoffs: tally.handoffs,
                 kv_tokens: tally.kv_tokens,
+                kv_bytes: tally.kv_bytes,
                 bandwidth_gbit_s: bandwidth,
                 latency_ms: latency,
                 source: source.map(String::from),

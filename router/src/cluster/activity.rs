@@ -74,6 +74,8 @@ pub struct LinkTally {
     pub handoffs: u64,
     /// Tokens of cache shipped (prompt tokens of those requests).
     pub kv_tokens: u64,
+    /// Bytes those caches took on the wire, as the decode node received them.
+    pub kv_bytes: u64,
 }
 
 /// How a request ended.
@@ -127,6 +129,15 @@ impl Activity {
             let t = links.entry((prefill, decode)).or_default();
             t.handoffs += 1;
             t.kv_tokens = t.kv_tokens.saturating_add(kv_tokens);
+        }
+    }
+
+    /// Counts `bytes` on the wire for a hand-off from `prefill` to `decode` (reported by the decode
+    /// node once the cache was imported).
+    pub fn shipped_bytes(&self, prefill: NodeId, decode: NodeId, bytes: u64) {
+        if let Ok(mut links) = self.links.lock() {
+            let t = links.entry((prefill, decode)).or_default();
+            t.kv_bytes = t.kv_bytes.saturating_add(bytes);
         }
     }
 
@@ -200,13 +211,15 @@ mod tests {
         assert_eq!(r[0].id, (RECENT_REQUESTS + 4).to_string());
         a.handoff(0, 1, 100);
         a.handoff(0, 1, 20);
+        a.shipped_bytes(0, 1, 4096);
         assert_eq!(
             a.links(),
             vec![(
                 (0, 1),
                 LinkTally {
                     handoffs: 2,
-                    kv_tokens: 120
+                    kv_tokens: 120,
+                    kv_bytes: 4096,
                 }
             )]
         );
