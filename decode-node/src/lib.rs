@@ -482,9 +482,12 @@ impl DecodeNode {
         }
         for ev in events {
             match ev {
-                Ok(GenEvent::Token { id, text, .. }) => {
+                Ok(GenEvent::Token {
+                    id, text, logprob, ..
+                }) => {
                     reply.text += &text;
                     reply.tokens.push(id);
+                    reply.logprobs.extend(logprob);
                 }
                 Ok(GenEvent::Done { finish, tail }) => {
                     reply.text += &tail;

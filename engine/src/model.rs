@@ -401,6 +401,12 @@ impl Model {
         self.matcher(c).map(drop)
     }
 
+    /// Checks that every token `logit_bias` names is in the vocabulary.
+    pub fn check_bias(&self, sampling: &SamplingParams) -> Result<(), EngineError> {
+        let ids: Vec<i32> = sampling.logit_bias.iter().map(|&(t, _)| t).collect();
+        self.check_tokens(&ids)
+    }
+
     /// Checks that every token id is in the vocabulary (llama.cpp must never see one that is not).
     pub fn check_tokens(&self, tokens: &[i32]) -> Result<(), EngineError> {
         let n = self.n_vocab();

@@ -291,6 +291,7 @@ impl PrefillNode {
             first_text: first.text,
             n_prompt: out.n_prompt as u32,
             finish: first.finish,
+            first_logprob: out.first_logprob.clone(),
         };
         if let Some(shipment) = shipment {
             // The cache was exported in the prompt's last turn: the slot is free now. The

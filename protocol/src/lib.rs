@@ -14,7 +14,10 @@ pub mod tls;
 mod transport;
 
 pub use exo_kvcache::{Codec, KvLayout, KvType, ModelFingerprint};
-pub use exo_sampling::{Constraint, FinishReason, SamplingParams};
+pub use exo_sampling::{
+    Constraint, FinishReason, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob,
+    TopLogprob,
+};
 pub use perf::{CodecPerf, NodePerf, PerfError, positive};
 /// Bytes as one serde value (probe payloads).
 pub use serde_bytes::ByteBuf;

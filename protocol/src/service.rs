@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FinishReason, KvLayout, ModelFingerprint, SamplingParams};
+use crate::{FinishReason, KvLayout, ModelFingerprint, SamplingParams, TokenLogprob};
 
 /// A request's id, made once by the router's HTTP layer: 128 random bits, so another client (or
 /// a device on the LAN) cannot guess a live request's id to poll or cancel it. The same in the
@@ -244,7 +244,7 @@ pub struct PrefillRequest {
 }
 
 /// The prefill's answer, sent as soon as output token 0 is known.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefillReply {
     /// Output token 0.
     pub first_token: i32,
@@ -254,6 +254,8 @@ pub struct PrefillReply {
     pub n_prompt: u32,
     /// Set when the request already ended with token 0 (nothing is shipped or generated then).
     pub finish: Option<FinishReason>,
+    /// Token 0's log probability, when the request asked for them.
+    pub first_logprob: Option<TokenLogprob>,
 }
 
 /// First message of a KV transfer, from the prefill node to the decode node.
@@ -294,7 +296,7 @@ pub struct KvFrame {
 }
 
 /// Generated output since the last poll.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct PollReply {
     /// Newly final text.
     pub text: String,
@@ -303,6 +305,8 @@ pub struct PollReply {
     pub tokens: Vec<i32>,
     /// Set once generation ended; the request is then forgotten by the node.
     pub finish: Option<FinishReason>,
+    /// The log probability of each of `tokens`, when the request asked for them (else empty).
+    pub logprobs: Vec<TokenLogprob>,
     /// The bytes of KV cache the request's transfer brought over the wire (frames as sent,
     /// compressed or not), in the first reply after the cache was imported; `None` otherwise.
     pub kv_wire_bytes: Option<u64>,

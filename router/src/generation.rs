@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use exo_protocol::{
     FinishReason, Handoff, NodeInfo, NodeServiceClient, PrefillReply, PrefillRequest, Prompt,
-    RequestId, SamplingParams, context_with_deadline,
+    RequestId, SamplingParams, TokenLogprob, context_with_deadline,
 };
 use tarpc::client::RpcError;
 
@@ -30,12 +30,25 @@ const PING_INTERVAL: Duration = Duration::from_secs(1);
 const SLOT_WAIT: Duration = Duration::from_secs(60);
 
 /// Text that became final, and whether the request ended with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delta {
     /// New text (may be empty when only the finish is reported).
     pub text: String,
+    /// The log probabilities of the tokens since the last delta, when the request asked.
+    pub logprobs: Vec<TokenLogprob>,
     /// Set on the last delta.
     pub finish: Option<FinishReason>,
+}
+
+/// A whole answer ([`Generation::collect`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collected {
+    /// The text.
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Each output token's log probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A running request. Dropping it before the end cancels the request on its decode node. When a
@@ -73,6 +86,8 @@ pub struct Generation {
     output: Vec<i32>,
     /// Moves so far (at most the cluster's `migration_limit`).
     migrations: u32,
+    /// Log probabilities of tokens whose text has not been returned yet.
+    logprobs: Vec<TokenLogprob>,
 }
 
 fn is_connection_error(e: &RpcError) -> bool {
@@ -367,6 +382,7 @@ impl Generation {
             sampling,
             output: Vec::new(),
             migrations,
+            logprobs: Vec::new(),
         };
         generation.first = Some(generation.take_first(leg.reply));
         Ok(generation)
@@ -382,11 +398,14 @@ impl Generation {
         }
         // An end token as the first token carries no text and is not output.
         let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
+        let mut logprobs = Vec::new();
         if produced {
             self.output.push(reply.first_token);
             self.completion_tokens = self.completion_tokens.saturating_add(1);
+            logprobs.extend(reply.first_logprob);
         }
         Delta {
+            logprobs,
             text: reply.first_text,
             finish: reply.finish,
         }
@@ -529,9 +548,13 @@ impl Generation {
                     self.progress_timeout.as_secs_f64()
                 ))));
             }
+            // Tokens whose text is held back (a possible stop string, part of a character)
+            // keep their log probabilities until the text comes.
+            self.logprobs.extend(reply.logprobs);
             if !reply.text.is_empty() || reply.finish.is_some() {
                 return Some(Ok(Delta {
                     text: reply.text,
+                    logprobs: std::mem::take(&mut self.logprobs),
                     finish: reply.finish,
                 }));
             }
@@ -577,17 +600,21 @@ impl Generation {
     }
 
     /// Runs to the end and returns the whole text and why it ended.
-    pub async fn collect(&mut self) -> Result<(String, FinishReason), ApiError> {
-        let mut text = String::new();
-        let mut finish = FinishReason::Stop;
+    pub async fn collect(&mut self) -> Result<Collected, ApiError> {
+        let mut out = Collected {
+            text: String::new(),
+            finish: FinishReason::Stop,
+            logprobs: Vec::new(),
+        };
         while let Some(delta) = self.next().await {
             let delta = delta?;
-            text += &delta.text;
+            out.text += &delta.text;
+            out.logprobs.extend(delta.logprobs);
             if let Some(f) = delta.finish {
-                finish = f;
+                out.finish = f;
             }
         }
-        Ok((text, finish))
+        Ok(out)
     }
 }
 

@@ -80,6 +80,7 @@ impl NodeService for StandIn {
                 first_text: "Once".into(),
                 n_prompt: 3,
                 finish: None,
+                first_logprob: None,
             });
         }
         let _guard = Unanswered(Arc::clone(&self.signals));

@@ -30,6 +30,45 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// What the output must match, enforced token by token; `None`: free text.
     pub constraint: Option<Constraint>,
+    /// Subtracted from the logit of every token the output already holds (OpenAI's
+    /// `presence_penalty`, -2 to 2; 0: none).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time the output holds it (`frequency_penalty`).
+    pub frequency_penalty: f32,
+    /// Divides a positive logit (multiplies a negative one) of every token the output already
+    /// holds (llama.cpp's and Hugging Face's `repetition_penalty`; 1: none).
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids (`logit_bias`, -100 to 100).
+    pub logit_bias: Vec<(i32, f32)>,
+    /// Report each output token's log probability and this many of the likeliest alternatives
+    /// (0 to 20); `None`: no log probabilities.
+    pub logprobs: Option<u8>,
+}
+
+/// The log probability of one output token, from the logits after `logit_bias` and the penalties
+/// at temperature 1, before top-k/top-p/min-p and any constraint: the model's distribution as
+/// the request adjusted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token id.
+    pub token: i32,
+    /// Its bytes (a token may hold part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Its natural log probability.
+    pub logprob: f32,
+    /// The likeliest tokens at this position, most likely first (ties: lower id first).
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative at an output position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The token id.
+    pub token: i32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Its natural log probability.
+    pub logprob: f32,
 }
 
 /// A constraint on the generated text, enforced by masking every token that could not continue a
@@ -56,6 +95,11 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             constraint: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -66,6 +110,10 @@ pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 1024;
 /// Longest constraint text (a JSON Schema or a grammar), in bytes.
 pub const MAX_CONSTRAINT_BYTES: usize = 1 << 20;
+/// Most `logit_bias` entries.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Most alternatives per token with `logprobs`.
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 impl SamplingParams {
     /// Checks values a node must not trust from the wire: finite numbers within their ranges,
@@ -81,6 +129,34 @@ impl SamplingParams {
         finite("temperature", self.temperature, self.temperature <= 100.0)?;
         finite("top_p", self.top_p, self.top_p > 0.0 && self.top_p <= 1.0)?;
         finite("min_p", self.min_p, (0.0..=1.0).contains(&self.min_p))?;
+        let penalty = |v: f32| (-2.0..=2.0).contains(&v);
+        finite(
+            "presence_penalty",
+            self.presence_penalty,
+            penalty(self.presence_penalty),
+        )?;
+        finite(
+            "frequency_penalty",
+            self.frequency_penalty,
+            penalty(self.frequency_penalty),
+        )?;
+        let r = self.repetition_penalty;
+        finite("repetition_penalty", r, r > 0.0 && r <= 10.0)?;
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(format!(
+                "{} logit_bias entries, at most {MAX_LOGIT_BIAS}",
+                self.logit_bias.len()
+            ));
+        }
+        for &(token, bias) in &self.logit_bias {
+            finite("a logit_bias value", bias, (-100.0..=100.0).contains(&bias))?;
+            if token < 0 {
+                return Err(format!("logit_bias names token {token}"));
+            }
+        }
+        if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(format!("at most {MAX_TOP_LOGPROBS} alternatives per token"));
+        }
         if self.stop.len() > MAX_STOP_STRINGS {
             return Err(format!(
                 "{} stop strings, at most {MAX_STOP_STRINGS}",
@@ -103,6 +179,14 @@ impl SamplingParams {
             ));
         }
         Ok(())
+    }
+
+    /// True when the logits are changed before the choice (a bias or a penalty).
+    pub fn adjusts_logits(&self) -> bool {
+        !self.logit_bias.is_empty()
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
     }
 
     /// Greedy decoding of at most `max_tokens` tokens.
@@ -166,6 +250,30 @@ mod tests {
             },
             SamplingParams {
                 constraint: Some(Constraint::Lark("x".repeat(MAX_CONSTRAINT_BYTES + 1))),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::NAN,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(5, 101.0)],
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(-1, 1.0)],
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                logprobs: Some(21),
                 ..SamplingParams::default()
             },
         ];

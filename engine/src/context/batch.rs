@@ -122,24 +122,31 @@ impl Worker<'_> {
     /// says whether the sequence ends with it.
     fn advance_row(&mut self, row: usize) -> Result<Option<FinishReason>, EngineError> {
         let a = &mut self.active[row];
-        self.seq_tokens[a.slot].push(a.token);
+        let seq = &mut self.seq_tokens[a.slot];
+        seq.push(a.token);
         a.index += 1;
-        match choose(
+        // The output so far: the sequence's last `index` tokens.
+        let output = &seq[seq.len().saturating_sub(a.index as usize)..];
+        let chosen = choose(
             &self.ctx,
             row as i32,
             &a.sampling,
             a.index,
             a.matcher.as_mut(),
-        ) {
+            output,
+        );
+        match chosen {
             Err(e) => Err(e),
-            Ok(tok) if self.model.is_eog(tok) => Ok(Some(FinishReason::Stop)),
-            Ok(tok) => {
+            Ok(c) if self.model.is_eog(c.token) => Ok(Some(FinishReason::Stop)),
+            Ok(c) => {
+                let tok = c.token;
                 let t = a.text.push(&self.model.token_bytes(tok));
                 a.token = tok;
                 let sent = a.events.send(GenEvent::Token {
                     id: tok,
                     index: a.index,
                     text: t,
+                    logprob: c.logprob(|t| self.model.token_bytes(t)),
                 });
                 Ok(match (sent, a.text.stopped()) {
                     (false, _) => Some(FinishReason::Cancelled),

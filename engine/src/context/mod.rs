@@ -8,7 +8,7 @@
 //! batch where that pays), then one decode step for every generating sequence (`batch`).
 
 use exo_kvcache::DecodedKv;
-use exo_sampling::{FinishReason, SamplingParams};
+use exo_sampling::{FinishReason, SamplingParams, TokenLogprob};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::EngineError;
@@ -55,10 +55,12 @@ pub fn resumed_output(tokens: &[i32], resumed: usize) -> Option<&[i32]> {
 }
 
 /// Result of a prefill: the first output token, sampled on the prefill side.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PrefillOutput {
     /// Output token 0.
     pub first_token: i32,
+    /// Its log probability, when the request asked for them.
+    pub first_logprob: Option<TokenLogprob>,
     /// Prompt tokens now in the sequence's KV cache.
     pub n_prompt: usize,
 }
@@ -98,7 +100,7 @@ pub struct ExportedKv {
 }
 
 /// What a generation streams back, token by token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
     /// A generated token and the text that became final with it (may be empty mid-character).
     Token {
@@ -108,6 +110,8 @@ pub enum GenEvent {
         index: u32,
         /// Newly final text.
         text: String,
+        /// Its log probability, when the request asked for them.
+        logprob: Option<TokenLogprob>,
     },
     /// Generation ended; `tail` is text held back until the end (a possible stop-string prefix or an
     /// incomplete character), released now that no stop string can follow.

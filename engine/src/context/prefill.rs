@@ -415,17 +415,21 @@ impl Worker<'_> {
     /// Output token 0 of a prompt that just finished, from the logits of batch row `row`; the
     /// prompt's tokens become its sequence's.
     fn first_token(&mut self, p: &mut Pending, row: i32) -> Result<PrefillOutput, EngineError> {
-        let first_token = choose(
+        // A resumed request's output so far ends its prompt.
+        let output = &p.tokens[p.tokens.len().saturating_sub(p.first_index as usize)..];
+        let chosen = choose(
             &self.ctx,
             row,
             &p.sampling,
             p.first_index,
             p.matcher.as_mut(),
+            output,
         )?;
         let n_prompt = p.tokens.len();
         self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
         Ok(PrefillOutput {
-            first_token,
+            first_token: chosen.token,
+            first_logprob: chosen.logprob(|t| self.model.token_bytes(t)),
             n_prompt,
         })
     }

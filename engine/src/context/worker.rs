@@ -215,6 +215,7 @@ impl Worker<'_> {
                 let matcher = self
                     .guard(|w| w.check_generate(seq, next))
                     .and_then(|()| self.model.check_tokens(&history))
+                    .and_then(|()| self.model.check_bias(&sampling))
                     .and_then(|()| self.resume_matcher(&sampling, index, &history, next));
                 match matcher {
                     // `next` and the output before it were sent by whoever sampled them.
@@ -268,6 +269,7 @@ impl Worker<'_> {
         let first_index = u32::try_from(resumed)
             .map_err(|_| EngineError::InvalidRequest("resumed output too long".into()))?;
         self.model.check_tokens(tokens)?;
+        self.model.check_bias(sampling)?;
         let matcher = self.matcher_after(sampling, history)?;
         let slot = self.guard(|w| w.begin_prefill(seq, tokens))?;
         Ok((slot, matcher, first_index))

@@ -1,6 +1,8 @@
-//! Choosing the next token from a context's logits, reproducibly across machines.
+//! Choosing the next token from a context's logits, reproducibly across machines: the request's
+//! logit bias and penalties ([`adjust`]), its constraint, the filters and the seeded draw, and the
+//! chosen token's log probability when asked for ([`logprobs`]).
 
-use exo_sampling::SamplingParams;
+use exo_sampling::{SamplingParams, TokenLogprob, TopLogprob};
 use llama_cpp_2::context::LlamaContext;
 use llguidance::Matcher;
 
@@ -21,16 +23,62 @@ pub fn draw_bits(seed: u64, index: u32) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Picks output token `index` from the logits of batch row `row`. With a constraint, tokens it
-/// does not allow are removed first (before top-k/top-p, so they can never empty the choice), and
-/// the matcher then advances over the chosen token.
+/// A chosen token and, when the request asked, its log probability and the likeliest
+/// alternatives as token ids (the caller adds their bytes: [`Chosen::logprob`]).
+pub(crate) struct Chosen {
+    pub(crate) token: i32,
+    logprobs: Option<(f32, Vec<(i32, f32)>)>,
+}
+
+impl Chosen {
+    /// The token's log probability with the bytes of every token named, when asked for.
+    pub(crate) fn logprob(&self, bytes: impl Fn(i32) -> Vec<u8>) -> Option<TokenLogprob> {
+        let (logprob, top) = self.logprobs.as_ref()?;
+        Some(TokenLogprob {
+            token: self.token,
+            bytes: bytes(self.token),
+            logprob: *logprob,
+            top: top
+                .iter()
+                .map(|&(token, logprob)| TopLogprob {
+                    token,
+                    bytes: bytes(token),
+                    logprob,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Picks output token `index` from the logits of batch row `row`, after the request's logit bias
+/// and its penalties over `output` (the tokens generated before this one). With a constraint,
+/// tokens it does not allow are removed first (before top-k/top-p, so they can never empty the
+/// choice), and the matcher then advances over the chosen token.
 pub(crate) fn choose(
     ctx: &LlamaContext<'_>,
     row: i32,
     p: &SamplingParams,
     index: u32,
+    matcher: Option<&mut Matcher>,
+    output: &[i32],
+) -> Result<Chosen, EngineError> {
+    let raw = ctx.get_logits_ith(row);
+    if !p.adjusts_logits() {
+        return choose_from(raw, p, index, matcher);
+    }
+    ADJUSTED.with_borrow_mut(|buf| {
+        adjust(raw, p, output, buf);
+        choose_from(buf, p, index, matcher)
+    })
+}
+
+/// [`choose`] over logits already adjusted.
+fn choose_from(
+    logits: &[f32],
+    p: &SamplingParams,
+    index: u32,
     mut matcher: Option<&mut Matcher>,
-) -> Result<i32, EngineError> {
+) -> Result<Chosen, EngineError> {
     let mask = match matcher.as_deref_mut() {
         Some(m) => Some(
             m.compute_mask_or_eos()
@@ -44,17 +92,83 @@ pub(crate) fn choose(
     };
     let token = if p.temperature <= 0.0 {
         if mask.is_none() {
-            argmax_all(ctx.get_logits_ith(row))?
+            argmax_all(logits)?
         } else {
-            argmax(ctx.get_logits_ith(row), allowed)?
+            argmax(logits, allowed)?
         }
     } else {
-        sample(ctx.get_logits_ith(row), p, index, mask.is_some(), allowed)?
+        sample(logits, p, index, mask.is_some(), allowed)?
     };
     if let Some(m) = matcher {
         advance(m, token)?;
     }
-    Ok(token)
+    let logprobs = p.logprobs.map(|n| logprobs(logits, token, usize::from(n)));
+    Ok(Chosen { token, logprobs })
+}
+
+/// `raw` with the request's logit bias added and its penalties applied for the tokens of
+/// `output`, into `buf`: the repetition penalty first (a positive logit divided by it, a negative
+/// one multiplied), then the frequency penalty per occurrence and the presence penalty once, as
+/// llama.cpp's penalties sampler applies them. Ids outside the vocabulary are skipped (nodes refuse
+/// them before a request starts).
+fn adjust(raw: &[f32], p: &SamplingParams, output: &[i32], buf: &mut Vec<f32>) {
+    buf.clear();
+    buf.extend_from_slice(raw);
+    let slot = |t: i32| usize::try_from(t).ok().filter(|&i| i < raw.len());
+    for &(t, bias) in &p.logit_bias {
+        if let Some(i) = slot(t) {
+            buf[i] += bias;
+        }
+    }
+    let mut counts: Vec<(i32, u32)> = Vec::new();
+    let mut sorted = output.to_vec();
+    sorted.sort_unstable();
+    for t in sorted {
+        match counts.last_mut() {
+            Some((last, n)) if *last == t => *n += 1,
+            _ => counts.push((t, 1)),
+        }
+    }
+    for (t, n) in counts {
+        let Some(i) = slot(t) else { continue };
+        let l = buf[i];
+        let l = if l > 0.0 {
+            l / p.repetition_penalty
+        } else {
+            l * p.repetition_penalty
+        };
+        buf[i] = l - p.frequency_penalty * n as f32 - p.presence_penalty;
+    }
+}
+
+/// The log probability of `token` and of the `n` likeliest tokens (most likely first, ties to the
+/// lower id) under `logits` at temperature 1: log-softmax, summed in f64 in id order.
+fn logprobs(logits: &[f32], token: i32, n: usize) -> (f32, Vec<(i32, f32)>) {
+    let max = dist::max(logits);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| !l.is_nan())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - lse) as f32;
+    let mut top: Vec<(i32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            let beats = top.len() < n || top.last().is_some_and(|&(_, worst)| l > worst);
+            if l.is_nan() || !beats {
+                continue;
+            }
+            let at = top.partition_point(|&(_, x)| x >= l);
+            top.insert(at, (i32::try_from(i).unwrap_or(i32::MAX), l));
+            top.truncate(n);
+        }
+    }
+    let chosen = usize::try_from(token)
+        .ok()
+        .and_then(|i| logits.get(i))
+        .map_or(f32::NEG_INFINITY, |&l| lp(l));
+    (chosen, top.into_iter().map(|(t, l)| (t, lp(l))).collect())
 }
 
 fn sample(
@@ -130,6 +244,8 @@ fn candidates(
 thread_local! {
     /// The draw's weights, one buffer per engine thread, reused every step.
     static WEIGHTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The logits after a request's bias and penalties, one buffer per engine thread.
+    static ADJUSTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`argmax`] with every token allowed, in a form the compiler vectorises: the largest logit first
@@ -225,6 +341,43 @@ mod tests {
         // A full-vocabulary draw at temperature 0.8 over near-flat logits is not stuck on one token.
         assert!(seen.len() > 50, "{}", seen.len());
         assert!(sample(&logits, &params(0.8, 0, 1.0, 0.0), 0, true, |_| false).is_err());
+    }
+
+    #[test]
+    fn bias_and_penalties_change_the_logits_as_llama_cpp_does() {
+        let raw = [2.0f32, -1.0, 0.5, 3.0];
+        let p = SamplingParams {
+            logit_bias: vec![(2, 10.0), (99, 5.0)],
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.25,
+            presence_penalty: 0.5,
+            ..SamplingParams::default()
+        };
+        let mut buf = Vec::new();
+        // Token 0 twice, token 1 once; 2 biased; 3 untouched; 99 is outside the vocabulary.
+        adjust(&raw, &p, &[0, 1, 0], &mut buf);
+        assert_eq!(
+            buf,
+            [2.0 / 2.0 - 0.5 - 0.5, -1.0 * 2.0 - 0.25 - 0.5, 10.5, 3.0]
+        );
+        // Greedy follows the bias: token 2 now has the highest logit.
+        assert_eq!(argmax_all(&buf).ok(), Some(2));
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_likeliest_first() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, f32::NAN, 0.0];
+        let (chosen, top) = logprobs(&logits, 1, 3);
+        let total: f64 = [1.0f64, 3.0, 3.0, -2.0, 0.0].iter().map(|l| l.exp()).sum();
+        let expected = (3.0 - total.ln()) as f32;
+        assert!((chosen - expected).abs() < 1e-6, "{chosen} {expected}");
+        let ids: Vec<i32> = top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, [1, 2, 0]);
+        assert_eq!(top[0].1, chosen);
+        let (_, all) = logprobs(&logits, 0, logits.len());
+        let mass: f64 = all.iter().map(|&(_, lp)| f64::from(lp).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-5, "{mass}");
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! Each request gets its id here, once: it is the response `id`, the `request` field of every log
 //! line about it, and the id of every RPC the request makes.
 
+pub mod adjust;
 pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod gate;
+pub mod logprobs;
 pub mod openai;
 pub mod response;
 pub mod responses;
@@ -38,6 +40,7 @@ use crate::generation::Generation;
 use crate::placement::RequestShape;
 use error::ApiError;
 use gate::{HttpOptions, JsonBody};
+use logprobs::ChoiceLogprobs;
 use openai::{ChatRequest, CommonParams, CompletionRequest, Tools};
 use response::{Completion, Endpoint, Health, ModelList, NodeHealth, ResponseMeta, Usage};
 use shape::Shaper;
@@ -226,6 +229,17 @@ async fn serve(
         ..t
     });
     let mut sampling = params.sampling(&model, id.seed())?;
+    let field = match endpoint {
+        Endpoint::Completion => adjust::LogprobsField::Completions,
+        Endpoint::Chat | Endpoint::Messages | Endpoint::Responses => adjust::LogprobsField::Chat,
+    };
+    params.adjust.apply(field, &mut sampling)?;
+    if sampling.logprobs.is_some() && tools.is_some() {
+        return Err(ApiError::bad(
+            "logprobs",
+            "logprobs cannot be combined with tools yet",
+        ));
+    }
     if let Some(c) = tools.as_ref().and_then(Tools::constraint) {
         if sampling.constraint.is_some() {
             return Err(ApiError::bad(
@@ -267,10 +281,12 @@ async fn serve(
         let sse = Sse::new(events).keep_alive(KeepAlive::default());
         return Ok((headers, sse).into_response());
     }
-    let (text, finish) = generation.collect().await?;
-    let (reply, finish) = shaper.whole(text, finish);
+    let done = generation.collect().await?;
+    let logprobs =
+        (!done.logprobs.is_empty()).then(|| ChoiceLogprobs::new(meta.endpoint, &done.logprobs, 0));
+    let (reply, finish) = shaper.whole(done.text, done.finish);
     let usage = Usage::new(generation.prompt_tokens, generation.completion_tokens);
-    let body = Completion::new(&meta, reply, finish, usage);
+    let body = Completion::new(&meta, reply, finish, usage).with_logprobs(logprobs);
     Ok((StatusCode::OK, headers, Json(body)).into_response())
 }
 
@@ -293,8 +309,8 @@ async fn other_api_reply(
         };
         return Ok(response);
     }
-    let (text, finish) = generation.collect().await?;
-    let (reply, finish) = shaper.whole(text, finish);
+    let done = generation.collect().await?;
+    let (reply, finish) = shaper.whole(done.text, done.finish);
     let usage = (generation.prompt_tokens, generation.completion_tokens);
     let body = if meta.endpoint == Endpoint::Messages {
         anthropic::reply::message(&meta, reply, finish, usage)

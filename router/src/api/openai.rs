@@ -5,6 +5,7 @@ use exo_protocol::{ChatTurn, Constraint, SamplingParams, ToolSyntax};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::api::adjust::Adjustments;
 use crate::api::error::ApiError;
 use crate::api::response::{FunctionCall, ToolCall};
 
@@ -123,10 +124,9 @@ pub struct CommonParams {
     pub top_k: Option<u32>,
     /// Drop tokens less likely than `min_p` times the most likely one (not OpenAI's).
     pub min_p: Option<f32>,
-    /// Fields not honoured yet: accepted at their neutral values (what clients send by
-    /// default), refused with 400 naming the field otherwise, never silently dropped.
+    /// Logit bias, penalties and log probabilities.
     #[serde(flatten)]
-    pub unsupported: Unsupported,
+    pub adjust: Adjustments,
     /// Seed for reproducible sampling.
     pub seed: Option<i64>,
     /// Stop strings.
@@ -142,67 +142,6 @@ pub struct CommonParams {
     /// `text`, `json_object` or `json_schema`.
     #[serde(default)]
     pub response_format: Option<Value>,
-}
-
-/// Sampling fields the engine does not honour yet. Each is accepted only at the value that
-/// changes nothing, so a client that sends the defaults works and one that relies on them hears so.
-#[derive(Debug, Deserialize, Default)]
-pub struct Unsupported {
-    /// Log probabilities of the output tokens (chat: a bool; completions: a count).
-    #[serde(default)]
-    pub logprobs: Option<Value>,
-    /// Alternatives per token, with `logprobs`.
-    #[serde(default)]
-    pub top_logprobs: Option<Value>,
-    /// Penalty on tokens already present.
-    #[serde(default)]
-    pub presence_penalty: Option<f64>,
-    /// Penalty by how often tokens appeared.
-    #[serde(default)]
-    pub frequency_penalty: Option<f64>,
-    /// Penalty on repeated tokens (llama.cpp's; 1 is none).
-    #[serde(default)]
-    pub repetition_penalty: Option<f64>,
-    /// Biases per token id.
-    #[serde(default)]
-    pub logit_bias: Option<Value>,
-}
-
-impl Unsupported {
-    /// 400 for a field set to a value that would change the output.
-    pub fn check(&self) -> Result<(), ApiError> {
-        let neutral = |v: &Option<Value>| match v {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => true,
-            Some(Value::Number(n)) => n.as_f64() == Some(0.0),
-            Some(Value::Object(m)) => m.is_empty(),
-            _ => false,
-        };
-        let refuse = |field: &'static str| {
-            Err(ApiError::bad(
-                field,
-                format!("{field} is not supported yet; leave it out (or at its default)"),
-            ))
-        };
-        if !neutral(&self.logprobs) {
-            return refuse("logprobs");
-        }
-        if !neutral(&self.top_logprobs) {
-            return refuse("top_logprobs");
-        }
-        if !neutral(&self.logit_bias) {
-            return refuse("logit_bias");
-        }
-        if self.presence_penalty.is_some_and(|p| p != 0.0) {
-            return refuse("presence_penalty");
-        }
-        if self.frequency_penalty.is_some_and(|p| p != 0.0) {
-            return refuse("frequency_penalty");
-        }
-        if self.repetition_penalty.is_some_and(|p| p != 1.0) {
-            return refuse("repetition_penalty");
-        }
-        Ok(())
-    }
 }
 
 /// `POST /v1/chat/completions` body.
@@ -304,7 +243,6 @@ impl CommonParams {
                 "temperature must be between 0 and 2",
             ));
         }
-        self.unsupported.check()?;
         let min_p = self.min_p.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&min_p) {
             return Err(ApiError::bad("min_p", "min_p must be in [0, 1]"));
@@ -340,6 +278,7 @@ impl CommonParams {
             max_tokens,
             stop,
             constraint,
+            ..SamplingParams::default()
         })
     }
 

@@ -4,6 +4,8 @@
 use exo_protocol::{FinishReason, RequestId, Role};
 use serde::Serialize;
 
+use super::logprobs::ChoiceLogprobs;
+
 /// OpenAI's `finish_reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -146,7 +148,7 @@ pub struct Choice {
     message: Option<AssistantMessage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<String>,
-    logprobs: Option<()>,
+    logprobs: Option<ChoiceLogprobs>,
     finish_reason: Finish,
 }
 
@@ -198,6 +200,12 @@ impl Completion {
             }],
             usage,
         }
+    }
+
+    /// The answer with its tokens' log probabilities (when the request asked for them).
+    pub fn with_logprobs(mut self, logprobs: Option<ChoiceLogprobs>) -> Self {
+        self.choices[0].logprobs = logprobs;
+        self
     }
 }
 
@@ -299,7 +307,7 @@ pub struct ChunkChoice {
     delta: Option<Delta>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<String>,
-    logprobs: Option<()>,
+    logprobs: Option<ChoiceLogprobs>,
     finish_reason: Option<Finish>,
 }
 
@@ -340,6 +348,14 @@ impl Chunk {
             }],
             usage: None,
         }
+    }
+
+    /// The chunk with the log probabilities of the tokens it carries.
+    pub fn with_logprobs(mut self, logprobs: Option<ChoiceLogprobs>) -> Self {
+        if let Some(c) = self.choices.first_mut() {
+            c.logprobs = logprobs;
+        }
+        self
     }
 
     /// The last chunk of a stream that asked for usage: no choices, the token counts.

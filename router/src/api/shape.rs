@@ -247,6 +247,7 @@ mod tests {
             let mut s = named();
             let events = s.push(Delta {
                 text: text.into(),
+                logprobs: Vec::new(),
                 finish: Some(FinishReason::Length),
             });
             assert!(

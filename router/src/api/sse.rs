@@ -8,6 +8,7 @@ use axum::response::sse::Event;
 use futures::{Stream, StreamExt};
 use tracing::Instrument;
 
+use crate::api::logprobs::ChoiceLogprobs;
 use crate::api::response::{Chunk, Delta, Endpoint, ResponseMeta, Usage};
 use crate::api::shape::{ReplyEvent, Shaper};
 use crate::generation::Generation;
@@ -16,8 +17,8 @@ fn data(chunk: &impl serde::Serialize) -> Event {
     Event::default().data(serde_json::to_string(chunk).unwrap_or_default())
 }
 
-fn frame(meta: &ResponseMeta, event: ReplyEvent) -> Event {
-    let chunk = match event {
+fn chunk(meta: &ResponseMeta, event: ReplyEvent) -> Chunk {
+    match event {
         ReplyEvent::Content(text) => Chunk::new(meta, Delta::content(text), None),
         ReplyEvent::CallBegin { index, id, name } => {
             Chunk::new(meta, Delta::call_begin(index, id, name), None)
@@ -26,8 +27,35 @@ fn frame(meta: &ResponseMeta, event: ReplyEvent) -> Event {
             Chunk::new(meta, Delta::call_args(index, text), None)
         }
         ReplyEvent::Finish(f) => Chunk::new(meta, Delta::default(), Some(f)),
-    };
-    data(&chunk)
+    }
+}
+
+/// The chunks of one generation step, the step's log probabilities on the first (on a chunk of
+/// their own when the step's text is still held back). `offset`: completion characters so far.
+fn step(
+    meta: &ResponseMeta,
+    mut delta: crate::generation::Delta,
+    shaper: &mut Shaper,
+    offset: &mut usize,
+) -> Vec<Event> {
+    let logprobs = std::mem::take(&mut delta.logprobs);
+    let mut chunks: Vec<Chunk> = shaper
+        .push(delta)
+        .into_iter()
+        .map(|e| chunk(meta, e))
+        .collect();
+    if !logprobs.is_empty() {
+        let lp = ChoiceLogprobs::new(meta.endpoint, &logprobs, *offset);
+        *offset += ChoiceLogprobs::chars(&logprobs);
+        match chunks.first_mut() {
+            Some(first) => {
+                let taken = std::mem::replace(first, Chunk::new(meta, Delta::default(), None));
+                *first = taken.with_logprobs(Some(lp));
+            }
+            None => chunks.push(Chunk::new(meta, Delta::default(), None).with_logprobs(Some(lp))),
+        }
+    }
+    chunks.iter().map(data).collect()
 }
 
 /// The events of one streamed response; each step runs in the request's `span`, so log lines made
@@ -41,14 +69,14 @@ pub fn events(
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let role =
         (meta.endpoint == Endpoint::Chat).then(|| data(&Chunk::new(&meta, Delta::role(), None)));
-    let body = futures::stream::unfold(Some((meta, generation, shaper)), move |state| {
+    let body = futures::stream::unfold(Some((meta, generation, shaper, 0)), move |state| {
         let span = span.clone();
         async move {
-            let (meta, mut generation, mut shaper) = state?;
+            let (meta, mut generation, mut shaper, mut offset) = state?;
             let events = match generation.next().await {
                 Some(Ok(delta)) => {
-                    let events = shaper.push(delta).into_iter().map(|e| frame(&meta, e));
-                    return Some((events.collect(), Some((meta, generation, shaper))));
+                    let events = step(&meta, delta, &mut shaper, &mut offset);
+                    return Some((events, Some((meta, generation, shaper, offset))));
                 }
                 Some(Err(e)) => vec![data(&e.body())],
                 None => {
