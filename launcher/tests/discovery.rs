@@ -71,8 +71,14 @@ impl Lan {
     }
 
     /// Starts `exo-router node` named `name` in `role`, measuring itself (its measurement cached
-    /// in `cache`); returns it and its address.
-    fn node(&self, role: &str, name: &str, cache: &std::path::Path) -> (Proc, String) {
+    /// in `cache`), with `extra` flags; returns it and its address.
+    fn node_with(
+        &self,
+        role: &str,
+        name: &str,
+        cache: &std::path::Path,
+        extra: &[&str],
+    ) -> (Proc, String) {
         let model = model_path();
         let listen = format!("{}:0", self.ip);
         let node_args = [
@@ -89,11 +95,19 @@ impl Lan {
         cmd.args(node_args)
             .arg(&model)
             .args(["--drain-timeout", "20", "--measure", "--profile-cache"])
-            .arg(cache);
+            .arg(cache)
+            .args(extra);
         let (proc, line) = spawn_command(cmd, "listening on");
         assert!(line.contains("announced on the LAN"), "{line}");
         let addr = line.split(" listening on ").nth(1).unwrap();
         (proc, addr.split(',').next().unwrap().to_string())
+    }
+}
+
+impl Lan {
+    /// [`Lan::node_with`] without extra flags.
+    fn node(&self, role: &str, name: &str, cache: &std::path::Path) -> (Proc, String) {
+        self.node_with(role, name, cache, &[])
     }
 }
 
@@ -306,5 +320,49 @@ async fn nodes_join_leave_and_come_back_without_a_restart() {
     until(&base, "the killed node back", |s| up(s, &victim)).await;
     assert_eq!(status(&base).await.nodes.len(), 3);
     server.shutdown().await;
+    without_a_profile(&lan, &cache, tag).await;
     std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// `serve` with no profile and a cluster file: it finds the nodes on the LAN, serves them with the
+/// built-in LAN profile, and admits only the node holding the same cluster file (a node of
+/// another cluster, and nodes without one, are refused and say why).
+async fn without_a_profile(lan: &Lan, cache: &std::path::Path, tag: u32) {
+    let dir = std::env::temp_dir().join(format!("exo-discovery-clusters-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    for name in ["ours", "theirs"] {
+        let made = Command::new(env!("CARGO_BIN_EXE_exo-router"))
+            .args(["cluster", "init", "--out-dir"])
+            .arg(dir.join(name))
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+    }
+    let pem = |name: &str| dir.join(name).join("cluster.pem").display().to_string();
+    let (ours, theirs) = (pem("ours"), pem("theirs"));
+    let (member, stranger) = (format!("member-{tag}"), format!("stranger-{tag}"));
+    let _m = lan.node_with("both", &member, cache, &["--cluster", &ours]);
+    let _s = lan.node_with("both", &stranger, cache, &["--cluster", &theirs]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exo-router"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--cluster", &ours]);
+    let (_router, line) = spawn_command(cmd, "listening on http");
+    assert!(line.contains("profiles/lan.toml (built in)"), "{line}");
+    let base = line.split("listening on ").nth(1).unwrap().to_string();
+    let admitted = |s: &ClusterStatus| {
+        let why = node(s, &stranger)
+            .and_then(|n| n.error.clone())
+            .unwrap_or_default();
+        up(s, &member) && !up(s, &stranger) && why.contains("TLS")
+    };
+    until(&base, "only the cluster's member admitted", admitted).await;
+    let s = status(&base).await;
+    eprintln!(
+        "discovery: without a profile, {member} admitted; {stranger}: {:?}",
+        node(&s, &stranger).and_then(|n| n.error.clone())
+    );
+    assert_eq!(s.nodes.iter().filter(|n| n.healthy).count(), 1, "{s:#?}");
+    let r = chat(&base, &s.model, false).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["x-exo-prefill-node"], member.as_str());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -356,10 +356,7 @@ mod tests {
         let mut buf = Vec::new();
         // Token 0 twice, token 1 once; 2 biased; 3 untouched; 99 is outside the vocabulary.
         adjust(&raw, &p, &[0, 1, 0], &mut buf);
-        assert_eq!(
-            buf,
-            [2.0 / 2.0 - 0.5 - 0.5, -2.0 - 0.25 - 0.5, 10.5, 3.0]
-        );
+        assert_eq!(buf, [2.0 / 2.0 - 0.5 - 0.5, -2.0 - 0.25 - 0.5, 10.5, 3.0]);
         // Greedy follows the bias: token 2 now has the highest logit.
         assert_eq!(argmax_all(&buf).ok(), Some(2));
     }
