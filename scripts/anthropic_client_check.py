@@ -1,5 +1,5 @@
 """Talks to a running exo-router with the official Anthropic Python client, unchanged, and checks the
-answers: a message, the same message streamed, a forced tool use (whole and streamed), the tool's
+answers: a message, its token count, the same message streamed, a forced tool use (whole and streamed), the tool's
 result sent back, and an error.
 
 Usage: python3 anthropic_client_check.py BASE_URL   (e.g. http://127.0.0.1:52415)
@@ -25,6 +25,8 @@ def main() -> int:
     text = msg.content[0].text
     assert text and msg.stop_reason in ("end_turn", "max_tokens"), msg
     assert msg.usage.input_tokens > 0 and msg.usage.output_tokens > 0, msg.usage
+    counted = client.messages.count_tokens(model=model, system="You are terse.", messages=ask)
+    assert counted.input_tokens == msg.usage.input_tokens, (counted, msg.usage)
 
     with client.messages.stream(model=model, max_tokens=24, extra_body=greedy, system="You are terse.",
                                 messages=ask) as stream:

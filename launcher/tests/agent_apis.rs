@@ -301,7 +301,20 @@ async fn agent_apis_match_chat_stream_their_events_and_round_trip_tools() {
     let image = json!({ "model": model, "max_tokens": 4, "messages": [{ "role": "user", "content": [{ "type": "image", "source": {} }] }] });
     let (status, body) = post(&base, "/v1/messages", &image).await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = post(&base, "/v1/messages/count_tokens", &missing).await;
+    // count_tokens: the input tokens the same Messages request used (no max_tokens needed).
+    let mut count = messages.clone();
+    count.as_object_mut().unwrap().remove("max_tokens");
+    let (status, body) = post(&base, "/v1/messages/count_tokens", &count).await;
+    assert_eq!(status, 200, "{body}");
+    let n: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(n["input_tokens"], m["usage"]["input_tokens"], "{n}");
+    let mut wrong = count.clone();
+    wrong["model"] = json!("no-such-model");
+    let (status, body) = post(&base, "/v1/messages/count_tokens", &wrong).await;
+    assert_eq!(status, 400, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    let (status, body) = post(&base, "/v1/messages/batches", &missing).await;
     assert_eq!(status, 404);
     let e: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(e["error"]["type"], "not_found_error", "{e}");

@@ -12,7 +12,7 @@ use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
     HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe, LinkSecurity, NodeError, NodeInfo, NodePerf,
-    NodeService, PollReply, PrefillReply, PrefillRequest, RequestId, Role, ToolSyntax,
+    NodeService, PollReply, PrefillReply, PrefillRequest, Prompt, RequestId, Role, ToolSyntax,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -267,6 +267,19 @@ impl NodeService for NodeServer {
         if let Some(d) = &self.decode {
             d.cancel(id, self.link);
         }
+    }
+
+    async fn count_tokens(self, _: Context, prompt: Prompt) -> Result<u32, NodeError> {
+        let prefill = self
+            .prefill
+            .clone()
+            .ok_or_else(|| self.wrong_role("count tokens"))?;
+        // Rendering the template and tokenizing are CPU work: off the async threads.
+        let count = tokio::task::spawn_blocking(move || prefill.tokenize(&prompt));
+        let tokens = count
+            .await
+            .map_err(|e| NodeError::Engine(format!("counting tokens: {e}")))??;
+        Ok(u32::try_from(tokens.len()).unwrap_or(u32::MAX))
     }
 
     async fn probe_sink(self, _: Context, payload: exo_protocol::ByteBuf) -> u64 {

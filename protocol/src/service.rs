@@ -384,6 +384,9 @@ pub trait NodeService {
     async fn poll(id: RequestId, wait_ms: u32) -> Result<PollReply, NodeError>;
     /// Stops a request and frees its slot.
     async fn cancel(id: RequestId);
+    /// The tokens `prompt` comes to after the chat template, as a prefill of it would count them
+    /// (prefill-capable nodes; Anthropic's `count_tokens`).
+    async fn count_tokens(prompt: Prompt) -> Result<u32, NodeError>;
     /// Takes bytes and drops them, returning how many arrived: the far end of a link probe.
     async fn probe_sink(payload: serde_bytes::ByteBuf) -> u64;
     /// Measures the link from this (prefill) node to the node at `to`: empty round trips, then

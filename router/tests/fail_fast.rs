@@ -114,6 +114,10 @@ impl NodeService for StandIn {
         self.signals.cancelled.store(true, Ordering::SeqCst);
     }
 
+    async fn count_tokens(self, _: Context, _: exo_protocol::Prompt) -> Result<u32, NodeError> {
+        Err(NodeError::Busy)
+    }
+
     async fn probe_sink(self, _: Context, payload: exo_protocol::ByteBuf) -> u64 {
         payload.len() as u64
     }

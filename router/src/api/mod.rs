@@ -63,6 +63,7 @@ pub fn router(cluster: Arc<Cluster>, options: &HttpOptions) -> Router {
             "/v1/messages",
             post(other_api::<anthropic::MessagesRequest>),
         )
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route(
             "/v1/responses",
             post(other_api::<responses::ResponsesRequest>),
@@ -166,6 +167,28 @@ async fn other_api<R: IntoChat>(
 ) -> Response {
     let call = || chat_call(R::ENDPOINT, parse::<R>(&body?.0)?.to_chat()?);
     counted(R::METRIC, answer(&cluster, R::ENDPOINT, call()).await)
+}
+
+/// `POST /v1/messages/count_tokens`: the input tokens a Messages request of this body would use
+/// (system, messages and tools through the model's chat template), counted by a prefill node.
+async fn count_tokens(
+    State(cluster): State<Arc<Cluster>>,
+    body: Result<JsonBody, ApiError>,
+) -> Response {
+    let count = async {
+        let mut req: anthropic::MessagesRequest = parse(&body?.0)?;
+        // Counting needs no budget for the answer.
+        req.max_tokens.get_or_insert(1);
+        let call = chat_call(Endpoint::Messages, req.to_chat()?)?;
+        let model = cluster.model_id();
+        call.params.sampling(&model, 0)?;
+        let tokens = cluster.count_tokens(call.prompt).await?;
+        Ok::<_, ApiError>(Json(serde_json::json!({ "input_tokens": tokens })).into_response())
+    };
+    let response = count
+        .await
+        .unwrap_or_else(|e| gate::error_response(Endpoint::Messages, e));
+    counted("count_tokens", response)
 }
 
 async fn completions(

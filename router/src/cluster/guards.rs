@@ -1,11 +1,15 @@
 //! What a request holds while it lives, each released when dropped: its place in admission
 //! ([`Admission`]), its count on its nodes ([`InFlight`]), its share of the prefill backlog
-//! ([`PrefillLoad`]) and of the decode load ([`DecodeLoad`]), and its decode slot ([`SlotPermit`]).
+//! ([`PrefillLoad`]) and of the decode load ([`DecodeLoad`]), and its decode slot ([`SlotPermit`]);
+//! [`Placement`] holds the per-node ones with where the request runs.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use exo_kvcache::Codec;
+
 use super::{Cluster, ClusterNode};
+use crate::placement::Prediction;
 
 /// Counts a request on a node while alive.
 pub struct InFlight(Arc<ClusterNode>);
@@ -94,5 +98,32 @@ impl Drop for Admission {
             .fetch_sub(1, Ordering::Relaxed)
             .saturating_sub(1);
         self.0.publish_load(n);
+    }
+}
+
+/// Where one request runs.
+pub struct Placement {
+    /// Runs the prompt.
+    pub prefill: Arc<ClusterNode>,
+    /// Generates (the same node when colocated).
+    pub decode: Arc<ClusterNode>,
+    /// Keeps the nodes' in-flight counts while the request lives.
+    pub guards: Vec<InFlight>,
+    /// The prompt's share of the prefill node's backlog: drop it when the prefill ends.
+    pub prefill_load: Option<PrefillLoad>,
+    /// The sequence's share of the decode node's load.
+    pub decode_load: DecodeLoad,
+    /// The KV codec for this request's hand-off.
+    pub codec: Codec,
+    /// Pieces the hand-off is cut in while the prompt runs; `None`: the prefill node's default.
+    pub pieces: Option<u64>,
+    /// The cost model's prediction, when it chose.
+    pub predicted: Option<Prediction>,
+}
+
+impl Placement {
+    /// True when prefill and decode run on different nodes.
+    pub fn is_split(&self) -> bool {
+        !Arc::ptr_eq(&self.prefill, &self.decode)
     }
 }

@@ -7,15 +7,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use exo_kvcache::Codec;
 use exo_protocol::{
     LinkSecurity, ModelFingerprint, NodeInfo, NodeServiceClient, RequestId, ToolSyntax,
+    context_with_deadline,
 };
 
 use crate::api::error::ApiError;
 use crate::placement::cost_model::CostModel;
 use crate::placement::{
-    self, Choice, Link, NodeId, NodeLoad, NodeView, PlacementMode, Placer, Prediction, RequestShape,
+    self, Choice, Link, NodeId, NodeLoad, NodeView, PlacementMode, Placer, RequestShape,
 };
 use crate::profile::{KvShipping, NodeSpec, Profile};
 
@@ -28,7 +28,7 @@ pub use activity::{Activity, LinkTally, Outcome, Rate, RequestRecord};
 pub use links::MeasuredLink;
 pub use membership::Origin;
 
-pub use guards::{Admission, DecodeLoad, InFlight, PrefillLoad, SlotPermit};
+pub use guards::{Admission, DecodeLoad, InFlight, Placement, PrefillLoad, SlotPermit};
 
 /// Why a discovered node that said goodbye is down.
 const LEFT: &str = "left the cluster (it said goodbye)";
@@ -38,6 +38,8 @@ const INITIAL_CHARS_PER_TOKEN: f64 = 4.0;
 
 /// Deadline of a health check.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a token count.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often nodes are checked (and down nodes retried).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -222,33 +224,6 @@ impl ClusterNode {
     }
 }
 
-/// Where one request runs.
-pub struct Placement {
-    /// Runs the prompt.
-    pub prefill: Arc<ClusterNode>,
-    /// Generates (the same node when colocated).
-    pub decode: Arc<ClusterNode>,
-    /// Keeps the nodes' in-flight counts while the request lives.
-    pub guards: Vec<InFlight>,
-    /// The prompt's share of the prefill node's backlog: drop it when the prefill ends.
-    pub prefill_load: Option<PrefillLoad>,
-    /// The sequence's share of the decode node's load.
-    pub decode_load: DecodeLoad,
-    /// The KV codec for this request's hand-off.
-    pub codec: Codec,
-    /// Pieces the hand-off is cut in while the prompt runs; `None`: the prefill node's default.
-    pub pieces: Option<u64>,
-    /// The cost model's prediction, when it chose.
-    pub predicted: Option<Prediction>,
-}
-
-impl Placement {
-    /// True when prefill and decode run on different nodes.
-    pub fn is_split(&self) -> bool {
-        !Arc::ptr_eq(&self.prefill, &self.decode)
-    }
-}
-
 /// All nodes of the cluster.
 pub struct Cluster {
     /// Every node ever known, in order of arrival: a node's [`NodeId`] is its index, and entries
@@ -367,6 +342,29 @@ impl Cluster {
     /// Node `id`.
     pub fn node(&self, id: NodeId) -> Option<Arc<ClusterNode>> {
         self.nodes.read().ok()?.get(id).cloned()
+    }
+
+    /// The tokens `prompt` comes to on the cluster's model, counted by a healthy prefill-capable
+    /// node (503 when there is none).
+    pub async fn count_tokens(&self, prompt: exo_protocol::Prompt) -> Result<u32, ApiError> {
+        let node = self
+            .nodes()
+            .into_iter()
+            .filter(|n| n.healthy() && n.spec.role.prefills())
+            .find_map(|n| n.client().map(|c| (n, c)));
+        let Some((node, client)) = node else {
+            return Err(ApiError::Unavailable(
+                "no healthy node can count tokens".into(),
+            ));
+        };
+        let ctx = context_with_deadline(COUNT_TIMEOUT);
+        match client.count_tokens(ctx, prompt).await {
+            Ok(counted) => counted.map_err(ApiError::from),
+            Err(e) => Err(ApiError::Unavailable(format!(
+                "node {} did not count: {e}",
+                node.name()
+            ))),
+        }
     }
 
     /// How it places requests.
