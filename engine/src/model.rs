@@ -147,7 +147,7 @@ impl Model {
             text.clear();
             Some(FinishReason::Stop)
         } else if stream.stopped() {
-            Some(FinishReason::Stop)
+            Some(stream.stop_reason())
         } else if sampling.max_tokens as usize <= history.len() + 1 {
             text += &stream.finish();
             Some(FinishReason::Length)

@@ -1,23 +1,33 @@
 //! Turning generated tokens into text: incremental UTF-8 and stop strings.
 
+use exo_sampling::FinishReason;
+
 /// Accumulates token bytes and releases text that is final: complete UTF-8 characters that cannot be
 /// the beginning of a stop string. Once a stop string appears, the text before it is released and the
 /// stream reports that it stopped.
 #[derive(Debug, Clone, Default)]
 pub struct TextStream {
-    stop: Vec<String>,
+    /// The stop strings with their indices in the request's list (empty ones left out).
+    stop: Vec<(u8, String)>,
     /// Bytes of an incomplete UTF-8 character at the end of the last token.
     partial: Vec<u8>,
     /// Decoded text not yet released (it may be the start of a stop string).
     held: String,
     stopped: bool,
+    /// The index of the stop string that ended the stream.
+    matched: Option<u8>,
 }
 
 impl TextStream {
     /// A stream that ends at any of `stop` (empty strings are ignored).
     pub fn new(stop: &[String]) -> Self {
         TextStream {
-            stop: stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stop: stop
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.is_empty())
+                .filter_map(|(i, s)| Some((u8::try_from(i).ok()?, s.clone())))
+                .collect(),
             ..Self::default()
         }
     }
@@ -25,6 +35,12 @@ impl TextStream {
     /// True once a stop string was seen; later input is ignored.
     pub fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// How a stream that stopped ended: the stop string's index in the request's list.
+    pub fn stop_reason(&self) -> FinishReason {
+        self.matched
+            .map_or(FinishReason::Stop, FinishReason::StopSequence)
     }
 
     /// Adds one token's bytes and returns the text that became final.
@@ -65,13 +81,15 @@ impl TextStream {
     }
 
     fn release(&mut self) -> String {
-        if let Some(at) = self
+        // The stop string that appears earliest; at the same place, the first in the list.
+        if let Some((at, index)) = self
             .stop
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, *i)))
             .min()
         {
             self.stopped = true;
+            self.matched = Some(index);
             let out = self.held[..at].to_string();
             self.held.clear();
             self.partial.clear();
@@ -81,7 +99,7 @@ impl TextStream {
         let keep = self
             .stop
             .iter()
-            .map(|s| longest_suffix_prefix(&self.held, s))
+            .map(|(_, s)| longest_suffix_prefix(&self.held, s))
             .max()
             .unwrap_or(0);
         let cut = self.held.len() - keep;
@@ -127,6 +145,27 @@ mod tests {
         assert_eq!(
             run(&[], &[b"a", &euro[..2], &euro[2..], b"b"]),
             ("a€b".into(), false)
+        );
+    }
+
+    #[test]
+    fn the_stop_string_that_ended_the_stream_is_named_by_its_index() {
+        let stop: Vec<String> = ["", "xyz", "ll", "l"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut t = TextStream::new(&stop);
+        assert_eq!(t.stop_reason(), FinishReason::Stop);
+        // "ll" and "l" both start where the text first matches: the earlier in the list ("ll",
+        // index 2) wins; the empty string (index 0) is ignored but keeps the numbering.
+        assert_eq!(t.push(b"hello"), "he");
+        assert_eq!(t.stop_reason(), FinishReason::StopSequence(2));
+        let mut t = TextStream::new(&["lo".to_string(), "e".to_string()]);
+        assert_eq!(t.push(b"hello"), "h");
+        assert_eq!(
+            t.stop_reason(),
+            FinishReason::StopSequence(1),
+            "the earliest in the text"
         );
     }
 

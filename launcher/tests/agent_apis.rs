@@ -301,6 +301,46 @@ async fn agent_apis_match_chat_stream_their_events_and_round_trip_tools() {
     let image = json!({ "model": model, "max_tokens": 4, "messages": [{ "role": "user", "content": [{ "type": "image", "source": {} }] }] });
     let (status, body) = post(&base, "/v1/messages", &image).await;
     assert_eq!(status, 400, "{body}");
+    // A stop sequence ends the reply: Anthropic names it, whole and streamed; OpenAI says `stop`.
+    let capital = json!({ "model": model, "max_tokens": 24, "temperature": 0,
+        "stop_sequences": ["nothing like this", "Paris"],
+        "messages": [{ "role": "user", "content": "Tell me the capital of France." }] });
+    let (status, body) = post(&base, "/v1/messages", &capital).await;
+    assert_eq!(status, 200, "{body}");
+    let s: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&s["stop_reason"], &s["stop_sequence"]),
+        (&json!("stop_sequence"), &json!("Paris")),
+        "{s}"
+    );
+    assert!(
+        !s["content"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{s}"
+    );
+    let mut streamed_stop = capital.clone();
+    streamed_stop["stream"] = json!(true);
+    let (_, body) = post(&base, "/v1/messages", &streamed_stop).await;
+    let delta = sse_events(&body)
+        .into_iter()
+        .find(|(n, _)| n == "message_delta")
+        .unwrap()
+        .1;
+    assert_eq!(delta["delta"]["stop_sequence"], "Paris", "{delta}");
+    let no_stop = json!({ "model": model, "max_tokens": 24, "temperature": 0,
+        "messages": [{ "role": "user", "content": "Tell me the capital of France." }] });
+    let (_, body) = post(&base, "/v1/messages", &no_stop).await;
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&e["stop_reason"], &e["stop_sequence"]),
+        (&json!("end_turn"), &Value::Null),
+        "{e}"
+    );
+    let chat_stop = json!({ "model": model, "max_tokens": 24, "temperature": 0, "stop": ["Paris"],
+        "messages": [{ "role": "user", "content": "Tell me the capital of France." }] });
+    let (_, body) = post(&base, "/v1/chat/completions", &chat_stop).await;
+    let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c["choices"][0]["finish_reason"], "stop", "{c}");
+
     // count_tokens: the input tokens the same Messages request used (no max_tokens needed).
     let mut count = messages.clone();
     count.as_object_mut().unwrap().remove("max_tokens");

@@ -397,7 +397,11 @@ impl Generation {
             self.cluster.activity.handoff(prefill.id, decode.id, tokens);
         }
         // An end token as the first token carries no text and is not output.
-        let produced = !(reply.finish == Some(FinishReason::Stop) && reply.first_text.is_empty());
+        let ended = matches!(
+            reply.finish,
+            Some(FinishReason::Stop | FinishReason::StopSequence(_))
+        );
+        let produced = !(ended && reply.first_text.is_empty());
         let mut logprobs = Vec::new();
         if produced {
             self.output.push(reply.first_token);

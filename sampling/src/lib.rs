@@ -203,8 +203,11 @@ impl SamplingParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
-    /// An end-of-generation token or a stop string.
+    /// An end-of-generation token.
     Stop,
+    /// A stop string: the index of the one that appeared first in the text, in the request's
+    /// `stop` list.
+    StopSequence(u8),
     /// `max_tokens` or the context length was reached.
     Length,
     /// The client went away or the request was cancelled.

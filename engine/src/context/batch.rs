@@ -150,7 +150,7 @@ impl Worker<'_> {
                 });
                 Ok(match (sent, a.text.stopped()) {
                     (false, _) => Some(FinishReason::Cancelled),
-                    (true, true) => Some(FinishReason::Stop),
+                    (true, true) => Some(a.text.stop_reason()),
                     (true, false) => None,
                 })
             }

@@ -272,12 +272,14 @@ async fn serve(
         }
         sampling.constraint = Some(c);
     }
+    let stop = sampling.stop.clone();
     let mut generation = Generation::start(cluster, id, prompt, sampling).await?;
     let meta = ResponseMeta {
         endpoint,
         id,
         created: now(),
         model,
+        stop,
     };
     let mut headers = HeaderMap::new();
     for (name, value) in [

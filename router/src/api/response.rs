@@ -7,21 +7,46 @@ use serde::Serialize;
 use super::logprobs::ChoiceLogprobs;
 
 /// OpenAI's `finish_reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
-    /// An end token or a stop string (also a cancelled request).
+    /// An end token (also a cancelled request).
     Stop,
+    /// A stop string: its index in the request's `stop` (OpenAI says `stop`; Anthropic says
+    /// `stop_sequence` and which).
+    StopSequence(u8),
     /// `max_tokens` or the context length.
     Length,
     /// The reply is a call of the request's tools.
     ToolCalls,
 }
 
+impl Finish {
+    /// OpenAI's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Finish::Stop | Finish::StopSequence(_) => "stop",
+            Finish::Length => "length",
+            Finish::ToolCalls => "tool_calls",
+        }
+    }
+
+    /// True when the model ended the reply itself (an end token or a stop string).
+    pub fn is_stop(self) -> bool {
+        matches!(self, Finish::Stop | Finish::StopSequence(_))
+    }
+}
+
+impl Serialize for Finish {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 impl From<FinishReason> for Finish {
     fn from(f: FinishReason) -> Self {
         match f {
             FinishReason::Stop | FinishReason::Cancelled => Finish::Stop,
+            FinishReason::StopSequence(i) => Finish::StopSequence(i),
             FinishReason::Length => Finish::Length,
         }
     }
@@ -51,9 +76,19 @@ pub struct ResponseMeta {
     pub created: u64,
     /// The served model.
     pub model: String,
+    /// The request's stop strings (what a `stop_sequence` finish names).
+    pub stop: Vec<String>,
 }
 
 impl ResponseMeta {
+    /// The stop string a `finish` names, if it is one.
+    pub fn stop_sequence(&self, finish: Finish) -> Option<&str> {
+        match finish {
+            Finish::StopSequence(i) => self.stop.get(usize::from(i)).map(String::as_str),
+            _ => None,
+        }
+    }
+
     /// The response `id`: `chatcmpl-` or `cmpl-` and the request id in hex.
     pub fn response_id(&self) -> String {
         match self.endpoint {

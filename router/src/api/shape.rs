@@ -72,7 +72,7 @@ impl Shaper {
 
     /// The calls a finished reply makes, if it is a call of the request's tools.
     fn calls(&self, finish: Finish) -> Option<Vec<ToolCall>> {
-        let tools = self.tools.as_ref().filter(|_| finish == Finish::Stop)?;
+        let tools = self.tools.as_ref().filter(|_| finish.is_stop())?;
         tools.calls(&self.held, |i| self.meta.call_id(i))
     }
 
@@ -213,6 +213,7 @@ mod tests {
             id: RequestId(7),
             created: 0,
             model: "m".into(),
+            stop: Vec::new(),
         };
         let list = vec![json!({ "type": "function", "function": { "name": "get_weather" } })];
         Shaper::new(

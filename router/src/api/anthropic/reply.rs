@@ -21,6 +21,7 @@ use crate::generation::Generation;
 pub fn stop_reason(finish: Finish) -> &'static str {
     match finish {
         Finish::Stop => "end_turn",
+        Finish::StopSequence(_) => "stop_sequence",
         Finish::Length => "max_tokens",
         Finish::ToolCalls => "tool_use",
     }
@@ -55,7 +56,7 @@ pub fn message(meta: &ResponseMeta, reply: Reply, finish: Finish, usage: (u32, u
         "model": meta.model,
         "content": content,
         "stop_reason": stop_reason(finish),
-        "stop_sequence": null,
+        "stop_sequence": meta.stop_sequence(finish),
         "usage": { "input_tokens": usage.0, "output_tokens": usage.1 },
     })
 }
@@ -104,6 +105,8 @@ enum Open {
 struct Framer {
     block: usize,
     open: Option<Open>,
+    /// The request's stop strings, to name the one that ended the reply.
+    stop: Vec<String>,
 }
 
 impl Framer {
@@ -157,7 +160,13 @@ impl Framer {
                     "message_delta",
                     &json!({
                         "type": "message_delta",
-                        "delta": { "stop_reason": stop_reason(f), "stop_sequence": null },
+                        "delta": {
+                            "stop_reason": stop_reason(f),
+                            "stop_sequence": match f {
+                                Finish::StopSequence(i) => self.stop.get(usize::from(i)),
+                                _ => None,
+                            },
+                        },
                         "usage": { "output_tokens": output_tokens },
                     }),
                 ));
@@ -204,6 +213,7 @@ pub fn events(
     let framer = Framer {
         block: 0,
         open: None,
+        stop: meta.stop.clone(),
     };
     framed_events(head, generation, shaper, framer, span)
 }
