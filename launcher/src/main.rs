@@ -386,15 +386,14 @@ async fn node(args: NodeArgs) -> Result<()> {
         serve_node_metrics(addr).await?;
     }
     let announcer = lan::announce(&server, bound, &security, &args, &host_name());
+    if announcer.is_some() {
+        println!("announced on the LAN as {name} (mDNS; --no-announce to stay off it)");
+    }
+    // The address is the line's last word: scripts and tests read it from there.
     println!(
-        "exo-router node {name} ({}, {}) listening on {bound}{}",
+        "exo-router node {name} ({}, {}) listening on {bound}",
         args.role,
-        security.describe(),
-        if announcer.is_some() {
-            ", announced on the LAN"
-        } else {
-            ""
-        }
+        security.describe()
     );
     let signal = stop_signal().await?;
     // The goodbye first: routers place nothing more here while the requests held finish.

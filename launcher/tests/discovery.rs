@@ -14,7 +14,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::{Proc, ip, spawn_command};
+use common::procs::{Proc, ip, last_word, spawn_command};
 use common::{model_path, start_text};
 use exo_router::api::status::{ClusterStatus, NodeStatus};
 use exo_router::cluster::Origin;
@@ -98,9 +98,7 @@ impl Lan {
             .arg(cache)
             .args(extra);
         let (proc, line) = spawn_command(cmd, "listening on");
-        assert!(line.contains("announced on the LAN"), "{line}");
-        let addr = line.split(" listening on ").nth(1).unwrap();
-        (proc, addr.split(',').next().unwrap().to_string())
+        (proc, last_word(&line))
     }
 }
 
