@@ -252,8 +252,14 @@ impl Browser {
                         .map(|p| (p.key().to_string(), p.val_str().to_string()))
                         .collect();
                     let port = r.get_port();
-                    let mut ips: Vec<IpAddr> =
-                        r.get_addresses().iter().map(|a| a.to_ip_addr()).collect();
+                    // An IPv6 link-local address needs its interface to be dialled, which the
+                    // address alone does not carry: left out.
+                    let mut ips: Vec<IpAddr> = r
+                        .get_addresses()
+                        .iter()
+                        .map(|a| a.to_ip_addr())
+                        .filter(|ip| !is_link_local_v6(ip))
+                        .collect();
                     ips.sort_by_key(|ip| (ip.is_ipv6(), ip.is_loopback(), *ip));
                     return Some(match Announcement::parse(&name, port, &txt) {
                         Ok(announcement) => Sighting::Seen {
@@ -278,6 +284,11 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.mdns.shutdown();
     }
+}
+
+/// True for an IPv6 link-local address (fe80::/10).
+fn is_link_local_v6(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 
 /// `NAME` of `NAME._exo-router._tcp.local.`.
@@ -346,6 +357,14 @@ mod tests {
         txt.remove("model");
         assert!(Announcement::parse("spark", 1, &txt).is_err());
         assert!(Announcement::parse("", 1, &txt_of(&sample())).is_err());
+    }
+
+    #[test]
+    fn link_local_v6_addresses_are_recognised() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(is_link_local_v6(&ip("fe80::1")));
+        assert!(!is_link_local_v6(&ip("fd00::1")));
+        assert!(!is_link_local_v6(&ip("10.0.0.1")));
     }
 
     #[test]

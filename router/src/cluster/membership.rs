@@ -197,23 +197,29 @@ impl Cluster {
         });
     }
 
-    /// Points a discovered node at the first of `addrs` that accepts a connection (the current
-    /// address when none does).
+    /// Points a discovered node at the first of `addrs` that accepts a connection, else at the
+    /// first of them (the preferred one: the health check then reports why it fails there).
     async fn reach(&self, node: &ClusterNode, addrs: &[std::net::SocketAddr]) {
         if node.healthy() {
             return;
         }
+        let set = |addr: String| {
+            if let Ok(mut a) = node.addr.write() {
+                *a = addr;
+            }
+        };
         for addr in addrs {
             let addr = addr.to_string();
             if let Ok(client) = connect(&addr, &self.security).await {
-                if let Ok(mut a) = node.addr.write() {
-                    *a = addr;
-                }
+                set(addr);
                 if let Ok(mut c) = node.client.write() {
                     *c = Some(client);
                 }
                 return;
             }
+        }
+        if let Some(first) = addrs.first() {
+            set(first.to_string());
         }
     }
 
