@@ -131,9 +131,10 @@ fn cases(model: &str) -> Vec<Case> {
         bad("five stop strings", json!({ "stop": ["a", "b", "c", "d", "e"] })),
         bad("tools not a list", json!({ "tools": { "type": "function" } })),
         bad("unknown response_format", json!({ "response_format": { "type": "xml" } })),
-        bad("logprobs asked for", json!({ "logprobs": true })),
-        bad("presence_penalty set", json!({ "presence_penalty": 0.5 })),
-        bad("logit_bias set", json!({ "logit_bias": { "42": 10 } })),
+        bad("logprobs not a boolean", json!({ "logprobs": 3 })),
+        bad("presence_penalty out of range", json!({ "presence_penalty": 2.5 })),
+        bad("logit_bias out of range", json!({ "logit_bias": { "42": 1000 } })),
+        bad("logit_bias past the vocabulary", json!({ "logit_bias": { "99999999": 1 } })),
         bad("min_p out of range", json!({ "min_p": 2.0 })),
         case("unknown model", 400, Some("model_not_found")).json(chat("gpt-5", json!({}))),
         case("prompt past the context", 400, Some("context_length_exceeded"))
