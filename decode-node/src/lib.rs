@@ -458,7 +458,7 @@ impl DecodeNode {
         wait: Duration,
         from: LinkId,
     ) -> Result<PollReply, NodeError> {
-        let rx = {
+        let (rx, kv_wire_bytes) = {
             let mut map = self.lock();
             let entry = self.entry(&mut map, id)?;
             if *entry.poll_link.get_or_insert(from) != from {
@@ -467,7 +467,6 @@ impl DecodeNode {
             entry.last_poll = Instant::now();
             (Arc::clone(&entry.rx), entry.kv_wire_bytes.take())
         };
-        let (rx, kv_wire_bytes) = rx;
         let mut rx = rx.lock().await;
         let mut reply = PollReply {
             kv_wire_bytes,

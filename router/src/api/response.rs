@@ -385,12 +385,11 @@ impl Chunk {
         }
     }
 
-    /// The chunk with the log probabilities of the tokens it carries.
-    pub fn with_logprobs(mut self, logprobs: Option<ChoiceLogprobs>) -> Self {
+    /// Gives the chunk the log probabilities of the tokens it carries.
+    pub fn set_logprobs(&mut self, logprobs: ChoiceLogprobs) {
         if let Some(c) = self.choices.first_mut() {
-            c.logprobs = logprobs;
+            c.logprobs = Some(logprobs);
         }
-        self
     }
 
     /// The last chunk of a stream that asked for usage: no choices, the token counts.

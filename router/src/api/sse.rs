@@ -47,12 +47,11 @@ fn step(
     if !logprobs.is_empty() {
         let lp = ChoiceLogprobs::new(meta.endpoint, &logprobs, *offset);
         *offset += ChoiceLogprobs::chars(&logprobs);
-        match chunks.first_mut() {
-            Some(first) => {
-                let taken = std::mem::replace(first, Chunk::new(meta, Delta::default(), None));
-                *first = taken.with_logprobs(Some(lp));
-            }
-            None => chunks.push(Chunk::new(meta, Delta::default(), None).with_logprobs(Some(lp))),
+        if chunks.is_empty() {
+            chunks.push(Chunk::new(meta, Delta::default(), None));
+        }
+        if let Some(first) = chunks.first_mut() {
+            first.set_logprobs(lp);
         }
     }
     chunks.iter().map(data).collect()

@@ -80,23 +80,18 @@ impl Cluster {
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let measured = match result {
+        match &result {
             Ok(probe) => {
-                tracing::info!(prefill = %p.name(), decode = %d.name(), gbit_s = probe.bandwidth_gbit_s, latency_ms = probe.latency_ms, "link measured");
-                MeasuredLink {
-                    probe: Some(probe),
-                    error: None,
-                    at: Instant::now(),
-                }
+                tracing::info!(prefill = %p.name(), decode = %d.name(), gbit_s = probe.bandwidth_gbit_s, latency_ms = probe.latency_ms, "link measured")
             }
             Err(why) => {
-                tracing::debug!(prefill = %p.name(), decode = %d.name(), %why, "link probe failed");
-                MeasuredLink {
-                    probe: None,
-                    error: Some(why),
-                    at: Instant::now(),
-                }
+                tracing::debug!(prefill = %p.name(), decode = %d.name(), %why, "link probe failed")
             }
+        }
+        let measured = MeasuredLink {
+            probe: result.as_ref().ok().copied(),
+            error: result.err(),
+            at: Instant::now(),
         };
         if let Ok(mut m) = self.measured.write() {
             m.insert((p.id, d.id), measured);
