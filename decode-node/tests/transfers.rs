@@ -233,7 +233,7 @@ async fn unknown_ids_and_large_transfers_are_bounded() {
         ..KvLayout::default()
     };
     let dst = context(layout);
-    let limits = DecodeLimits::for_context(dst.shape(), layout.n_ctx_seq);
+    let limits = DecodeLimits::for_context(dst.shape(), layout.n_ctx_seq, None);
     assert!(limits.max_state_bytes < DecodeLimits::default().max_state_bytes);
     let header = dst
         .transfer_header(

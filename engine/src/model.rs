@@ -108,6 +108,8 @@ pub struct Model {
     offload: Offload,
     /// The chat template from the GGUF metadata, compiled on first use.
     template: OnceLock<Result<ChatTemplate, String>>,
+    /// The attention window of an interleaved sliding-window model, from its metadata.
+    sliding_window: Option<u32>,
 }
 
 impl std::fmt::Debug for Model {
@@ -186,6 +188,20 @@ impl Model {
         let (params, devices, requested) = offload::params(options.gpu_layers, options.main_gpu)?;
         let llama = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| load_err(e.to_string()))?;
+        let architecture = llama
+            .meta_val_str("general.architecture")
+            .unwrap_or_else(|_| "unknown".into());
+        if llama.is_recurrent() || llama.is_hybrid() {
+            return Err(load_err(format!(
+                "architecture {architecture} keeps a recurrent per-sequence state, which exo-router \
+                 cannot ship between nodes yet: use a transformer model"
+            )));
+        }
+        let sliding_window = llama
+            .meta_val_str(&format!("{architecture}.attention.sliding_window"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|&w| w > 0);
         let n_layer = llama.n_layer();
         let offload = Offload {
             gpu_layers: if devices.is_empty() {
@@ -202,6 +218,8 @@ impl Model {
             n_layer,
             gpu_layers = offload.gpu_layers,
             gpus = offload.devices.len(),
+            architecture,
+            sliding_window,
             "model loaded"
         );
         Ok(Arc::new(Model {
@@ -211,7 +229,15 @@ impl Model {
             fingerprint,
             constraints: OnceLock::new(),
             template: OnceLock::new(),
+            sliding_window,
         }))
+    }
+
+    /// The attention window of a sliding-window model (its metadata's
+    /// `<architecture>.attention.sliding_window`): the most cells its window cache holds for a
+    /// sequence. `None` for a model without one.
+    pub fn sliding_window(&self) -> Option<u32> {
+        self.sliding_window
     }
 
     /// Where the model runs: layers on a GPU and the GPUs it may use.

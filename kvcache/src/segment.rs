@@ -268,7 +268,19 @@ impl StateShape {
     /// `u8 v_trans`, `u32 cell_ext_len`, `u32 n_rot_k`, `u32 n_rot_v`, `u32 n_layer`, then per K
     /// layer `i32 type, u64 row_size`, then per V layer `i32 type` and `u64 row_size` or, when
     /// transposed, `u32 elem_size, u32 n_embd`.
+    /// Then `u8` 1 and the window cache's skeleton for an iSWA shape, else `u8` 0.
     pub(crate) fn write_skeleton(&self, out: &mut Vec<u8>) {
+        self.write_cache_skeleton(out);
+        match &self.window {
+            Some(w) => {
+                out.push(1);
+                w.write_cache_skeleton(out);
+            }
+            None => out.push(0),
+        }
+    }
+
+    fn write_cache_skeleton(&self, out: &mut Vec<u8>) {
         out.push(u8::from(self.v_trans));
         for word in [self.cell_ext_len, self.n_rot_k, self.n_rot_v] {
             out.extend_from_slice(&word.to_le_bytes());
@@ -282,6 +294,16 @@ impl StateShape {
     /// Reads what [`Self::write_skeleton`] wrote, refusing more than `max_layers` layers, a
     /// V layer of the other kind than `v_trans` says, and a cell size that overflows.
     pub(crate) fn read_skeleton(r: &mut Reader<'_>, max_layers: u32) -> Result<Self, KvError> {
+        let mut shape = Self::read_cache_skeleton(r, max_layers)?;
+        shape.window = match r.u8()? {
+            0 => None,
+            1 => Some(Box::new(Self::read_cache_skeleton(r, max_layers)?)),
+            v => return Err(malformed(format!("window flag {v}"))),
+        };
+        Ok(shape)
+    }
+
+    fn read_cache_skeleton(r: &mut Reader<'_>, max_layers: u32) -> Result<Self, KvError> {
         let v_trans = match r.u8()? {
             0 => false,
             1 => true,
@@ -326,6 +348,7 @@ impl StateShape {
             n_rot_v,
             k,
             v,
+            window: None,
         };
         shape.segment_bytes_per_cell()?;
         Ok(shape)

@@ -9,7 +9,7 @@
 
 use crate::error::KvError;
 use crate::layout::KvType;
-use crate::state::{StateShape, VShape, parse_single};
+use crate::state::{StateShape, VShape, join_window, parse_single, split_window};
 
 /// Bytes of a V layer's header after its type id: `u64 row_size`, or `u32 elem_size, u32 n_embd`.
 const V_HEADER: u64 = 8;
@@ -45,7 +45,21 @@ impl StateShape {
     /// are. A state already stored this way, or with other V types than this context's, is returned
     /// unchanged (`check` then says what does not match). Refused with a typed error: a malformed
     /// state, or a V type that cannot be stored transposed.
+    /// An iSWA state's two caches are translated each on its own.
     pub fn match_v_layout(&self, state: Vec<u8>) -> Result<Vec<u8>, KvError> {
+        let Some(window_shape) = &self.window else {
+            return self.match_cache_v_layout(state);
+        };
+        let (full, window) = split_window(&state)?;
+        let full = self.match_cache_v_layout(full)?;
+        let window = window
+            .map(|w| window_shape.match_cache_v_layout(w))
+            .transpose()?;
+        Ok(join_window(full, window))
+    }
+
+    /// [`Self::match_v_layout`] for a state of one cache.
+    fn match_cache_v_layout(&self, state: Vec<u8>) -> Result<Vec<u8>, KvError> {
         let (info, shape) = parse_single(&state, self.cell_ext_len)?;
         // Only a state that differs in V storage alone is rewritten; any other difference is left
         // for `check` to report as the mismatch it is.
@@ -59,7 +73,8 @@ impl StateShape {
                 .iter()
                 .zip(&self.v)
                 .all(|(a, b)| type_of(a) == type_of(b));
-        if shape.v_trans == self.v_trans || !same_types {
+        // A window this context lacks is a mismatch for `check` too.
+        if shape.v_trans == self.v_trans || !same_types || shape.window.is_some() {
             return Ok(state);
         }
         let cells = u64::from(info.cell_count);

@@ -92,7 +92,11 @@ impl NodeServer {
             let node = DecodeNode::new(
                 &options.name,
                 ctx.clone(),
-                DecodeLimits::for_context(ctx.shape(), options.layout.n_ctx_seq),
+                DecodeLimits::for_context(
+                    ctx.shape(),
+                    options.layout.n_ctx_seq,
+                    ctx.model().sliding_window(),
+                ),
                 DecodeTimeouts {
                     transfer: options.transfer_timeout,
                     ..DecodeTimeouts::default()

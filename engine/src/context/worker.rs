@@ -423,12 +423,16 @@ impl Worker<'_> {
         self.model.check_tokens(&tokens)?;
         // A sender with the other flash-attention setting stores V the other way: transpose it.
         let mut state = shape.match_v_layout(kv.state)?;
-        shape.check(&state, tokens.len())?;
+        let info = shape.check(&state, tokens.len())?;
+        if shape.window.is_some() {
+            window_fits(info.window_cells, self.model.sliding_window())?;
+        }
         shape.reframe_for_import(&mut state)?;
         self.clear(seq)?;
         // SAFETY: `state` passed every check llama.cpp would otherwise abort on: magic, one non-empty
         // stream re-framed to this context's stream count, one sequence id per cell, distinct positions,
-        // and layer count, types, row sizes and V transposition equal to this context's own export.
+        // and layer count, types, row sizes and V transposition equal to this context's own export;
+        // for an iSWA model the same for the window cache, whose cells fit the model's window.
         let ok = unsafe {
             self.ctx
                 .state_seq_set_data_ext(&state, seq, LlamaStateSeqFlags::empty())
@@ -475,5 +479,31 @@ impl Worker<'_> {
             .map_err(|e| EngineError::Decode(format!("clearing sequence {seq}: {e}")))?;
         self.seq_tokens[slot].clear();
         Ok(())
+    }
+}
+
+/// Refuses a window cache of more cells than the model's sliding window (or any, when the model's
+/// metadata does not say its window): llama.cpp keeps at most that many, and a larger one would
+/// fail inside it, retiring the context.
+pub(super) fn window_fits(cells: u32, window: Option<u32>) -> Result<(), EngineError> {
+    match window {
+        Some(w) if cells <= w => Ok(()),
+        _ => Err(EngineError::InvalidRequest(format!(
+            "a window cache of {cells} cells, the model's sliding window is {}",
+            window.map_or("unknown".into(), |w| w.to_string())
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::window_fits;
+
+    #[test]
+    fn a_window_cache_larger_than_the_model_window_is_refused() {
+        assert!(window_fits(512, Some(512)).is_ok());
+        assert!(window_fits(1, Some(512)).is_ok());
+        assert!(window_fits(513, Some(512)).is_err());
+        assert!(window_fits(1, None).is_err());
     }
 }

@@ -5,6 +5,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{CHUNK_MAGIC, DecodeLimits, END_FRAME_LEN, END_MAGIC, ImportTarget, KvHeader, Reader};
 use crate::error::KvError;
+use crate::state::join_window;
 
 /// The index of a chunk frame, read without checking anything else (for reordering on arrival).
 pub fn chunk_index(frame: &[u8]) -> Result<u32, KvError> {
@@ -23,7 +24,8 @@ pub struct DecodedKv {
 }
 
 /// Checks the frames of one transfer, in order, and places each chunk's cells straight into the
-/// state they belong to, refusing anything inconsistent.
+/// state they belong to, refusing anything inconsistent. For an iSWA model the chunks after the
+/// full cache's cells carry the window cache's, kept as segments and joined at the end.
 pub struct KvDecoder {
     header: KvHeader,
     tag: u64,
@@ -31,6 +33,13 @@ pub struct KvDecoder {
     next: u32,
     /// Cells placed so far.
     cells: usize,
+    /// Bytes of one window cell in a segment (0 without a window).
+    window_per_cell: usize,
+    /// The window cache's cells received so far, chunk by chunk.
+    window: Vec<Vec<u8>>,
+    window_cells: usize,
+    /// The receiver's limit on the joined state's bytes.
+    max_state_bytes: u64,
     /// Allocated once the first chunk passed its checks.
     state: Vec<u8>,
     /// The current chunk, decoded.
@@ -71,14 +80,25 @@ impl KvDecoder {
         let header = KvHeader::decode(header_frame, limits)?;
         target.check(&header)?;
         let tag = header.transfer_tag();
-        let per_cell = usize::try_from(header.shape.segment_bytes_per_cell()?)
-            .map_err(|_| KvError::MalformedState("cell size does not fit in memory".into()))?;
+        let per_cell_of = |shape: &crate::state::StateShape| {
+            usize::try_from(shape.segment_bytes_per_cell()?)
+                .map_err(|_| KvError::MalformedState("cell size does not fit in memory".into()))
+        };
+        let per_cell = per_cell_of(&header.shape)?;
+        let window_per_cell = match header.shape.window.as_deref() {
+            Some(w) => per_cell_of(w)?,
+            None => 0,
+        };
         Ok(KvDecoder {
             header,
             tag,
             per_cell,
             next: 0,
             cells: 0,
+            window_per_cell,
+            window: Vec::new(),
+            window_cells: 0,
+            max_state_bytes: limits.max_state_bytes,
             state: Vec::new(),
             scratch: Vec::new(),
         })
@@ -91,7 +111,7 @@ impl KvDecoder {
 
     /// Bytes of cells received so far.
     pub fn bytes_held(&self) -> usize {
-        self.cells * self.per_cell
+        self.cells * self.per_cell + self.window_cells * self.window_per_cell
     }
 
     /// Chunks accepted so far.
@@ -99,7 +119,8 @@ impl KvDecoder {
         self.next
     }
 
-    /// True once every cell the header declares has arrived (the end frame may still be due).
+    /// True once every cell of the full cache has arrived (window cells and the end frame may
+    /// still be due).
     pub fn is_complete(&self) -> bool {
         self.cells == self.header.tokens.len()
     }
@@ -122,7 +143,7 @@ impl KvDecoder {
 
     /// Ends the transfer with its end frame: every chunk and cell present, and the joined state's
     /// checksum equal to the sender's final export's.
-    pub fn finish(self, end_frame: &[u8]) -> Result<DecodedKv, KvError> {
+    pub fn finish(mut self, end_frame: &[u8]) -> Result<DecodedKv, KvError> {
         let end = EndFrame::read(end_frame)?;
         if end.tag != self.tag {
             return Err(KvError::InvalidField {
@@ -137,14 +158,24 @@ impl KvDecoder {
             });
         }
         let n = self.header.tokens.len();
-        if end.n_cells as usize != n || self.cells != n {
+        let windowed = self.header.shape.window.is_some();
+        if end.n_cells as usize != n
+            || self.cells != n
+            || end.n_window as usize != self.window_cells
+            || windowed != (self.window_cells > 0)
+        {
             return Err(KvError::InvalidField {
                 field: "end frame",
                 detail: format!(
-                    "{} cells declared, {} received, the header has {n} tokens",
-                    end.n_cells, self.cells
+                    "{} + {} window cells declared, {} + {} received, the header has {n} tokens",
+                    end.n_cells, end.n_window, self.cells, self.window_cells
                 ),
             });
+        }
+        if let Some(shape) = self.header.shape.window.as_deref() {
+            let parts: Vec<&[u8]> = self.window.iter().map(Vec::as_slice).collect();
+            let window = shape.join(self.header.source_seq, &parts)?;
+            self.state = join_window(std::mem::take(&mut self.state), Some(window));
         }
         if xxh3_64(&self.state) != end.raw_checksum {
             return Err(KvError::StateChecksum);
@@ -161,6 +192,7 @@ struct EndFrame {
     tag: u64,
     n_chunks: u32,
     n_cells: u32,
+    n_window: u32,
     raw_checksum: u64,
 }
 
@@ -179,6 +211,7 @@ impl EndFrame {
             tag: r.u64()?,
             n_chunks: r.u32()?,
             n_cells: r.u32()?,
+            n_window: r.u32()?,
             raw_checksum: r.u64()?,
         };
         let sum = r.u64()?;
@@ -213,28 +246,50 @@ impl KvDecoder {
         Ok(())
     }
 
+    /// Whether the next chunk carries window cells: every full-cache cell is in and the model has
+    /// a window cache.
+    fn in_window(&self) -> bool {
+        self.window_per_cell > 0 && self.cells == self.header.tokens.len()
+    }
+
     /// Refuses a raw length that is not whole cells, more than the chunk size, or cells past the
-    /// header's token count, or an encoded length beyond what the codec can produce from it.
+    /// header's token count (window cells too: a window never holds more cells than the prompt),
+    /// window cells that would take the state past the receiver's limit, or an encoded length
+    /// beyond what the codec can produce from it.
     fn check_declared_sizes(&self, head: &ChunkHead) -> Result<(), KvError> {
         let (index, raw_len, enc_len) = (head.index, head.raw_len, head.enc_len);
         let raw = raw_len as usize;
-        if raw == 0 || !raw.is_multiple_of(self.per_cell) || raw_len > self.header.chunk_size {
+        let window = self.in_window();
+        let (per_cell, held) = if window {
+            (self.window_per_cell, self.window_cells)
+        } else {
+            (self.per_cell, self.cells)
+        };
+        if raw == 0 || !raw.is_multiple_of(per_cell) || raw_len > self.header.chunk_size {
             return Err(KvError::OversizedChunk {
                 index,
                 detail: format!(
-                    "declares {raw_len} raw bytes: not whole {}-byte cells within the chunk size {}",
-                    self.per_cell, self.header.chunk_size
+                    "declares {raw_len} raw bytes: not whole {per_cell}-byte cells within the chunk size {}",
+                    self.header.chunk_size
                 ),
             });
         }
-        let after = self.cells + raw / self.per_cell;
+        let after = held + raw / per_cell;
         if after > self.header.tokens.len() {
             return Err(KvError::OversizedChunk {
                 index,
                 detail: format!(
-                    "carries cells up to {after}, the header has {} tokens",
+                    "carries {}cells up to {after}, the header has {} tokens",
+                    if window { "window " } else { "" },
                     self.header.tokens.len()
                 ),
+            });
+        }
+        let bytes = (self.bytes_held() + raw) as u64;
+        if window && bytes > self.max_state_bytes {
+            return Err(KvError::StateTooLarge {
+                declared: bytes,
+                limit: self.max_state_bytes,
             });
         }
         let max_enc = self.header.codec.max_encoded_len(raw) as u64;
@@ -275,6 +330,16 @@ impl KvDecoder {
     /// Decodes a checked payload and places its cells after those already placed; on a decode
     /// failure nothing is placed.
     fn place(&mut self, index: u32, raw_len: u32, payload: &[u8]) -> Result<(), KvError> {
+        if self.in_window() {
+            let mut cells = vec![0; raw_len as usize];
+            self.header
+                .codec
+                .decode_into(payload, &mut cells)
+                .map_err(|detail| KvError::Decompress { index, detail })?;
+            self.window_cells += cells.len() / self.window_per_cell;
+            self.window.push(cells);
+            return Ok(());
+        }
         self.scratch.clear();
         self.scratch.resize(raw_len as usize, 0);
         self.header

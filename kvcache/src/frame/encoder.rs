@@ -6,6 +6,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, END_FRAME_LEN, END_MAGIC, KvHeader};
 use crate::codec::Codec;
 use crate::error::KvError;
+use crate::state::{malformed, parse_single, split_window};
 
 /// Every frame of one transfer: the header frame, the chunk frames in order, the end frame.
 pub type TransferFrames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
@@ -15,13 +16,20 @@ pub type TransferFrames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
 /// Feed it exports of the sequence as the prompt runs ([`Self::next_frame`] with the cells each
 /// holds, which only grow); it sends each cell once, in whole cells per chunk, every chunk
 /// compressed on its own. [`Self::end_frame`] closes the transfer with the checksum of the final
-/// state. Nothing needs the whole encoded size up front.
+/// state. Nothing needs the whole encoded size up front. For an iSWA model the sliding-window
+/// cache's cells follow the full cache's, cut from the final export (they change until the prompt
+/// ends), in chunks of whole window cells.
 pub struct KvEncoder {
     header: KvHeader,
     tag: u64,
     per_cell: usize,
     cells_per_chunk: usize,
     sent_cells: usize,
+    /// The final export's window cache as a state of its own, and its cells (iSWA only).
+    window_src: Option<(Vec<u8>, usize)>,
+    window_sent: usize,
+    /// Bytes of one window cell in a segment (0 without a window).
+    window_per_cell: usize,
     next_index: u32,
     raw_bytes: u64,
     wire_bytes: u64,
@@ -39,10 +47,15 @@ impl KvEncoder {
                 detail: "zero".into(),
             });
         }
+        let window_per_cell = match &header.shape.window {
+            Some(w) => usize::try_from(w.segment_bytes_per_cell()?)
+                .map_err(|_| malformed("cell size does not fit in memory"))?,
+            None => 0,
+        };
         let cells_per_chunk = (header.chunk_size as usize / per_cell).max(1);
         header.chunk_size = header
             .chunk_size
-            .max(u32::try_from(per_cell).unwrap_or(u32::MAX));
+            .max(u32::try_from(per_cell.max(window_per_cell)).unwrap_or(u32::MAX));
         let tag = header.transfer_tag();
         Ok(KvEncoder {
             header,
@@ -50,6 +63,9 @@ impl KvEncoder {
             per_cell,
             cells_per_chunk,
             sent_cells: 0,
+            window_src: None,
+            window_sent: 0,
+            window_per_cell,
             next_index: 0,
             raw_bytes: 0,
             wire_bytes: 0,
@@ -78,13 +94,41 @@ impl KvEncoder {
 
     /// The next chunk frame from `state`, an export of the sequence holding its first `cells`
     /// cells (single-stream form); `None` once every one of those cells has been sent. Call it
-    /// again with a later export for the cells that follow.
+    /// again with a later export for the cells that follow. With the final export (all the
+    /// header's tokens) it goes on to an iSWA model's window cells.
     pub fn next_frame(&mut self, state: &[u8], cells: usize) -> Result<Option<Vec<u8>>, KvError> {
-        let Some(range) = self.next_range(0, cells)? else {
+        if let Some(range) = self.next_range(0, cells)? {
+            let raw = self.header.shape.cut(state, range)?;
+            return Ok(Some(self.frame(&raw, false)));
+        }
+        if cells == self.header.tokens.len() {
+            return self.next_window_frame(state);
+        }
+        Ok(None)
+    }
+
+    /// The next chunk of the window cache's cells from `final_state`; `None` without a window or
+    /// once all of them have been sent.
+    fn next_window_frame(&mut self, final_state: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let Some(shape) = self.header.shape.window.as_deref() else {
             return Ok(None);
         };
-        let raw = self.header.shape.cut(state, range)?;
-        Ok(Some(self.frame(&raw)))
+        if self.window_src.is_none() {
+            let (_, window) = split_window(final_state)?;
+            let window = window.ok_or_else(|| malformed("the state has no window cache"))?;
+            let (info, _) = parse_single(&window, shape.cell_ext_len)?;
+            self.window_src = Some((window, info.cell_count as usize));
+        }
+        let Some((src, total)) = &self.window_src else {
+            return Ok(None);
+        };
+        if self.window_sent >= *total {
+            return Ok(None);
+        }
+        let per_chunk = (self.header.chunk_size as usize / self.window_per_cell.max(1)).max(1);
+        let end = (self.window_sent + per_chunk).min(*total);
+        let raw = shape.cut(src, self.window_sent as u32..end as u32)?;
+        Ok(Some(self.frame(&raw, true)))
     }
 
     /// The next chunk frame from `segment`, the cells `first..` of the sequence cut out already
@@ -106,7 +150,7 @@ impl KvEncoder {
             return Ok(None);
         };
         let raw = self.header.shape.cut_segment(segment, range)?;
-        Ok(Some(self.frame(&raw)))
+        Ok(Some(self.frame(&raw, false)))
     }
 
     /// The cells of the next chunk, counted from `offset`, when fewer than `cells` have been sent.
@@ -133,8 +177,9 @@ impl KvEncoder {
         ))
     }
 
-    /// Frames the next cells (`raw`, whole cells), compressed with the transfer's codec.
-    fn frame(&mut self, raw: &[u8]) -> Vec<u8> {
+    /// Frames the next cells (`raw`, whole cells of the full cache, or of the window cache when
+    /// `window`), compressed with the transfer's codec.
+    fn frame(&mut self, raw: &[u8], window: bool) -> Vec<u8> {
         let frame = match self.header.codec {
             Codec::None => chunk_frame(self.next_index, self.tag, raw, raw),
             codec => {
@@ -145,20 +190,27 @@ impl KvEncoder {
         };
         self.raw_bytes += raw.len() as u64;
         self.wire_bytes += (frame.len() - CHUNK_HEADER_LEN) as u64;
-        self.sent_cells += raw.len() / self.per_cell;
+        if window {
+            self.window_sent += raw.len() / self.window_per_cell.max(1);
+        } else {
+            self.sent_cells += raw.len() / self.per_cell;
+        }
         self.next_index += 1;
         frame
     }
 
-    /// The end frame, once every cell has been sent: the chunk count and the xxh3-64 of
-    /// `final_state`, the sequence's export holding all of them, which the receiver's joined state
-    /// must equal.
+    /// The end frame, once every cell has been sent: the chunk count, the window cells sent, and
+    /// the xxh3-64 of `final_state`, the sequence's export holding all of them, which the
+    /// receiver's joined state must equal.
     pub fn end_frame(&self, final_state: &[u8]) -> Result<Vec<u8>, KvError> {
         let n = self.header.tokens.len();
-        if self.sent_cells != n {
+        let window_total = self.window_src.as_ref().map_or(0, |(_, n)| *n);
+        let window_due =
+            self.header.shape.window.is_some() && self.window_sent != window_total.max(1);
+        if self.sent_cells != n || window_due {
             return Err(KvError::Incomplete {
-                received: self.sent_cells as u32,
-                declared: n as u32,
+                received: (self.sent_cells + self.window_sent) as u32,
+                declared: (n + window_total.max(1)) as u32,
             });
         }
         let mut b = Vec::with_capacity(END_FRAME_LEN);
@@ -166,6 +218,7 @@ impl KvEncoder {
         b.extend_from_slice(&self.tag.to_le_bytes());
         b.extend_from_slice(&self.next_index.to_le_bytes());
         b.extend_from_slice(&(n as u32).to_le_bytes());
+        b.extend_from_slice(&(self.window_sent as u32).to_le_bytes());
         b.extend_from_slice(&xxh3_64(final_state).to_le_bytes());
         let sum = xxh3_64(&b);
         b.extend_from_slice(&sum.to_le_bytes());

@@ -14,7 +14,7 @@ const HEADER_MAGIC: &[u8; 4] = b"EXKV";
 /// Header bytes before the token ids.
 const HEADER_FIXED_LEN: usize = 72;
 /// The shorter a shape can be: its fixed fields and one layer of K and V.
-const SKELETON_MIN_LEN: u64 = 17 + 24;
+const SKELETON_MIN_LEN: u64 = 17 + 24 + 1;
 /// Most layers a header's shape may declare.
 const MAX_LAYERS: u32 = 4096;
 /// The trailing header checksum.
@@ -259,11 +259,23 @@ pub struct DecodeLimits {
 
 impl DecodeLimits {
     /// The limits of a receiver whose context holds `n_ctx_seq` tokens per sequence in cache
-    /// `shape`: no more tokens than a sequence holds, no larger state than such a sequence's.
-    pub fn for_context(shape: &crate::StateShape, n_ctx_seq: u32) -> DecodeLimits {
+    /// `shape`: no more tokens than a sequence holds, no larger state than such a sequence's. For
+    /// an iSWA shape the window cache counts with at most `window` cells (the model's sliding
+    /// window; `None`: as many as the context).
+    pub fn for_context(
+        shape: &crate::StateShape,
+        n_ctx_seq: u32,
+        window: Option<u32>,
+    ) -> DecodeLimits {
         let defaults = DecodeLimits::default();
+        let window_cells = window.map_or(n_ctx_seq, |w| w.min(n_ctx_seq)) as usize;
+        let window_len = shape
+            .window
+            .as_ref()
+            .map_or(Ok(0), |w| w.state_len(window_cells));
         let state = shape
             .state_len(n_ctx_seq as usize)
+            .and_then(|full| window_len.map(|w| full.saturating_add(w)))
             .map_or(defaults.max_state_bytes, |b| b as u64);
         DecodeLimits {
             max_state_bytes: state.min(defaults.max_state_bytes),

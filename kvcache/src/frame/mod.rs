@@ -18,7 +18,7 @@ pub use encoder::{KvEncoder, TransferFrames};
 pub use header::{DecodeLimits, ImportTarget, KvHeader};
 
 /// The wire format version this build writes and reads.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 /// Default raw bytes per chunk: small enough for tarpc's 8 MiB frame even when lz4 expands a chunk.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Largest raw chunk a receiver accepts unless its limits say less.
@@ -30,8 +30,9 @@ pub const CHUNK_HEADER_LEN: usize = 32;
 const CHUNK_MAGIC: &[u8; 4] = b"EXKC";
 /// Magic bytes that open the end frame.
 const END_MAGIC: &[u8; 4] = b"EXKE";
-/// Bytes of the end frame: magic, transfer tag, chunk count, cell count, state checksum, checksum.
-const END_FRAME_LEN: usize = 4 + 8 + 4 + 4 + 8 + 8;
+/// Bytes of the end frame: magic, transfer tag, chunk count, cell count, window cell count, state
+/// checksum, checksum.
+const END_FRAME_LEN: usize = 4 + 8 + 4 + 4 + 4 + 8 + 8;
 
 /// The first 8 bytes of `b` as an array (callers pass at least 8 bytes).
 fn fixed8(b: &[u8]) -> [u8; 8] {

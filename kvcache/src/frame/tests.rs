@@ -243,15 +243,18 @@ fn wrong_model_layout_and_version_are_refused_before_any_payload() {
         decode(&unknown_codec, &c, &e),
         Err(KvError::UnknownCodec(9))
     );
-    // A version 1 sender (whole state, sizes up front) is refused by name.
-    let v1 = forge_header(&h, |b| b[4..6].copy_from_slice(&1u16.to_le_bytes()));
-    assert_eq!(
-        decode(&v1, &c, &e),
-        Err(KvError::UnsupportedVersion {
-            found: 1,
-            supported: 2
-        })
-    );
+    // Older senders (version 1: whole state, sizes up front; version 2: no window caches, a
+    // shorter end frame) are refused by name.
+    for old in [1u16, 2] {
+        let forged = forge_header(&h, |b| b[4..6].copy_from_slice(&old.to_le_bytes()));
+        assert_eq!(
+            decode(&forged, &c, &e),
+            Err(KvError::UnsupportedVersion {
+                found: old,
+                supported: WIRE_VERSION
+            })
+        );
+    }
 }
 
 #[test]
@@ -389,4 +392,72 @@ proptest! {
         let (h, c, e) = KvEncoder::whole(spec, &state).unwrap_or_default();
         prop_assert_eq!(decode(&h, &c, &e), Ok(state));
     }
+}
+
+/// An iSWA state of `n` cells with a `w`-cell window, and what a transfer of it says.
+fn iswa_fixture(n: i32, w: i32, codec: Codec, chunk: u32) -> (Vec<u8>, KvHeader) {
+    let state = crate::state::tests::synthetic_iswa(1, 0, n, w, false);
+    let (_, spec) = fixture(n as usize, false, codec, chunk);
+    let shape = StateShape::calibrate(&state).unwrap_or_else(|e| panic!("{e}"));
+    (state, KvHeader { shape, ..spec })
+}
+
+#[test]
+fn an_iswa_transfer_carries_the_window_after_the_full_cache() {
+    for codec in Codec::ALL {
+        for chunk in [1u32, 2 * PER_CELL, 1 << 20] {
+            let (state, spec) = iswa_fixture(11, 4, codec, chunk);
+            let (h, c, e) = KvEncoder::whole(spec, &state).unwrap_or_default();
+            assert_eq!(
+                decode(&h, &c, &e),
+                Ok(state.clone()),
+                "{codec} chunk {chunk}"
+            );
+            // Without the last window chunk the end frame does not add up.
+            assert!(decode(&h, &c[..c.len() - 1], &e).is_err());
+        }
+    }
+    // Streamed: full-cache segments while the prompt runs, then the final export's rest and window.
+    let (state, spec) = iswa_fixture(11, 4, Codec::Lz4, 3 * PER_CELL);
+    let mut enc = KvEncoder::new(spec).unwrap_or_else(|e| panic!("{e}"));
+    let mut d = KvDecoder::new(&enc.header_frame(), &DecodeLimits::default(), &target())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seg = enc.header().shape.cut(&state, 0..6).unwrap_or_default();
+    while let Some(f) = enc.next_frame_of_segment(&seg, 0).unwrap_or_default() {
+        assert!(d.push_chunk(&f).is_ok());
+    }
+    assert!(enc.end_frame(&state).is_err(), "cells still due");
+    while let Some(f) = enc.next_frame(&state, 11).unwrap_or_default() {
+        assert!(d.push_chunk(&f).is_ok());
+    }
+    let end = enc.end_frame(&state).unwrap_or_default();
+    assert_eq!(d.finish(&end).map(|k| k.state), Ok(state));
+}
+
+#[test]
+fn window_cells_past_the_limit_or_the_prompt_are_refused() {
+    let (state, spec) = iswa_fixture(5, 5, Codec::None, 1 << 20);
+    let (h, c, _) = KvEncoder::whole(spec, &state).unwrap_or_default();
+    let limits = DecodeLimits {
+        max_state_bytes: state.len() as u64 / 2,
+        ..DecodeLimits::default()
+    };
+    let mut d = KvDecoder::new(&h, &limits, &target()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(d.push_chunk(&c[0]).is_ok());
+    assert!(matches!(
+        d.push_chunk(&c[1]),
+        Err(KvError::StateTooLarge { .. })
+    ));
+    // A second copy of the window would hold more cells than the prompt.
+    let mut d =
+        KvDecoder::new(&h, &DecodeLimits::default(), &target()).unwrap_or_else(|e| panic!("{e}"));
+    for f in &c {
+        assert!(d.push_chunk(f).is_ok());
+    }
+    let mut again = c[1].clone();
+    again[4..8].copy_from_slice(&2u32.to_le_bytes());
+    assert!(matches!(
+        d.push_chunk(&again),
+        Err(KvError::OversizedChunk { .. })
+    ));
 }

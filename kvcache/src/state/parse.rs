@@ -1,0 +1,273 @@
+//! The byte parser behind [`super::StateShape`]: a state's head, then one cache section, or two for
+//! an iSWA model (the full-attention cache, then the sliding-window cache), each checked field by
+//! field before anything trusts it.
+//!
+//! A section is `u32 n_stream`, then per stream `u32 cell_count` and, when non-zero, the stream's
+//! cells and layers. A sequence's cells sit in one stream of a section. The full cache holds the
+//! positions `0..n`; the window cache only the last positions still inside the window, so a
+//! section's positions are checked to be distinct and contiguous from their lowest, and the caller
+//! checks where they start.
+
+use std::ops::Range;
+
+use super::{LayerShape, StateShape, VShape};
+use crate::error::KvError;
+use crate::frame::Reader;
+
+const STATE_MAGIC: u32 = 0xaf14_3cd8;
+/// Bytes of a state's head: magic and source sequence id.
+pub(crate) const HEAD_LEN: usize = 8;
+
+pub(crate) fn malformed(msg: impl Into<String>) -> KvError {
+    KvError::MalformedState(msg.into())
+}
+
+/// One cache section of a state, as parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct Section {
+    /// Streams in the section.
+    pub n_stream: u32,
+    /// The one stream holding cells (0 when none does).
+    pub stream: u32,
+    /// Cells in that stream.
+    pub cell_count: u32,
+    /// The lowest cell position (0 when there are no cells).
+    pub first_pos: i32,
+    /// Bytes of the whole section, from its `n_stream` field.
+    pub span: Range<usize>,
+    /// Bytes of the cell-holding stream, from its `cell_count` field (an empty one when none holds
+    /// cells: the first stream's `cell_count`).
+    pub body: Range<usize>,
+    /// The cache shape its cells show (`None` without cells); its `window` is `None`.
+    pub shape: Option<StateShape>,
+}
+
+/// A parsed state: the full cache and, for an iSWA model, the window cache after it.
+#[derive(Debug, Clone)]
+pub(crate) struct Parsed {
+    pub full: Section,
+    pub window: Option<Section>,
+}
+
+impl Parsed {
+    /// The state's shape (the window's as [`StateShape::window`]), `None` when a section holds no
+    /// cells.
+    pub(crate) fn shape(&self) -> Option<StateShape> {
+        let mut shape = self.full.shape.clone()?;
+        if let Some(w) = &self.window {
+            shape.window = Some(Box::new(w.shape.clone()?));
+        }
+        Some(shape)
+    }
+}
+
+/// Parses a state whose cell records carry a `cell_ext_len`-byte extension: the head, one or two
+/// sections, nothing after them.
+pub(crate) fn parse(state: &[u8], cell_ext_len: u32) -> Result<Parsed, KvError> {
+    let mut r = Reader::new(state, "KV state");
+    if r.u32()? != STATE_MAGIC {
+        return Err(KvError::BadMagic { what: "KV state" });
+    }
+    let _source_seq = r.i32()?;
+    let full = parse_section(&mut r, cell_ext_len)?;
+    let window = if r.remaining() > 0 {
+        let trailing = r.remaining();
+        Some(parse_section(&mut r, cell_ext_len).map_err(|e| {
+            malformed(format!(
+                "{trailing} bytes after the cache that are not a second (sliding-window) cache: {e}"
+            ))
+        })?)
+    } else {
+        None
+    };
+    if r.remaining() > 0 {
+        return Err(malformed(format!(
+            "{} trailing bytes after two caches",
+            r.remaining()
+        )));
+    }
+    Ok(Parsed { full, window })
+}
+
+fn parse_section(r: &mut Reader<'_>, cell_ext_len: u32) -> Result<Section, KvError> {
+    let start = r.pos();
+    let n_stream = r.u32()?;
+    if n_stream == 0 {
+        return Err(malformed("zero streams"));
+    }
+    let mut found: Option<Section> = None;
+    let first_body = r.pos()..r.pos() + 4;
+    for s in 0..n_stream {
+        let body_start = r.pos();
+        let cell_count = r.u32()?;
+        if cell_count == 0 {
+            continue;
+        }
+        if found.is_some() {
+            return Err(malformed("cells in more than one stream"));
+        }
+        let first_pos = parse_cells(r, cell_count, cell_ext_len)?;
+        let shape = parse_layers(r, cell_count, cell_ext_len, n_stream)?;
+        found = Some(Section {
+            n_stream,
+            stream: s,
+            cell_count,
+            first_pos,
+            span: 0..0,
+            body: body_start..r.pos(),
+            shape: Some(shape),
+        });
+    }
+    let span = start..r.pos();
+    Ok(match found {
+        Some(s) => Section { span, ..s },
+        None => Section {
+            n_stream,
+            stream: 0,
+            cell_count: 0,
+            first_pos: 0,
+            span,
+            body: first_body,
+            shape: None,
+        },
+    })
+}
+
+/// Reads one stream's layers (after its cells) and returns the cache shape they show.
+fn parse_layers(
+    r: &mut Reader<'_>,
+    cell_count: u32,
+    ext_len: u32,
+    n_stream: u32,
+) -> Result<StateShape, KvError> {
+    let v_trans = read_v_trans(r)?;
+    let n_layer = r.u32()?;
+    let n_rot_k = r.u32()?;
+    let n_rot_v = r.u32()?;
+    let cells = u64::from(cell_count);
+    let k = parse_k_layers(r, n_layer, cells)?;
+    let v = parse_v_layers(r, n_layer, cells, v_trans)?;
+    Ok(StateShape {
+        n_stream,
+        cell_ext_len: ext_len,
+        v_trans,
+        n_rot_k,
+        n_rot_v,
+        k,
+        v,
+        window: None,
+    })
+}
+
+/// Reads `cell_count` cells, each with exactly one sequence id, whose positions are distinct and
+/// contiguous (any order); returns the lowest.
+fn parse_cells(r: &mut Reader<'_>, cell_count: u32, ext_len: u32) -> Result<i32, KvError> {
+    let n = cell_count as usize;
+    // Every cell takes at least 12 bytes: refuse an absurd count before allocating the position map.
+    if (n as u64) * 12 > r.remaining() as u64 {
+        return Err(KvError::Truncated {
+            what: "KV state cells",
+            need: n as u64 * 12,
+            have: r.remaining() as u64,
+        });
+    }
+    let mut positions = Vec::with_capacity(n);
+    for _ in 0..n {
+        positions.push(read_cell(r, ext_len)?);
+    }
+    let first = positions.iter().copied().min().unwrap_or(0);
+    if first < 0 {
+        return Err(malformed(format!("cell position {first}")));
+    }
+    let mut seen = vec![false; n];
+    for pos in positions {
+        let slot = usize::try_from(i64::from(pos) - i64::from(first))
+            .ok()
+            .and_then(|p| seen.get_mut(p));
+        match slot {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(malformed(format!(
+                    "cell position {pos} is repeated or outside {first}..{}",
+                    i64::from(first) + n as i64
+                )));
+            }
+        }
+    }
+    Ok(first)
+}
+
+/// Reads one cell and returns its position; refuses a cell in other than exactly one sequence.
+fn read_cell(r: &mut Reader<'_>, ext_len: u32) -> Result<i32, KvError> {
+    let pos = r.i32()?;
+    let n_seq_id = r.u32()?;
+    r.skip(u64::from(ext_len))?;
+    if n_seq_id != 1 {
+        return Err(malformed(format!(
+            "cell with {n_seq_id} sequence ids (expected 1)"
+        )));
+    }
+    let _seq = r.i32()?;
+    Ok(pos)
+}
+
+/// Reads the `v_trans` field, which must be 0 or 1.
+fn read_v_trans(r: &mut Reader<'_>) -> Result<bool, KvError> {
+    match r.u32()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(malformed(format!("v_trans {v}"))),
+    }
+}
+
+/// Reads `n_layer` K layers (type id, row size, then `cells` rows each).
+fn parse_k_layers(
+    r: &mut Reader<'_>,
+    n_layer: u32,
+    cells: u64,
+) -> Result<Vec<LayerShape>, KvError> {
+    let mut k = Vec::new();
+    for _ in 0..n_layer {
+        let type_id = r.i32()?;
+        let row_size = r.u64()?;
+        skip_rows(r, row_size, cells)?;
+        k.push(LayerShape { type_id, row_size });
+    }
+    Ok(k)
+}
+
+/// Reads `n_layer` V layers: rows like K, or when transposed element size and count, then the runs.
+fn parse_v_layers(
+    r: &mut Reader<'_>,
+    n_layer: u32,
+    cells: u64,
+    v_trans: bool,
+) -> Result<Vec<VShape>, KvError> {
+    let mut v = Vec::new();
+    for _ in 0..n_layer {
+        let type_id = r.i32()?;
+        if v_trans {
+            let elem_size = r.u32()?;
+            let n_embd = r.u32()?;
+            skip_rows(r, u64::from(elem_size) * u64::from(n_embd), cells)?;
+            v.push(VShape::Transposed {
+                type_id,
+                elem_size,
+                n_embd,
+            });
+        } else {
+            let row_size = r.u64()?;
+            skip_rows(r, row_size, cells)?;
+            v.push(VShape::Rows(LayerShape { type_id, row_size }));
+        }
+    }
+    Ok(v)
+}
+
+/// Skips `cells` rows of `row` bytes each, refusing a total that overflows.
+fn skip_rows(r: &mut Reader<'_>, row: u64, cells: u64) -> Result<(), KvError> {
+    let bytes = row
+        .checked_mul(cells)
+        .ok_or_else(|| malformed("row size overflows"))?;
+    r.skip(bytes)
+}
