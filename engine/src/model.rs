@@ -186,8 +186,12 @@ impl Model {
         let fingerprint = fingerprint_file(path).map_err(|e| load_err(e.to_string()))?;
         let backend = backend()?;
         let (params, devices, requested) = offload::params(options.gpu_layers, options.main_gpu)?;
-        let llama = LlamaModel::load_from_file(backend, path, &params)
-            .map_err(|e| load_err(e.to_string()))?;
+        let llama = LlamaModel::load_from_file(backend, path, &params).map_err(|e| {
+            load_err(format!(
+                "llama.cpp could not load it ({e}): not a GGUF file, a truncated one, or an \
+                 architecture this llama.cpp does not know (its log line above says which)"
+            ))
+        })?;
         let architecture = llama
             .meta_val_str("general.architecture")
             .unwrap_or_else(|_| "unknown".into());

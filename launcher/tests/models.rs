@@ -111,5 +111,17 @@ slots = 2
     assert!(a_text.contains("ferry"), "{a_text:?}");
     assert!(b.text.contains("ferry"), "{:?}", b.text);
     assert_eq!(b.finish, "length");
+    // A base model has no chat template: a chat request is refused, naming what is missing.
+    let chat = json!({
+        "model": "gemma-3-270m-q4_k_m", "max_tokens": 4,
+        "messages": [{ "role": "user", "content": "Hello" }],
+    });
+    let refused = post(server.addr, "/v1/chat/completions", &chat).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.to_string().contains("chat_template"),
+        "{}",
+        refused.body
+    );
     server.shutdown().await;
 }
