@@ -96,11 +96,7 @@ slots = 2
         .text()
         .await
         .unwrap();
-    let pieces = metrics
-        .lines()
-        .find(|l| l.starts_with("exo_kv_pieces_total") && l.contains("node=\"prefill-0\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok())
+    let pieces = common::node_counter(&metrics, "exo_kv_pieces_total", "prefill-0")
         .unwrap_or_else(|| panic!("no exo_kv_pieces_total: {metrics}"));
     assert!(pieces > 2, "two caches went in {pieces} pieces in all");
     let usage = &a.body["usage"];

@@ -121,11 +121,7 @@ async fn auto_splits_long_prompts_keeps_short_ones_and_respects_the_link() {
         .kv_pieces
         .parse()
         .expect("x-exo-kv-pieces on a priced split");
-    let shipped = metrics
-        .lines()
-        .find(|l| l.starts_with("exo_kv_pieces_total") && l.contains("node=\"compute\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok())
+    let shipped = common::node_counter(&metrics, "exo_kv_pieces_total", "compute")
         .unwrap_or_else(|| panic!("no exo_kv_pieces_total for compute: {metrics}"));
     eprintln!("kv pieces: chosen {chosen}, shipped {shipped}");
     if chosen == 1 {

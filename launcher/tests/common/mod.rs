@@ -195,3 +195,12 @@ pub fn write_profile(
     std::fs::write(&profile, text).unwrap();
     (dir, profile)
 }
+
+/// The value of counter `name` for `node` in a Prometheus text scrape (`None` when absent).
+pub fn node_counter(metrics: &str, name: &str, node: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains(&format!("node=\"{node}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+}
