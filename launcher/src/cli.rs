@@ -40,6 +40,25 @@ pub enum Command {
     Cluster(ClusterCommand),
     /// Show a running cluster: its nodes, links and last requests, as the web page does.
     Status(StatusArgs),
+    /// Fetch a GGUF model from the Hugging Face hub into its cache and print its path.
+    Pull(PullArgs),
+}
+
+/// `exo-router pull`.
+#[derive(clap::Args)]
+pub struct PullArgs {
+    /// `org/repo:TAG` (the GGUF file whose name carries the quantization tag, e.g. Q8_0) or
+    /// `org/repo` (its Q4_K_M file).
+    pub name: String,
+    /// This file of the repository instead of the one the tag picks.
+    #[arg(long)]
+    pub file: Option<String>,
+    /// Branch, tag or commit of the repository.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// `exo-router status`.
@@ -91,7 +110,8 @@ pub struct ClusterInitArgs {
 /// The model and KV cache a node runs with (`node` and `profile`).
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// GGUF model (every node of a cluster must run the same file).
+    /// GGUF model (every node of a cluster must run the same file): a path, or a Hugging Face
+    /// name `org/repo:TAG` taken from the hub's cache or fetched into it (`exo-router pull`).
     #[arg(
         long,
         env = "EXO_MODEL",

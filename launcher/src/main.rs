@@ -3,6 +3,7 @@
 //! `status`.
 
 mod cli;
+mod hub;
 mod lan;
 mod output;
 mod status;
@@ -71,12 +72,54 @@ fn run() -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
-        Command::Node(args) => rt.block_on(node(args)),
-        Command::Profile(args) => rt.block_on(profile(args)),
+        Command::Node(mut args) => {
+            args.engine.model = rt.block_on(hub_model(&args.engine.model))?;
+            rt.block_on(node(args))
+        }
+        Command::Profile(mut args) => {
+            args.engine.model = rt.block_on(hub_model(&args.engine.model))?;
+            rt.block_on(profile(args))
+        }
+        Command::Pull(args) => rt.block_on(pull(&args)),
         Command::Plan(args) => plan(&args),
         Command::Simulate(args) => simulate(&args),
         Command::Cluster(ClusterCommand::Init(args)) => cluster_init(&args),
         Command::Status(args) => rt.block_on(status::status(&args)),
+    }
+}
+
+/// `exo-router pull`: the file's path in the cache on stdout.
+async fn pull(args: &cli::PullArgs) -> Result<()> {
+    let mut name = hub::HubName::parse(&args.name).with_context(|| {
+        format!(
+            "{:?} is not a hub name (org/repo or org/repo:TAG)",
+            args.name
+        )
+    })?;
+    if let Some(file) = &args.file {
+        name.pick = hub::Pick::File(file.clone());
+    }
+    name.revision = args.revision.clone();
+    let cfg = hub::HubConfig {
+        progress: !args.quiet,
+        ..hub::HubConfig::from_env()
+    };
+    let path = hub::pull(&cfg, &name).await?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// A `--model` argument as a file: itself when it is one, else the hub model its name stands for
+/// (from the cache, or fetched into it).
+async fn hub_model(model: &Path) -> Result<std::path::PathBuf> {
+    let text = model.to_string_lossy();
+    match hub::HubName::parse(&text) {
+        Some(name) if !model.is_file() => {
+            let path = hub::model_path(&hub::HubConfig::from_env(), &name).await?;
+            eprintln!("model {text}: {}", path.display());
+            Ok(path)
+        }
+        _ => Ok(model.to_path_buf()),
     }
 }
 
@@ -189,6 +232,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         profile.migration_limit = limit;
     }
     apply_api_flags(&mut profile, &args)?;
+    let embedded = profile
+        .nodes
+        .iter()
+        .any(|n| n.address == exo_router::profile::NodeAddress::Embedded);
+    if embedded && exo_launcher::resolve_model(&profile).is_err() {
+        // `model = "org/repo:TAG"`: the embedded nodes load it from the hub's cache.
+        profile.model = hub_model(&profile.model).await?;
+    }
     let listen = args.listen.unwrap_or(profile.listen);
     if !listen.ip().is_loopback() && profile.api.keys.is_empty() {
         eprintln!(
