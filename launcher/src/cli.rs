@@ -49,7 +49,18 @@ pub enum Command {
 pub struct PullArgs {
     /// `org/repo:TAG` (the GGUF file whose name carries the quantization tag, e.g. Q8_0) or
     /// `org/repo` (its Q4_K_M file).
-    pub name: String,
+    #[arg(required_unless_present = "from_peer")]
+    pub name: Option<String>,
+    /// Fetch the model the node at this RPC address runs instead (over the cluster link: give
+    /// `--cluster` when the cluster has a file), into `--out`.
+    #[arg(long, value_name = "ADDR", requires = "out", conflicts_with = "name")]
+    pub from_peer: Option<String>,
+    /// Where a model fetched from a peer goes.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The cluster file, for a peer whose links use mutual TLS.
+    #[arg(long, env = "EXO_CLUSTER")]
+    pub cluster: Option<PathBuf>,
     /// This file of the repository instead of the one the tag picks.
     #[arg(long)]
     pub file: Option<String>,
@@ -238,6 +249,10 @@ pub struct NodeArgs {
     /// same file may connect, and every link is encrypted.
     #[arg(long, env = "EXO_CLUSTER")]
     pub cluster: Option<PathBuf>,
+    /// When the `--model` file is missing here, fetch it first from the node at this RPC
+    /// address (the same model, checked against its fingerprint; over the cluster link).
+    #[arg(long, value_name = "ADDR", env = "EXO_MODEL_FROM")]
+    pub model_from: Option<String>,
     /// Node name (defaults to the host name and port).
     #[arg(long, env = "EXO_NODE_NAME")]
     pub name: Option<String>,

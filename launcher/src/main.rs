@@ -73,6 +73,15 @@ fn run() -> Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Node(mut args) => {
+            if let Some(peer) = &args.model_from {
+                let security = LinkSecurity::from_cluster_file(args.cluster.as_deref())?;
+                rt.block_on(hub::fetch_from_peer(
+                    peer,
+                    &security,
+                    &args.engine.model,
+                    true,
+                ))?;
+            }
             args.engine.model = rt.block_on(hub_model(&args.engine.model))?;
             rt.block_on(node(args))
         }
@@ -90,12 +99,15 @@ fn run() -> Result<()> {
 
 /// `exo-router pull`: the file's path in the cache on stdout.
 async fn pull(args: &cli::PullArgs) -> Result<()> {
-    let mut name = hub::HubName::parse(&args.name).with_context(|| {
-        format!(
-            "{:?} is not a hub name (org/repo or org/repo:TAG)",
-            args.name
-        )
-    })?;
+    if let (Some(peer), Some(out)) = (&args.from_peer, &args.out) {
+        let security = LinkSecurity::from_cluster_file(args.cluster.as_deref())?;
+        let path = hub::fetch_from_peer(peer, &security, out, !args.quiet).await?;
+        println!("{}", path.display());
+        return Ok(());
+    }
+    let text = args.name.as_deref().unwrap_or_default();
+    let mut name = hub::HubName::parse(text)
+        .with_context(|| format!("{text:?} is not a hub name (org/repo or org/repo:TAG)"))?;
     if let Some(file) = &args.file {
         name.pick = hub::Pick::File(file.clone());
     }

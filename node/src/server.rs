@@ -2,6 +2,7 @@
 //! as the node's role says; calls for a side the node lacks are refused with `WrongRole`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,8 +12,9 @@ use exo_engine::{ContextConfig, ContextHandle, Model, Offload};
 use exo_kvcache::{DecodeLimits, KvLayout};
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
-    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe, LinkSecurity, NodeError, NodeInfo, NodePerf,
-    NodeService, PollReply, PrefillReply, PrefillRequest, Prompt, RequestId, Role, ToolSyntax,
+    HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe, LinkSecurity, MAX_MODEL_PART, ModelPart,
+    NodeError, NodeInfo, NodePerf, NodeService, PollReply, PrefillReply, PrefillRequest, Prompt,
+    RequestId, Role, ToolSyntax,
 };
 use futures::StreamExt;
 use tarpc::context::Context;
@@ -297,6 +299,36 @@ impl NodeService for NodeServer {
             .ok_or_else(|| self.wrong_role("probe a link"))?;
         prefill.probe_link(&to, bytes).await
     }
+
+    async fn model_part(self, _: Context, offset: u64, len: u32) -> Result<ModelPart, NodeError> {
+        let path = self.ctx.model().path().to_path_buf();
+        let len = len.min(MAX_MODEL_PART);
+        // File reads: off the async threads.
+        tokio::task::spawn_blocking(move || read_model_part(&path, offset, len))
+            .await
+            .map_err(|e| NodeError::Engine(format!("reading the model: {e}")))?
+    }
+}
+
+/// `len` bytes of the file at `path` from `offset` (fewer at its end), and its size.
+fn read_model_part(path: &Path, offset: u64, len: u32) -> Result<ModelPart, NodeError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let failed = |e: std::io::Error| NodeError::Engine(format!("reading the model file: {e}"));
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let total = file.metadata().map_err(failed)?.len();
+    if offset > total {
+        return Err(NodeError::InvalidRequest(format!(
+            "offset {offset} is past the model file's {total} bytes"
+        )));
+    }
+    let n = u64::from(len).min(total - offset);
+    file.seek(SeekFrom::Start(offset)).map_err(failed)?;
+    let mut bytes = Vec::with_capacity(n as usize);
+    file.take(n).read_to_end(&mut bytes).map_err(failed)?;
+    Ok(ModelPart {
+        total,
+        bytes: bytes.into(),
+    })
 }
 
 /// Why a node could not start.

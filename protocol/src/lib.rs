@@ -23,9 +23,9 @@ pub use perf::{CodecPerf, NodePerf, PerfError, positive};
 pub use serde_bytes::ByteBuf;
 pub use service::{
     ChatPrompt, ChatTurn, Handoff, HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe,
-    MAX_PROBE_BYTES, NodeError, NodeInfo, NodeService, NodeServiceClient, NodeServiceRequest,
-    NodeServiceResponse, PollReply, PrefillReply, PrefillRequest, Prompt, RequestId, Role,
-    ServeNodeService, ToolSyntax,
+    MAX_MODEL_PART, MAX_PROBE_BYTES, ModelPart, NodeError, NodeInfo, NodeService,
+    NodeServiceClient, NodeServiceRequest, NodeServiceResponse, PollReply, PrefillReply,
+    PrefillRequest, Prompt, RequestId, Role, ServeNodeService, ToolSyntax,
 };
 pub use tls::{ClusterError, LinkSecurity, new_cluster_pem};
 pub use transport::{

@@ -348,6 +348,19 @@ pub enum NodeError {
     Engine(String),
 }
 
+/// The most bytes one [`NodeService::model_part`] returns.
+pub const MAX_MODEL_PART: u32 = 4 << 20;
+
+/// A piece of the GGUF file a node runs, for a peer that lacks the model
+/// ([`NodeService::model_part`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPart {
+    /// The whole file's size in bytes.
+    pub total: u64,
+    /// The bytes from the offset asked for (fewer at the end of the file).
+    pub bytes: serde_bytes::ByteBuf,
+}
+
 /// A measurement of the link from a prefill node to a decode node ([`NodeService::probe_link`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LinkProbe {
@@ -392,4 +405,8 @@ pub trait NodeService {
     /// Measures the link from this (prefill) node to the node at `to`: empty round trips, then
     /// `bytes` (at most [`MAX_PROBE_BYTES`]) sent to it.
     async fn probe_link(to: String, bytes: u32) -> Result<LinkProbe, NodeError>;
+    /// Up to `len` bytes (at most [`MAX_MODEL_PART`]) of the node's model file from `offset`: a
+    /// node that lacks the model fetches it from a peer over the cluster link. The fetching side
+    /// checks the whole file against the fingerprint `hello` reports.
+    async fn model_part(offset: u64, len: u32) -> Result<ModelPart, NodeError>;
 }

@@ -118,6 +118,15 @@ impl NodeService for StandIn {
         Err(NodeError::Busy)
     }
 
+    async fn model_part(
+        self,
+        _: Context,
+        _: u64,
+        _: u32,
+    ) -> Result<exo_protocol::ModelPart, NodeError> {
+        Err(NodeError::Busy)
+    }
+
     async fn probe_sink(self, _: Context, payload: exo_protocol::ByteBuf) -> u64 {
         payload.len() as u64
     }

@@ -112,8 +112,8 @@ pub(super) async fn fetch(
         let _ = tokio::fs::remove_file(&part).await;
         return Err(HubError::Checksum {
             file: file.path.clone(),
-            expected,
-            actual: format!("bytes of sha256 {actual}"),
+            expected: format!("sha256 {expected} (the hub's)"),
+            actual: format!("sha256 {actual}"),
         });
     }
     tokio::fs::rename(&part, blob).await.map_err(io_err(blob))
@@ -175,7 +175,7 @@ fn sha256_of(path: &Path) -> Result<String, HubError> {
 }
 
 /// The download's progress on stderr: one redrawn line on a terminal, else a line per 10%.
-struct Progress {
+pub(super) struct Progress {
     on: bool,
     tty: bool,
     name: String,
@@ -188,7 +188,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(on: bool, name: &str, total: u64) -> Self {
+    pub(super) fn new(on: bool, name: &str, total: u64) -> Self {
         let now = Instant::now();
         Progress {
             on,
@@ -203,13 +203,13 @@ impl Progress {
         }
     }
 
-    fn at(&mut self, done: u64) {
+    pub(super) fn at(&mut self, done: u64) {
         self.done = done;
         self.from = done;
         self.started = Instant::now();
     }
 
-    fn add(&mut self, n: u64) {
+    pub(super) fn add(&mut self, n: u64) {
         self.done += n;
         let tenth = (self.done * 10).checked_div(self.total).unwrap_or(0);
         let due = if self.tty {
@@ -248,13 +248,13 @@ impl Progress {
         }
     }
 
-    fn interrupt(&self, why: &str) {
+    pub(super) fn interrupt(&self, why: &str) {
         if self.on {
             eprintln!("{}{why}", if self.tty { "\n" } else { "" });
         }
     }
 
-    fn done(&self) {
+    pub(super) fn done(&self) {
         self.draw(if self.tty { "\r" } else { "" }, "\n");
     }
 }

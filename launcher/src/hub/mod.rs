@@ -9,9 +9,13 @@
 //! `refs/REVISION` (the commit). A download resumes where an interrupted one stopped (HTTP range
 //! requests on `blobs/SHA256.incomplete`) and is checked against the sha256 the hub publishes for
 //! the file before it is used. `HF_ENDPOINT` points at another hub (a mirror, or a test server),
-//! `HF_TOKEN` authenticates, `HF_HUB_OFFLINE=1` uses the cache only.
+//! `HF_TOKEN` authenticates, `HF_HUB_OFFLINE=1` uses the cache only. [`fetch_from_peer`] takes a
+//! model from a node of the cluster instead.
 
 mod download;
+mod peer;
+
+pub use peer::fetch_from_peer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,17 +79,23 @@ pub enum HubError {
         /// The file.
         file: String,
     },
-    /// The downloaded bytes are not the file the hub describes.
-    #[error(
-        "{file}: downloaded {actual}, the hub says sha256 {expected}; the download was removed"
-    )]
+    /// The downloaded bytes are not the file the hub (or the peer) describes.
+    #[error("{file}: the bytes have {actual}, expected {expected}; the download was removed")]
     Checksum {
         /// The file.
         file: String,
-        /// The hub's sha256.
+        /// The hash or fingerprint the source publishes.
         expected: String,
-        /// What the bytes hashed to.
+        /// What the bytes came to.
         actual: String,
+    },
+    /// A peer node could not give its model.
+    #[error("peer {addr}: {detail}")]
+    Peer {
+        /// The peer's RPC address.
+        addr: String,
+        /// What went wrong.
+        detail: String,
     },
     /// The cache could not be written or read.
     #[error("{path}: {source}")]
