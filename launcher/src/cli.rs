@@ -328,6 +328,9 @@ pub struct PlanArgs {
     /// Output tokens of the request (default: the profile's policy.expected_output_tokens).
     #[arg(long)]
     pub output_tokens: Option<u64>,
+    /// The model the request names, when the profile's nodes run several.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -339,6 +342,9 @@ pub struct SimulateArgs {
     /// Cluster profile with [nodes.perf] for every node.
     #[arg(long)]
     pub profile: PathBuf,
+    /// The model the workload's requests name, when the profile's nodes run several.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Workload: comma-separated key=value among requests, rate (requests/s) or concurrency,
     /// prompt (tokens, or MIN-MAX), output (tokens, or MIN-MAX), long_every, long_tokens, seed.
     #[arg(

@@ -3,7 +3,7 @@
 //! system tests share: [`start`] brings up a profile's cluster, embedded nodes and router together.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use exo_engine::{EngineError, Model, ModelOptions};
@@ -57,8 +57,12 @@ pub enum LaunchError {
 /// Finds the profile's model: as written (relative to the working directory), then relative to the
 /// profile's folder and that folder's parent (so `profiles/x.toml` can name `models/...`).
 pub fn resolve_model(profile: &Profile) -> Result<PathBuf, LaunchError> {
-    let m = &profile.model;
-    let mut tried = vec![m.clone()];
+    resolve_model_path(profile, &profile.model)
+}
+
+/// Finds model file `m` named in `profile` the way [`resolve_model`] finds the profile's.
+pub fn resolve_model_path(profile: &Profile, m: &Path) -> Result<PathBuf, LaunchError> {
+    let mut tried = vec![m.to_path_buf()];
     if m.is_relative()
         && let Some(dir) = profile.path.parent()
     {
@@ -120,13 +124,13 @@ async fn start_embedded(
     Ok(bound.to_string())
 }
 
-/// Starts the cluster a profile describes: starts the embedded nodes (if any, loading the model
-/// once for all of them), then the router, which connects to every node and serves the API on
-/// `listen`. [`Server::shutdown`] stops the embedded nodes too.
+/// Starts the cluster a profile describes: starts the embedded nodes (if any, loading each model
+/// once for all the nodes that run it), then the router, which connects to every node and serves
+/// the API on `listen`. [`Server::shutdown`] stops the embedded nodes too.
 pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, LaunchError> {
     let (stop, _) = watch::channel(false);
     let security = LinkSecurity::from_cluster_file(profile.cluster_file.as_deref())?;
-    let mut model: Option<Arc<Model>> = None;
+    let mut models: Vec<(PathBuf, Arc<Model>)> = Vec::new();
     let mut addrs = Vec::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let budgets = thread_budgets(&profile.nodes, cores);
@@ -142,15 +146,18 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
         let addr = match &spec.address {
             NodeAddress::Remote(a) => a.clone(),
             NodeAddress::Embedded => {
-                let loaded = match &model {
-                    Some(m) => Arc::clone(m),
-                    None => Model::load(&resolve_model(profile)?, &ModelOptions::default())?,
+                let path =
+                    resolve_model_path(profile, spec.model.as_ref().unwrap_or(&profile.model))?;
+                let loaded = match models.iter().find(|(p, _)| *p == path) {
+                    Some((_, m)) => Arc::clone(m),
+                    None => {
+                        let m = Model::load(&path, &ModelOptions::default())?;
+                        models.push((path, Arc::clone(&m)));
+                        m
+                    }
                 };
                 let threads = budget.unwrap_or(cores);
-                let addr =
-                    start_embedded(&loaded, profile, spec, threads, &security, &stop).await?;
-                model = Some(loaded);
-                addr
+                start_embedded(&loaded, profile, spec, threads, &security, &stop).await?
             }
         };
         addrs.push(addr);
@@ -160,10 +167,13 @@ pub async fn start(profile: &Profile, listen: SocketAddr) -> Result<Server, Laun
         addrs,
         http: HttpOptions::load(&profile.api)?,
         security,
-        model: model.map(|m| ServedModel {
-            id: m.name(),
-            fingerprint: m.fingerprint(),
-        }),
+        models: models
+            .iter()
+            .map(|(_, m)| ServedModel {
+                id: m.name(),
+                fingerprint: m.fingerprint(),
+            })
+            .collect(),
     };
     Ok(Server::start(deployment, listen, stop).await?)
 }

@@ -193,8 +193,12 @@ async fn profile(args: ProfileArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_costed(path: &Path) -> Result<Profile> {
-    let profile = Profile::load(path)?;
+/// The profile at `path`, narrowed to the nodes of `model` (needed when it serves several), with
+/// a cost model.
+fn load_costed(path: &Path, model: Option<&str>) -> Result<Profile> {
+    let profile = Profile::load(path)?
+        .for_model(model)
+        .map_err(|e| anyhow::anyhow!("profile {}: {e}", path.display()))?;
     anyhow::ensure!(
         profile.has_cost_model(),
         "profile {} has no cost model: every node needs [nodes.perf] and [policy] needs kv_bytes_per_token (see docs/profiles.md)",
@@ -204,7 +208,7 @@ fn load_costed(path: &Path) -> Result<Profile> {
 }
 
 fn plan(args: &PlanArgs) -> Result<()> {
-    let profile = load_costed(&args.profile)?;
+    let profile = load_costed(&args.profile, args.model.as_deref())?;
     let shape = RequestShape {
         prompt_tokens: args.prompt_tokens.max(1),
         output_tokens: args
@@ -224,7 +228,7 @@ fn plan(args: &PlanArgs) -> Result<()> {
 }
 
 fn simulate(args: &SimulateArgs) -> Result<()> {
-    let profile = load_costed(&args.profile)?;
+    let profile = load_costed(&args.profile, args.model.as_deref())?;
     let workload: Workload = args.workload.parse()?;
     let reports = PlacementMode::ALL
         .into_iter()
@@ -244,13 +248,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
         profile.migration_limit = limit;
     }
     apply_api_flags(&mut profile, &args)?;
-    let embedded = profile
+    // `model = "org/repo:TAG"` (the profile's, or an embedded node's own): the embedded nodes
+    // load it from the hub's cache, fetched first when it is not there.
+    let embedded =
+        |n: &exo_router::profile::NodeSpec| n.address == exo_router::profile::NodeAddress::Embedded;
+    let profile_model_used = profile
         .nodes
         .iter()
-        .any(|n| n.address == exo_router::profile::NodeAddress::Embedded);
-    if embedded && exo_launcher::resolve_model(&profile).is_err() {
-        // `model = "org/repo:TAG"`: the embedded nodes load it from the hub's cache.
+        .any(|n| embedded(n) && n.model.is_none());
+    if profile_model_used && exo_launcher::resolve_model(&profile).is_err() {
         profile.model = hub_model(&profile.model).await?;
+    }
+    for i in 0..profile.nodes.len() {
+        let own = profile.nodes[i]
+            .model
+            .clone()
+            .filter(|_| embedded(&profile.nodes[i]));
+        if let Some(m) = own
+            && exo_launcher::resolve_model_path(&profile, &m).is_err()
+        {
+            profile.nodes[i].model = Some(hub_model(&m).await?);
+        }
     }
     let listen = args.listen.unwrap_or(profile.listen);
     if !listen.ip().is_loopback() && profile.api.keys.is_empty() {
@@ -261,9 +279,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     let server = exo_launcher::start(&profile, listen).await?;
+    let models: Vec<String> = server.cluster.models().into_iter().map(|m| m.id).collect();
     println!(
         "exo-router serving {} (profile {}), listening on http://{}",
-        server.cluster.model_id(),
+        if models.is_empty() {
+            server.cluster.model_id()
+        } else {
+            models.join(", ")
+        },
         path.display(),
         server.addr
     );

@@ -56,6 +56,7 @@ mod tests {
             slots: 1,
             threads,
             perf: None,
+            model: None,
         }
     }
 

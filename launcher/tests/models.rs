@@ -121,3 +121,112 @@ slots = 2
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cluster_serves_two_models_each_on_its_own_nodes() {
+    let smol = exo_test_support::model_path();
+    let gemma = root().join(GEMMA);
+    let text = format!(
+        r#"
+model = "{}"
+placement = "colocated"
+[layout]
+n_ctx_seq = 1024
+[[nodes]]
+name = "smol-0"
+address = "embedded"
+role = "both"
+slots = 2
+[[nodes]]
+name = "gemma-0"
+address = "embedded"
+role = "both"
+slots = 2
+model = "{}"
+"#,
+        smol.display(),
+        gemma.display()
+    );
+    let profile = Profile::parse(&text, Path::new("two-models.toml")).unwrap();
+    let server = exo_launcher::start(&profile, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr);
+    let models = reqwest::get(format!("{base}/v1/models"))
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"]);
+
+    // Each request goes to the nodes of the model it names, both at once.
+    let chat = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 8, "temperature": 0,
+        "messages": [{ "role": "user", "content": "What is the capital of France?" }],
+    });
+    let completion = json!({
+        "model": "gemma-3-270m-q4_k_m", "max_tokens": 8, "temperature": 0,
+        "prompt": log_prompt(3, 0),
+    });
+    let (a, b) = tokio::join!(
+        post(server.addr, "/v1/chat/completions", &chat),
+        post(server.addr, "/v1/completions", &completion)
+    );
+    assert_eq!((a.status, b.status), (200, 200), "{} {}", a.body, b.body);
+    assert_eq!(
+        (a.prefill_node.as_str(), a.decode_node.as_str()),
+        ("smol-0", "smol-0")
+    );
+    assert_eq!(
+        (b.prefill_node.as_str(), b.decode_node.as_str()),
+        ("gemma-0", "gemma-0")
+    );
+    assert_eq!(a.body["model"], "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(b.body["model"], "gemma-3-270m-q4_k_m");
+    assert!(
+        b.body["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("ferry"),
+        "{}",
+        b.body
+    );
+
+    // Token counts come from a node of the model named; an unknown model lists both.
+    let count = |model: &str| {
+        json!({ "model": model, "max_tokens": 1,
+                "messages": [{ "role": "user", "content": "Hello there" }] })
+    };
+    let counted = post(
+        server.addr,
+        "/v1/messages/count_tokens",
+        &count("SmolLM2-135M-Instruct.Q4_1"),
+    )
+    .await;
+    assert_eq!(counted.status, 200, "{}", counted.body);
+    let unknown = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({
+            "model": "llama-9000", "messages": [{ "role": "user", "content": "hi" }],
+        }),
+    )
+    .await;
+    assert_eq!(unknown.status, 400, "{}", unknown.body);
+    let message = unknown.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("`SmolLM2-135M-Instruct.Q4_1`, `gemma-3-270m-q4_k_m`"),
+        "{message}"
+    );
+    assert_eq!(unknown.body["error"]["code"], "model_not_found");
+    server.shutdown().await;
+}

@@ -11,7 +11,7 @@ use tarpc::client::RpcError;
 
 use crate::api::error::ApiError;
 use crate::cluster::{
-    Admission, Cluster, ClusterNode, Outcome, Placement, RequestRecord, SlotPermit,
+    Admission, Cluster, ClusterNode, Outcome, Placement, RequestRecord, ServedModel, SlotPermit,
 };
 use crate::placement::RequestShape;
 
@@ -57,6 +57,8 @@ pub struct Collected {
 /// have produced (greedy, seeded and constrained alike).
 pub struct Generation {
     id: RequestId,
+    /// The model it runs on (a move goes to other nodes of the same model).
+    model: ServedModel,
     /// The id of the current leg's RPCs ([`Leg::rpc_id`]).
     rpc_id: RequestId,
     placement: Placement,
@@ -235,11 +237,12 @@ async fn run_prefill(
 /// already produced elsewhere) up to the token the prefill samples.
 async fn start_leg(
     cluster: &Arc<Cluster>,
+    model: &ServedModel,
     rpc_id: RequestId,
     (prompt, sampling, resume): (&Prompt, &SamplingParams, &[i32]),
     shape: RequestShape,
 ) -> Result<Leg, LegFailure> {
-    let mut placement = cluster.place(shape)?;
+    let mut placement = cluster.place(model, shape)?;
     let unreachable =
         |n: &ClusterNode| ApiError::Unavailable(format!("node {} is not connected", n.name()));
     let prefill_client = placement
@@ -305,6 +308,7 @@ async fn start_leg(
 /// `exo_migrations_total`). `first_id` is the first leg's RPC id; later legs take fresh ones.
 async fn place_and_prefill(
     cluster: &Arc<Cluster>,
+    model: &ServedModel,
     (request, first_id): (RequestId, RequestId),
     input: (&Prompt, &SamplingParams, &[i32]),
     shape: RequestShape,
@@ -313,7 +317,7 @@ async fn place_and_prefill(
     let mut rpc_id = first_id;
     let mut lost_before: Option<ApiError> = None;
     loop {
-        let failure = match start_leg(cluster, rpc_id, input, shape).await {
+        let failure = match start_leg(cluster, model, rpc_id, input, shape).await {
             Ok(leg) => return Ok(leg),
             Err(f) => f,
         };
@@ -345,6 +349,7 @@ impl Generation {
     pub async fn start(
         cluster: &Arc<Cluster>,
         id: RequestId,
+        model: &ServedModel,
         prompt: Prompt,
         sampling: SamplingParams,
     ) -> Result<Generation, ApiError> {
@@ -357,13 +362,15 @@ impl Generation {
         };
         let mut migrations = 0;
         let input = (&prompt, &sampling, &[][..]);
-        let leg = place_and_prefill(cluster, (id, id), input, shape, &mut migrations).await?;
+        let leg =
+            place_and_prefill(cluster, model, (id, id), input, shape, &mut migrations).await?;
         cluster.observe_prompt(chars, leg.reply.n_prompt);
         let first_at = Instant::now();
         metrics::histogram!("exo_time_to_first_token_seconds")
             .record((first_at - started).as_secs_f64());
         let mut generation = Generation {
             id,
+            model: model.clone(),
             rpc_id: leg.rpc_id,
             _admission: admission,
             started,
@@ -590,11 +597,17 @@ impl Generation {
         };
         let input = (&self.prompt, &self.sampling, &self.output[..]);
         let ids = (self.id, self.cluster.next_id());
-        let leg = place_and_prefill(&self.cluster, ids, input, shape, &mut self.migrations)
-            .await
-            .map_err(|e| {
-                ApiError::Unavailable(format!("{error}; resuming elsewhere failed: {e}"))
-            })?;
+        let model = self.model.clone();
+        let leg = place_and_prefill(
+            &self.cluster,
+            &model,
+            ids,
+            input,
+            shape,
+            &mut self.migrations,
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("{error}; resuming elsewhere failed: {e}")))?;
         self.rpc_id = leg.rpc_id;
         self.decode_client = leg.decode_client;
         self.slot = Some(leg.slot);

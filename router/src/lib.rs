@@ -47,8 +47,8 @@ pub struct Deployment<'a> {
     pub profile: &'a Profile,
     /// The RPC address of each of the profile's nodes, in the profile's order.
     pub addrs: Vec<String>,
-    /// The model, when the launcher loaded it (embedded nodes); otherwise learnt from the nodes.
-    pub model: Option<ServedModel>,
+    /// The models the launcher loaded for embedded nodes; other models are learnt from the nodes.
+    pub models: Vec<ServedModel>,
     /// How the HTTP API admits requests (keys, body limit).
     pub http: api::gate::HttpOptions,
     /// How links to the nodes are secured (the cluster file's mutual TLS, or plain TCP).
@@ -81,7 +81,7 @@ impl Server {
         let cluster = Cluster::connect(
             deployment.profile,
             deployment.addrs,
-            deployment.model,
+            deployment.models,
             deployment.security,
         )
         .await;

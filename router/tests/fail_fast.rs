@@ -216,7 +216,7 @@ async fn start_split_with(p_addr: SocketAddr, d_addr: SocketAddr, router: &str) 
     let deployment = Deployment {
         profile: &profile,
         addrs: vec![p_addr.to_string(), d_addr.to_string()],
-        model: None,
+        models: Vec::new(),
         http: Default::default(),
         security: exo_protocol::LinkSecurity::Plain,
     };

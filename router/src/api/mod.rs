@@ -180,9 +180,9 @@ async fn count_tokens(
         // Counting needs no budget for the answer.
         req.max_tokens.get_or_insert(1);
         let call = chat_call(Endpoint::Messages, req.to_chat()?)?;
-        let model = cluster.model_id();
-        call.params.sampling(&model, 0)?;
-        let tokens = cluster.count_tokens(call.prompt).await?;
+        let model = cluster.resolve_model(call.params.model.as_deref())?;
+        call.params.sampling(0)?;
+        let tokens = cluster.count_tokens(&model, call.prompt).await?;
         Ok::<_, ApiError>(Json(serde_json::json!({ "input_tokens": tokens })).into_response())
     };
     let response = count
@@ -246,12 +246,12 @@ async fn serve(
         params,
         tools,
     } = call;
-    let model = cluster.model_id();
+    let model = cluster.resolve_model(params.model.as_deref())?;
     let tools = tools.map(|t| Tools {
-        syntax: cluster.tool_syntax(),
+        syntax: cluster.tool_syntax(&model),
         ..t
     });
-    let mut sampling = params.sampling(&model, id.seed())?;
+    let mut sampling = params.sampling(id.seed())?;
     let field = match endpoint {
         Endpoint::Completion => adjust::LogprobsField::Completions,
         Endpoint::Chat | Endpoint::Messages | Endpoint::Responses => adjust::LogprobsField::Chat,
@@ -273,12 +273,12 @@ async fn serve(
         sampling.constraint = Some(c);
     }
     let stop = sampling.stop.clone();
-    let mut generation = Generation::start(cluster, id, prompt, sampling).await?;
+    let mut generation = Generation::start(cluster, id, &model, prompt, sampling).await?;
     let meta = ResponseMeta {
         endpoint,
         id,
         created: now(),
-        model,
+        model: model.id,
         stop,
     };
     let mut headers = HeaderMap::new();
@@ -357,7 +357,7 @@ async fn metrics_text() -> Response {
 }
 
 async fn models(State(cluster): State<Arc<Cluster>>) -> Json<ModelList> {
-    Json(ModelList::one(cluster.model_id()))
+    Json(ModelList::of(cluster.models().into_iter().map(|m| m.id)))
 }
 
 async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
@@ -378,7 +378,7 @@ async fn health(State(cluster): State<Arc<Cluster>>) -> Response {
         prompt_tokens: 1,
         output_tokens: 1,
     };
-    let ok = cluster.choose(probe).is_ok();
+    let ok = cluster.choose(None, probe).is_ok();
     let (status, word) = if ok {
         (StatusCode::OK, "ok")
     } else {

@@ -210,25 +210,10 @@ const MAX_STOP: usize = 4;
 
 impl CommonParams {
     /// Checks the fields and turns them into sampling parameters; `fresh_seed` is used when the
-    /// client gave none.
-    pub fn sampling(
-        &self,
-        served_model: &str,
-        fresh_seed: u64,
-    ) -> Result<SamplingParams, ApiError> {
-        match self.model.as_deref() {
-            None => return Err(ApiError::bad("model", "you must provide a model parameter")),
-            Some(m) if m != served_model => {
-                return Err(ApiError::BadRequest {
-                    message: format!(
-                        "the model `{m}` does not exist; this server serves `{served_model}`"
-                    ),
-                    param: Some("model"),
-                    code: Some("model_not_found"),
-                });
-            }
-            Some(_) => {}
-        }
+    /// client gave none. The `model` field is the cluster's to check ([`Cluster::resolve_model`]).
+    ///
+    /// [`Cluster::resolve_model`]: crate::cluster::Cluster::resolve_model
+    pub fn sampling(&self, fresh_seed: u64) -> Result<SamplingParams, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
         }

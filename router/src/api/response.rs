@@ -411,7 +411,7 @@ impl Chunk {
 #[derive(Debug, Serialize)]
 pub struct ModelList {
     object: &'static str,
-    data: [ModelCard; 1],
+    data: Vec<ModelCard>,
 }
 
 /// One served model.
@@ -424,16 +424,19 @@ pub struct ModelCard {
 }
 
 impl ModelList {
-    /// The list of the one model a cluster serves.
-    pub fn one(id: String) -> Self {
+    /// The list of the models a cluster serves.
+    pub fn of(ids: impl IntoIterator<Item = String>) -> Self {
         ModelList {
             object: "list",
-            data: [ModelCard {
-                id,
-                object: "model",
-                created: 0,
-                owned_by: "exo-router",
-            }],
+            data: ids
+                .into_iter()
+                .map(|id| ModelCard {
+                    id,
+                    object: "model",
+                    created: 0,
+                    owned_by: "exo-router",
+                })
+                .collect(),
         }
     }
 }

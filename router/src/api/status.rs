@@ -142,7 +142,7 @@ impl ClusterStatus {
         let decode_slots = cluster.decode_capacity();
         ClusterStatus {
             model: cluster.model_id(),
-            ready: cluster.choose(probe).is_ok(),
+            ready: cluster.choose(None, probe).is_ok(),
             placement: cluster.mode().to_string(),
             requests_in_flight: cluster.in_flight(),
             queued: cluster.in_flight().saturating_sub(decode_slots),

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use exo_protocol::discovery::{Announcement, Browser, DiscoveryError, Sighting};
 use exo_protocol::{NodeInfo, connect, context_with_deadline};
 
-use super::{Cluster, ClusterNode, HEALTH_INTERVAL, HELLO_TIMEOUT};
+use super::{Cluster, ClusterNode, HEALTH_INTERVAL, HELLO_TIMEOUT, ServedModel};
 use crate::profile::{NodeAddress, NodeSpec};
 
 /// Where a node of the cluster came from.
@@ -86,27 +86,16 @@ impl Cluster {
                 info.role, node.spec.role
             ));
         }
-        let mut fp = self
-            .fingerprint
-            .write()
-            .map_err(|_| "lock poisoned".to_string())?;
-        match *fp {
-            Some(expected) if expected != info.fingerprint => {
-                return Err(format!(
-                    "runs model {} ({}), the cluster runs {}",
-                    info.model, info.fingerprint, expected
-                ));
-            }
-            Some(_) => {}
-            None => {
-                *fp = Some(info.fingerprint);
-                if let Ok(mut m) = self.model_id.write() {
-                    *m = info.model.clone();
-                }
-            }
-        }
-        // Every decode-capable node must accept caches from every prefill-capable node.
-        for other in self.nodes().iter().filter_map(|n| n.info()) {
+        self.register_model(info)?;
+        // Every decode-capable node must accept caches from every prefill-capable node of its
+        // model.
+        let same_model = |o: &NodeInfo| o.fingerprint == info.fingerprint;
+        for other in self
+            .nodes()
+            .iter()
+            .filter_map(|n| n.info())
+            .filter(same_model)
+        {
             let (p, d) = match (
                 info.role.prefills() && other.role.decodes(),
                 info.role.decodes() && other.role.prefills(),
@@ -118,6 +107,30 @@ impl Cluster {
             d.accepts(&p)
                 .map_err(|e| format!("KV layout incompatible with node {}: {e}", other.name))?;
         }
+        Ok(())
+    }
+
+    /// Adds the node's model to those the cluster serves unless it is there already; a model of
+    /// the same name but another file is refused (clients could not tell them apart).
+    fn register_model(&self, info: &NodeInfo) -> Result<(), String> {
+        let mut models = self
+            .models
+            .write()
+            .map_err(|_| "lock poisoned".to_string())?;
+        if models.iter().any(|m| m.fingerprint == info.fingerprint) {
+            return Ok(());
+        }
+        if let Some(other) = models.iter().find(|m| m.id == info.model) {
+            return Err(format!(
+                "runs model {} ({}), the cluster's {} is another file ({})",
+                info.model, info.fingerprint, other.id, other.fingerprint
+            ));
+        }
+        tracing::info!(model = %info.model, fingerprint = %info.fingerprint, "serving a model");
+        models.push(ServedModel {
+            id: info.model.clone(),
+            fingerprint: info.fingerprint,
+        });
         Ok(())
     }
 
@@ -181,6 +194,7 @@ impl Cluster {
                     slots: ann.layout.n_seq_max,
                     threads: None,
                     perf: None,
+                    model: None,
                 };
                 let node =
                     ClusterNode::new(nodes.len(), spec, Origin::Discovered, first.to_string());

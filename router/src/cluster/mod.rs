@@ -90,6 +90,12 @@ impl ClusterNode {
         self.addr.read().map(|a| a.clone()).unwrap_or_default()
     }
 
+    /// Whether the node runs `model` (as its last `hello` said).
+    pub fn runs(&self, model: &ServedModel) -> bool {
+        self.info()
+            .is_some_and(|i| i.fingerprint == model.fingerprint)
+    }
+
     /// True for a discovered node that said goodbye and was not seen since.
     pub fn has_left(&self) -> bool {
         self.left.load(Ordering::Relaxed)
@@ -238,8 +244,11 @@ pub struct Cluster {
     measured: RwLock<HashMap<(NodeId, NodeId), MeasuredLink>>,
     /// How KV caches travel.
     pub kv: KvShipping,
-    model_id: RwLock<String>,
-    fingerprint: RwLock<Option<ModelFingerprint>>,
+    /// The models the nodes serve, in order of first arrival (a model is its fingerprint; its id
+    /// is the name the first node running it gave).
+    models: RwLock<Vec<ServedModel>>,
+    /// The id clients see before any node answered: the profile model's file name.
+    default_id: String,
     next_id: AtomicU64,
     admitted: AtomicUsize,
     max_queued: usize,
@@ -257,23 +266,24 @@ pub struct Cluster {
     pub activity: Activity,
 }
 
-/// The model a cluster serves, when the router already knows it (it loaded it for embedded nodes).
+/// A model the cluster serves: the id clients name, and the file (fingerprint) every node serving
+/// it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedModel {
     /// The id clients name.
     pub id: String,
-    /// What every node must run.
+    /// What every node serving it runs.
     pub fingerprint: ModelFingerprint,
 }
 
 impl Cluster {
     /// Connects to the nodes of `profile`, node `i` at `addrs[i]` (nodes that do not answer yet are
-    /// retried by [`Cluster::run_health`]). `model` is the model the launcher loaded, when it hosts
-    /// embedded nodes; otherwise the first node to answer sets it.
+    /// retried by [`Cluster::run_health`]). `models` are those the launcher loaded for embedded
+    /// nodes; every other model joins with the first node that runs it.
     pub async fn connect(
         profile: &Profile,
         addrs: Vec<String>,
-        model: Option<ServedModel>,
+        models: Vec<ServedModel>,
         security: LinkSecurity,
     ) -> Arc<Cluster> {
         let seed = std::time::SystemTime::now()
@@ -283,10 +293,6 @@ impl Cluster {
             let stem = profile.model.file_stem();
             stem.map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
-        };
-        let (model_id, expected) = match model {
-            Some(m) => (m.id, Some(m.fingerprint)),
-            None => (stem(), None),
         };
         let nodes = profile.nodes.iter().zip(addrs).enumerate();
         let nodes = nodes.map(|(id, (spec, addr))| {
@@ -302,8 +308,8 @@ impl Cluster {
             cost: profile.cost_model(PlacementMode::Auto),
             measured: RwLock::new(HashMap::new()),
             kv: profile.kv,
-            model_id: RwLock::new(model_id),
-            fingerprint: RwLock::new(expected),
+            models: RwLock::new(models),
+            default_id: stem(),
             next_id: AtomicU64::new(seed << 16),
             admitted: AtomicUsize::new(0),
             max_queued: profile.max_queued,
@@ -320,17 +326,58 @@ impl Cluster {
         cluster
     }
 
-    /// The model id clients must name.
+    /// The id of the cluster's first model (the profile model's file name until a node answered):
+    /// what a one-model cluster's status and logs name.
     pub fn model_id(&self) -> String {
-        self.model_id.read().map(|m| m.clone()).unwrap_or_default()
+        self.models()
+            .first()
+            .map_or_else(|| self.default_id.clone(), |m| m.id.clone())
     }
 
-    /// How the served model writes tool calls, as its nodes report it (every node runs the same
-    /// model, so the first that answered says).
-    pub fn tool_syntax(&self) -> ToolSyntax {
+    /// The models the cluster serves, in order of arrival.
+    pub fn models(&self) -> Vec<ServedModel> {
+        self.models.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The served model a request names; a missing or unknown name is a 400 that lists the models.
+    pub fn resolve_model(&self, requested: Option<&str>) -> Result<ServedModel, ApiError> {
+        let Some(name) = requested else {
+            return Err(ApiError::bad("model", "you must provide a model parameter"));
+        };
+        let models = self.models();
+        if let Some(m) = models.iter().find(|m| m.id == name) {
+            return Ok(m.clone());
+        }
+        if name == self.default_id {
+            // The profile's model, before any node running it answered: a node is missing,
+            // not the model.
+            return Err(ApiError::Unavailable(format!(
+                "no node serving `{name}` has answered yet"
+            )));
+        }
+        let served = if models.is_empty() {
+            format!("`{}` (no node has answered yet)", self.default_id)
+        } else {
+            models
+                .iter()
+                .map(|m| format!("`{}`", m.id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Err(ApiError::BadRequest {
+            message: format!("the model `{name}` does not exist; this server serves {served}"),
+            param: Some("model"),
+            code: Some("model_not_found"),
+        })
+    }
+
+    /// How `model` writes tool calls, as the first node running it that answered reports.
+    pub fn tool_syntax(&self, model: &ServedModel) -> ToolSyntax {
         self.nodes()
             .iter()
-            .find_map(|n| n.info.read().ok()?.as_ref().map(|i| i.tool_syntax))
+            .filter_map(|n| n.info())
+            .find(|i| i.fingerprint == model.fingerprint)
+            .map(|i| i.tool_syntax)
             .unwrap_or_default()
     }
 
@@ -344,13 +391,17 @@ impl Cluster {
         self.nodes.read().ok()?.get(id).cloned()
     }
 
-    /// The tokens `prompt` comes to on the cluster's model, counted by a healthy prefill-capable
-    /// node (503 when there is none).
-    pub async fn count_tokens(&self, prompt: exo_protocol::Prompt) -> Result<u32, ApiError> {
+    /// The tokens `prompt` comes to on `model`, counted by a healthy prefill-capable node running
+    /// it (503 when there is none).
+    pub async fn count_tokens(
+        &self,
+        model: &ServedModel,
+        prompt: exo_protocol::Prompt,
+    ) -> Result<u32, ApiError> {
         let node = self
             .nodes()
             .into_iter()
-            .filter(|n| n.healthy() && n.spec.role.prefills())
+            .filter(|n| n.healthy() && n.spec.role.prefills() && n.runs(model))
             .find_map(|n| n.client().map(|c| (n, c)));
         let Some((node, client)) = node else {
             return Err(ApiError::Unavailable(
@@ -467,8 +518,13 @@ impl Cluster {
         u64::from(max_tokens).min(self.expected_output_tokens)
     }
 
-    /// Chooses where a request would run now, without counting it anywhere.
-    pub fn choose(&self, shape: RequestShape) -> Result<Choice, ApiError> {
+    /// Chooses where a request for `model` (any model: `None`) would run now, without counting it
+    /// anywhere. Only nodes running the model are candidates.
+    pub fn choose(
+        &self,
+        model: Option<&ServedModel>,
+        shape: RequestShape,
+    ) -> Result<Choice, ApiError> {
         let nodes = self.nodes();
         let infos: Vec<Option<NodeInfo>> = nodes.iter().map(|n| n.info()).collect();
         // The healthy nodes as placers see them, with their live load; the profile's perf table,
@@ -476,7 +532,7 @@ impl Cluster {
         let views: Vec<NodeView<'_>> = nodes
             .iter()
             .zip(&infos)
-            .filter(|(n, _)| n.healthy())
+            .filter(|(n, _)| n.healthy() && model.is_none_or(|m| n.runs(m)))
             .map(|(n, info)| NodeView {
                 id: n.id,
                 role: n.spec.role,
@@ -496,8 +552,9 @@ impl Cluster {
             .ok()
             .and_then(|p| p.choose(&views, shape));
         chosen.ok_or_else(|| {
+            let of = model.map_or(String::new(), |m| format!(" for {}", m.id));
             ApiError::Unavailable(format!(
-                "no healthy node can serve this request ({} placement)",
+                "no healthy node can serve this request{of} ({} placement)",
                 self.mode
             ))
         })
@@ -505,8 +562,8 @@ impl Cluster {
 
     /// Chooses where a request runs, by the profile's placement mode and the nodes' current load,
     /// and counts it on those nodes until the returned placement is dropped.
-    pub fn place(&self, shape: RequestShape) -> Result<Placement, ApiError> {
-        let choice = self.choose(shape)?;
+    pub fn place(&self, model: &ServedModel, shape: RequestShape) -> Result<Placement, ApiError> {
+        let choice = self.choose(Some(model), shape)?;
         let node = |id: NodeId| {
             let node = self.node(id);
             node.ok_or_else(|| ApiError::Internal(format!("placement chose unknown node {id}")))

@@ -11,8 +11,11 @@ use crate::placement::cost_model::{CostModel, link_between};
 use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMode, Policy};
 
 mod discovery;
+mod nodes;
 mod security;
+
 pub use discovery::Discovery;
+use nodes::RawNode;
 pub use security::ApiAccess;
 
 /// The default profile `serve` uses when none is given.
@@ -84,6 +87,9 @@ pub struct NodeSpec {
     pub threads: Option<u32>,
     /// Its measured speed (`[nodes.perf]`), needed by the cost model.
     pub perf: Option<NodePerf>,
+    /// Its own model (`model = "..."` in its entry), when it is not the profile's: a cluster may
+    /// serve several models, each request going to nodes of the model it names.
+    pub model: Option<PathBuf>,
 }
 
 /// How the KV cache travels.
@@ -250,24 +256,6 @@ impl Default for RawLayout {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNode {
-    name: String,
-    address: String,
-    role: String,
-    #[serde(default)]
-    slots: Option<u32>,
-    #[serde(default)]
-    threads: Option<u32>,
-    #[serde(default)]
-    perf: Option<NodePerf>,
-    /// What `exo-router profile` found on the machine: informational, kept as written.
-    #[serde(default)]
-    #[allow(dead_code)]
-    hardware: Option<toml::Table>,
-}
-
 impl RawKv {
     fn validate(self) -> Result<KvShipping, String> {
         let codec: Codec = self.codec.parse().map_err(|e| format!("kv.codec: {e}"))?;
@@ -301,75 +289,6 @@ impl RawLayout {
             kv_unified: self.kv_unified,
             n_seq_max: 1,
             n_ctx_seq: self.n_ctx_seq,
-        })
-    }
-}
-
-impl RawNode {
-    /// The node's entry, checked against the nodes before it.
-    fn validate(self, before: &[NodeSpec]) -> Result<NodeSpec, String> {
-        let role: Role = self
-            .role
-            .parse()
-            .map_err(|e| format!("node {:?}: {e}", self.name))?;
-        let name_ok = !self.name.is_empty()
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !name_ok {
-            return Err(format!(
-                "node name {:?}: use letters, digits, '-', '_' or '.'",
-                self.name
-            ));
-        }
-        if before.iter().any(|m| m.name == self.name) {
-            return Err(format!("node name {:?} appears twice", self.name));
-        }
-        let address = if self.address == "embedded" {
-            NodeAddress::Embedded
-        } else if self
-            .address
-            .rsplit_once(':')
-            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok())
-        {
-            NodeAddress::Remote(self.address)
-        } else {
-            return Err(format!(
-                "node {:?}: address must be \"embedded\" or host:port",
-                self.name
-            ));
-        };
-        let slots = self.slots.unwrap_or(role.default_slots());
-        if slots == 0 || slots > 256 {
-            return Err(format!(
-                "node {:?}: slots must be within 1..=256",
-                self.name
-            ));
-        }
-        match (self.threads, &address) {
-            (Some(0), _) => {
-                return Err(format!("node {:?}: threads must be at least 1", self.name));
-            }
-            (Some(_), NodeAddress::Remote(_)) => {
-                return Err(format!(
-                    "node {:?}: threads applies to embedded nodes; give a remote node --threads on its own command line",
-                    self.name
-                ));
-            }
-            _ => {}
-        }
-        if let Some(perf) = &self.perf {
-            perf.validate()
-                .map_err(|e| format!("node {:?} perf: {e}", self.name))?;
-        }
-        Ok(NodeSpec {
-            name: self.name,
-            address,
-            role,
-            slots,
-            threads: self.threads,
-            perf: self.perf,
         })
     }
 }
@@ -588,6 +507,71 @@ impl Profile {
         self.nodes
             .iter()
             .any(|n| n.address == NodeAddress::Embedded)
+    }
+
+    /// The name clients give the model node `n` runs: its file name without `.gguf`.
+    pub fn model_name(&self, n: &NodeSpec) -> String {
+        let path = n.model.as_ref().unwrap_or(&self.model);
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The models the nodes run, by name, in the order the nodes first name them.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for n in &self.nodes {
+            let name = self.model_name(n);
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// This profile narrowed to the nodes that run model `name` (and the links between them), for
+    /// `plan` and `simulate`, which place one model's requests. `None` is fine for a profile of one
+    /// model; one of several models must be named.
+    pub fn for_model(&self, name: Option<&str>) -> Result<Profile, String> {
+        let names = self.model_names();
+        let name = match name {
+            Some(n) if names.iter().any(|m| m == n) => n.to_string(),
+            Some(n) => {
+                return Err(format!(
+                    "no node of the profile runs {n:?}; it runs {}",
+                    names.join(", ")
+                ));
+            }
+            None if names.len() <= 1 => return Ok(self.clone()),
+            None => {
+                return Err(format!(
+                    "the profile serves several models ({}): name one with --model",
+                    names.join(", ")
+                ));
+            }
+        };
+        let kept: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.model_name(&self.nodes[i]) == name)
+            .collect();
+        let new_id = |old: NodeId| kept.iter().position(|&k| k == old);
+        let mut narrowed = self.clone();
+        narrowed.model = kept
+            .first()
+            .and_then(|&i| self.nodes[i].model.clone())
+            .unwrap_or_else(|| self.model.clone());
+        narrowed.nodes = kept
+            .iter()
+            .map(|&i| NodeSpec {
+                model: None,
+                ..self.nodes[i].clone()
+            })
+            .collect();
+        narrowed.links = self
+            .links
+            .iter()
+            .filter_map(|&(a, b, link)| Some((new_id(a)?, new_id(b)?, link)))
+            .collect();
+        Ok(narrowed)
     }
 }
 

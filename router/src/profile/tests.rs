@@ -76,3 +76,39 @@ fn threads_belong_to_embedded_nodes() {
     let zero = parse(&node("embedded", "threads = 0\n")).unwrap_err();
     assert!(zero.to_string().contains("at least 1"), "{zero}");
 }
+
+#[test]
+fn a_profile_of_several_models_narrows_to_one() {
+    let text = format!(
+        "{BASE}\
+[[nodes]]\nname = \"p\"\naddress = \"embedded\"\nrole = \"prefill\"\n\
+[[nodes]]\nname = \"other\"\naddress = \"embedded\"\nrole = \"both\"\nmodel = \"models/b.gguf\"\n\
+[[nodes]]\nname = \"d\"\naddress = \"10.0.0.2:7070\"\nrole = \"decode\"\n\
+[[links]]\nbetween = [\"p\", \"d\"]\nkind = \"ethernet\"\nbandwidth_gbit_s = 10.0\nlatency_ms = 0.1\n\
+[[links]]\nbetween = [\"p\", \"other\"]\nkind = \"ethernet\"\nbandwidth_gbit_s = 1.0\nlatency_ms = 0.1\n"
+    );
+    let p = parse(&text).unwrap();
+    assert_eq!(p.model_names(), vec!["m".to_string(), "b".to_string()]);
+    assert!(
+        p.for_model(None)
+            .unwrap_err()
+            .contains("name one with --model")
+    );
+    assert!(p.for_model(Some("c")).unwrap_err().contains("it runs m, b"));
+    let m = p.for_model(Some("m")).unwrap();
+    let names: Vec<&str> = m.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["p", "d"]);
+    assert_eq!(m.links.len(), 1);
+    assert_eq!((m.links[0].0, m.links[0].1), (0, 1));
+    assert_eq!(m.links[0].2.bandwidth_gbit_s, 10.0);
+    let b = p.for_model(Some("b")).unwrap();
+    assert_eq!((b.nodes.len(), b.links.len()), (1, 0));
+    assert_eq!(b.model, Path::new("models/b.gguf"));
+    // One model: as it is.
+    let one = parse(&format!(
+        "{BASE}[[nodes]]\nname = \"x\"\naddress = \"embedded\"\nrole = \"prefill\"\n\
+         [[nodes]]\nname = \"y\"\naddress = \"embedded\"\nrole = \"decode\"\n"
+    ))
+    .unwrap();
+    assert_eq!(one.for_model(None).unwrap(), one);
+}
