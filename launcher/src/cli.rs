@@ -121,7 +121,7 @@ pub struct ClusterInitArgs {
 /// The model and KV cache a node runs with (`node` and `profile`).
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// GGUF model (every node of a cluster must run the same file): a path, or a Hugging Face
+    /// GGUF model (nodes that hand requests to each other run the same file): a path, or a Hugging Face
     /// name `org/repo:TAG` taken from the hub's cache or fetched into it (`exo-router pull`).
     #[arg(
         long,

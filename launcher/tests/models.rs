@@ -1,7 +1,9 @@
 //! Another architecture through the whole system: Gemma 3 270M (`scripts/fetch-model gemma3`), an
 //! interleaved sliding-window model whose KV state holds two caches, served split (prefill node ->
 //! decode node over tarpc) with prompts longer than its 512-token window, the cache streamed in
-//! pieces while the prompt runs, and two requests decoding side by side.
+//! pieces while the prompt runs, and two requests decoding side by side; and one cluster serving
+//! Gemma and the default model side by side, each request on the nodes of the model it names
+//! (the API, the cluster view and the page's model picker).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,6 +11,9 @@ mod common;
 
 use std::path::Path;
 
+use std::time::Duration;
+
+use common::browser::{self, Browser};
 use common::post;
 use exo_router::profile::Profile;
 use exo_test_support::root;
@@ -228,5 +233,66 @@ model = "{}"
         "{message}"
     );
     assert_eq!(unknown.body["error"]["code"], "model_not_found");
+
+    // The cluster view names each node's model, and the page offers both.
+    let status: exo_router::api::status::ClusterStatus = reqwest::get(format!("{base}/v1/cluster"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status.models, ids);
+    let node_models: Vec<Option<&str>> = status.nodes.iter().map(|n| n.model.as_deref()).collect();
+    assert_eq!(node_models, [Some(ids[0]), Some(ids[1])]);
+    match browser::find() {
+        Some(binary) => the_page_picks_a_model(binary, &base).await,
+        None => {
+            let required = std::env::var("EXO_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1");
+            assert!(!required, "EXO_REQUIRE_CHROMIUM=1 but no chromium on PATH");
+            eprintln!("models: no chromium on PATH: the page checks are skipped");
+        }
+    }
     server.shutdown().await;
+}
+
+/// The page over the two-model cluster: a picker with both models; a chat goes to the model
+/// picked (`?model=`): SmolLM2 answers from its node, Gemma (a base model) refuses a chat, and the
+/// page shows why.
+async fn the_page_picks_a_model(binary: &str, base: &str) {
+    let mut b = Browser::start(binary).await;
+    let answer = "document.querySelector('.msg.assistant')";
+    let finished = format!("['done', 'error'].includes({answer}?.dataset.state)");
+    let picker = "document.querySelector('#model-pick')";
+    for (model, state, shows) in [
+        ("SmolLM2-135M-Instruct.Q4_1", "done", "smol-0"),
+        ("gemma-3-270m-q4_k_m", "error", "chat_template"),
+    ] {
+        let url = format!("{base}/?model={model}&q=Hello&max_tokens=4&temperature=0");
+        b.open(&url, (1280, 800), false).await;
+        b.wait_for(&finished, Duration::from_secs(60), "the answer")
+            .await;
+        let meta = b
+            .eval(&format!("{answer}.querySelector('.meta').innerText"))
+            .await;
+        assert_eq!(
+            b.eval(&format!("{answer}.dataset.state")).await,
+            state,
+            "{meta}"
+        );
+        assert!(meta.as_str().unwrap_or_default().contains(shows), "{meta}");
+        b.wait_for(
+            &format!("{picker}.options.length === 2 && !{picker}.hidden"),
+            Duration::from_secs(10),
+            "the model picker",
+        )
+        .await;
+        assert_eq!(b.eval(&format!("{picker}.value")).await, model);
+        let options = b
+            .eval(&format!("[...{picker}.options].map(o => o.value)"))
+            .await;
+        assert_eq!(
+            options,
+            json!(["SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"])
+        );
+    }
 }

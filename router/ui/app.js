@@ -319,16 +319,31 @@ function nodeCard(n) {
       el("span", {}, "decode tok/s"), el("span", { class: "v" }, fmtRate(n.decode_tok_s)),
       n.prefill_backlog_tokens ? [el("span", {}, "prompt backlog"), el("span", { class: "v" }, fmtNum(n.prefill_backlog_tokens))] : null),
     n.error ? el("div", { class: "why" }, n.error) : null,
-    el("div", { class: "addr" }, n.address, n.version ? ` · v${n.version}` : ""));
+    el("div", { class: "addr" }, n.model ? `${n.model} · ` : "", n.address, n.version ? ` · v${n.version}` : ""));
 }
 
 function stat(value, key) {
   return el("div", { class: "stat" }, el("div", { class: "v" }, value), el("div", { class: "k" }, key));
 }
 
-function renderCluster(s) {
-  state.model = s.model;
+/** The model picker, shown when the cluster serves several models; the chat uses its choice. */
+function renderModels(s) {
+  const models = s.models?.length ? s.models : [s.model];
+  if (!models.includes(state.model)) state.model = models[0];
+  const pick = $("model-pick");
+  const several = models.length > 1;
+  pick.hidden = !several;
+  $("model-chip").hidden = several;
   $("model-chip").textContent = s.model;
+  const shown = [...pick.options].map((o) => o.value);
+  if (shown.join("\n") !== models.join("\n")) {
+    pick.replaceChildren(...models.map((m) => el("option", { value: m }, m)));
+  }
+  pick.value = state.model;
+}
+
+function renderCluster(s) {
+  renderModels(s);
   const chip = $("state-chip");
   chip.dataset.state = s.ready ? "ready" : "unavailable";
   chip.textContent = s.ready ? "ready" : "unavailable";
@@ -397,6 +412,9 @@ function start() {
   // ?q=... sends that prompt at once (links that open a chat; the page test uses it), with
   // ?temperature=... and ?max_tokens=... when given.
   const q = new URLSearchParams(location.search);
+  // ?model=... picks the model (the picker shows it once the cluster view arrives).
+  if (q.get("model")) state.model = q.get("model");
+  $("model-pick").addEventListener("change", (e) => { state.model = e.target.value; });
   if (q.get("q")) {
     const params = {};
     for (const k of ["temperature", "max_tokens", "seed"]) if (q.get(k) !== null) params[k] = Number(q.get(k));

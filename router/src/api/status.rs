@@ -23,8 +23,10 @@ pub const EVENT_INTERVAL: Duration = Duration::from_secs(1);
 /// The whole cluster, now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
-    /// The model id clients name.
+    /// The model id clients name (the first, when the cluster serves several).
     pub model: String,
+    /// Every model the cluster serves (`/v1/models`), in order of arrival.
+    pub models: Vec<String>,
     /// True when a request could be placed right now (as `/health`'s `ok`).
     pub ready: bool,
     /// The profile's placement mode.
@@ -62,6 +64,8 @@ pub struct NodeStatus {
     pub hardware: Option<HardwareFacts>,
     /// Its exo-router version, once it answered.
     pub version: Option<String>,
+    /// The model it runs, once it answered.
+    pub model: Option<String>,
     /// Where the perf table the cost model uses for it comes from: `profile`, `measured` (the
     /// node measured itself at start) or `null` (none: placed by load alone).
     pub perf: Option<String>,
@@ -125,6 +129,7 @@ impl ClusterStatus {
                             .and_then(|i| i.perf.as_ref())
                             .map(|_| "measured".into())
                     },
+                    model: info.as_ref().map(|i| i.model.clone()),
                     version: info.map(|i| i.version),
                     slots: n.slot_count(),
                     slots_in_use: n.slot_count().saturating_sub(n.free_slots()),
@@ -142,6 +147,7 @@ impl ClusterStatus {
         let decode_slots = cluster.decode_capacity();
         ClusterStatus {
             model: cluster.model_id(),
+            models: cluster.models().into_iter().map(|m| m.id).collect(),
             ready: cluster.choose(None, probe).is_ok(),
             placement: cluster.mode().to_string(),
             requests_in_flight: cluster.in_flight(),

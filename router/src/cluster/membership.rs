@@ -65,8 +65,8 @@ impl Cluster {
         }
     }
 
-    /// A node joins only with the cluster's model and the role the profile gives it, and stays
-    /// only while it reports no fault.
+    /// A node joins with the role the profile gives it and a model the cluster can tell apart
+    /// from its others (a new model joins with it), and stays only while it reports no fault.
     fn accept_node(&self, node: &ClusterNode, info: &NodeInfo) -> Result<(), String> {
         if let Some(fault) = &info.fault {
             return Err(format!("cannot serve: {fault}"));
