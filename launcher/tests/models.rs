@@ -95,12 +95,7 @@ slots = 2
             ("prefill-0", "decode-0")
         );
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::procs::metrics(&server.addr.to_string()).await;
     let pieces = common::node_counter(&metrics, "exo_kv_pieces_total", "prefill-0")
         .unwrap_or_else(|| panic!("no exo_kv_pieces_total: {metrics}"));
     assert!(pieces > 2, "two caches went in {pieces} pieces in all");

@@ -94,12 +94,7 @@ async fn auto_splits_long_prompts_keeps_short_ones_and_respects_the_link() {
         ("compute", "bandwidth")
     );
 
-    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::procs::metrics(&server.addr.to_string()).await;
     let counted = |mode: &str, prefill: &str, decode: &str| {
         metrics.lines().any(|l| {
             l.starts_with("exo_placements_total")

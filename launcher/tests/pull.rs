@@ -150,10 +150,22 @@ async fn start_hub() -> (SocketAddr, Arc<Hub>) {
 
 /// Runs `exo-router ARGS` against the fake hub with `home` as HF_HOME; (success, stdout, stderr).
 fn run(hub: SocketAddr, home: &Path, args: &[&str]) -> (bool, String, String) {
+    let endpoint = format!("http://{hub}");
+    exo(
+        args,
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HOME", &home.display().to_string()),
+        ],
+    )
+}
+
+/// Runs `exo-router ARGS` with `env` (no other hub settings, no backtraces); (success, stdout,
+/// stderr).
+fn exo(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_exo-router"))
         .args(args)
-        .env("HF_ENDPOINT", format!("http://{hub}"))
-        .env("HF_HOME", home)
+        .envs(env.iter().copied())
         .env_remove("HF_HUB_CACHE")
         .env_remove("HF_HUB_OFFLINE")
         .env_remove("RUST_BACKTRACE")
@@ -296,22 +308,6 @@ async fn a_model_is_pulled_resumed_checked_and_run_by_name() {
     let _ = std::fs::remove_dir_all(&home);
 }
 
-/// Runs `exo-router ARGS`; (success, stdout, stderr).
-fn exo(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_exo-router"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_fetches_its_model_from_a_peer() {
     let model = model_path();
@@ -334,7 +330,7 @@ async fn a_node_fetches_its_model_from_a_peer() {
     let o = out.display().to_string();
     let a = addr.clone();
     let (ok, _, stderr) = tokio::task::spawn_blocking(move || {
-        exo(&["pull", "--from-peer", &a, "--out", &o, "--quiet"])
+        exo(&["pull", "--from-peer", &a, "--out", &o, "--quiet"], &[])
     })
     .await
     .unwrap();
@@ -347,7 +343,7 @@ async fn a_node_fetches_its_model_from_a_peer() {
     std::fs::write(&part, &bytes[..10 << 20]).unwrap();
     let (o, a) = (out.display().to_string(), addr.clone());
     let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
-        exo(&["pull", "--from-peer", &a, "--out", &o, "--quiet"])
+        exo(&["pull", "--from-peer", &a, "--out", &o, "--quiet"], &[])
     })
     .await
     .unwrap();
