@@ -249,6 +249,42 @@ async fn named_tool_calls_validate_split_and_colocated_and_conversations_continu
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
+
+    // `parallel_tool_calls: true` lets a forced reply hold several calls (the model chooses how
+    // many, each valid and split == colocated); `false` or unset keeps it to one.
+    for parallel in [json!(true), json!(false)] {
+        let body = json!({
+            "model": model,
+            "messages": [{ "role": "user", "content": "What is the weather in Lisbon and in Oslo?" }],
+            "tools": [weather_tool()],
+            "tool_choice": "required",
+            "parallel_tool_calls": parallel,
+            "max_tokens": 120,
+            "temperature": 0,
+        });
+        let a = post(split.addr, "/v1/chat/completions", &body).await;
+        let b = post(colocated.addr, "/v1/chat/completions", &body).await;
+        assert_eq!((a.status, b.status), (200, 200), "{} {}", a.body, b.body);
+        let functions = |r: &common::Answer| -> Vec<Value> {
+            let calls = r.body["choices"][0]["message"]["tool_calls"].as_array();
+            calls
+                .unwrap()
+                .iter()
+                .map(|c| c["function"].clone())
+                .collect()
+        };
+        assert_eq!(functions(&a), functions(&b), "split and colocated differ");
+        let calls = a.body["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap();
+        let most = if parallel == json!(true) { 8 } else { 1 };
+        assert!((1..=most).contains(&calls.len()), "{parallel}: {}", a.body);
+        for call in calls {
+            let args = call["function"]["arguments"].as_str().unwrap();
+            check_arguments(args).unwrap_or_else(|e| panic!("{e}: {args}"));
+        }
+        eprintln!("parallel_tool_calls {parallel}: {} call(s)", calls.len());
+    }
     split.shutdown().await;
     colocated.shutdown().await;
 }

@@ -19,6 +19,7 @@ pub mod shape;
 pub mod sse;
 pub mod status;
 pub mod toolcall;
+pub mod tools;
 pub mod ui;
 
 use std::sync::Arc;

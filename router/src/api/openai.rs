@@ -1,13 +1,13 @@
 //! OpenAI request bodies for `/v1/chat/completions` and `/v1/completions`, checked and turned into
 //! the typed values the router works with (chat turns, sampling parameters, tools).
 
-use exo_protocol::{ChatTurn, Constraint, SamplingParams, ToolSyntax};
+use exo_protocol::{ChatTurn, Constraint, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::adjust::Adjustments;
 use crate::api::error::ApiError;
-use crate::api::response::{FunctionCall, ToolCall};
+pub use crate::api::tools::{ToolChoice, Tools, strict};
 
 /// A chat message's content: a string or a list of parts (only text parts are supported).
 #[derive(Debug, Deserialize)]
@@ -139,6 +139,10 @@ pub struct CommonParams {
     /// `none`, `auto`, `required` or `{"type": "function", "function": {"name"}}`.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// `false`: at most one call per reply; `true` lets a forced call (`required`, a named
+    /// function) be several; unset: the model decides in `auto`, one forced call.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// `text`, `json_object` or `json_schema`.
     #[serde(default)]
     pub response_format: Option<Value>,
@@ -172,37 +176,6 @@ pub struct CompletionRequest {
     /// Everything else.
     #[serde(flatten)]
     pub params: CommonParams,
-}
-
-/// A tool's parameters schema made strict, as OpenAI's strict mode reads it: every object schema
-/// that does not say otherwise allows no properties beyond those it declares (a model told
-/// nothing keeps inventing properties until `max_tokens`). Nested schemas too.
-pub fn strict(schema: &Value) -> Value {
-    let Some(map) = schema.as_object() else {
-        return schema.clone();
-    };
-    let mut out = serde_json::Map::new();
-    for (k, v) in map {
-        let v = match k.as_str() {
-            "properties" | "$defs" | "definitions" | "patternProperties" => match v.as_object() {
-                Some(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), strict(v))).collect()),
-                None => v.clone(),
-            },
-            "items" | "additionalItems" | "not" | "if" | "then" | "else" => strict(v),
-            "anyOf" | "oneOf" | "allOf" | "prefixItems" => match v.as_array() {
-                Some(a) => Value::Array(a.iter().map(strict).collect()),
-                None => v.clone(),
-            },
-            _ => v.clone(),
-        };
-        out.insert(k.clone(), v);
-    }
-    let is_object =
-        out.get("type").and_then(Value::as_str) == Some("object") || out.contains_key("properties");
-    if is_object && !out.contains_key("additionalProperties") {
-        out.insert("additionalProperties".into(), Value::Bool(false));
-    }
-    Value::Object(out)
 }
 
 /// Largest stop-string count (OpenAI allows 4).
@@ -359,197 +332,6 @@ impl ChatRequest {
                 })
             })
             .collect()
-    }
-}
-
-/// How the model may use the request's tools.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ToolChoice {
-    /// Never call a tool (the tools are not shown to the model).
-    None,
-    /// The model decides; a reply in the tool-call format becomes tool calls.
-    Auto,
-    /// The reply must be a call of one of the tools (enforced).
-    Required,
-    /// The reply must be a call of this function (enforced).
-    Named(String),
-}
-
-/// A chat request's validated tools and `tool_choice`.
-#[derive(Debug, Clone)]
-pub struct Tools {
-    /// OpenAI's `tools` array, each entry checked.
-    pub list: Vec<Value>,
-    /// What the model may do with them.
-    pub choice: ToolChoice,
-    /// How the served model writes a call when left to itself (`auto`), from its chat template.
-    pub syntax: ToolSyntax,
-}
-
-impl ChatRequest {
-    /// The request's tools, `None` when it has none.
-    pub fn tools(&self) -> Result<Option<Tools>, ApiError> {
-        let list = self.params.tools.clone().unwrap_or_default();
-        let bad = |m: String| ApiError::bad("tools", m);
-        let mut names = Vec::new();
-        for t in &list {
-            if t.get("type").and_then(Value::as_str) != Some("function") {
-                return Err(bad("each tool needs \"type\": \"function\"".into()));
-            }
-            let f = t
-                .get("function")
-                .filter(|f| f.is_object())
-                .ok_or_else(|| bad("each tool needs a `function` object".into()))?;
-            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
-            let valid = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !valid {
-                return Err(bad(format!(
-                    "function name {name:?} must be 1-64 letters, digits, '_' or '-'"
-                )));
-            }
-            if names.contains(&name) {
-                return Err(bad(format!("function {name:?} is listed twice")));
-            }
-            if let Some(p) = f.get("parameters")
-                && !p.is_object()
-            {
-                return Err(bad(format!(
-                    "function {name:?}: parameters must be a JSON Schema object"
-                )));
-            }
-            names.push(name);
-        }
-        let choice_bad = |m: &str| ApiError::bad("tool_choice", m.to_string());
-        let choice = match &self.params.tool_choice {
-            None => ToolChoice::Auto,
-            Some(Value::String(s)) => match s.as_str() {
-                "none" => ToolChoice::None,
-                "auto" => ToolChoice::Auto,
-                "required" => ToolChoice::Required,
-                _ => {
-                    return Err(choice_bad(
-                        "tool_choice must be none, auto, required or a function",
-                    ));
-                }
-            },
-            Some(v) => {
-                let name = v
-                    .get("function")
-                    .and_then(|f| f.get("name"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| choice_bad("tool_choice object needs function.name"))?;
-                if !names.contains(&name) {
-                    return Err(choice_bad(&format!(
-                        "tool_choice names unknown function {name:?}"
-                    )));
-                }
-                ToolChoice::Named(name.to_string())
-            }
-        };
-        if list.is_empty() {
-            return match choice {
-                ToolChoice::Required | ToolChoice::Named(_) => {
-                    Err(choice_bad("tool_choice needs tools"))
-                }
-                _ => Ok(None),
-            };
-        }
-        Ok(Some(Tools {
-            list,
-            choice,
-            syntax: ToolSyntax::default(),
-        }))
-    }
-}
-
-impl Tools {
-    /// The tools as the prompt shows them; `None` with `tool_choice: none`.
-    pub fn prompt_json(&self) -> Option<String> {
-        (self.choice != ToolChoice::None).then(|| Value::Array(self.list.clone()).to_string())
-    }
-
-    /// The constraint `required` or a named function puts on the reply: one call, in the
-    /// tool-call format, whose arguments match the function's parameters schema.
-    pub fn constraint(&self) -> Option<Constraint> {
-        let allowed: Vec<&Value> = match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => return None,
-            ToolChoice::Required => self.list.iter().collect(),
-            ToolChoice::Named(n) => self
-                .list
-                .iter()
-                .filter(|t| t["function"]["name"] == n.as_str())
-                .collect(),
-        };
-        let calls: Vec<Value> = allowed
-            .iter()
-            .map(|t| {
-                let f = &t["function"];
-                let params = f
-                    .get("parameters")
-                    .cloned()
-                    .unwrap_or_else(|| json!({ "type": "object" }));
-                json!({
-                    "type": "object",
-                    "properties": { "name": { "const": f["name"] }, "arguments": strict(&params) },
-                    "required": ["name", "arguments"],
-                    "additionalProperties": false,
-                })
-            })
-            .collect();
-        let schema = json!({
-            "type": "object",
-            "properties": {
-                "tool_calls": { "type": "array", "items": { "anyOf": calls }, "minItems": 1, "maxItems": 1 }
-            },
-            "required": ["tool_calls"],
-            "additionalProperties": false,
-            // One space after `:` and `,`, none elsewhere: a model cannot pad a call with
-            // whitespace until max_tokens.
-            "x-guidance": { "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " },
-        });
-        Some(Constraint::JsonSchema(schema.to_string()))
-    }
-
-    /// The tool calls in a finished reply, call `i` with id `call_id(i)`; `None` when the reply is
-    /// not calls of listed functions with JSON-object arguments. The arguments are the text
-    /// exactly as generated, so a stream that sent them piece by piece and this answer agree to
-    /// the byte.
-    pub fn calls(&self, text: &str, call_id: impl Fn(usize) -> String) -> Option<Vec<ToolCall>> {
-        if self.choice == ToolChoice::None {
-            return None;
-        }
-        let found = crate::api::toolcall::all_calls(text, self.reply_syntax())?;
-        found
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, arguments))| {
-                let known = self.lists(&name);
-                let object = serde_json::from_str::<Value>(&arguments).is_ok_and(|v| v.is_object());
-                (known && object).then(|| ToolCall {
-                    id: call_id(i),
-                    kind: "function",
-                    function: FunctionCall { name, arguments },
-                })
-            })
-            .collect()
-    }
-
-    /// True when `name` is one of the request's functions.
-    pub fn lists(&self, name: &str) -> bool {
-        self.list.iter().any(|t| t["function"]["name"] == name)
-    }
-
-    /// The syntax a reply's calls are in: the model's own with `auto`; ours, which the constraint
-    /// enforces, with `required` or a named function.
-    pub fn reply_syntax(&self) -> ToolSyntax {
-        match self.choice {
-            ToolChoice::Auto => self.syntax,
-            _ => ToolSyntax::Wrapped,
-        }
     }
 }
 

@@ -222,6 +222,7 @@ mod tests {
                 list,
                 choice,
                 syntax: exo_protocol::ToolSyntax::Wrapped,
+                parallel: None,
             }),
         )
     }

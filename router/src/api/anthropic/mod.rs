@@ -149,6 +149,9 @@ pub struct AnthropicToolChoice {
     /// The tool, for `tool`.
     #[serde(default)]
     pub name: Option<String>,
+    /// At most one tool call in the reply.
+    #[serde(default)]
+    pub disable_parallel_tool_use: Option<bool>,
 }
 
 fn block_text(blocks: &[Block], param: &'static str) -> Result<String, ApiError> {
@@ -229,6 +232,11 @@ impl MessagesRequest {
             stop: self.stop_sequences.clone().map(Stop::Many),
             tools,
             tool_choice,
+            parallel_tool_calls: self
+                .tool_choice
+                .as_ref()
+                .and_then(|c| c.disable_parallel_tool_use)
+                .map(|disabled| !disabled),
             ..CommonParams::default()
         })
     }

@@ -14,7 +14,7 @@ use crate::api::error::ApiError;
 use crate::api::openai::{ChatRequest, CommonParams, Message, function_tool, tool_call};
 
 /// `POST /v1/responses` body. Fields not listed (`store`, `metadata`, `user`, `include`,
-/// `truncation`, `parallel_tool_calls`) are accepted and ignored.
+/// `truncation`) are accepted and ignored.
 #[derive(Debug, Deserialize)]
 pub struct ResponsesRequest {
     /// Model id; must be the served model.
@@ -41,6 +41,9 @@ pub struct ResponsesRequest {
     /// `auto`, `none`, `required` or `{"type": "function", "name"}`.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// As on chat completions.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// `{"format": {"type": "text" | "json_object" | "json_schema", ...}}`.
     #[serde(default)]
     pub text: Option<TextOptions>,
@@ -220,6 +223,7 @@ impl ResponsesRequest {
                 seed: self.seed,
                 tools,
                 tool_choice,
+                parallel_tool_calls: self.parallel_tool_calls,
                 response_format,
                 ..CommonParams::default()
             },
