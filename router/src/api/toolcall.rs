@@ -14,6 +14,13 @@ fn opening(syntax: ToolSyntax) -> &'static [&'static str] {
     }
 }
 
+/// The openings a call in `syntax` may have: its own, and for Hermes also a bare call object, as
+/// small Hermes-template models (Qwen2.5-Coder-0.5B among them) often write it without the tags.
+fn openings(syntax: ToolSyntax) -> impl Iterator<Item = &'static [&'static str]> {
+    let bare = (syntax == ToolSyntax::Hermes).then(|| opening(ToolSyntax::Llama3));
+    std::iter::once(opening(syntax)).chain(bare)
+}
+
 /// What a syntax allows before its opening: Llama 3's `<|python_tag|>`, where the detokenizer
 /// shows it.
 fn lead_tag(syntax: ToolSyntax) -> Option<&'static str> {
@@ -39,14 +46,15 @@ fn after_tokens<'a>(text: &'a str, tokens: &[&str]) -> Option<&'a str> {
 /// `syntax`: a stream holds such text back instead of sending it as content.
 pub fn may_open(text: &str, syntax: ToolSyntax) -> bool {
     let t = text.trim_start();
-    let mut leads = std::iter::once(opening(syntax)[0]).chain(lead_tag(syntax));
+    let mut leads = openings(syntax).map(|o| o[0]).chain(lead_tag(syntax));
     t.is_empty() || leads.any(|l| t.starts_with(l) || l.starts_with(t))
 }
 
 /// Where the first call's arguments start in a reply in `syntax`, and its function name, once
 /// the text has got that far.
 pub fn header_in(text: &str, syntax: ToolSyntax) -> Option<(String, usize)> {
-    let mut rest = after_tokens(strip_lead(text, syntax), opening(syntax))?;
+    let stripped = strip_lead(text, syntax);
+    let mut rest = openings(syntax).find_map(|o| after_tokens(stripped, o))?;
     let quoted = rest.strip_prefix('"')?;
     let end = quoted.find(['"', '\\'])?;
     if quoted[end..].starts_with('\\') {
@@ -78,6 +86,10 @@ pub fn all_calls(text: &str, syntax: ToolSyntax) -> Option<Vec<(String, String)>
             .iter()
             .map(|o| one(o))
             .collect::<Option<Vec<_>>>()?,
+        // Without any tag: bare call objects, as a Llama 3 reply writes them.
+        ToolSyntax::Hermes if !text.contains("<tool_call>") => {
+            return all_calls(text, ToolSyntax::Llama3);
+        }
         ToolSyntax::Hermes => {
             let mut calls = Vec::new();
             let mut rest = text;
@@ -349,6 +361,26 @@ mod tests {
             }
             assert_eq!((name, args), two_calls()[0].clone(), "{syntax:?}");
         }
+    }
+
+    #[test]
+    fn a_hermes_model_that_drops_the_tags_still_calls() {
+        // Qwen2.5-Coder-0.5B-Instruct (a Hermes `<tool_call>` template), recorded with
+        // `tool_choice: auto` on this machine.
+        let bare = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
+        assert_eq!(
+            all_calls(bare, ToolSyntax::Hermes),
+            Some(vec![("get_weather".into(), "{\"city\": \"Paris\"}".into())])
+        );
+        assert!(may_open("{\"na", ToolSyntax::Hermes));
+        let mut stream = CallStream::new(ToolSyntax::Hermes);
+        let pieces = stream.advance(&bare[..40]);
+        assert!(
+            pieces.contains(&Piece::Begin("get_weather".into())),
+            "{pieces:?}"
+        );
+        // A JSON answer that is not a call stays an answer.
+        assert_eq!(all_calls("{\"answer\": 4}", ToolSyntax::Hermes), None);
     }
 
     #[test]
