@@ -130,6 +130,8 @@ async fn one_cluster_serves_two_models_each_on_its_own_nodes() {
         r#"
 model = "{}"
 placement = "colocated"
+[router]
+max_queued = 0
 [layout]
 n_ctx_seq = 1024
 [[nodes]]
@@ -228,6 +230,45 @@ model = "{}"
         "{message}"
     );
     assert_eq!(unknown.body["error"]["code"], "model_not_found");
+
+    // Admission counts each model's own decode slots: three Gemma requests at once find two
+    // slots (and no queue), so one gets a 429 naming the model, while SmolLM2 still admits.
+    let long = |variant: usize| {
+        json!({ "model": "gemma-3-270m-q4_k_m", "max_tokens": 48, "temperature": 0,
+                "prompt": log_prompt(3, variant) })
+    };
+    let smol_chat = json!({ "model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 4,
+        "messages": [{ "role": "user", "content": "Hi" }] });
+    let (l1, l2, l3) = (long(1), long(2), long(3));
+    let (g1, g2, g3, s1) = tokio::join!(
+        post(server.addr, "/v1/completions", &l1),
+        post(server.addr, "/v1/completions", &l2),
+        post(server.addr, "/v1/completions", &l3),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            post(server.addr, "/v1/chat/completions", &smol_chat).await
+        }
+    );
+    let mut statuses = [g1.status, g2.status, g3.status];
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 200, 429],
+        "{} {} {}",
+        g1.body,
+        g2.body,
+        g3.body
+    );
+    let refused = [&g1, &g2, &g3]
+        .into_iter()
+        .find(|a| a.status == 429)
+        .unwrap();
+    assert!(
+        refused.body.to_string().contains("gemma-3-270m-q4_k_m"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(s1.status, 200, "{}", s1.body);
 
     // The cluster view names each node's model, and the page offers both.
     let status: exo_router::api::status::ClusterStatus = reqwest::get(format!("{base}/v1/cluster"))

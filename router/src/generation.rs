@@ -353,7 +353,7 @@ impl Generation {
         prompt: Prompt,
         sampling: SamplingParams,
     ) -> Result<Generation, ApiError> {
-        let admission = cluster.admit()?;
+        let admission = cluster.admit(model)?;
         let started = Instant::now();
         let chars = prompt_chars(&prompt);
         let shape = RequestShape {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use exo_kvcache::Codec;
+use exo_kvcache::{Codec, ModelFingerprint};
 
 use super::{Cluster, ClusterNode};
 use crate::placement::Prediction;
@@ -88,16 +88,25 @@ impl Drop for DecodeLoad {
 }
 
 /// A request admitted into the cluster; releases its place on drop.
-pub struct Admission(pub(super) Arc<Cluster>);
+pub struct Admission {
+    pub(super) cluster: Arc<Cluster>,
+    /// The model whose queue it counts in.
+    pub(super) model: ModelFingerprint,
+}
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        if let Ok(mut by_model) = self.cluster.admitted_by_model.lock()
+            && let Some(held) = by_model.get_mut(&self.model)
+        {
+            *held = held.saturating_sub(1);
+        }
         let n = self
-            .0
+            .cluster
             .admitted
             .fetch_sub(1, Ordering::Relaxed)
             .saturating_sub(1);
-        self.0.publish_load(n);
+        self.cluster.publish_load(n);
     }
 }
 

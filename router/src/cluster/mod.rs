@@ -20,6 +20,7 @@ use crate::placement::{
 use crate::profile::{KvShipping, NodeSpec, Profile};
 
 mod activity;
+mod admission;
 mod guards;
 mod links;
 mod membership;
@@ -251,6 +252,8 @@ pub struct Cluster {
     default_id: String,
     next_id: AtomicU64,
     admitted: AtomicUsize,
+    /// Of those, per model: each model's queue is bounded by its own decode slots.
+    admitted_by_model: Mutex<HashMap<ModelFingerprint, usize>>,
     max_queued: usize,
     /// Longest a request may go without output (the profile's `router.progress_timeout_s`).
     pub progress_timeout: Duration,
@@ -312,6 +315,7 @@ impl Cluster {
             default_id: stem(),
             next_id: AtomicU64::new(seed << 16),
             admitted: AtomicUsize::new(0),
+            admitted_by_model: Mutex::new(HashMap::new()),
             max_queued: profile.max_queued,
             progress_timeout: profile.progress_timeout,
             migration_limit: profile.migration_limit,
@@ -439,57 +443,6 @@ impl Cluster {
             return RequestId(u128::from(n));
         }
         RequestId(u128::from_le_bytes(bytes))
-    }
-
-    /// Requests admitted and not yet finished.
-    pub fn in_flight(&self) -> usize {
-        self.admitted.load(Ordering::Relaxed)
-    }
-
-    /// Sequence slots of the healthy nodes that generate.
-    pub fn decode_capacity(&self) -> usize {
-        self.nodes()
-            .iter()
-            .filter(|n| n.healthy() && n.spec.role.decodes())
-            .filter_map(|n| n.info())
-            .map(|i| i.layout.n_seq_max as usize)
-            .sum()
-    }
-
-    fn publish_load(&self, admitted: usize) {
-        metrics::gauge!("exo_requests_in_flight").set(admitted as f64);
-        metrics::gauge!("exo_queue_depth")
-            .set(admitted.saturating_sub(self.decode_capacity()) as f64);
-    }
-
-    /// Admits a request when a decode slot or a queue place is free; otherwise 429. Bounds what the
-    /// cluster holds instead of letting queues and memory grow with the load.
-    pub fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
-        let limit = self.decode_capacity() + self.max_queued;
-        let mut current = self.admitted.load(Ordering::Relaxed);
-        loop {
-            if current >= limit.max(1) {
-                return Err(ApiError::Overloaded {
-                    message: format!(
-                        "all {} decode slots are busy and {} requests are queued; retry shortly",
-                        self.decode_capacity(),
-                        current.saturating_sub(self.decode_capacity())
-                    ),
-                    retry_after: 1,
-                });
-            }
-            match self.admitted.compare_exchange(
-                current,
-                current + 1,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(now) => current = now,
-            }
-        }
-        self.publish_load(current + 1);
-        Ok(Admission(Arc::clone(self)))
     }
 
     /// Estimated tokens of a prompt of `chars` characters, before any node has tokenized it.
