@@ -430,9 +430,26 @@ impl Profile {
             Ok::<_, String>(nodes)
         })?;
         let discovery = raw.discovery.validate()?;
-        // With discovery, the nodes the mode needs may come from the LAN.
+        // With discovery, the nodes the mode needs may come from the LAN. Each model's nodes
+        // must be able to serve its requests on their own.
         if !discovery.enabled {
-            check_placement(raw.placement, &nodes)?;
+            let own = |n: &NodeSpec| n.model.clone().filter(|m| *m != raw.model);
+            let mut models: Vec<Option<PathBuf>> = Vec::new();
+            for m in nodes.iter().map(own) {
+                if !models.contains(&m) {
+                    models.push(m);
+                }
+            }
+            for m in &models {
+                let group: Vec<NodeSpec> = nodes.iter().filter(|n| own(n) == *m).cloned().collect();
+                check_placement(raw.placement, &group).map_err(|e| match m {
+                    Some(path) => format!("the nodes of model {}: {e}", path.display()),
+                    None if models.len() > 1 => {
+                        format!("the nodes of model {}: {e}", raw.model.display())
+                    }
+                    None => e,
+                })?;
+            }
         }
         let links = raw
             .links

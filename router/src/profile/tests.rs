@@ -79,14 +79,29 @@ fn threads_belong_to_embedded_nodes() {
 
 #[test]
 fn a_profile_of_several_models_narrows_to_one() {
-    let text = format!(
-        "{BASE}\
-[[nodes]]\nname = \"p\"\naddress = \"embedded\"\nrole = \"prefill\"\n\
-[[nodes]]\nname = \"other\"\naddress = \"embedded\"\nrole = \"both\"\nmodel = \"models/b.gguf\"\n\
-[[nodes]]\nname = \"d\"\naddress = \"10.0.0.2:7070\"\nrole = \"decode\"\n\
-[[links]]\nbetween = [\"p\", \"d\"]\nkind = \"ethernet\"\nbandwidth_gbit_s = 10.0\nlatency_ms = 0.1\n\
-[[links]]\nbetween = [\"p\", \"other\"]\nkind = \"ethernet\"\nbandwidth_gbit_s = 1.0\nlatency_ms = 0.1\n"
-    );
+    let node = |name: &str, role: &str, model: &str| {
+        let model = if model.is_empty() {
+            String::new()
+        } else {
+            format!("model = \"{model}\"\n")
+        };
+        format!("[[nodes]]\nname = \"{name}\"\naddress = \"embedded\"\nrole = \"{role}\"\n{model}")
+    };
+    let link = |a: &str, b: &str, gbit: f64| {
+        format!(
+            "[[links]]\nbetween = [\"{a}\", \"{b}\"]\nkind = \"ethernet\"\nbandwidth_gbit_s = {gbit}\nlatency_ms = 0.1\n"
+        )
+    };
+    let text = [
+        BASE.to_string(),
+        node("p", "prefill", ""),
+        node("other", "prefill", "models/b.gguf"),
+        node("d", "decode", ""),
+        node("other-d", "decode", "models/b.gguf"),
+        link("p", "d", 10.0),
+        link("p", "other", 1.0),
+    ]
+    .concat();
     let p = parse(&text).unwrap();
     assert_eq!(p.model_names(), vec!["m".to_string(), "b".to_string()]);
     assert!(
@@ -102,13 +117,30 @@ fn a_profile_of_several_models_narrows_to_one() {
     assert_eq!((m.links[0].0, m.links[0].1), (0, 1));
     assert_eq!(m.links[0].2.bandwidth_gbit_s, 10.0);
     let b = p.for_model(Some("b")).unwrap();
-    assert_eq!((b.nodes.len(), b.links.len()), (1, 0));
+    assert_eq!((b.nodes.len(), b.links.len()), (2, 0));
     assert_eq!(b.model, Path::new("models/b.gguf"));
+    // Each model's nodes must serve its requests on their own: one "both" node cannot split.
+    let lonely = [
+        BASE.to_string(),
+        node("p", "prefill", ""),
+        node("d", "decode", ""),
+        node("x", "both", "models/b.gguf"),
+    ]
+    .concat();
+    let refused = parse(&lonely).unwrap_err().to_string();
+    assert!(
+        refused.contains("the nodes of model models/b.gguf"),
+        "{refused}"
+    );
     // One model: as it is.
-    let one = parse(&format!(
-        "{BASE}[[nodes]]\nname = \"x\"\naddress = \"embedded\"\nrole = \"prefill\"\n\
-         [[nodes]]\nname = \"y\"\naddress = \"embedded\"\nrole = \"decode\"\n"
-    ))
+    let one = parse(
+        &[
+            BASE.to_string(),
+            node("x", "prefill", ""),
+            node("y", "decode", ""),
+        ]
+        .concat(),
+    )
     .unwrap();
     assert_eq!(one.for_model(None).unwrap(), one);
 }
