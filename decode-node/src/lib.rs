@@ -219,10 +219,23 @@ impl DecodeNode {
                 return Err(e);
             }
         };
-        let promised = decoder
-            .header()
+        // The full cache, and an iSWA model's window cache (at most the model's window of cells).
+        let header = decoder.header();
+        let tokens = header.tokens.len();
+        let window_cells = self
+            .ctx
+            .model()
+            .sliding_window()
+            .map_or(tokens, |w| tokens.min(w as usize));
+        let window = header
             .shape
-            .state_len(decoder.header().tokens.len())
+            .window
+            .as_ref()
+            .map_or(Ok(0), |w| w.state_len(window_cells));
+        let promised = header
+            .shape
+            .state_len(tokens)
+            .and_then(|full| window.map(|w| full.saturating_add(w)))
             .unwrap_or(usize::MAX)
             .saturating_add(MAX_PARKED_BYTES);
         let mut map = self.lock();

@@ -407,6 +407,6 @@ pub trait NodeService {
     async fn probe_link(to: String, bytes: u32) -> Result<LinkProbe, NodeError>;
     /// Up to `len` bytes (at most [`MAX_MODEL_PART`]) of the node's model file from `offset`: a
     /// node that lacks the model fetches it from a peer over the cluster link. The fetching side
-    /// checks the whole file against the fingerprint `hello` reports.
+    /// checks the finished file against the model fingerprint `hello` reports.
     async fn model_part(offset: u64, len: u32) -> Result<ModelPart, NodeError>;
 }

@@ -298,7 +298,16 @@ pub fn cached(cfg: &HubConfig, name: &HubName) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    let chosen = choose(&files, name).ok()?;
+    // A bare name's file is only known from the cache when it is the Q4_K_M one: "the only GGUF"
+    // of a snapshot may just be the one quantization pulled so far.
+    let pick = match &name.pick {
+        Pick::Default => HubName {
+            pick: Pick::Tag(DEFAULT_TAG.into()),
+            ..name.clone()
+        },
+        _ => name.clone(),
+    };
+    let chosen = choose(&files, &pick).ok()?;
     let path = snapshot.join(chosen);
     path.is_file().then_some(path)
 }
@@ -316,6 +325,14 @@ pub async fn pull(cfg: &HubConfig, name: &HubName) -> Result<PathBuf, HubError> 
     let listing = list(cfg, &client, name).await?;
     let paths: Vec<String> = listing.iter().map(|f| f.path.clone()).collect();
     let chosen = choose(&paths, name)?;
+    if !is_plain_path(&chosen) {
+        return Err(HubError::Answer {
+            url: cfg.endpoint.clone(),
+            detail: format!(
+                "the listing names {chosen:?}, which is not a path inside a repository"
+            ),
+        });
+    }
     let listed = listing.into_iter().find(|f| f.path == chosen);
     let url = format!(
         "{}/{}/resolve/{}/{}",
@@ -349,7 +366,7 @@ async fn list(
     name: &HubName,
 ) -> Result<Vec<RemoteFile>, HubError> {
     let url = format!(
-        "{}/api/models/{}/tree/{}",
+        "{}/api/models/{}/tree/{}?recursive=true",
         cfg.endpoint, name.repo, name.revision
     );
     let resp = client
@@ -374,6 +391,16 @@ async fn list(
             path: e.path,
         })
         .collect())
+}
+
+/// A repository file path that stays inside the snapshot: relative, no `..`, `.` or empty
+/// segments, no backslashes (the listing is network input, and the path becomes a file here).
+fn is_plain_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\\')
+        && path
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
 pub(crate) fn is_sha256(s: &str) -> bool {

@@ -34,8 +34,8 @@ async fn connect(addr: &str, security: &LinkSecurity) -> Result<NodeServiceClien
 }
 
 /// Fetches the model the node at `addr` runs into `dest` (through `dest.incomplete`, resumed when a
-/// part is there), unless `dest` is there already; returns `dest`. The whole file must have the
-/// fingerprint the peer reports, else it is removed.
+/// part is there), unless `dest` is there already; returns `dest`. The finished file must have
+/// the model fingerprint the peer reports (length, head, samples, tail), else it is removed.
 pub async fn fetch_from_peer(
     addr: &str,
     security: &LinkSecurity,
@@ -87,7 +87,11 @@ pub async fn fetch_from_peer(
                     "connection lost ({e}); resuming (attempt {} of {ATTEMPTS})",
                     lost + 1
                 ));
-                client = connect(addr, security).await?;
+                // A peer that is briefly away gets a moment; each failed reconnect counts too.
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(lost))).await;
+                if let Ok(c) = connect(addr, security).await {
+                    client = c;
+                }
                 continue;
             }
             Err(e) => return Err(peer_err(addr, e)),

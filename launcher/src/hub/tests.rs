@@ -66,3 +66,21 @@ fn a_bare_repository_takes_q4_k_m_or_its_only_gguf() {
     let two = files(&["m-Q8_0.gguf", "m-f16.gguf"]);
     assert!(choose(&two, &name).is_err());
 }
+
+#[test]
+fn only_paths_inside_a_repository_are_taken_from_a_listing() {
+    for ok in ["m-Q4_K_M.gguf", "quants/m-Q8_0.gguf"] {
+        assert!(is_plain_path(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "../m.gguf",
+        "a/../../m.gguf",
+        "/etc/m.gguf",
+        "a//m.gguf",
+        "./m.gguf",
+        "a\\m.gguf",
+    ] {
+        assert!(!is_plain_path(bad), "{bad}");
+    }
+}

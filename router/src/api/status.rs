@@ -15,7 +15,6 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{Cluster, Origin, RequestRecord};
-use crate::placement::RequestShape;
 
 /// How often `/v1/cluster/events` sends the cluster's state.
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(1);
@@ -140,15 +139,11 @@ impl ClusterStatus {
                 }
             })
             .collect();
-        let probe = RequestShape {
-            prompt_tokens: 1,
-            output_tokens: 1,
-        };
         let decode_slots = cluster.decode_capacity();
         ClusterStatus {
             model: cluster.model_id(),
             models: cluster.models().into_iter().map(|m| m.id).collect(),
-            ready: cluster.choose(None, probe).is_ok(),
+            ready: cluster.ready(),
             placement: cluster.mode().to_string(),
             requests_in_flight: cluster.in_flight(),
             queued: cluster.in_flight().saturating_sub(decode_slots),

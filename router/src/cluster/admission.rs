@@ -8,6 +8,15 @@ use super::{Admission, Cluster, ServedModel};
 use crate::api::error::ApiError;
 
 impl Cluster {
+    /// True when a one-token request for some served model could be placed right now.
+    pub fn ready(&self) -> bool {
+        let probe = crate::placement::RequestShape {
+            prompt_tokens: 1,
+            output_tokens: 1,
+        };
+        self.models().iter().any(|m| self.choose(m, probe).is_ok())
+    }
+
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.admitted.load(Ordering::Relaxed)

@@ -86,7 +86,6 @@ impl Cluster {
                 info.role, node.spec.role
             ));
         }
-        self.register_model(info)?;
         // Every decode-capable node must accept caches from every prefill-capable node of its
         // model.
         let same_model = |o: &NodeInfo| o.fingerprint == info.fingerprint;
@@ -107,7 +106,8 @@ impl Cluster {
             d.accepts(&p)
                 .map_err(|e| format!("KV layout incompatible with node {}: {e}", other.name))?;
         }
-        Ok(())
+        // Only a node that passed every check brings its model.
+        self.register_model(info)
     }
 
     /// Adds the node's model to those the cluster serves unless it is there already; a model of
@@ -120,11 +120,22 @@ impl Cluster {
         if models.iter().any(|m| m.fingerprint == info.fingerprint) {
             return Ok(());
         }
-        if let Some(other) = models.iter().find(|m| m.id == info.model) {
-            return Err(format!(
-                "runs model {} ({}), the cluster's {} is another file ({})",
-                info.model, info.fingerprint, other.id, other.fingerprint
-            ));
+        if let Some(i) = models.iter().position(|m| m.id == info.model) {
+            let old = models[i].fingerprint;
+            // The other file still served: clients could not tell the two apart.
+            let served = self
+                .nodes()
+                .iter()
+                .any(|n| n.healthy() && n.info().is_some_and(|i| i.fingerprint == old));
+            if served {
+                return Err(format!(
+                    "runs model {} ({}), the cluster's {} is another file ({})",
+                    info.model, info.fingerprint, info.model, old
+                ));
+            }
+            // No node serves the old file any more (an updated model, say): the new one takes
+            // its name.
+            models.remove(i);
         }
         tracing::info!(model = %info.model, fingerprint = %info.fingerprint, "serving a model");
         models.push(ServedModel {

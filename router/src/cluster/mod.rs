@@ -471,13 +471,9 @@ impl Cluster {
         u64::from(max_tokens).min(self.expected_output_tokens)
     }
 
-    /// Chooses where a request for `model` (any model: `None`) would run now, without counting it
-    /// anywhere. Only nodes running the model are candidates.
-    pub fn choose(
-        &self,
-        model: Option<&ServedModel>,
-        shape: RequestShape,
-    ) -> Result<Choice, ApiError> {
+    /// Chooses where a request for `model` would run now, without counting it anywhere. Only
+    /// nodes running the model are candidates.
+    pub fn choose(&self, model: &ServedModel, shape: RequestShape) -> Result<Choice, ApiError> {
         let nodes = self.nodes();
         let infos: Vec<Option<NodeInfo>> = nodes.iter().map(|n| n.info()).collect();
         // The healthy nodes as placers see them, with their live load; the profile's perf table,
@@ -485,7 +481,7 @@ impl Cluster {
         let views: Vec<NodeView<'_>> = nodes
             .iter()
             .zip(&infos)
-            .filter(|(n, _)| n.healthy() && model.is_none_or(|m| n.runs(m)))
+            .filter(|(n, _)| n.healthy() && n.runs(model))
             .map(|(n, info)| NodeView {
                 id: n.id,
                 role: n.spec.role,
@@ -505,10 +501,9 @@ impl Cluster {
             .ok()
             .and_then(|p| p.choose(&views, shape));
         chosen.ok_or_else(|| {
-            let of = model.map_or(String::new(), |m| format!(" for {}", m.id));
             ApiError::Unavailable(format!(
-                "no healthy node can serve this request{of} ({} placement)",
-                self.mode
+                "no healthy node can serve this request for {} ({} placement)",
+                model.id, self.mode
             ))
         })
     }
@@ -516,7 +511,7 @@ impl Cluster {
     /// Chooses where a request runs, by the profile's placement mode and the nodes' current load,
     /// and counts it on those nodes until the returned placement is dropped.
     pub fn place(&self, model: &ServedModel, shape: RequestShape) -> Result<Placement, ApiError> {
-        let choice = self.choose(Some(model), shape)?;
+        let choice = self.choose(model, shape)?;
         let node = |id: NodeId| {
             let node = self.node(id);
             node.ok_or_else(|| ApiError::Internal(format!("placement chose unknown node {id}")))
