@@ -86,8 +86,9 @@ pub fn all_calls(text: &str, syntax: ToolSyntax) -> Option<Vec<(String, String)>
             .iter()
             .map(|o| one(o))
             .collect::<Option<Vec<_>>>()?,
-        // Without any tag: bare call objects, as a Llama 3 reply writes them.
-        ToolSyntax::Hermes if !text.contains("<tool_call>") => {
+        // A reply that opens with an object: bare call objects, as a Llama 3 reply writes them
+        // (their arguments may even hold the text `<tool_call>`).
+        ToolSyntax::Hermes if text.trim_start().starts_with('{') => {
             return all_calls(text, ToolSyntax::Llama3);
         }
         ToolSyntax::Hermes => {
@@ -381,6 +382,15 @@ mod tests {
         );
         // A JSON answer that is not a call stays an answer.
         assert_eq!(all_calls("{\"answer\": 4}", ToolSyntax::Hermes), None);
+        // Arguments that mention the tag are still a bare call's arguments.
+        let tagged_text = "{\"name\": \"note\", \"arguments\": {\"text\": \"use <tool_call>\"}}";
+        assert_eq!(
+            all_calls(tagged_text, ToolSyntax::Hermes),
+            Some(vec![(
+                "note".into(),
+                "{\"text\": \"use <tool_call>\"}".into()
+            )])
+        );
     }
 
     #[test]
