@@ -221,21 +221,9 @@ impl DecodeNode {
         };
         // The full cache, and an iSWA model's window cache (at most the model's window of cells).
         let header = decoder.header();
-        let tokens = header.tokens.len();
-        let window_cells = self
-            .ctx
-            .model()
-            .sliding_window()
-            .map_or(tokens, |w| tokens.min(w as usize));
-        let window = header
-            .shape
-            .window
-            .as_ref()
-            .map_or(Ok(0), |w| w.state_len(window_cells));
         let promised = header
             .shape
-            .state_len(tokens)
-            .and_then(|full| window.map(|w| full.saturating_add(w)))
+            .max_state_len(header.tokens.len(), self.ctx.model().sliding_window())
             .unwrap_or(usize::MAX)
             .saturating_add(MAX_PARKED_BYTES);
         let mut map = self.lock();

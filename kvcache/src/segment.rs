@@ -204,6 +204,18 @@ impl StateShape {
             .ok_or_else(|| malformed("state size overflows"))
     }
 
+    /// Most bytes a single-stream state of `cells` cells in this shape takes: for an iSWA shape
+    /// with its window cache of at most `window` cells (the model's sliding window; `None`: as
+    /// many as `cells`).
+    pub fn max_state_len(&self, cells: usize, window: Option<u32>) -> Result<usize, KvError> {
+        let full = self.state_len(cells)?;
+        let Some(w) = &self.window else {
+            return Ok(full);
+        };
+        let window_cells = window.map_or(cells, |n| cells.min(n as usize));
+        Ok(full.saturating_add(w.state_len(window_cells)?))
+    }
+
     /// A single-stream state of `cells` cells in this shape whose headers are written and whose
     /// cells are all zero bytes, for [`Self::place`] to fill.
     pub fn blank_state(&self, source_seq: i32, cells: usize) -> Result<Vec<u8>, KvError> {

@@ -268,14 +268,8 @@ impl DecodeLimits {
         window: Option<u32>,
     ) -> DecodeLimits {
         let defaults = DecodeLimits::default();
-        let window_cells = window.map_or(n_ctx_seq, |w| w.min(n_ctx_seq)) as usize;
-        let window_len = shape
-            .window
-            .as_ref()
-            .map_or(Ok(0), |w| w.state_len(window_cells));
         let state = shape
-            .state_len(n_ctx_seq as usize)
-            .and_then(|full| window_len.map(|w| full.saturating_add(w)))
+            .max_state_len(n_ctx_seq as usize, window)
             .map_or(defaults.max_state_bytes, |b| b as u64);
         DecodeLimits {
             max_state_bytes: state.min(defaults.max_state_bytes),

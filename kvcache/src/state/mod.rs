@@ -207,30 +207,24 @@ impl StateShape {
         Ok(())
     }
 
-    /// Rewrites a checked single-stream state so this context can import it: each section's
-    /// `n_stream` set to the context's stream count and the other streams appended empty.
-    /// llama.cpp puts the cells of the non-empty stream into the destination sequence's own stream.
+    /// Rewrites a checked single-stream state in place so this context can import it: each
+    /// section's `n_stream` set to the context's stream count and the other streams appended
+    /// empty. llama.cpp puts the cells of the non-empty stream into the destination sequence's
+    /// own stream.
     pub fn reframe_for_import(&self, state: &mut Vec<u8>) -> Result<(), KvError> {
         let parsed = parse(state, self.cell_ext_len)?;
-        if parsed.window.is_none() {
-            // One cache: the stream is already in place; set the count, append the empty streams.
-            let extra = self
-                .n_stream
+        let window_n = self.window.as_ref().map_or(self.n_stream, |w| w.n_stream);
+        // Back to front, so the offsets of the sections before stay valid.
+        let counts: Vec<_> = parsed.sections().zip([self.n_stream, window_n]).collect();
+        for (s, n) in counts.into_iter().rev() {
+            let extra = n
                 .checked_sub(1)
                 .ok_or_else(|| KvError::ShapeMismatch("zero streams".into()))?;
-            single_section(&parsed.full, "state's")?;
-            write_u32(state, HEAD_LEN, self.n_stream)?;
-            state.resize(state.len() + 4 * extra as usize, 0);
-            return Ok(());
+            single_section(s, "state's")?;
+            write_u32(state, s.span.start, n)?;
+            let empty = std::iter::repeat_n(0u8, 4 * extra as usize);
+            state.splice(s.span.end..s.span.end, empty);
         }
-        let window_n = self.window.as_ref().map_or(self.n_stream, |w| w.n_stream);
-        let mut out = Vec::with_capacity(state.len() + 8 * self.n_stream as usize);
-        out.extend_from_slice(state.get(..HEAD_LEN).unwrap_or_default());
-        reframe_section(state, &parsed.full, self.n_stream, &mut out)?;
-        if let Some(w) = &parsed.window {
-            reframe_section(state, w, window_n, &mut out)?;
-        }
-        *state = out;
         Ok(())
     }
 }
@@ -246,20 +240,8 @@ fn single_section<'a>(s: &'a Section, which: &str) -> Result<&'a Section, KvErro
     Ok(s)
 }
 
-/// Appends section `s` of `state` (single-stream) with `n` streams: its stream, then empty ones.
-fn reframe_section(state: &[u8], s: &Section, n: u32, out: &mut Vec<u8>) -> Result<(), KvError> {
-    let extra = n
-        .checked_sub(1)
-        .ok_or_else(|| KvError::ShapeMismatch("zero streams".into()))?;
-    single_section(s, "state's")?;
-    out.extend_from_slice(&n.to_le_bytes());
-    out.extend_from_slice(state.get(s.body.clone()).unwrap_or_default());
-    out.resize(out.len() + 4 * extra as usize, 0);
-    Ok(())
-}
-
-/// Turns an exported state into the single-stream wire form: in each section the stream holding
-/// the cells, and `n_stream = 1`.
+/// Turns an exported state into the single-stream wire form, in place: in each section the
+/// stream holding the cells, and `n_stream = 1`. Only the bytes after an empty stream move.
 pub fn to_single_stream(mut state: Vec<u8>) -> Result<(Vec<u8>, SeqStateInfo), KvError> {
     let parsed = parse_any(&state)?;
     let info = SeqStateInfo {
@@ -267,23 +249,14 @@ pub fn to_single_stream(mut state: Vec<u8>) -> Result<(Vec<u8>, SeqStateInfo), K
         stream: 0,
         ..SeqStateInfo::of(&parsed)
     };
-    if parsed.window.is_none() {
-        // One cache: in place; only a state whose cells are not in stream 0 moves bytes.
-        let (head, body) = (HEAD_LEN + 4, parsed.full.body);
-        state.truncate(body.end);
-        if body.start > head {
-            state.drain(head..body.start);
-        }
-        write_u32(&mut state, HEAD_LEN, 1)?;
-        return Ok((state, info));
+    // Back to front, so the offsets of the sections before stay valid. The parser put each
+    // section's body inside its span, after its `n_stream` field.
+    for s in parsed.sections().rev() {
+        state.drain(s.body.end..s.span.end);
+        state.drain(s.span.start + 4..s.body.start);
+        write_u32(&mut state, s.span.start, 1)?;
     }
-    let mut out = Vec::with_capacity(state.len());
-    out.extend_from_slice(state.get(..HEAD_LEN).unwrap_or_default());
-    for s in std::iter::once(&parsed.full).chain(&parsed.window) {
-        out.extend_from_slice(&1u32.to_le_bytes());
-        out.extend_from_slice(state.get(s.body.clone()).unwrap_or_default());
-    }
-    Ok((out, info))
+    Ok((state, info))
 }
 
 fn write_u32(state: &mut [u8], at: usize, n: u32) -> Result<(), KvError> {

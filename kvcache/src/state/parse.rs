@@ -50,6 +50,11 @@ pub(crate) struct Parsed {
 }
 
 impl Parsed {
+    /// The sections in state order: the full cache, then the window cache if any.
+    pub(crate) fn sections(&self) -> impl DoubleEndedIterator<Item = &Section> {
+        std::iter::once(&self.full).chain(&self.window)
+    }
+
     /// The state's shape (the window's as [`StateShape::window`]), `None` when a section holds no
     /// cells.
     pub(crate) fn shape(&self) -> Option<StateShape> {

@@ -2,7 +2,6 @@
 //! queue), and the load gauges it publishes.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use super::{Admission, Cluster, ServedModel};
 use crate::api::error::ApiError;
@@ -19,7 +18,9 @@ impl Cluster {
 
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.admitted.load(Ordering::Relaxed)
+        self.admitted
+            .lock()
+            .map_or(0, |by_model| by_model.values().sum())
     }
 
     /// Sequence slots of the healthy nodes that generate.
@@ -50,9 +51,9 @@ impl Cluster {
     pub fn admit(self: &Arc<Self>, model: &ServedModel) -> Result<Admission, ApiError> {
         let capacity = self.decode_capacity_of(Some(model));
         let limit = (capacity + self.max_queued).max(1);
-        {
+        let total = {
             let mut by_model = self
-                .admitted_by_model
+                .admitted
                 .lock()
                 .map_err(|_| ApiError::Internal("admission lock poisoned".into()))?;
             let held = by_model.entry(model.fingerprint).or_insert(0);
@@ -67,8 +68,8 @@ impl Cluster {
                 });
             }
             *held += 1;
-        }
-        let total = self.admitted.fetch_add(1, Ordering::Relaxed) + 1;
+            by_model.values().sum()
+        };
         self.publish_load(total);
         Ok(Admission {
             cluster: Arc::clone(self),

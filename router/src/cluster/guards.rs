@@ -96,17 +96,16 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if let Ok(mut by_model) = self.cluster.admitted_by_model.lock()
-            && let Some(held) = by_model.get_mut(&self.model)
-        {
-            *held = held.saturating_sub(1);
-        }
-        let n = self
-            .cluster
-            .admitted
-            .fetch_sub(1, Ordering::Relaxed)
-            .saturating_sub(1);
-        self.cluster.publish_load(n);
+        let total = match self.cluster.admitted.lock() {
+            Ok(mut by_model) => {
+                if let Some(held) = by_model.get_mut(&self.model) {
+                    *held = held.saturating_sub(1);
+                }
+                by_model.values().sum()
+            }
+            Err(_) => return,
+        };
+        self.cluster.publish_load(total);
     }
 }
 

@@ -251,9 +251,9 @@ pub struct Cluster {
     /// The id clients see before any node answered: the profile model's file name.
     default_id: String,
     next_id: AtomicU64,
-    admitted: AtomicUsize,
-    /// Of those, per model: each model's queue is bounded by its own decode slots.
-    admitted_by_model: Mutex<HashMap<ModelFingerprint, usize>>,
+    /// Requests admitted and not yet finished, per model (each model's queue is bounded by its
+    /// own decode slots); their sum is the cluster's.
+    admitted: Mutex<HashMap<ModelFingerprint, usize>>,
     max_queued: usize,
     /// Longest a request may go without output (the profile's `router.progress_timeout_s`).
     pub progress_timeout: Duration,
@@ -314,8 +314,7 @@ impl Cluster {
             models: RwLock::new(models),
             default_id: stem(),
             next_id: AtomicU64::new(seed << 16),
-            admitted: AtomicUsize::new(0),
-            admitted_by_model: Mutex::new(HashMap::new()),
+            admitted: Mutex::new(HashMap::new()),
             max_queued: profile.max_queued,
             progress_timeout: profile.progress_timeout,
             migration_limit: profile.migration_limit,
