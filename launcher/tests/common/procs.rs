@@ -29,10 +29,12 @@ pub fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String
 }
 
 /// Starts `cmd` (quiet logs, stdout piped) and returns it with its first stdout line containing
-/// `marker`.
+/// `marker`. `EXO_TEST_LOG` sets the processes' `RUST_LOG` (e.g. `info` to follow a request id
+/// through every process of a failing test); warnings only by default.
 pub fn spawn_command(mut cmd: Command, marker: &str) -> (Proc, String) {
+    let log = std::env::var("EXO_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let mut child = cmd
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
