@@ -195,10 +195,13 @@ impl Model {
         let architecture = llama
             .meta_val_str("general.architecture")
             .unwrap_or_else(|_| "unknown".into());
-        if llama.is_recurrent() || llama.is_hybrid() {
+        // A hybrid model's state (attention caches, then its recurrent section) ships like any
+        // other; a purely recurrent one has no attention cache, which the wire format's cells
+        // (one per prompt token) do not describe yet.
+        if llama.is_recurrent() {
             return Err(load_err(format!(
-                "architecture {architecture} keeps a recurrent per-sequence state, which exo-router \
-                 cannot ship between nodes yet: use a transformer model"
+                "architecture {architecture} is purely recurrent (no attention cache), which \
+                 exo-router cannot ship between nodes yet: use a transformer or hybrid model"
             )));
         }
         let sliding_window = llama

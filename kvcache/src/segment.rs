@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use crate::error::KvError;
 use crate::frame::Reader;
-use crate::state::{LayerShape, StateShape, VShape, parse_single};
+use crate::state::{LayerShape, RecurrentShape, StateShape, VShape, parse_single};
 
 /// Bytes before the first cell record in a single-stream state: magic, source sequence id,
 /// `n_stream`, `cell_count`.
@@ -126,7 +126,7 @@ impl StateShape {
     /// layers, types and sizes as this shape's, any stream count in the shape; cells at positions
     /// `0..n` in any order, which the segment takes in the state's order).
     pub fn cut(&self, state: &[u8], cells: Range<u32>) -> Result<Vec<u8>, KvError> {
-        let (info, shape) = parse_single(state, self.cell_ext_len)?;
+        let (info, shape) = parse_single(state, self.form())?;
         self.same_cache(&shape)?;
         self.cut_cells(state, STATE_HEADS, info.cell_count as usize, cells)
     }
@@ -206,14 +206,17 @@ impl StateShape {
 
     /// Most bytes a single-stream state of `cells` cells in this shape takes: for an iSWA shape
     /// with its window cache of at most `window` cells (the model's sliding window; `None`: as
-    /// many as `cells`).
+    /// many as `cells`), for a hybrid shape with its recurrent section.
     pub fn max_state_len(&self, cells: usize, window: Option<u32>) -> Result<usize, KvError> {
-        let full = self.state_len(cells)?;
-        let Some(w) = &self.window else {
-            return Ok(full);
-        };
-        let window_cells = window.map_or(cells, |n| cells.min(n as usize));
-        Ok(full.saturating_add(w.state_len(window_cells)?))
+        let mut len = self.state_len(cells)?;
+        if let Some(w) = &self.window {
+            let window_cells = window.map_or(cells, |n| cells.min(n as usize));
+            len = len.saturating_add(w.state_len(window_cells)?);
+        }
+        if let Some(r) = &self.recurrent {
+            len = len.saturating_add(usize_of(r.section_len()?)?);
+        }
+        Ok(len)
     }
 
     /// A single-stream state of `cells` cells in this shape whose headers are written and whose
@@ -280,13 +283,22 @@ impl StateShape {
     /// `u8 v_trans`, `u32 cell_ext_len`, `u32 n_rot_k`, `u32 n_rot_v`, `u32 n_layer`, then per K
     /// layer `i32 type, u64 row_size`, then per V layer `i32 type` and `u64 row_size` or, when
     /// transposed, `u32 elem_size, u32 n_embd`.
-    /// Then `u8` 1 and the window cache's skeleton for an iSWA shape, else `u8` 0.
+    /// Then `u8` 1 and the window cache's skeleton for an iSWA shape, else `u8` 0; then `u8` 1
+    /// and the recurrent state's skeleton ([`RecurrentShape::write_skeleton`]) for a hybrid shape,
+    /// else `u8` 0.
     pub(crate) fn write_skeleton(&self, out: &mut Vec<u8>) {
         self.write_cache_skeleton(out);
         match &self.window {
             Some(w) => {
                 out.push(1);
                 w.write_cache_skeleton(out);
+            }
+            None => out.push(0),
+        }
+        match &self.recurrent {
+            Some(r) => {
+                out.push(1);
+                r.write_skeleton(out);
             }
             None => out.push(0),
         }
@@ -311,6 +323,11 @@ impl StateShape {
             0 => None,
             1 => Some(Box::new(Self::read_cache_skeleton(r, max_layers)?)),
             v => return Err(malformed(format!("window flag {v}"))),
+        };
+        shape.recurrent = match r.u8()? {
+            0 => None,
+            1 => Some(RecurrentShape::read_skeleton(r, max_layers)?),
+            v => return Err(malformed(format!("recurrent flag {v}"))),
         };
         Ok(shape)
     }
@@ -361,6 +378,7 @@ impl StateShape {
             k,
             v,
             window: None,
+            recurrent: None,
         };
         shape.segment_bytes_per_cell()?;
         Ok(shape)

@@ -9,7 +9,7 @@
 
 use crate::error::KvError;
 use crate::layout::KvType;
-use crate::state::{StateShape, VShape, join_window, parse_single, split_window};
+use crate::state::{Caches, StateShape, VShape, parse_single};
 
 /// Bytes of a V layer's header after its type id: `u64 row_size`, or `u32 elem_size, u32 n_embd`.
 const V_HEADER: u64 = 8;
@@ -45,22 +45,23 @@ impl StateShape {
     /// are. A state already stored this way, or with other V types than this context's, is returned
     /// unchanged (`check` then says what does not match). Refused with a typed error: a malformed
     /// state, or a V type that cannot be stored transposed.
-    /// An iSWA state's two caches are translated each on its own.
+    /// An iSWA state's two caches are translated each on its own; a hybrid state's recurrent
+    /// section has no V and stays as it is.
     pub fn match_v_layout(&self, state: Vec<u8>) -> Result<Vec<u8>, KvError> {
-        let Some(window_shape) = &self.window else {
+        if self.window.is_none() && self.recurrent.is_none() {
             return self.match_cache_v_layout(state);
-        };
-        let (full, window) = split_window(&state)?;
-        let full = self.match_cache_v_layout(full)?;
-        let window = window
-            .map(|w| window_shape.match_cache_v_layout(w))
-            .transpose()?;
-        Ok(join_window(full, window))
+        }
+        let mut caches = Caches::split(&state, self.form())?;
+        caches.full = self.match_cache_v_layout(caches.full)?;
+        if let (Some(shape), Some(w)) = (&self.window, caches.window.take()) {
+            caches.window = Some(shape.match_cache_v_layout(w)?);
+        }
+        Ok(caches.join())
     }
 
     /// [`Self::match_v_layout`] for a state of one cache.
     fn match_cache_v_layout(&self, state: Vec<u8>) -> Result<Vec<u8>, KvError> {
-        let (info, shape) = parse_single(&state, self.cell_ext_len)?;
+        let (info, shape) = parse_single(&state, self.cache_form())?;
         // Only a state that differs in V storage alone is rewritten; any other difference is left
         // for `check` to report as the mismatch it is.
         let type_of = |v: &VShape| match *v {

@@ -3,7 +3,8 @@
 //! decode node over tarpc) with prompts longer than its 512-token window, the cache streamed in
 //! pieces while the prompt runs, and two requests decoding side by side; and one cluster serving
 //! Gemma and the default model side by side, each request on the nodes of the model it names
-//! (the API, the cluster view and the page's model picker).
+//! (the API, the cluster view and the page's model picker); and a hybrid model (attention and
+//! Mamba layers, `scripts/fetch-model hybrid`) served split exactly as colocated.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -20,6 +21,7 @@ use exo_test_support::root;
 use serde_json::json;
 
 const GEMMA: &str = "models/gemma-3-270m-q4_k_m.gguf";
+const HYBRID: &str = "models/tiny-jamba.gguf";
 
 /// Plain text (the base model has no chat template) of about `entries * 25` tokens.
 fn log_prompt(entries: usize, variant: usize) -> String {
@@ -331,4 +333,74 @@ async fn the_page_picks_a_model(binary: &str, base: &str) {
             json!(["SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"])
         );
     }
+}
+
+/// A one-model profile for `model` with `nodes` (name, role) embedded.
+fn profile_of(model: &Path, placement: &str, nodes: &[(&str, &str)]) -> Profile {
+    let mut text = format!(
+        "model = \"{}\"\nplacement = \"{placement}\"\n[kv]\ncodec = \"lz4\"\n[layout]\nn_ctx_seq = 2048\n",
+        model.display()
+    );
+    for (name, role) in nodes {
+        text += &format!(
+            "[[nodes]]\nname = \"{name}\"\naddress = \"embedded\"\nrole = \"{role}\"\nslots = 2\n"
+        );
+    }
+    Profile::parse(&text, Path::new("hybrid.toml")).unwrap()
+}
+
+/// A hybrid model's requests, served split (the attention cache streamed in pieces while the
+/// prompt runs, the recurrent state after it, two requests decoding in one batch) give the text a
+/// colocated node gives them one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_model_is_served_split_exactly_as_colocated() {
+    let hybrid = root().join(HYBRID);
+    assert!(
+        hybrid.is_file(),
+        "{HYBRID} missing: run scripts/fetch-model hybrid"
+    );
+    // Random weights repeat a token: a frequency penalty and a high temperature make each token
+    // a choice the state decides.
+    let ask = |addr, variant: usize, stream: bool| {
+        let body = json!({
+            "model": "tiny-jamba", "prompt": log_prompt(24, variant), "max_tokens": 16,
+            "temperature": 1.5, "seed": 11 + variant, "frequency_penalty": 2.0, "stream": stream,
+        });
+        async move { post(addr, "/v1/completions", &body).await }
+    };
+    let split = profile_of(
+        &hybrid,
+        "disaggregated",
+        &[("prefill-0", "prefill"), ("decode-0", "decode")],
+    );
+    let server = exo_launcher::start(&split, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(ask(server.addr, 0, false), ask(server.addr, 1, true));
+    let metrics = common::procs::metrics(&server.addr.to_string()).await;
+    let pieces = common::node_counter(&metrics, "exo_kv_pieces_total", "prefill-0").unwrap_or(0);
+    server.shutdown().await;
+    for answer in [&a, &b] {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.decode_node, "decode-0");
+    }
+    assert!(pieces > 2, "two caches went in {pieces} pieces in all");
+
+    let colocated = profile_of(&hybrid, "colocated", &[("both-0", "both")]);
+    let server = exo_launcher::start(&colocated, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let alone_a = ask(server.addr, 0, false).await;
+    let alone_b = ask(server.addr, 1, true).await;
+    server.shutdown().await;
+    assert_eq!(alone_a.decode_node, "both-0");
+    assert!(
+        alone_a.text.split_whitespace().count() > 4,
+        "{:?}",
+        alone_a.text
+    );
+    assert_eq!(a.text, alone_a.text);
+    assert_eq!(b.text, alone_b.text);
+    assert_ne!(a.text, b.text);
+    eprintln!("hybrid, split == colocated: {:?} / {:?}", a.text, b.text);
 }

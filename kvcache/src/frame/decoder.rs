@@ -5,7 +5,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{CHUNK_MAGIC, DecodeLimits, END_FRAME_LEN, END_MAGIC, ImportTarget, KvHeader, Reader};
 use crate::error::KvError;
-use crate::state::join_window;
+use crate::state::Caches;
 
 /// The index of a chunk frame, read without checking anything else (for reordering on arrival).
 pub fn chunk_index(frame: &[u8]) -> Result<u32, KvError> {
@@ -24,8 +24,9 @@ pub struct DecodedKv {
 }
 
 /// Checks the frames of one transfer, in order, and places each chunk's cells straight into the
-/// state they belong to, refusing anything inconsistent. For an iSWA model the chunks after the
-/// full cache's cells carry the window cache's, kept as segments and joined at the end.
+/// state they belong to, refusing anything inconsistent. After the full cache's cells come a hybrid
+/// model's recurrent section (exactly its shape's length, in chunks) and an iSWA model's window
+/// cells (kept as segments); both are joined to the state at the end.
 pub struct KvDecoder {
     header: KvHeader,
     tag: u64,
@@ -38,6 +39,9 @@ pub struct KvDecoder {
     /// The window cache's cells received so far, chunk by chunk.
     window: Vec<Vec<u8>>,
     window_cells: usize,
+    /// The recurrent section's bytes received so far, and its length (0 without one).
+    recurrent: Vec<u8>,
+    recurrent_len: usize,
     /// The receiver's limit on the joined state's bytes.
     max_state_bytes: u64,
     /// Allocated once the first chunk passed its checks.
@@ -89,6 +93,11 @@ impl KvDecoder {
             Some(w) => per_cell_of(w)?,
             None => 0,
         };
+        let recurrent_len = match &header.shape.recurrent {
+            Some(r) => usize::try_from(r.section_len()?)
+                .map_err(|_| KvError::MalformedState("recurrent state too large".into()))?,
+            None => 0,
+        };
         Ok(KvDecoder {
             header,
             tag,
@@ -98,6 +107,8 @@ impl KvDecoder {
             window_per_cell,
             window: Vec::new(),
             window_cells: 0,
+            recurrent: Vec::new(),
+            recurrent_len,
             max_state_bytes: limits.max_state_bytes,
             state: Vec::new(),
             scratch: Vec::new(),
@@ -111,7 +122,7 @@ impl KvDecoder {
 
     /// Bytes of cells received so far.
     pub fn bytes_held(&self) -> usize {
-        self.cells * self.per_cell + self.window_cells * self.window_per_cell
+        self.cells * self.per_cell + self.window_cells * self.window_per_cell + self.recurrent.len()
     }
 
     /// Chunks accepted so far.
@@ -172,11 +183,29 @@ impl KvDecoder {
                 ),
             });
         }
-        if let Some(shape) = self.header.shape.window.as_deref() {
-            let parts: Vec<&[u8]> = self.window.iter().map(Vec::as_slice).collect();
-            let window = shape.join(self.header.source_seq, &parts)?;
-            self.state = join_window(std::mem::take(&mut self.state), Some(window));
+        if self.recurrent.len() != self.recurrent_len {
+            return Err(KvError::InvalidField {
+                field: "end frame",
+                detail: format!(
+                    "{} of the recurrent state's {} bytes received",
+                    self.recurrent.len(),
+                    self.recurrent_len
+                ),
+            });
         }
+        let window = match self.header.shape.window.as_deref() {
+            Some(shape) => {
+                let parts: Vec<&[u8]> = self.window.iter().map(Vec::as_slice).collect();
+                Some(shape.join(self.header.source_seq, &parts)?)
+            }
+            None => None,
+        };
+        self.state = Caches {
+            full: std::mem::take(&mut self.state),
+            window,
+            recurrent: (self.recurrent_len > 0).then(|| std::mem::take(&mut self.recurrent)),
+        }
+        .join();
         if xxh3_64(&self.state) != end.raw_checksum {
             return Err(KvError::StateChecksum);
         }
@@ -225,6 +254,14 @@ impl EndFrame {
     }
 }
 
+/// What a chunk carries, by its place in the transfer.
+#[derive(Clone, Copy)]
+enum Part {
+    Full,
+    Recurrent,
+    Window,
+}
+
 /// The checks and the append behind [`KvDecoder::push_chunk`], in the order it runs them.
 impl KvDecoder {
     /// Refuses a chunk that is not the next one of this transfer: past the declared count, already
@@ -246,20 +283,43 @@ impl KvDecoder {
         Ok(())
     }
 
-    /// Whether the next chunk carries window cells: every full-cache cell is in and the model has
-    /// a window cache.
-    fn in_window(&self) -> bool {
-        self.window_per_cell > 0 && self.cells == self.header.tokens.len()
+    /// What the next chunk carries: full-cache cells until all are in, then the recurrent
+    /// section's bytes until all are in, then window cells (when the model has a window cache).
+    fn next_part(&self) -> Part {
+        if self.cells < self.header.tokens.len() {
+            Part::Full
+        } else if self.recurrent.len() < self.recurrent_len {
+            Part::Recurrent
+        } else if self.window_per_cell > 0 {
+            Part::Window
+        } else {
+            Part::Full
+        }
     }
 
     /// Refuses a raw length that is not whole cells, more than the chunk size, or cells past the
     /// header's token count (window cells too: a window never holds more cells than the prompt),
-    /// window cells that would take the state past the receiver's limit, or an encoded length
-    /// beyond what the codec can produce from it.
+    /// window cells that would take the state past the receiver's limit, recurrent bytes past the
+    /// section's length, or an encoded length beyond what the codec can produce from it.
     fn check_declared_sizes(&self, head: &ChunkHead) -> Result<(), KvError> {
-        let (index, raw_len, enc_len) = (head.index, head.raw_len, head.enc_len);
+        let (index, raw_len) = (head.index, head.raw_len);
         let raw = raw_len as usize;
-        let window = self.in_window();
+        let part = self.next_part();
+        if let Part::Recurrent = part {
+            let after = self.recurrent.len() + raw;
+            if raw == 0 || raw_len > self.header.chunk_size || after > self.recurrent_len {
+                return Err(KvError::OversizedChunk {
+                    index,
+                    detail: format!(
+                        "declares {raw_len} raw bytes: recurrent state bytes up to {after} of {}, \
+                         within the chunk size {}",
+                        self.recurrent_len, self.header.chunk_size
+                    ),
+                });
+            }
+            return self.check_encoded_len(head);
+        }
+        let window = matches!(part, Part::Window);
         let (per_cell, held) = if window {
             (self.window_per_cell, self.window_cells)
         } else {
@@ -292,11 +352,19 @@ impl KvDecoder {
                 limit: self.max_state_bytes,
             });
         }
-        let max_enc = self.header.codec.max_encoded_len(raw) as u64;
-        if u64::from(enc_len) > max_enc {
+        self.check_encoded_len(head)
+    }
+
+    /// Refuses an encoded length beyond what the codec can produce from the raw length.
+    fn check_encoded_len(&self, head: &ChunkHead) -> Result<(), KvError> {
+        let max_enc = self.header.codec.max_encoded_len(head.raw_len as usize) as u64;
+        if u64::from(head.enc_len) > max_enc {
             return Err(KvError::OversizedChunk {
-                index,
-                detail: format!("declares {enc_len} encoded bytes, the codec bound is {max_enc}"),
+                index: head.index,
+                detail: format!(
+                    "declares {} encoded bytes, the codec bound is {max_enc}",
+                    head.enc_len
+                ),
             });
         }
         Ok(())
@@ -330,14 +398,19 @@ impl KvDecoder {
     /// Decodes a checked payload and places its cells after those already placed; on a decode
     /// failure nothing is placed.
     fn place(&mut self, index: u32, raw_len: u32, payload: &[u8]) -> Result<(), KvError> {
-        if self.in_window() {
-            let mut cells = vec![0; raw_len as usize];
+        let part = self.next_part();
+        if let Part::Window | Part::Recurrent = part {
+            let mut bytes = vec![0; raw_len as usize];
             self.header
                 .codec
-                .decode_into(payload, &mut cells)
+                .decode_into(payload, &mut bytes)
                 .map_err(|detail| KvError::Decompress { index, detail })?;
-            self.window_cells += cells.len() / self.window_per_cell;
-            self.window.push(cells);
+            if let Part::Recurrent = part {
+                self.recurrent.extend_from_slice(&bytes);
+            } else {
+                self.window_cells += bytes.len() / self.window_per_cell;
+                self.window.push(bytes);
+            }
             return Ok(());
         }
         self.scratch.clear();

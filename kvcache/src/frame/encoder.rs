@@ -6,7 +6,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, END_FRAME_LEN, END_MAGIC, KvHeader};
 use crate::codec::Codec;
 use crate::error::KvError;
-use crate::state::{malformed, parse_single, split_window};
+use crate::state::{Caches, malformed, parse_single};
 
 /// Every frame of one transfer: the header frame, the chunk frames in order, the end frame.
 pub type TransferFrames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
@@ -16,18 +16,20 @@ pub type TransferFrames = (Vec<u8>, Vec<Vec<u8>>, Vec<u8>);
 /// Feed it exports of the sequence as the prompt runs ([`Self::next_frame`] with the cells each
 /// holds, which only grow); it sends each cell once, in whole cells per chunk, every chunk
 /// compressed on its own. [`Self::end_frame`] closes the transfer with the checksum of the final
-/// state. Nothing needs the whole encoded size up front. For an iSWA model the sliding-window
-/// cache's cells follow the full cache's, cut from the final export (they change until the prompt
-/// ends), in chunks of whole window cells.
+/// state. Nothing needs the whole encoded size up front. After the full cache's cells come the
+/// parts that change until the prompt ends, cut from the final export: a hybrid model's recurrent
+/// section (its bytes in chunks of at most `chunk_size`), then an iSWA model's sliding-window
+/// cells (in chunks of whole window cells).
 pub struct KvEncoder {
     header: KvHeader,
     tag: u64,
     per_cell: usize,
     cells_per_chunk: usize,
     sent_cells: usize,
-    /// The final export's window cache as a state of its own, and its cells (iSWA only).
-    window_src: Option<(Vec<u8>, usize)>,
+    /// The final export taken apart, once the full cache's cells are all sent.
+    tail: Option<Tail>,
     window_sent: usize,
+    recurrent_sent: usize,
     /// Bytes of one window cell in a segment (0 without a window).
     window_per_cell: usize,
     next_index: u32,
@@ -63,8 +65,9 @@ impl KvEncoder {
             per_cell,
             cells_per_chunk,
             sent_cells: 0,
-            window_src: None,
+            tail: None,
             window_sent: 0,
+            recurrent_sent: 0,
             window_per_cell,
             next_index: 0,
             raw_bytes: 0,
@@ -95,40 +98,44 @@ impl KvEncoder {
     /// The next chunk frame from `state`, an export of the sequence holding its first `cells`
     /// cells (single-stream form); `None` once every one of those cells has been sent. Call it
     /// again with a later export for the cells that follow. With the final export (all the
-    /// header's tokens) it goes on to an iSWA model's window cells.
+    /// header's tokens) it goes on to a hybrid model's recurrent section and an iSWA model's
+    /// window cells.
     pub fn next_frame(&mut self, state: &[u8], cells: usize) -> Result<Option<Vec<u8>>, KvError> {
         if let Some(range) = self.next_range(0, cells)? {
             let raw = self.header.shape.cut(state, range)?;
-            return Ok(Some(self.frame(&raw, false)));
+            return Ok(Some(self.frame(&raw, Part::Full)));
         }
-        if cells == self.header.tokens.len() {
-            return self.next_window_frame(state);
+        if cells != self.header.tokens.len() {
+            return Ok(None);
         }
-        Ok(None)
-    }
-
-    /// The next chunk of the window cache's cells from `final_state`; `None` without a window or
-    /// once all of them have been sent.
-    fn next_window_frame(&mut self, final_state: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        let Some(shape) = self.header.shape.window.as_deref() else {
+        if self.tail.is_none() {
+            self.tail = Some(Tail::of(&self.header, state)?);
+        }
+        let Some(tail) = &self.tail else {
             return Ok(None);
         };
-        if self.window_src.is_none() {
-            let (_, window) = split_window(final_state)?;
-            let window = window.ok_or_else(|| malformed("the state has no window cache"))?;
-            let (info, _) = parse_single(&window, shape.cell_ext_len)?;
-            self.window_src = Some((window, info.cell_count as usize));
+        let chunk = self.header.chunk_size as usize;
+        if let Some(rec) = &tail.recurrent
+            && self.recurrent_sent < rec.len()
+        {
+            let end = (self.recurrent_sent + chunk).min(rec.len());
+            let raw = rec
+                .get(self.recurrent_sent..end)
+                .unwrap_or_default()
+                .to_vec();
+            return Ok(Some(self.frame(&raw, Part::Recurrent)));
         }
-        let Some((src, total)) = &self.window_src else {
+        let (Some(shape), Some((src, total))) = (self.header.shape.window.as_deref(), &tail.window)
+        else {
             return Ok(None);
         };
         if self.window_sent >= *total {
             return Ok(None);
         }
-        let per_chunk = (self.header.chunk_size as usize / self.window_per_cell.max(1)).max(1);
+        let per_chunk = (chunk / self.window_per_cell.max(1)).max(1);
         let end = (self.window_sent + per_chunk).min(*total);
         let raw = shape.cut(src, self.window_sent as u32..end as u32)?;
-        Ok(Some(self.frame(&raw, true)))
+        Ok(Some(self.frame(&raw, Part::Window)))
     }
 
     /// The next chunk frame from `segment`, the cells `first..` of the sequence cut out already
@@ -150,7 +157,7 @@ impl KvEncoder {
             return Ok(None);
         };
         let raw = self.header.shape.cut_segment(segment, range)?;
-        Ok(Some(self.frame(&raw, false)))
+        Ok(Some(self.frame(&raw, Part::Full)))
     }
 
     /// The cells of the next chunk, counted from `offset`, when fewer than `cells` have been sent.
@@ -177,9 +184,9 @@ impl KvEncoder {
         ))
     }
 
-    /// Frames the next cells (`raw`, whole cells of the full cache, or of the window cache when
-    /// `window`), compressed with the transfer's codec.
-    fn frame(&mut self, raw: &[u8], window: bool) -> Vec<u8> {
+    /// Frames the next bytes of `part` (whole cells of a cache, or recurrent section bytes),
+    /// compressed with the transfer's codec.
+    fn frame(&mut self, raw: &[u8], part: Part) -> Vec<u8> {
         let frame = match self.header.codec {
             Codec::None => chunk_frame(self.next_index, self.tag, raw, raw),
             codec => {
@@ -190,10 +197,10 @@ impl KvEncoder {
         };
         self.raw_bytes += raw.len() as u64;
         self.wire_bytes += (frame.len() - CHUNK_HEADER_LEN) as u64;
-        if window {
-            self.window_sent += raw.len() / self.window_per_cell.max(1);
-        } else {
-            self.sent_cells += raw.len() / self.per_cell;
+        match part {
+            Part::Full => self.sent_cells += raw.len() / self.per_cell,
+            Part::Window => self.window_sent += raw.len() / self.window_per_cell.max(1),
+            Part::Recurrent => self.recurrent_sent += raw.len(),
         }
         self.next_index += 1;
         frame
@@ -204,10 +211,14 @@ impl KvEncoder {
     /// receiver's joined state must equal.
     pub fn end_frame(&self, final_state: &[u8]) -> Result<Vec<u8>, KvError> {
         let n = self.header.tokens.len();
-        let window_total = self.window_src.as_ref().map_or(0, |(_, n)| *n);
+        let tail = self.tail.as_ref();
+        let window_total = tail.and_then(|t| t.window.as_ref()).map_or(0, |(_, n)| *n);
         let window_due =
             self.header.shape.window.is_some() && self.window_sent != window_total.max(1);
-        if self.sent_cells != n || window_due {
+        let recurrent_total = tail.and_then(|t| t.recurrent.as_ref()).map_or(0, Vec::len);
+        let recurrent_due = self.header.shape.recurrent.is_some()
+            && (recurrent_total == 0 || self.recurrent_sent != recurrent_total);
+        if self.sent_cells != n || window_due || recurrent_due {
             return Err(KvError::Incomplete {
                 received: (self.sent_cells + self.window_sent) as u32,
                 declared: (n + window_total.max(1)) as u32,
@@ -235,6 +246,43 @@ impl KvEncoder {
         }
         let end = enc.end_frame(state)?;
         Ok((enc.header_frame(), chunks, end))
+    }
+}
+
+/// Which part of the state a chunk carries.
+#[derive(Clone, Copy)]
+enum Part {
+    Full,
+    Window,
+    Recurrent,
+}
+
+/// The parts of the final export that travel after the full cache's cells.
+struct Tail {
+    /// The window cache as a state of its own, and its cells (iSWA only).
+    window: Option<(Vec<u8>, usize)>,
+    /// The recurrent section's bytes (hybrid only).
+    recurrent: Option<Vec<u8>>,
+}
+
+impl Tail {
+    /// Takes apart `final_state` (an export of all the header's tokens), refusing one that lacks
+    /// a part the header's shape has.
+    fn of(header: &KvHeader, final_state: &[u8]) -> Result<Self, KvError> {
+        let shape = &header.shape;
+        let caches = Caches::split(final_state, shape.form())?;
+        let window = match (shape.window.as_deref(), caches.window) {
+            (Some(w), Some(state)) => {
+                let (info, _) = parse_single(&state, w.form())?;
+                Some((state, info.cell_count as usize))
+            }
+            (Some(_), None) => return Err(malformed("the state has no window cache")),
+            (None, _) => None,
+        };
+        Ok(Tail {
+            window,
+            recurrent: caches.recurrent,
+        })
     }
 }
 

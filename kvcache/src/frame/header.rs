@@ -13,8 +13,9 @@ use crate::state::StateShape;
 const HEADER_MAGIC: &[u8; 4] = b"EXKV";
 /// Header bytes before the token ids.
 const HEADER_FIXED_LEN: usize = 72;
-/// The shorter a shape can be: its fixed fields and one layer of K and V.
-const SKELETON_MIN_LEN: u64 = 17 + 24 + 1;
+/// The shorter a shape can be: its fixed fields, one layer of K and V, the window and recurrent
+/// flags.
+const SKELETON_MIN_LEN: u64 = 17 + 24 + 2;
 /// Most layers a header's shape may declare.
 const MAX_LAYERS: u32 = 4096;
 /// The trailing header checksum.
@@ -93,7 +94,11 @@ impl KvHeader {
                 detail: format!("{} bytes after the shape, expected 8", r.remaining()),
             });
         }
-        let state_len = shape.state_len(tokens.len())? as u64;
+        let recurrent_len = match &shape.recurrent {
+            Some(r) => r.section_len()?,
+            None => 0,
+        };
+        let state_len = (shape.state_len(tokens.len())? as u64).saturating_add(recurrent_len);
         if state_len > limits.max_state_bytes {
             return Err(KvError::StateTooLarge {
                 declared: state_len,

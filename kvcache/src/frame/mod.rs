@@ -18,7 +18,7 @@ pub use encoder::{KvEncoder, TransferFrames};
 pub use header::{DecodeLimits, ImportTarget, KvHeader};
 
 /// The wire format version this build writes and reads.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 /// Default raw bytes per chunk: small enough for tarpc's 8 MiB frame even when lz4 expands a chunk.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Largest raw chunk a receiver accepts unless its limits say less.
@@ -41,7 +41,9 @@ fn fixed8(b: &[u8]) -> [u8; 8] {
     a
 }
 
-/// A bounds-checked little-endian cursor.
+/// A bounds-checked little-endian cursor (a clone reads on from the same place, for a parser that
+/// tries one reading before another).
+#[derive(Clone)]
 pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,

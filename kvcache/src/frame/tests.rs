@@ -244,8 +244,8 @@ fn wrong_model_layout_and_version_are_refused_before_any_payload() {
         Err(KvError::UnknownCodec(9))
     );
     // Older senders (version 1: whole state, sizes up front; version 2: no window caches, a
-    // shorter end frame) are refused by name.
-    for old in [1u16, 2] {
+    // shorter end frame; version 3: no recurrent section) are refused by name.
+    for old in [1u16, 2, 3] {
         let forged = forge_header(&h, |b| b[4..6].copy_from_slice(&old.to_le_bytes()));
         assert_eq!(
             decode(&forged, &c, &e),
@@ -460,4 +460,73 @@ fn window_cells_past_the_limit_or_the_prompt_are_refused() {
         d.push_chunk(&again),
         Err(KvError::OversizedChunk { .. })
     ));
+}
+
+/// A hybrid state of `n` cells and what a transfer of it says.
+fn hybrid_fixture(n: i32, codec: Codec, chunk: u32) -> (Vec<u8>, KvHeader) {
+    let state = crate::state::tests::synthetic_hybrid(1, 0, n, false);
+    let (_, spec) = fixture(n as usize, false, codec, chunk);
+    let shape = StateShape::calibrate(&state).unwrap_or_else(|e| panic!("{e}"));
+    (state, KvHeader { shape, ..spec })
+}
+
+#[test]
+fn a_hybrid_transfer_carries_the_recurrent_section_after_the_cells() {
+    for codec in Codec::ALL {
+        // Chunks of 1 byte cut the 124-byte section into 124 chunks; 50 into three.
+        for chunk in [1u32, 50, 2 * PER_CELL, 1 << 20] {
+            let (state, spec) = hybrid_fixture(9, codec, chunk);
+            let (h, c, e) = KvEncoder::whole(spec, &state).unwrap_or_default();
+            assert_eq!(decode(&h, &c, &e), Ok(state.clone()), "{codec} {chunk}");
+            // Without the last piece of the section the end frame does not add up.
+            assert!(decode(&h, &c[..c.len() - 1], &e).is_err());
+        }
+    }
+    // Streamed: cells while the prompt runs, then the final export's section.
+    let (state, spec) = hybrid_fixture(9, Codec::Lz4, 50);
+    let mut enc = KvEncoder::new(spec).unwrap_or_else(|e| panic!("{e}"));
+    let mut d = KvDecoder::new(&enc.header_frame(), &DecodeLimits::default(), &target())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seg = enc.header().shape.cut(&state, 0..4).unwrap_or_default();
+    while let Some(f) = enc.next_frame_of_segment(&seg, 0).unwrap_or_default() {
+        assert!(d.push_chunk(&f).is_ok());
+    }
+    assert!(enc.end_frame(&state).is_err(), "cells still due");
+    while let Some(f) = enc.next_frame(&state, 9).unwrap_or_default() {
+        assert!(d.push_chunk(&f).is_ok());
+    }
+    let end = enc.end_frame(&state).unwrap_or_default();
+    assert_eq!(d.finish(&end).map(|k| k.state), Ok(state));
+}
+
+#[test]
+fn recurrent_bytes_past_the_section_or_a_final_export_without_one_are_refused() {
+    let (state, spec) = hybrid_fixture(4, Codec::None, 1 << 20);
+    let (h, c, _) = KvEncoder::whole(spec.clone(), &state).unwrap_or_default();
+    assert_eq!(c.len(), 2, "the cells, then the section");
+    let mut d =
+        KvDecoder::new(&h, &DecodeLimits::default(), &target()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(d.push_chunk(&c[0]).is_ok());
+    // A section chunk declaring one byte more than the section holds.
+    let mut long = c[1].clone();
+    long[8..12].copy_from_slice(&125u32.to_le_bytes());
+    assert!(matches!(
+        d.push_chunk(&long),
+        Err(KvError::OversizedChunk { .. })
+    ));
+    // The header's shape is hybrid, the final export is not.
+    let plain = crate::state::tests::synthetic_state(1, 0, &[0, 1, 2, 3], false);
+    let mut enc = KvEncoder::new(spec).unwrap_or_else(|e| panic!("{e}"));
+    let mut failed = None;
+    loop {
+        match enc.next_frame(&plain, 4) {
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(failed.is_some());
 }

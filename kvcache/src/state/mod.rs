@@ -14,14 +14,20 @@
 //! inside the window, `n - w..n` (`w` at most the window). Each section has its own streams, cells
 //! and layers. The functions here work section by section; [`StateShape::window`] is the second
 //! section's shape.
+//!
+//! A hybrid model (attention and recurrent layers) ends its state with a recurrent section
+//! ([`recurrent`]): one cell holding the sequence's whole history, shipped as it is
+//! ([`StateShape::recurrent`]).
 
 mod parse;
+mod recurrent;
 #[cfg(test)]
 pub(crate) mod tests;
 
 use crate::error::KvError;
-pub(crate) use parse::{HEAD_LEN, malformed};
+pub(crate) use parse::{Form, HEAD_LEN, malformed};
 use parse::{Parsed, Section, parse};
+pub use recurrent::RecurrentShape;
 /// Cell extension record sizes llama.cpp may write (none, or x, y, tok for M-RoPE models).
 const CELL_EXT_CANDIDATES: [u32; 2] = [0, 12];
 
@@ -82,6 +88,9 @@ pub struct StateShape {
     /// An iSWA model's sliding-window cache, whose section follows this (full-attention) one in
     /// every state; its own `window` is `None`.
     pub window: Option<Box<StateShape>>,
+    /// A hybrid model's recurrent state, whose section ends every state (after the window
+    /// cache's, if any); `None` in a window's shape.
+    pub recurrent: Option<RecurrentShape>,
 }
 
 /// What parsing a sequence state found.
@@ -109,6 +118,22 @@ impl SeqStateInfo {
 }
 
 impl StateShape {
+    /// How this shape's states are laid out around their cells.
+    pub(crate) fn form(&self) -> Form {
+        Form {
+            cell_ext_len: self.cell_ext_len,
+            recurrent: self.recurrent.is_some(),
+        }
+    }
+
+    /// How one of this shape's caches is laid out as a state of its own ([`Caches`]).
+    pub(crate) fn cache_form(&self) -> Form {
+        Form {
+            recurrent: false,
+            ..self.form()
+        }
+    }
+
     /// Learns a context's cache shape from a state that context exported (any number of cells).
     pub fn calibrate(state: &[u8]) -> Result<Self, KvError> {
         let parsed = parse_any(state)?;
@@ -128,9 +153,11 @@ impl StateShape {
     /// Checks a single-stream state (as carried on the wire) against this shape: same layers, types
     /// and row sizes, exactly `n_tokens` cells at positions `0..n_tokens`, nothing left over; for
     /// an iSWA shape also the window section, whose cells must be the positions `n_tokens - w..`
-    /// for some `w` from 1 to `n_tokens` (the caller bounds `w` by the model's window).
+    /// for some `w` from 1 to `n_tokens` (the caller bounds `w` by the model's window); for a
+    /// hybrid shape the recurrent section, one cell at position `n_tokens - 1` with this shape's
+    /// layers and rows.
     pub fn check(&self, state: &[u8], n_tokens: usize) -> Result<SeqStateInfo, KvError> {
-        let parsed = parse(state, self.cell_ext_len)?;
+        let parsed = parse(state, self.form())?;
         let info = SeqStateInfo::of(&parsed);
         let full = single_section(&parsed.full, "full")?;
         if full.cell_count as usize != n_tokens || full.first_pos != 0 {
@@ -160,6 +187,15 @@ impl StateShape {
                     if mine.is_some() { "one" } else { "none" },
                 )));
             }
+        }
+        if let (Some(mine), Some(rec)) = (&self.recurrent, &parsed.recurrent) {
+            if rec.pos.map(i64::from) != Some(n_tokens as i64 - 1) {
+                return Err(malformed(format!(
+                    "a recurrent state at position {:?} for {n_tokens} tokens",
+                    rec.pos
+                )));
+            }
+            mine.same(&rec.shape)?;
         }
         Ok(info)
     }
@@ -212,7 +248,7 @@ impl StateShape {
     /// empty. llama.cpp puts the cells of the non-empty stream into the destination sequence's
     /// own stream.
     pub fn reframe_for_import(&self, state: &mut Vec<u8>) -> Result<(), KvError> {
-        let parsed = parse(state, self.cell_ext_len)?;
+        let parsed = parse(state, self.form())?;
         let window_n = self.window.as_ref().map_or(self.n_stream, |w| w.n_stream);
         // Back to front, so the offsets of the sections before stay valid.
         let counts: Vec<_> = parsed.sections().zip([self.n_stream, window_n]).collect();
@@ -269,38 +305,60 @@ fn write_u32(state: &mut [u8], at: usize, n: u32) -> Result<(), KvError> {
     Ok(())
 }
 
-/// The two sections of a single-stream iSWA state as standalone states (each with the head), or
-/// the state itself and `None` for a one-cache state.
-pub(crate) fn split_window(state: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>), KvError> {
-    let parsed = parse_any(state)?;
-    let head = state.get(..HEAD_LEN).unwrap_or_default();
-    let with_head = |s: &Section| {
-        let mut v = Vec::with_capacity(HEAD_LEN + s.span.len());
-        v.extend_from_slice(head);
-        v.extend_from_slice(state.get(s.span.clone()).unwrap_or_default());
-        v
-    };
-    match &parsed.window {
-        None => Ok((state.to_vec(), None)),
-        Some(w) => Ok((with_head(&parsed.full), Some(with_head(w)))),
-    }
+/// A single-stream state taken apart: each cache section as a state of its own (with the head),
+/// and a hybrid model's recurrent section as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Caches {
+    /// The head and the full-attention cache.
+    pub full: Vec<u8>,
+    /// The head and an iSWA model's sliding-window cache.
+    pub window: Option<Vec<u8>>,
+    /// A hybrid model's recurrent section (no head).
+    pub recurrent: Option<Vec<u8>>,
 }
 
-/// Joins what [`split_window`] split: the full state, then the window state's section.
-pub(crate) fn join_window(mut full: Vec<u8>, window: Option<Vec<u8>>) -> Vec<u8> {
-    if let Some(w) = window {
-        full.extend_from_slice(w.get(HEAD_LEN..).unwrap_or_default());
+impl Caches {
+    /// Takes apart a state of `form`.
+    pub(crate) fn split(state: &[u8], form: Form) -> Result<Self, KvError> {
+        let parsed = parse(state, form)?;
+        let head = state.get(..HEAD_LEN).unwrap_or_default();
+        let with_head = |s: &Section| {
+            let mut v = Vec::with_capacity(HEAD_LEN + s.span.len());
+            v.extend_from_slice(head);
+            v.extend_from_slice(state.get(s.span.clone()).unwrap_or_default());
+            v
+        };
+        Ok(Caches {
+            full: with_head(&parsed.full),
+            window: parsed.window.as_ref().map(with_head),
+            recurrent: parsed
+                .recurrent
+                .as_ref()
+                .map(|r| state.get(r.span.clone()).unwrap_or_default().to_vec()),
+        })
     }
-    full
+
+    /// The state they were taken from: the full cache, the window cache's section, the recurrent
+    /// section.
+    pub(crate) fn join(self) -> Vec<u8> {
+        let mut state = self.full;
+        if let Some(w) = self.window {
+            state.extend_from_slice(w.get(HEAD_LEN..).unwrap_or_default());
+        }
+        if let Some(r) = self.recurrent {
+            state.extend_from_slice(&r);
+        }
+        state
+    }
 }
 
 /// Parses a single-stream state with cells (the wire form), one cache or two: what it holds and
 /// the full cache's shape (with the window's).
 pub(crate) fn parse_single(
     state: &[u8],
-    cell_ext_len: u32,
+    form: Form,
 ) -> Result<(SeqStateInfo, StateShape), KvError> {
-    let parsed = parse(state, cell_ext_len)?;
+    let parsed = parse(state, form)?;
     single_section(&parsed.full, "full")?;
     if let Some(w) = &parsed.window {
         single_section(w, "window")?;
@@ -311,13 +369,26 @@ pub(crate) fn parse_single(
     Ok((SeqStateInfo::of(&parsed), shape))
 }
 
+/// Parses a state of any form llama.cpp writes: each cell extension length, without and with a
+/// recurrent section. The first error is the one reported (an attention model's state without
+/// an extension record is by far the most common).
 fn parse_any(state: &[u8]) -> Result<Parsed, KvError> {
-    let mut last = malformed("no candidate cell layout");
-    for ext in CELL_EXT_CANDIDATES {
-        match parse(state, ext) {
-            Ok(p) => return Ok(p),
-            Err(e) => last = e,
+    let mut first = None;
+    for recurrent in [false, true] {
+        for cell_ext_len in CELL_EXT_CANDIDATES {
+            match parse(
+                state,
+                Form {
+                    cell_ext_len,
+                    recurrent,
+                },
+            ) {
+                Ok(p) => return Ok(p),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
         }
     }
-    Err(last)
+    Err(first.unwrap_or_else(|| malformed("no candidate cell layout")))
 }

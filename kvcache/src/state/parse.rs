@@ -1,6 +1,7 @@
 //! The byte parser behind [`super::StateShape`]: a state's head, then one cache section, or two for
-//! an iSWA model (the full-attention cache, then the sliding-window cache), each checked field by
-//! field before anything trusts it.
+//! an iSWA model (the full-attention cache, then the sliding-window cache), and for a hybrid model
+//! the recurrent section last ([`super::recurrent`]), each checked field by field before anything
+//! trusts it.
 //!
 //! A section is `u32 n_stream`, then per stream `u32 cell_count` and, when non-zero, the stream's
 //! cells and layers. A sequence's cells sit in one stream of a section. The full cache holds the
@@ -10,6 +11,7 @@
 
 use std::ops::Range;
 
+use super::recurrent::{RecurrentSection, parse_recurrent};
 use super::{LayerShape, StateShape, VShape};
 use crate::error::KvError;
 use crate::frame::Reader;
@@ -42,11 +44,21 @@ pub(crate) struct Section {
     pub shape: Option<StateShape>,
 }
 
-/// A parsed state: the full cache and, for an iSWA model, the window cache after it.
+/// What a state's bytes hold besides the cells themselves: the cell extension record's length,
+/// and whether a recurrent section ends the state (a hybrid model's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Form {
+    pub cell_ext_len: u32,
+    pub recurrent: bool,
+}
+
+/// A parsed state: the full cache, for an iSWA model the window cache after it, and for a hybrid
+/// model the recurrent section at the end.
 #[derive(Debug, Clone)]
 pub(crate) struct Parsed {
     pub full: Section,
     pub window: Option<Section>,
+    pub recurrent: Option<RecurrentSection>,
 }
 
 impl Parsed {
@@ -55,26 +67,46 @@ impl Parsed {
         std::iter::once(&self.full).chain(&self.window)
     }
 
-    /// The state's shape (the window's as [`StateShape::window`]), `None` when a section holds no
-    /// cells.
+    /// The state's shape (the window's as [`StateShape::window`], the recurrent section's as
+    /// [`StateShape::recurrent`]), `None` when a cache section holds no cells.
     pub(crate) fn shape(&self) -> Option<StateShape> {
         let mut shape = self.full.shape.clone()?;
         if let Some(w) = &self.window {
             shape.window = Some(Box::new(w.shape.clone()?));
         }
+        shape.recurrent = self.recurrent.as_ref().map(|r| r.shape.clone());
         Some(shape)
     }
 }
 
-/// Parses a state whose cell records carry a `cell_ext_len`-byte extension: the head, one or two
-/// sections, nothing after them.
-pub(crate) fn parse(state: &[u8], cell_ext_len: u32) -> Result<Parsed, KvError> {
+/// Parses a state of `form`: the head, one or two cache sections, the recurrent section when the
+/// form has one, nothing after them.
+pub(crate) fn parse(state: &[u8], form: Form) -> Result<Parsed, KvError> {
     let mut r = Reader::new(state, "KV state");
     if r.u32()? != STATE_MAGIC {
         return Err(KvError::BadMagic { what: "KV state" });
     }
     let _source_seq = r.i32()?;
+    let cell_ext_len = form.cell_ext_len;
     let full = parse_section(&mut r, cell_ext_len)?;
+    if form.recurrent {
+        // The recurrent section is last; an iSWA hybrid's window cache comes before it.
+        let mut attempt = r.clone();
+        if let Ok(rec) = parse_recurrent(&mut attempt) {
+            return Ok(Parsed {
+                full,
+                window: None,
+                recurrent: Some(rec),
+            });
+        }
+        let window = parse_section(&mut r, cell_ext_len)?;
+        let rec = parse_recurrent(&mut r)?;
+        return Ok(Parsed {
+            full,
+            window: Some(window),
+            recurrent: Some(rec),
+        });
+    }
     let window = if r.remaining() > 0 {
         let trailing = r.remaining();
         Some(parse_section(&mut r, cell_ext_len).map_err(|e| {
@@ -91,7 +123,11 @@ pub(crate) fn parse(state: &[u8], cell_ext_len: u32) -> Result<Parsed, KvError> 
             r.remaining()
         )));
     }
-    Ok(Parsed { full, window })
+    Ok(Parsed {
+        full,
+        window,
+        recurrent: None,
+    })
 }
 
 fn parse_section(r: &mut Reader<'_>, cell_ext_len: u32) -> Result<Section, KvError> {
@@ -161,6 +197,7 @@ fn parse_layers(
         k,
         v,
         window: None,
+        recurrent: None,
     })
 }
 

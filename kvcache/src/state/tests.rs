@@ -2,6 +2,11 @@ use super::parse;
 use super::*;
 
 const STATE_MAGIC: u32 = 0xaf14_3cd8;
+/// An attention model's state form without cell extensions.
+const PLAIN: Form = Form {
+    cell_ext_len: 0,
+    recurrent: false,
+};
 
 /// Builds a synthetic state: `n_stream` streams, cells in `stream`, positions in `positions`.
 pub(crate) fn synthetic_state(
@@ -25,6 +30,40 @@ pub(crate) fn synthetic_iswa(n_stream: u32, stream: u32, n: i32, w: i32, v_trans
     window.rotate_left(w as usize / 2);
     synthetic_section(&mut b, n_stream, stream, &window, v_trans, 3);
     b
+}
+
+/// Builds a synthetic hybrid state: [`synthetic_state`] of cells `0..n`, then a recurrent section
+/// of one cell at `n - 1` with two recurrent layers of five (R rows of 8 bytes, S rows of 20).
+pub(crate) fn synthetic_hybrid(n_stream: u32, stream: u32, n: i32, v_trans: bool) -> Vec<u8> {
+    let positions: Vec<i32> = (0..n).collect();
+    let mut b = synthetic_state(n_stream, stream, &positions, v_trans);
+    synthetic_recurrent(&mut b, Some(n - 1), 5, &[8, 8], &[20, 20]);
+    b
+}
+
+/// Appends a recurrent section: one cell at `pos` (none for `None`), `n_layer` in its field, then
+/// an F32 entry per R row size and per S row size.
+pub(crate) fn synthetic_recurrent(
+    b: &mut Vec<u8>,
+    pos: Option<i32>,
+    n_layer: u32,
+    r: &[u64],
+    s: &[u64],
+) {
+    b.extend_from_slice(&u32::from(pos.is_some()).to_le_bytes());
+    if let Some(p) = pos {
+        b.extend_from_slice(&p.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+    }
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&n_layer.to_le_bytes());
+    for (i, row) in r.iter().chain(s).enumerate() {
+        b.extend_from_slice(&0i32.to_le_bytes());
+        b.extend_from_slice(&row.to_le_bytes());
+        if pos.is_some() {
+            b.extend((0..*row).map(|j| (j as u8).wrapping_mul(7) ^ i as u8));
+        }
+    }
 }
 
 fn head() -> Vec<u8> {
@@ -122,7 +161,7 @@ fn single_stream_form_round_trips_through_reframing() {
     shape4.check(&back, 3).unwrap();
     shape4.reframe_for_import(&mut back).unwrap();
     assert_eq!(back.len(), multi.len());
-    let parsed = parse::parse(&back, 0).unwrap();
+    let parsed = parse::parse(&back, PLAIN).unwrap();
     assert_eq!((parsed.full.n_stream, parsed.full.stream), (4, 0));
 }
 
@@ -213,7 +252,7 @@ fn an_iswa_state_round_trips_through_the_wire_form_and_reframing() {
     let mut back = single.clone();
     shape.reframe_for_import(&mut back).unwrap();
     assert_eq!(back.len(), multi.len());
-    let parsed = parse::parse(&back, 0).unwrap();
+    let parsed = parse::parse(&back, PLAIN).unwrap();
     let window = parsed.window.unwrap();
     assert_eq!(
         (parsed.full.n_stream, window.n_stream, window.cell_count),
@@ -221,8 +260,9 @@ fn an_iswa_state_round_trips_through_the_wire_form_and_reframing() {
     );
     assert_eq!(to_single_stream(back).unwrap().0, single);
     // The window section travels on its own and joins back byte for byte.
-    let (full, win) = split_window(&single).unwrap();
-    assert_eq!(join_window(full, win), single);
+    let caches = Caches::split(&single, shape.form()).unwrap();
+    assert!(caches.window.is_some() && caches.recurrent.is_none());
+    assert_eq!(caches.join(), single);
 }
 
 #[test]

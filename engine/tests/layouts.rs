@@ -1,0 +1,243 @@
+//! The KV hand-off of the cache layouts beyond one attention cache, each prefilled in one context,
+//! shipped through the wire format into another and continued there exactly as the first context
+//! continues it:
+//! - an interleaved sliding-window (iSWA) model, Gemma 3 270M (`scripts/fetch-model gemma3`): a
+//!   full-attention cache and a sliding-window cache of the last 512 positions, with a prompt
+//!   longer than the window;
+//! - a hybrid model (`scripts/fetch-model hybrid`, a tiny random-weight Jamba: Mamba and attention
+//!   layers): an attention cache and a recurrent state.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use exo_engine::{ContextConfig, ContextHandle, EngineError, Model, ModelOptions};
+use exo_kvcache::{
+    Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
+    source_seq,
+};
+use exo_sampling::SamplingParams;
+
+const GEMMA: &str = "models/gemma-3-270m-q4_k_m.gguf";
+const HYBRID: &str = "models/tiny-jamba.gguf";
+
+fn load(file: &str, fetch: &str) -> Arc<Model> {
+    let path = exo_test_support::root().join(file);
+    Model::load(&path, &ModelOptions::default())
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model {fetch})"))
+}
+
+fn context(model: &Arc<Model>, n_seq_max: u32, flash_attn: bool) -> ContextHandle {
+    let config = ContextConfig {
+        layout: KvLayout {
+            type_k: KvType::F16,
+            type_v: KvType::F16,
+            flash_attn,
+            kv_unified: false,
+            n_seq_max,
+            n_ctx_seq: 2048,
+        },
+        ..ContextConfig::default()
+    };
+    ContextHandle::spawn(model.clone(), config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Greedy and seeded sampling, with a repetition penalty of `penalty` (1: none).
+fn greedy_and_seeded(penalty: f32) -> [SamplingParams; 2] {
+    let greedy = SamplingParams {
+        repetition_penalty: penalty,
+        ..SamplingParams::greedy(24)
+    };
+    let seeded = SamplingParams {
+        temperature: 0.9,
+        seed: 77,
+        ..greedy.clone()
+    };
+    [greedy, seeded]
+}
+
+/// Prefills `toks` in `a`'s sequence 0 and continues there; ships the cache to `b`'s sequence 1 and
+/// continues there: the same tokens, for each of `samplings`. Returns the state's bytes and the
+/// first sampling's continuation.
+async fn split_equals_colocated(
+    model: &Model,
+    a: &ContextHandle,
+    b: &ContextHandle,
+    toks: &[i32],
+    samplings: [SamplingParams; 2],
+) -> (usize, Vec<i32>) {
+    let (mut bytes, mut first) = (0, Vec::new());
+    for sampling in samplings {
+        let pre = a.prefill(0, toks.to_vec(), sampling.clone()).await.unwrap();
+        let kv = a.export(0).await.unwrap();
+        bytes = kv.state.len();
+        let reference = a
+            .generate(0, pre.first_token, 0, sampling.clone())
+            .await
+            .unwrap();
+        assert!(reference.tokens.len() >= 8, "{reference:?}");
+        ship(model, a, b, &kv, 1).await.unwrap();
+        let split = b
+            .generate(1, pre.first_token, 0, sampling.clone())
+            .await
+            .unwrap();
+        assert_eq!(split.tokens, reference.tokens, "{sampling:?}");
+        eprintln!(
+            "{} prompt tokens, {bytes} state bytes: {:?} identical",
+            toks.len(),
+            split.text
+        );
+        if first.is_empty() {
+            first = split.tokens;
+        }
+    }
+    (bytes, first)
+}
+
+/// A plain-text prompt (the base model has no chat template) of about 800 tokens: past the window.
+fn long_prompt(model: &Model) -> Vec<i32> {
+    let mut text = String::new();
+    for i in 0..48 {
+        text += &format!(
+            "Entry {i}: the ferry from harbour {} left at {}:{:02} carrying {} passengers. ",
+            i % 5,
+            6 + i % 12,
+            (i * 7) % 60,
+            40 + i * 3
+        );
+    }
+    text += "Entry 48:";
+    model.tokenize(&text, true)
+}
+
+/// Ships `kv` (exported from `src`'s sequence 0) through the frames into `dst`'s sequence `seq`.
+async fn ship(
+    model: &Model,
+    src: &ContextHandle,
+    dst: &ContextHandle,
+    kv: &exo_engine::ExportedKv,
+    seq: i32,
+) -> Result<(), EngineError> {
+    dst.import(seq, receive(model, src, dst, kv)).await
+}
+
+/// `kv` (exported from `src`) through the frames, checked by `dst`'s decoder.
+fn receive(
+    model: &Model,
+    src: &ContextHandle,
+    dst: &ContextHandle,
+    kv: &exo_engine::ExportedKv,
+) -> DecodedKv {
+    let spec = src.transfer_header(
+        source_seq(&kv.state).unwrap(),
+        kv.tokens.clone(),
+        Codec::ShuffleLz4,
+        1 << 20,
+    );
+    let (h, c, e) = KvEncoder::whole(spec, &kv.state).unwrap_or_else(|e| panic!("{e}"));
+    let target = ImportTarget {
+        fingerprint: model.fingerprint(),
+        layout: dst.config().layout,
+    };
+    let limits = DecodeLimits::for_context(dst.shape(), 2048, model.sliding_window());
+    let mut d = KvDecoder::new(&h, &limits, &target).unwrap_or_else(|e| panic!("{e}"));
+    for chunk in &c {
+        d.push_chunk(chunk).unwrap_or_else(|e| panic!("{e}"));
+    }
+    d.finish(&e).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_sliding_window_cache_crosses_the_hand_off_exactly() {
+    let model = load(GEMMA, "gemma3");
+    assert_eq!(model.sliding_window(), Some(512));
+    rt().block_on(async {
+        let a = context(&model, 1, false);
+        let b = context(&model, 2, false);
+        let window = a
+            .shape()
+            .window
+            .as_deref()
+            .expect("Gemma 3 has a window cache");
+        assert!(
+            window.k.len() > a.shape().k.len(),
+            "5 of 6 layers are local"
+        );
+        let toks = long_prompt(&model);
+        assert!(toks.len() > 700, "{} tokens", toks.len());
+        split_equals_colocated(&model, &a, &b, &toks, greedy_and_seeded(1.0)).await;
+    });
+}
+
+/// A hybrid model's state: its attention cache re-framed for another stream count, its recurrent
+/// section carried as it is; the continuation is the same (and the state decides it). Its V
+/// translates for the other flash-attention setting. A recurrent section llama.cpp would abort on (two cells) is refused
+/// before it, and the receiving context keeps working.
+#[test]
+fn a_hybrid_models_recurrent_state_crosses_the_hand_off_exactly() {
+    let model = load(HYBRID, "hybrid");
+    rt().block_on(async {
+        let a = context(&model, 1, false);
+        let b = context(&model, 3, false);
+        let rec = a.shape().recurrent.clone().expect("Jamba has Mamba layers");
+        assert_eq!((rec.n_layer, rec.r.len(), a.shape().k.len()), (4, 2, 2));
+        let toks = model.tokenize(&"The ferry left the harbour at dawn. ".repeat(12), true);
+        // Random weights repeat one token; a penalty makes each step a choice the state decides.
+        let [greedy, seeded] = greedy_and_seeded(3.0);
+        let samplings = [greedy.clone(), seeded];
+        let (bytes, tokens) = split_equals_colocated(&model, &a, &b, &toks, samplings).await;
+        let attention = a.shape().bytes_per_token() as usize * toks.len();
+        let section = rec.section_len().unwrap() as usize;
+        assert!(bytes > attention + section, "{bytes} bytes");
+        let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+        assert!(distinct.len() > 8, "{tokens:?}");
+        // The state decides it: the same first token after another prompt goes elsewhere.
+        let other = model.tokenize(&"Rain fell on the quiet town. ".repeat(12), true);
+        a.prefill(0, other, greedy.clone()).await.unwrap();
+        let elsewhere = a.generate(0, tokens[0], 0, greedy.clone()).await.unwrap();
+        assert_ne!(
+            elsewhere.tokens, tokens,
+            "the continuation ignores the state"
+        );
+
+        // Into a context with flash attention on (V stored the other way; its kernels round
+        // differently, so no exactness is asked here): llama.cpp takes the translated state.
+        let fa = context(&model, 1, true);
+        let pre = a.prefill(0, toks.clone(), greedy.clone()).await.unwrap();
+        let kv = a.export(0).await.unwrap();
+        ship(&model, &a, &fa, &kv, 0).await.unwrap();
+        let there = fa.generate(0, pre.first_token, 0, greedy).await.unwrap();
+        let same = there
+            .tokens
+            .iter()
+            .zip(&tokens)
+            .take_while(|(x, y)| x == y)
+            .count();
+        eprintln!("flash attention on: the first {same} of 24 tokens agree");
+
+        // Two recurrent cells: llama.cpp's reader would abort the process on this.
+        a.prefill(0, toks.clone(), SamplingParams::greedy(1))
+            .await
+            .unwrap();
+        let kv = a.export(0).await.unwrap();
+        let mut bad = receive(&model, &a, &b, &kv);
+        let at = bad.state.len() - section;
+        bad.state[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+        let refused = b.import(2, bad).await;
+        assert!(matches!(refused, Err(EngineError::Kv(_))), "{refused:?}");
+        ship(&model, &a, &b, &kv, 2).await.unwrap();
+        let pre = a.prefill(0, toks, SamplingParams::greedy(4)).await.unwrap();
+        let after = b
+            .generate(2, pre.first_token, 0, SamplingParams::greedy(4))
+            .await
+            .unwrap();
+        assert!(!after.tokens.is_empty());
+    });
+}
