@@ -21,7 +21,7 @@ pub use context::{
     PrefillBatching, PrefillOutput, SlotLease, resumed_output,
 };
 pub use error::EngineError;
-pub use model::{ChatMessage, FirstOutput, Model, ModelOptions, fingerprint_file};
+pub use model::{ChatMessage, FirstOutput, Memory, Model, ModelOptions, fingerprint_file};
 pub use offload::{GpuDevice, GpuLayers, Offload, gpu_devices};
 pub use sampler::draw_bits;
 pub use template::{TOOL_FORMAT, today_utc};

@@ -98,6 +98,29 @@ impl ChatMessage {
     }
 }
 
+/// What a model keeps per sequence, by llama.cpp's own classification of its architecture; the
+/// state a context exports has these parts ([`exo_kvcache::StateShape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// An attention (KV) cache: transformers.
+    Attention,
+    /// An attention cache and a recurrent state: hybrids (Jamba, LFM2, Granite 4 hybrid, ...).
+    Hybrid,
+    /// A recurrent state alone: Mamba, RWKV.
+    Recurrent,
+}
+
+impl Memory {
+    /// Whether the state holds an attention cache and whether it holds a recurrent section.
+    pub fn parts(self) -> (bool, bool) {
+        match self {
+            Memory::Attention => (true, false),
+            Memory::Hybrid => (true, true),
+            Memory::Recurrent => (false, true),
+        }
+    }
+}
+
 /// A loaded model, shared by every context that runs it.
 pub struct Model {
     pub(crate) llama: LlamaModel,
@@ -110,6 +133,7 @@ pub struct Model {
     template: OnceLock<Result<ChatTemplate, String>>,
     /// The attention window of an interleaved sliding-window model, from its metadata.
     sliding_window: Option<u32>,
+    memory: Memory,
 }
 
 impl std::fmt::Debug for Model {
@@ -195,15 +219,13 @@ impl Model {
         let architecture = llama
             .meta_val_str("general.architecture")
             .unwrap_or_else(|_| "unknown".into());
-        // A hybrid model's state (attention caches, then its recurrent section) ships like any
-        // other; a purely recurrent one has no attention cache, which the wire format's cells
-        // (one per prompt token) do not describe yet.
-        if llama.is_recurrent() {
-            return Err(load_err(format!(
-                "architecture {architecture} is purely recurrent (no attention cache), which \
-                 exo-router cannot ship between nodes yet: use a transformer or hybrid model"
-            )));
-        }
+        let memory = if llama.is_recurrent() {
+            Memory::Recurrent
+        } else if llama.is_hybrid() {
+            Memory::Hybrid
+        } else {
+            Memory::Attention
+        };
         let sliding_window = llama
             .meta_val_str(&format!("{architecture}.attention.sliding_window"))
             .ok()
@@ -227,6 +249,7 @@ impl Model {
             gpus = offload.devices.len(),
             architecture,
             sliding_window,
+            ?memory,
             "model loaded"
         );
         Ok(Arc::new(Model {
@@ -237,7 +260,13 @@ impl Model {
             constraints: OnceLock::new(),
             template: OnceLock::new(),
             sliding_window,
+            memory,
         }))
+    }
+
+    /// What the model keeps per sequence: an attention cache, a recurrent state, or both.
+    pub fn memory(&self) -> Memory {
+        self.memory
     }
 
     /// The attention window of a sliding-window model (its metadata's

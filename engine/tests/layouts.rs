@@ -5,13 +5,15 @@
 //!   full-attention cache and a sliding-window cache of the last 512 positions, with a prompt
 //!   longer than the window;
 //! - a hybrid model (`scripts/fetch-model hybrid`, a tiny random-weight Jamba: Mamba and attention
-//!   layers): an attention cache and a recurrent state.
+//!   layers): an attention cache and a recurrent state;
+//! - a purely recurrent model (`scripts/fetch-model recurrent`, a tiny random-weight Mamba): the
+//!   recurrent state alone.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 
-use exo_engine::{ContextConfig, ContextHandle, EngineError, Model, ModelOptions};
+use exo_engine::{ContextConfig, ContextHandle, EngineError, Memory, Model, ModelOptions};
 use exo_kvcache::{
     Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
     source_seq,
@@ -20,6 +22,7 @@ use exo_sampling::SamplingParams;
 
 const GEMMA: &str = "models/gemma-3-270m-q4_k_m.gguf";
 const HYBRID: &str = "models/tiny-jamba.gguf";
+const MAMBA: &str = "models/tiny-mamba.gguf";
 
 fn load(file: &str, fetch: &str) -> Arc<Model> {
     let path = exo_test_support::root().join(file);
@@ -178,66 +181,84 @@ fn a_sliding_window_cache_crosses_the_hand_off_exactly() {
 
 /// A hybrid model's state: its attention cache re-framed for another stream count, its recurrent
 /// section carried as it is; the continuation is the same (and the state decides it). Its V
-/// translates for the other flash-attention setting. A recurrent section llama.cpp would abort on (two cells) is refused
-/// before it, and the receiving context keeps working.
+/// translates for the other flash-attention setting. A recurrent section llama.cpp would abort on
+/// (two cells) is refused before it, and the receiving context keeps working.
 #[test]
 fn a_hybrid_models_recurrent_state_crosses_the_hand_off_exactly() {
     let model = load(HYBRID, "hybrid");
-    rt().block_on(async {
-        let a = context(&model, 1, false);
-        let b = context(&model, 3, false);
-        let rec = a.shape().recurrent.clone().expect("Jamba has Mamba layers");
-        assert_eq!((rec.n_layer, rec.r.len(), a.shape().k.len()), (4, 2, 2));
-        let toks = model.tokenize(&"The ferry left the harbour at dawn. ".repeat(12), true);
-        // Random weights repeat one token; a penalty makes each step a choice the state decides.
-        let [greedy, seeded] = greedy_and_seeded(3.0);
-        let samplings = [greedy.clone(), seeded];
-        let (bytes, tokens) = split_equals_colocated(&model, &a, &b, &toks, samplings).await;
-        let attention = a.shape().bytes_per_token() as usize * toks.len();
-        let section = rec.section_len().unwrap() as usize;
-        assert!(bytes > attention + section, "{bytes} bytes");
-        let distinct: std::collections::HashSet<_> = tokens.iter().collect();
-        assert!(distinct.len() > 8, "{tokens:?}");
-        // The state decides it: the same first token after another prompt goes elsewhere.
-        let other = model.tokenize(&"Rain fell on the quiet town. ".repeat(12), true);
-        a.prefill(0, other, greedy.clone()).await.unwrap();
-        let elsewhere = a.generate(0, tokens[0], 0, greedy.clone()).await.unwrap();
-        assert_ne!(
-            elsewhere.tokens, tokens,
-            "the continuation ignores the state"
-        );
+    rt().block_on(recurrent_state_crosses(model, 2));
+}
 
-        // Into a context with flash attention on (V stored the other way; its kernels round
-        // differently, so no exactness is asked here): llama.cpp takes the translated state.
-        let fa = context(&model, 1, true);
-        let pre = a.prefill(0, toks.clone(), greedy.clone()).await.unwrap();
-        let kv = a.export(0).await.unwrap();
-        ship(&model, &a, &fa, &kv, 0).await.unwrap();
-        let there = fa.generate(0, pre.first_token, 0, greedy).await.unwrap();
-        let same = there
-            .tokens
-            .iter()
-            .zip(&tokens)
-            .take_while(|(x, y)| x == y)
-            .count();
-        eprintln!("flash attention on: the first {same} of 24 tokens agree");
+/// The same for a purely recurrent model (Mamba): its state is the recurrent section alone, and a
+/// transfer of it carries no cells.
+#[test]
+fn a_recurrent_models_state_crosses_the_hand_off_exactly() {
+    let model = load(MAMBA, "recurrent");
+    assert_eq!(model.memory(), Memory::Recurrent);
+    rt().block_on(recurrent_state_crosses(model, 0));
+}
 
-        // Two recurrent cells: llama.cpp's reader would abort the process on this.
-        a.prefill(0, toks.clone(), SamplingParams::greedy(1))
-            .await
-            .unwrap();
-        let kv = a.export(0).await.unwrap();
-        let mut bad = receive(&model, &a, &b, &kv);
-        let at = bad.state.len() - section;
-        bad.state[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
-        let refused = b.import(2, bad).await;
-        assert!(matches!(refused, Err(EngineError::Kv(_))), "{refused:?}");
-        ship(&model, &a, &b, &kv, 2).await.unwrap();
-        let pre = a.prefill(0, toks, SamplingParams::greedy(4)).await.unwrap();
-        let after = b
-            .generate(2, pre.first_token, 0, SamplingParams::greedy(4))
-            .await
-            .unwrap();
-        assert!(!after.tokens.is_empty());
-    });
+/// The checks of the two tests above, for a model with `attention_layers` attention layers beside
+/// its two Mamba layers.
+async fn recurrent_state_crosses(model: Arc<Model>, attention_layers: usize) {
+    let a = context(&model, 1, false);
+    let b = context(&model, 3, false);
+    let rec = a.shape().recurrent.clone().expect("a recurrent state");
+    let n_layer = 2 + attention_layers as u32;
+    assert_eq!((rec.n_layer, rec.r.len()), (n_layer, 2));
+    assert_eq!(a.shape().k.len(), attention_layers);
+    let toks = model.tokenize(&"The ferry left the harbour at dawn. ".repeat(12), true);
+    // Random weights repeat one token; a penalty makes each step a choice the state decides.
+    let [greedy, seeded] = greedy_and_seeded(3.0);
+    let samplings = [greedy.clone(), seeded];
+    let (bytes, tokens) = split_equals_colocated(&model, &a, &b, &toks, samplings).await;
+    let attention = a.shape().bytes_per_token() as usize * toks.len();
+    let section = rec.section_len().unwrap() as usize;
+    assert!(bytes >= attention + section, "{bytes} bytes");
+    let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+    assert!(distinct.len() > 8, "{tokens:?}");
+    // The state decides it: the same first token after another prompt (other words to its end:
+    // a random Mamba layer's state fades fast, its convolution holds the last inputs) goes
+    // elsewhere.
+    let other = "Rain fell on the quiet town. ".repeat(11) + "Bells rang out over the square";
+    let other = model.tokenize(&other, true);
+    a.prefill(0, other, greedy.clone()).await.unwrap();
+    let elsewhere = a.generate(0, tokens[0], 0, greedy.clone()).await.unwrap();
+    assert_ne!(
+        elsewhere.tokens, tokens,
+        "the continuation ignores the state"
+    );
+
+    // Into a context with flash attention on (V stored the other way; its kernels round
+    // differently, so no exactness is asked here): llama.cpp takes the translated state.
+    let fa = context(&model, 1, true);
+    let pre = a.prefill(0, toks.clone(), greedy.clone()).await.unwrap();
+    let kv = a.export(0).await.unwrap();
+    ship(&model, &a, &fa, &kv, 0).await.unwrap();
+    let there = fa.generate(0, pre.first_token, 0, greedy).await.unwrap();
+    let same = there
+        .tokens
+        .iter()
+        .zip(&tokens)
+        .take_while(|(x, y)| x == y)
+        .count();
+    eprintln!("flash attention on: the first {same} of 24 tokens agree");
+
+    // Two recurrent cells: llama.cpp's reader would abort the process on this.
+    a.prefill(0, toks.clone(), SamplingParams::greedy(1))
+        .await
+        .unwrap();
+    let kv = a.export(0).await.unwrap();
+    let mut bad = receive(&model, &a, &b, &kv);
+    let at = bad.state.len() - section;
+    bad.state[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+    let refused = b.import(2, bad).await;
+    assert!(matches!(refused, Err(EngineError::Kv(_))), "{refused:?}");
+    ship(&model, &a, &b, &kv, 2).await.unwrap();
+    let pre = a.prefill(0, toks, SamplingParams::greedy(4)).await.unwrap();
+    let after = b
+        .generate(2, pre.first_token, 0, SamplingParams::greedy(4))
+        .await
+        .unwrap();
+    assert!(!after.tokens.is_empty());
 }

@@ -195,8 +195,12 @@ impl StateShape {
         Ok(state)
     }
 
-    /// Bytes of a single-stream state of `cells` cells in this shape.
+    /// Bytes of a single-stream state of `cells` cells in this shape (its caches: the head alone
+    /// for a purely recurrent shape).
     pub fn state_len(&self, cells: usize) -> Result<usize, KvError> {
+        if !self.has_attention() {
+            return Ok(crate::state::HEAD_LEN);
+        }
         let per_cell = usize_of(self.segment_bytes_per_cell()?)?;
         cells
             .checked_mul(per_cell)
@@ -227,6 +231,9 @@ impl StateShape {
         let mut out = Vec::with_capacity(self.state_len(cells)?);
         out.extend_from_slice(&STATE_MAGIC.to_le_bytes());
         out.extend_from_slice(&source_seq.to_le_bytes());
+        if !self.has_attention() {
+            return Ok(out);
+        }
         out.extend_from_slice(&1u32.to_le_bytes());
         out.extend_from_slice(&n32.to_le_bytes());
         out.resize(out.len() + cells * self.cell_record_len(), 0);
@@ -329,6 +336,14 @@ impl StateShape {
             1 => Some(RecurrentShape::read_skeleton(r, max_layers)?),
             v => return Err(malformed(format!("recurrent flag {v}"))),
         };
+        let empty_window = shape.window.as_ref().is_some_and(|w| !w.has_attention());
+        if empty_window
+            || !shape.has_attention() && (shape.recurrent.is_none() || shape.window.is_some())
+        {
+            return Err(malformed(
+                "a shape without attention layers must be a recurrent state alone",
+            ));
+        }
         Ok(shape)
     }
 
@@ -341,7 +356,8 @@ impl StateShape {
         let cell_ext_len = r.u32()?;
         let (n_rot_k, n_rot_v) = (r.u32()?, r.u32()?);
         let n_layer = r.u32()?;
-        if n_layer == 0 || n_layer > max_layers || cell_ext_len > 64 {
+        // No layers: a purely recurrent model's shape (the caller checks the recurrent part follows).
+        if n_layer > max_layers || cell_ext_len > 64 {
             return Err(malformed(format!(
                 "{n_layer} layers, a {cell_ext_len}-byte cell extension"
             )));

@@ -48,6 +48,9 @@ impl StateShape {
     /// An iSWA state's two caches are translated each on its own; a hybrid state's recurrent
     /// section has no V and stays as it is.
     pub fn match_v_layout(&self, state: Vec<u8>) -> Result<Vec<u8>, KvError> {
+        if !self.has_attention() {
+            return Ok(state);
+        }
         if self.window.is_none() && self.recurrent.is_none() {
             return self.match_cache_v_layout(state);
         }

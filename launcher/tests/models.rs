@@ -4,7 +4,8 @@
 //! pieces while the prompt runs, and two requests decoding side by side; and one cluster serving
 //! Gemma and the default model side by side, each request on the nodes of the model it names
 //! (the API, the cluster view and the page's model picker); and a hybrid model (attention and
-//! Mamba layers, `scripts/fetch-model hybrid`) served split exactly as colocated.
+//! Mamba layers, `scripts/fetch-model hybrid`) and a purely recurrent one (`recurrent`) served
+//! split exactly as colocated.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,6 +23,7 @@ use serde_json::json;
 
 const GEMMA: &str = "models/gemma-3-270m-q4_k_m.gguf";
 const HYBRID: &str = "models/tiny-jamba.gguf";
+const MAMBA: &str = "models/tiny-mamba.gguf";
 
 /// Plain text (the base model has no chat template) of about `entries * 25` tokens.
 fn log_prompt(entries: usize, variant: usize) -> String {
@@ -354,22 +356,37 @@ fn profile_of(model: &Path, placement: &str, nodes: &[(&str, &str)]) -> Profile 
 /// colocated node gives them one at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hybrid_model_is_served_split_exactly_as_colocated() {
-    let hybrid = root().join(HYBRID);
+    let pieces = served_split_as_colocated(HYBRID, "hybrid").await;
+    assert!(pieces > 2, "two caches went in {pieces} pieces in all");
+}
+
+/// The same for a purely recurrent model, whose state goes in one piece after the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurrent_model_is_served_split_exactly_as_colocated() {
+    let pieces = served_split_as_colocated(MAMBA, "recurrent").await;
+    assert_eq!(pieces, 2, "one piece a request");
+}
+
+/// Serves two requests for the model in `file` split, then each alone colocated: the same texts.
+/// Returns the pieces the split's caches went in.
+async fn served_split_as_colocated(file: &str, fetch: &str) -> u64 {
+    let path = root().join(file);
     assert!(
-        hybrid.is_file(),
-        "{HYBRID} missing: run scripts/fetch-model hybrid"
+        path.is_file(),
+        "{file} missing: run scripts/fetch-model {fetch}"
     );
+    let name = path.file_stem().unwrap().to_string_lossy().to_string();
     // Random weights repeat a token: a frequency penalty and a high temperature make each token
     // a choice the state decides.
     let ask = |addr, variant: usize, stream: bool| {
         let body = json!({
-            "model": "tiny-jamba", "prompt": log_prompt(24, variant), "max_tokens": 16,
+            "model": name, "prompt": log_prompt(24, variant), "max_tokens": 16,
             "temperature": 1.5, "seed": 11 + variant, "frequency_penalty": 2.0, "stream": stream,
         });
         async move { post(addr, "/v1/completions", &body).await }
     };
     let split = profile_of(
-        &hybrid,
+        &path,
         "disaggregated",
         &[("prefill-0", "prefill"), ("decode-0", "decode")],
     );
@@ -384,9 +401,8 @@ async fn a_hybrid_model_is_served_split_exactly_as_colocated() {
         assert_eq!(answer.status, 200, "{}", answer.body);
         assert_eq!(answer.decode_node, "decode-0");
     }
-    assert!(pieces > 2, "two caches went in {pieces} pieces in all");
 
-    let colocated = profile_of(&hybrid, "colocated", &[("both-0", "both")]);
+    let colocated = profile_of(&path, "colocated", &[("both-0", "both")]);
     let server = exo_launcher::start(&colocated, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -402,5 +418,6 @@ async fn a_hybrid_model_is_served_split_exactly_as_colocated() {
     assert_eq!(a.text, alone_a.text);
     assert_eq!(b.text, alone_b.text);
     assert_ne!(a.text, b.text);
-    eprintln!("hybrid, split == colocated: {:?} / {:?}", a.text, b.text);
+    eprintln!("{name}, split == colocated: {:?} / {:?}", a.text, b.text);
+    pieces
 }

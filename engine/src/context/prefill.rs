@@ -446,7 +446,9 @@ impl Worker<'_> {
             .stream
             .as_ref()
             .is_some_and(|s| done < p.tokens.len() && done - s.sent >= s.every);
-        if !due {
+        // A purely recurrent state has no cells to send early: it all goes after the prompt.
+        let cells = self.shape().is_ok_and(|s| s.has_attention());
+        if !due || !cells {
             return;
         }
         let sent = p.stream.as_ref().map_or(0, |s| s.sent);

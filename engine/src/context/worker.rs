@@ -342,6 +342,13 @@ impl Worker<'_> {
         let raw = self.export_raw(0)?;
         self.clear(0)?;
         let shape = StateShape::calibrate(&raw)?;
+        // The parser reads the first layout that fits; the model says which one it must be.
+        let memory = self.model.memory();
+        if (shape.has_attention(), shape.recurrent.is_some()) != memory.parts() {
+            return Err(EngineError::Kv(exo_kvcache::KvError::ShapeMismatch(
+                format!("the context's own state does not read as a {memory:?} model's"),
+            )));
+        }
         tracing::debug!(
             n_stream = shape.n_stream,
             bytes_per_token = shape.bytes_per_token(),
@@ -391,7 +398,7 @@ impl Worker<'_> {
     /// cells (a prompt part-way through holds the tokens its batches ran so far).
     pub(super) fn export_cells(&self, seq: i32, cells: usize) -> Result<Vec<u8>, EngineError> {
         let (state, info) = to_single_stream(self.export_raw(seq)?)?;
-        if info.cell_count as usize != cells {
+        if info.cell_count as usize != self.shape()?.cells_for(cells) {
             return Err(EngineError::Export(format!(
                 "{} cells for {cells} tokens",
                 info.cell_count

@@ -133,7 +133,7 @@ impl KvDecoder {
     /// True once every cell of the full cache has arrived (window cells and the end frame may
     /// still be due).
     pub fn is_complete(&self) -> bool {
-        self.cells == self.header.tokens.len()
+        self.cells == self.full_cells()
     }
 
     /// Checks one chunk frame and places its cells. Chunks must arrive in index order.
@@ -168,7 +168,7 @@ impl KvDecoder {
                 declared: end.n_chunks,
             });
         }
-        let n = self.header.tokens.len();
+        let n = self.full_cells();
         let windowed = self.header.shape.window.is_some();
         if end.n_cells as usize != n
             || self.cells != n
@@ -178,8 +178,12 @@ impl KvDecoder {
             return Err(KvError::InvalidField {
                 field: "end frame",
                 detail: format!(
-                    "{} + {} window cells declared, {} + {} received, the header has {n} tokens",
-                    end.n_cells, end.n_window, self.cells, self.window_cells
+                    "{} + {} window cells declared, {} + {} received, the header has {} tokens",
+                    end.n_cells,
+                    end.n_window,
+                    self.cells,
+                    self.window_cells,
+                    self.header.tokens.len()
                 ),
             });
         }
@@ -200,6 +204,10 @@ impl KvDecoder {
             }
             None => None,
         };
+        if !self.header.shape.has_attention() {
+            // No cells came: the caches part of a purely recurrent state is its head alone.
+            self.state = self.header.shape.blank_state(self.header.source_seq, 0)?;
+        }
         self.state = Caches {
             full: std::mem::take(&mut self.state),
             window,
@@ -283,10 +291,16 @@ impl KvDecoder {
         Ok(())
     }
 
+    /// The full cache's cells the transfer carries: one per token (none for a purely recurrent
+    /// model).
+    fn full_cells(&self) -> usize {
+        self.header.shape.cells_for(self.header.tokens.len())
+    }
+
     /// What the next chunk carries: full-cache cells until all are in, then the recurrent
     /// section's bytes until all are in, then window cells (when the model has a window cache).
     fn next_part(&self) -> Part {
-        if self.cells < self.header.tokens.len() {
+        if self.cells < self.full_cells() {
             Part::Full
         } else if self.recurrent.len() < self.recurrent_len {
             Part::Recurrent
@@ -335,7 +349,12 @@ impl KvDecoder {
             });
         }
         let after = held + raw / per_cell;
-        if after > self.header.tokens.len() {
+        let most = if window {
+            self.header.tokens.len()
+        } else {
+            self.full_cells()
+        };
+        if after > most {
             return Err(KvError::OversizedChunk {
                 index,
                 detail: format!(

@@ -101,7 +101,9 @@ impl KvEncoder {
     /// header's tokens) it goes on to a hybrid model's recurrent section and an iSWA model's
     /// window cells.
     pub fn next_frame(&mut self, state: &[u8], cells: usize) -> Result<Option<Vec<u8>>, KvError> {
-        if let Some(range) = self.next_range(0, cells)? {
+        // A purely recurrent model's state has no cells: everything travels from the final export.
+        let with_cells = self.header.shape.cells_for(cells);
+        if let Some(range) = self.next_range(0, with_cells)? {
             let raw = self.header.shape.cut(state, range)?;
             return Ok(Some(self.frame(&raw, Part::Full)));
         }
@@ -210,7 +212,7 @@ impl KvEncoder {
     /// the xxh3-64 of `final_state`, the sequence's export holding all of them, which the
     /// receiver's joined state must equal.
     pub fn end_frame(&self, final_state: &[u8]) -> Result<Vec<u8>, KvError> {
-        let n = self.header.tokens.len();
+        let n = self.header.shape.cells_for(self.header.tokens.len());
         let tail = self.tail.as_ref();
         let window_total = tail.and_then(|t| t.window.as_ref()).map_or(0, |(_, n)| *n);
         let window_due =

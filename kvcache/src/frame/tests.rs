@@ -530,3 +530,45 @@ fn recurrent_bytes_past_the_section_or_a_final_export_without_one_are_refused() 
     }
     assert!(failed.is_some());
 }
+
+#[test]
+fn a_purely_recurrent_transfer_carries_the_section_alone() {
+    let state = crate::state::tests::synthetic_recurrent_state(40);
+    let (_, spec) = fixture(40, false, Codec::Lz4, 1 << 20);
+    let shape = StateShape::calibrate(&state).unwrap_or_else(|e| panic!("{e}"));
+    for codec in Codec::ALL {
+        for chunk in [1u32, 64, 1 << 20] {
+            let spec = KvHeader {
+                shape: shape.clone(),
+                codec,
+                chunk_size: chunk,
+                ..spec.clone()
+            };
+            let (h, c, e) = KvEncoder::whole(spec, &state).unwrap_or_default();
+            // A chunk is never smaller than a (cell-less) shape's 12-byte cell record.
+            let section = shape
+                .recurrent
+                .as_ref()
+                .map_or(0, |r| r.section_len().unwrap_or(0));
+            assert_eq!(c.len() as u64, section.div_ceil(u64::from(chunk.max(12))));
+            assert_eq!(decode(&h, &c, &e), Ok(state.clone()), "{codec} {chunk}");
+            assert!(decode(&h, &c[..c.len() - 1], &e).is_err());
+        }
+    }
+    // A shape with no attention layers and no recurrent state is no shape at all.
+    let (_, spec) = fixture(3, false, Codec::None, 1 << 20);
+    let mut empty = KvHeader {
+        shape: shape.clone(),
+        ..spec
+    }
+    .encode();
+    // Before the checksum: the flag, n_layer and the recurrent layer count, four entries.
+    let flag_at = empty.len() - 8 - 2 * 2 * 12 - 8 - 1;
+    assert_eq!(empty[flag_at], 1, "the recurrent flag");
+    empty.truncate(flag_at);
+    empty.push(0);
+    let body = empty.len();
+    let sum = xxhash_rust::xxh3::xxh3_64(&empty[..body]);
+    empty.extend_from_slice(&sum.to_le_bytes());
+    assert!(KvHeader::decode(&empty, &DecodeLimits::default()).is_err());
+}

@@ -17,7 +17,8 @@
 //!
 //! A hybrid model (attention and recurrent layers) ends its state with a recurrent section
 //! ([`recurrent`]): one cell holding the sequence's whole history, shipped as it is
-//! ([`StateShape::recurrent`]).
+//! ([`StateShape::recurrent`]). A purely recurrent model (Mamba, RWKV) writes that section alone;
+//! its shape has no K or V layers ([`StateShape::has_attention`]).
 
 mod parse;
 mod recurrent;
@@ -28,8 +29,6 @@ use crate::error::KvError;
 pub(crate) use parse::{Form, HEAD_LEN, malformed};
 use parse::{Parsed, Section, parse};
 pub use recurrent::RecurrentShape;
-/// Cell extension record sizes llama.cpp may write (none, or x, y, tok for M-RoPE models).
-const CELL_EXT_CANDIDATES: [u32; 2] = [0, 12];
 
 /// One layer's K (or non-transposed V) rows: ggml type id and bytes per row (per token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +99,7 @@ pub struct SeqStateInfo {
     pub n_stream: u32,
     /// The one stream holding cells (0 when the state is empty).
     pub stream: u32,
-    /// Cells (tokens) in the state: the full cache's.
+    /// Cells (tokens) in the state: the full cache's (0 for a purely recurrent state).
     pub cell_count: u32,
     /// Cells in the sliding-window cache of an iSWA state (0 without one): the last positions.
     pub window_cells: u32,
@@ -108,10 +107,11 @@ pub struct SeqStateInfo {
 
 impl SeqStateInfo {
     fn of(p: &Parsed) -> Self {
+        let full = p.full.as_ref();
         SeqStateInfo {
-            n_stream: p.full.n_stream,
-            stream: p.full.stream,
-            cell_count: p.full.cell_count,
+            n_stream: full.map_or(1, |f| f.n_stream),
+            stream: full.map_or(0, |f| f.stream),
+            cell_count: full.map_or(0, |f| f.cell_count),
             window_cells: p.window.as_ref().map_or(0, |w| w.cell_count),
         }
     }
@@ -122,6 +122,7 @@ impl StateShape {
     pub(crate) fn form(&self) -> Form {
         Form {
             cell_ext_len: self.cell_ext_len,
+            attention: self.has_attention(),
             recurrent: self.recurrent.is_some(),
         }
     }
@@ -129,8 +130,35 @@ impl StateShape {
     /// How one of this shape's caches is laid out as a state of its own ([`Caches`]).
     pub(crate) fn cache_form(&self) -> Form {
         Form {
+            attention: true,
             recurrent: false,
             ..self.form()
+        }
+    }
+
+    /// Whether states of this shape hold an attention cache: every model but a purely recurrent
+    /// one (whose state is its recurrent section alone, and whose transfers carry no cells).
+    pub fn has_attention(&self) -> bool {
+        !self.k.is_empty()
+    }
+
+    /// The cells a transfer of `n_tokens` tokens carries: one per token, none without attention.
+    pub fn cells_for(&self, n_tokens: usize) -> usize {
+        if self.has_attention() { n_tokens } else { 0 }
+    }
+
+    /// The shape of a purely recurrent model's state: no caches, `recurrent` alone.
+    pub(crate) fn recurrent_only(recurrent: RecurrentShape) -> Self {
+        StateShape {
+            n_stream: 1,
+            cell_ext_len: 0,
+            v_trans: false,
+            n_rot_k: 0,
+            n_rot_v: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+            window: None,
+            recurrent: Some(recurrent),
         }
     }
 
@@ -159,14 +187,16 @@ impl StateShape {
     pub fn check(&self, state: &[u8], n_tokens: usize) -> Result<SeqStateInfo, KvError> {
         let parsed = parse(state, self.form())?;
         let info = SeqStateInfo::of(&parsed);
-        let full = single_section(&parsed.full, "full")?;
-        if full.cell_count as usize != n_tokens || full.first_pos != 0 {
-            return Err(malformed(format!(
-                "{} cells for {n_tokens} tokens, the first at position {}",
-                full.cell_count, full.first_pos
-            )));
+        if let Some(full) = &parsed.full {
+            let full = single_section(full, "full")?;
+            if full.cell_count as usize != n_tokens || full.first_pos != 0 {
+                return Err(malformed(format!(
+                    "{} cells for {n_tokens} tokens, the first at position {}",
+                    full.cell_count, full.first_pos
+                )));
+            }
+            self.same_cache(full.shape.as_ref().ok_or_else(|| malformed("no cells"))?)?;
         }
-        self.same_cache(full.shape.as_ref().ok_or_else(|| malformed("no cells"))?)?;
         match (&self.window, &parsed.window) {
             (None, None) => {}
             (Some(shape), Some(w)) => {
@@ -309,7 +339,7 @@ fn write_u32(state: &mut [u8], at: usize, n: u32) -> Result<(), KvError> {
 /// and a hybrid model's recurrent section as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Caches {
-    /// The head and the full-attention cache.
+    /// The head and the full-attention cache (the head alone for a purely recurrent state).
     pub full: Vec<u8>,
     /// The head and an iSWA model's sliding-window cache.
     pub window: Option<Vec<u8>>,
@@ -329,7 +359,10 @@ impl Caches {
             v
         };
         Ok(Caches {
-            full: with_head(&parsed.full),
+            full: match &parsed.full {
+                Some(full) => with_head(full),
+                None => head.to_vec(),
+            },
             window: parsed.window.as_ref().map(with_head),
             recurrent: parsed
                 .recurrent
@@ -359,7 +392,9 @@ pub(crate) fn parse_single(
     form: Form,
 ) -> Result<(SeqStateInfo, StateShape), KvError> {
     let parsed = parse(state, form)?;
-    single_section(&parsed.full, "full")?;
+    if let Some(full) = &parsed.full {
+        single_section(full, "full")?;
+    }
     if let Some(w) = &parsed.window {
         single_section(w, "window")?;
     }
@@ -369,26 +404,17 @@ pub(crate) fn parse_single(
     Ok((SeqStateInfo::of(&parsed), shape))
 }
 
-/// Parses a state of any form llama.cpp writes: each cell extension length, without and with a
-/// recurrent section. The first error is the one reported (an attention model's state without
-/// an extension record is by far the most common).
+/// Parses a state of any form llama.cpp writes ([`Form::ALL`]). The first error is the one
+/// reported (an attention model's state without an extension record is by far the most common).
 fn parse_any(state: &[u8]) -> Result<Parsed, KvError> {
     let mut first = None;
-    for recurrent in [false, true] {
-        for cell_ext_len in CELL_EXT_CANDIDATES {
-            match parse(
-                state,
-                Form {
-                    cell_ext_len,
-                    recurrent,
-                },
-            ) {
-                Ok(p) => return Ok(p),
-                Err(e) => {
-                    first.get_or_insert(e);
-                }
+    for form in Form::ALL {
+        match parse(state, form) {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                first.get_or_insert(e);
             }
         }
     }
-    Err(first.unwrap_or_else(|| malformed("no candidate cell layout")))
+    Err(first.unwrap_or_else(|| malformed("no candidate state layout")))
 }

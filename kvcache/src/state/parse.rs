@@ -1,7 +1,7 @@
 //! The byte parser behind [`super::StateShape`]: a state's head, then one cache section, or two for
 //! an iSWA model (the full-attention cache, then the sliding-window cache), and for a hybrid model
-//! the recurrent section last ([`super::recurrent`]), each checked field by field before anything
-//! trusts it.
+//! the recurrent section last ([`super::recurrent`]); a purely recurrent model's state is the head
+//! and the recurrent section alone. Each is checked field by field before anything trusts it.
 //!
 //! A section is `u32 n_stream`, then per stream `u32 cell_count` and, when non-zero, the stream's
 //! cells and layers. A sequence's cells sit in one stream of a section. The full cache holds the
@@ -45,18 +45,44 @@ pub(crate) struct Section {
 }
 
 /// What a state's bytes hold besides the cells themselves: the cell extension record's length,
-/// and whether a recurrent section ends the state (a hybrid model's).
+/// whether attention cache sections open the state (all but purely recurrent models), and whether
+/// a recurrent section ends it (hybrid and recurrent models).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Form {
     pub cell_ext_len: u32,
+    pub attention: bool,
     pub recurrent: bool,
 }
 
-/// A parsed state: the full cache, for an iSWA model the window cache after it, and for a hybrid
-/// model the recurrent section at the end.
+impl Form {
+    /// Every form llama.cpp writes, the most common first: attention caches without and with a
+    /// cell extension, the same with a recurrent section (hybrid), the recurrent section alone.
+    pub(crate) const ALL: [Form; 5] = [
+        Form::caches(0, false),
+        Form::caches(12, false),
+        Form::caches(0, true),
+        Form::caches(12, true),
+        Form {
+            cell_ext_len: 0,
+            attention: false,
+            recurrent: true,
+        },
+    ];
+
+    const fn caches(cell_ext_len: u32, recurrent: bool) -> Form {
+        Form {
+            cell_ext_len,
+            attention: true,
+            recurrent,
+        }
+    }
+}
+
+/// A parsed state: the full cache (none for a purely recurrent model), for an iSWA model the window
+/// cache after it, and for a hybrid or recurrent model the recurrent section at the end.
 #[derive(Debug, Clone)]
 pub(crate) struct Parsed {
-    pub full: Section,
+    pub full: Option<Section>,
     pub window: Option<Section>,
     pub recurrent: Option<RecurrentSection>,
 }
@@ -64,13 +90,18 @@ pub(crate) struct Parsed {
 impl Parsed {
     /// The sections in state order: the full cache, then the window cache if any.
     pub(crate) fn sections(&self) -> impl DoubleEndedIterator<Item = &Section> {
-        std::iter::once(&self.full).chain(&self.window)
+        self.full.iter().chain(&self.window)
     }
 
     /// The state's shape (the window's as [`StateShape::window`], the recurrent section's as
-    /// [`StateShape::recurrent`]), `None` when a cache section holds no cells.
+    /// [`StateShape::recurrent`]), `None` when a cache section holds no cells. A purely recurrent
+    /// state's shape has no K or V layers.
     pub(crate) fn shape(&self) -> Option<StateShape> {
-        let mut shape = self.full.shape.clone()?;
+        let Some(full) = &self.full else {
+            let rec = self.recurrent.as_ref()?;
+            return Some(StateShape::recurrent_only(rec.shape.clone()));
+        };
+        let mut shape = full.shape.clone()?;
         if let Some(w) = &self.window {
             shape.window = Some(Box::new(w.shape.clone()?));
         }
@@ -87,8 +118,20 @@ pub(crate) fn parse(state: &[u8], form: Form) -> Result<Parsed, KvError> {
         return Err(KvError::BadMagic { what: "KV state" });
     }
     let _source_seq = r.i32()?;
+    if !form.attention {
+        if !form.recurrent {
+            return Err(malformed(
+                "a state form with neither caches nor a recurrent section",
+            ));
+        }
+        return Ok(Parsed {
+            full: None,
+            window: None,
+            recurrent: Some(parse_recurrent(&mut r)?),
+        });
+    }
     let cell_ext_len = form.cell_ext_len;
-    let full = parse_section(&mut r, cell_ext_len)?;
+    let full = Some(parse_section(&mut r, cell_ext_len)?);
     if form.recurrent {
         // The recurrent section is last; an iSWA hybrid's window cache comes before it.
         let mut attempt = r.clone();

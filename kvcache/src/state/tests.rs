@@ -3,10 +3,7 @@ use super::*;
 
 const STATE_MAGIC: u32 = 0xaf14_3cd8;
 /// An attention model's state form without cell extensions.
-const PLAIN: Form = Form {
-    cell_ext_len: 0,
-    recurrent: false,
-};
+const PLAIN: Form = Form::ALL[0];
 
 /// Builds a synthetic state: `n_stream` streams, cells in `stream`, positions in `positions`.
 pub(crate) fn synthetic_state(
@@ -38,6 +35,14 @@ pub(crate) fn synthetic_hybrid(n_stream: u32, stream: u32, n: i32, v_trans: bool
     let positions: Vec<i32> = (0..n).collect();
     let mut b = synthetic_state(n_stream, stream, &positions, v_trans);
     synthetic_recurrent(&mut b, Some(n - 1), 5, &[8, 8], &[20, 20]);
+    b
+}
+
+/// Builds a synthetic purely recurrent state: the head and a recurrent section of one cell at
+/// `n - 1` with two layers (R rows of 12 bytes, S rows of 40).
+pub(crate) fn synthetic_recurrent_state(n: i32) -> Vec<u8> {
+    let mut b = head();
+    synthetic_recurrent(&mut b, Some(n - 1), 2, &[12, 12], &[40, 40]);
     b
 }
 
@@ -162,7 +167,8 @@ fn single_stream_form_round_trips_through_reframing() {
     shape4.reframe_for_import(&mut back).unwrap();
     assert_eq!(back.len(), multi.len());
     let parsed = parse::parse(&back, PLAIN).unwrap();
-    assert_eq!((parsed.full.n_stream, parsed.full.stream), (4, 0));
+    let full = parsed.full.unwrap();
+    assert_eq!((full.n_stream, full.stream), (4, 0));
 }
 
 #[test]
@@ -255,7 +261,11 @@ fn an_iswa_state_round_trips_through_the_wire_form_and_reframing() {
     let parsed = parse::parse(&back, PLAIN).unwrap();
     let window = parsed.window.unwrap();
     assert_eq!(
-        (parsed.full.n_stream, window.n_stream, window.cell_count),
+        (
+            parsed.full.unwrap().n_stream,
+            window.n_stream,
+            window.cell_count
+        ),
         (4, 4, w as u32)
     );
     assert_eq!(to_single_stream(back).unwrap().0, single);

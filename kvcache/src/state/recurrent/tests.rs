@@ -1,7 +1,9 @@
 //! A hybrid model's state: the recurrent section parsed, checked, carried through the wire form,
 //! re-framing and V translation unchanged, and every malformed variant refused before llama.cpp.
 
-use super::super::tests::{synthetic_hybrid, synthetic_recurrent, synthetic_state};
+use super::super::tests::{
+    synthetic_hybrid, synthetic_recurrent, synthetic_recurrent_state, synthetic_state,
+};
 use super::super::{Caches, StateShape, to_single_stream};
 use crate::error::KvError;
 
@@ -119,6 +121,39 @@ fn a_recurrent_section_that_llama_cpp_would_choke_on_is_refused() {
     );
 }
 
+#[test]
+fn a_purely_recurrent_state_is_its_section_alone() {
+    let state = synthetic_recurrent_state(30);
+    let shape = StateShape::calibrate(&state).unwrap();
+    assert!(!shape.has_attention() && shape.window.is_none());
+    assert_eq!(shape.recurrent.as_ref().unwrap().r.len(), 2);
+    assert_eq!((shape.bytes_per_token(), shape.cells_for(30)), (0, 0));
+    // Nothing to move or re-frame: every form is the state itself.
+    let (single, info) = to_single_stream(state.clone()).unwrap();
+    assert_eq!((single.as_slice(), info.cell_count), (state.as_slice(), 0));
+    assert_eq!(shape.check(&state, 30).unwrap().cell_count, 0);
+    let mut back = state.clone();
+    shape.reframe_for_import(&mut back).unwrap();
+    assert_eq!(back, state);
+    assert_eq!(shape.match_v_layout(state.clone()).unwrap(), state);
+    let caches = Caches::split(&state, shape.form()).unwrap();
+    assert_eq!(caches.full.len(), 8, "the head alone");
+    assert_eq!(caches.join(), state);
+    // The state of another prompt length, of a hybrid model, or of an attention model is refused.
+    assert!(matches!(
+        shape.check(&state, 31),
+        Err(KvError::MalformedState(_))
+    ));
+    assert!(shape.check(&synthetic_hybrid(1, 0, 30, false), 30).is_err());
+    assert!(
+        shape
+            .check(&synthetic_state(1, 0, &cells(30), false), 30)
+            .is_err()
+    );
+    let hybrid = StateShape::calibrate(&synthetic_hybrid(1, 0, 3, false)).unwrap();
+    assert!(hybrid.check(&state, 30).is_err());
+}
+
 proptest::proptest! {
     #[test]
     fn mutated_hybrid_states_never_panic(at in 0usize..400, val in proptest::prelude::any::<u8>(), v_trans in proptest::prelude::any::<bool>()) {
@@ -133,6 +168,20 @@ proptest::proptest! {
             let _ = Caches::split(&single, shape.form()).map(Caches::join);
             let other = StateShape { v_trans: !v_trans, ..shape.clone() };
             let _ = other.match_v_layout(single.clone());
+            let _ = shape.reframe_for_import(&mut single);
+        }
+    }
+
+    #[test]
+    fn mutated_recurrent_states_never_panic(at in 0usize..200, val in proptest::prelude::any::<u8>()) {
+        let shape = StateShape::calibrate(&synthetic_recurrent_state(1)).unwrap_or_else(|e| panic!("{e}"));
+        let mut bad = synthetic_recurrent_state(5);
+        let i = at % bad.len();
+        bad[i] = val;
+        let _ = StateShape::calibrate(&bad);
+        let _ = shape.check(&bad, 5);
+        let _ = Caches::split(&bad, shape.form()).map(Caches::join);
+        if let Ok((mut single, _)) = to_single_stream(bad) {
             let _ = shape.reframe_for_import(&mut single);
         }
     }

@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
-"""Writes a tiny random-weight hybrid model (llama.cpp architecture "jamba": Mamba layers and
-attention layers) with the default model's tokenizer, for the hybrid-state tests. No hybrid GGUF
-small enough for CI is published on the package registry, and the tests need the state layout,
-not good text: the weights are random (seeded, so the file is the same bytes every time).
+"""Writes a tiny random-weight model with the default model's tokenizer, for the state-layout
+tests of the architectures no small GGUF on the package registry covers: a hybrid (llama.cpp's
+"jamba": Mamba layers and attention layers) and a purely recurrent one ("mamba"). The tests need
+the state layout, not good text: the weights are random (seeded, so the file is the same bytes
+every time).
 
-usage: tiny_hybrid.py TOKENIZER_SOURCE.gguf OUT.gguf
+usage: tiny_models.py jamba|mamba TOKENIZER_SOURCE.gguf OUT.gguf
 
-Standard library only. Four layers: Mamba, attention, Mamba, attention (a layer with no KV heads is
-a Mamba layer); 64-wide embeddings, a 128-wide SSM with a 16-wide state and a 4-wide convolution,
-4 query heads and 2 KV heads; the token embedding in F16 (tied to the output), the rest in F32.
-Shapes are those llama.cpp's loader asks of a Jamba model (src/models/jamba.cpp).
+Standard library only. jamba: four layers, Mamba, attention, Mamba, attention (a layer with no KV
+heads is a Mamba layer), 4 query heads and 2 KV heads, a feed-forward block in each; mamba: two
+Mamba layers and nothing else. Both: 64-wide embeddings, a 128-wide SSM with a 16-wide state and a
+4-wide convolution; the token embedding in F16 (tied to the output), the rest in F32. Shapes are
+those llama.cpp's loader asks of these architectures (src/models/jamba.cpp, mamba.cpp).
 """
 import math
 import random
 import struct
 import sys
 
-ARCH = "jamba"
 N_EMBD, D_INNER, D_STATE, D_CONV, DT_RANK = 64, 128, 16, 4, 4
 N_HEAD, N_HEAD_KV, N_FF, N_CTX = 4, 2, 128, 2048
-ATTENTION = [False, True, False, True]
+# Per layer: True for attention, False for Mamba.
+LAYERS = {"jamba": [False, True, False, True], "mamba": [False, False]}
 ALIGN = 32
 F32, F16 = 0, 1
 U32, F32_KV, STRING, ARRAY = 4, 6, 8, 9
@@ -87,7 +89,7 @@ def kv(key, t, value):
     return gguf_string(key) + struct.pack("<I", t) + value
 
 
-def tensors(rng, n_vocab):
+def tensors(arch, rng, n_vocab):
     """(name, ggml dims with ne0 first, ggml type, values) of every tensor."""
     normal = lambda sd, n: [rng.gauss(0.0, sd) for _ in range(n)]  # noqa: E731
     ones = lambda n: [1.0] * n  # noqa: E731
@@ -95,7 +97,7 @@ def tensors(rng, n_vocab):
         ("token_embd.weight", [N_EMBD, n_vocab], F16, normal(0.5, N_EMBD * n_vocab)),
         ("output_norm.weight", [N_EMBD], F32, ones(N_EMBD)),
     ]
-    for i, attention in enumerate(ATTENTION):
+    for i, attention in enumerate(LAYERS[arch]):
         b = f"blk.{i}."
         out.append((b + "attn_norm.weight", [N_EMBD], F32, ones(N_EMBD)))
         if attention:
@@ -117,6 +119,11 @@ def tensors(rng, n_vocab):
                 (b + "ssm_a", [D_STATE, D_INNER], F32, [-(j % D_STATE + 1.0) for j in range(D_STATE * D_INNER)]),
                 (b + "ssm_d", [D_INNER], F32, ones(D_INNER)),
                 (b + "ssm_out.weight", [D_INNER, N_EMBD], F32, normal(0.1, D_INNER * N_EMBD)),
+            ]
+        if arch == "mamba":
+            continue
+        if not attention:
+            out += [
                 (b + "ssm_dt_norm.weight", [DT_RANK], F32, ones(DT_RANK)),
                 (b + "ssm_b_norm.weight", [D_STATE], F32, ones(D_STATE)),
                 (b + "ssm_c_norm.weight", [D_STATE], F32, ones(D_STATE)),
@@ -131,28 +138,39 @@ def tensors(rng, n_vocab):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) != 4 or sys.argv[1] not in LAYERS:
         sys.exit(__doc__)
-    source, dest = sys.argv[1], sys.argv[2]
+    arch, source, dest = sys.argv[1:]
+    layers = LAYERS[arch]
     tokenizer, n_vocab = read_tokenizer(source)
+    u32 = lambda v: struct.pack("<I", v)  # noqa: E731
     meta = [
-        kv("general.architecture", STRING, gguf_string(ARCH)),
-        kv("general.name", STRING, gguf_string("tiny-random-jamba")),
-        kv("general.file_type", U32, struct.pack("<I", 1)),
-        kv(f"{ARCH}.context_length", U32, struct.pack("<I", N_CTX)),
-        kv(f"{ARCH}.embedding_length", U32, struct.pack("<I", N_EMBD)),
-        kv(f"{ARCH}.block_count", U32, struct.pack("<I", len(ATTENTION))),
-        kv(f"{ARCH}.feed_forward_length", U32, struct.pack("<I", N_FF)),
-        kv(f"{ARCH}.attention.head_count", U32, struct.pack("<I", N_HEAD)),
-        kv(f"{ARCH}.attention.head_count_kv", ARRAY,
-           struct.pack("<IQ", U32, len(ATTENTION)) + b"".join(struct.pack("<I", N_HEAD_KV if a else 0) for a in ATTENTION)),
-        kv(f"{ARCH}.attention.layer_norm_rms_epsilon", F32_KV, struct.pack("<f", 1e-5)),
-        kv(f"{ARCH}.ssm.conv_kernel", U32, struct.pack("<I", D_CONV)),
-        kv(f"{ARCH}.ssm.inner_size", U32, struct.pack("<I", D_INNER)),
-        kv(f"{ARCH}.ssm.state_size", U32, struct.pack("<I", D_STATE)),
-        kv(f"{ARCH}.ssm.time_step_rank", U32, struct.pack("<I", DT_RANK)),
-    ] + tokenizer
-    all_tensors = tensors(random.Random(1234), n_vocab)
+        kv("general.architecture", STRING, gguf_string(arch)),
+        kv("general.name", STRING, gguf_string(f"tiny-random-{arch}")),
+        kv("general.file_type", U32, u32(1)),
+        kv(f"{arch}.context_length", U32, u32(N_CTX)),
+        kv(f"{arch}.embedding_length", U32, u32(N_EMBD)),
+        kv(f"{arch}.block_count", U32, u32(len(layers))),
+        kv(f"{arch}.attention.layer_norm_rms_epsilon", F32_KV, struct.pack("<f", 1e-5)),
+        kv(f"{arch}.ssm.conv_kernel", U32, u32(D_CONV)),
+        kv(f"{arch}.ssm.inner_size", U32, u32(D_INNER)),
+        kv(f"{arch}.ssm.state_size", U32, u32(D_STATE)),
+        kv(f"{arch}.ssm.time_step_rank", U32, u32(DT_RANK)),
+    ]
+    if arch == "jamba":
+        heads_kv = b"".join(u32(N_HEAD_KV if a else 0) for a in layers)
+        meta += [
+            kv(f"{arch}.feed_forward_length", U32, u32(N_FF)),
+            kv(f"{arch}.attention.head_count", U32, u32(N_HEAD)),
+            kv(f"{arch}.attention.head_count_kv", ARRAY, struct.pack("<IQ", U32, len(layers)) + heads_kv),
+        ]
+    else:
+        meta += [
+            kv(f"{arch}.feed_forward_length", U32, u32(0)),
+            kv(f"{arch}.attention.head_count", U32, u32(0)),
+        ]
+    meta += tokenizer
+    all_tensors = tensors(arch, random.Random(1234), n_vocab)
     infos, blobs, offset = [], [], 0
     for name, dims, ggml_type, values in all_tensors:
         blob = struct.pack(f"<{len(values)}{'e' if ggml_type == F16 else 'f'}", *values)
