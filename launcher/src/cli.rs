@@ -119,7 +119,7 @@ pub struct ClusterInitArgs {
 }
 
 /// The model and KV cache a node runs with (`node` and `profile`).
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct EngineArgs {
     /// GGUF model (nodes that hand requests to each other run the same file): a path, or a Hugging Face
     /// name `org/repo:TAG` taken from the hub's cache or fetched into it (`exo-router pull`).
@@ -233,7 +233,7 @@ pub struct ServeArgs {
 }
 
 /// `exo-router node`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct NodeArgs {
     /// What this node does: prefill, decode or both.
     #[arg(long, env = "EXO_ROLE")]
@@ -249,6 +249,12 @@ pub struct NodeArgs {
     /// same file may connect, and every link is encrypted.
     #[arg(long, env = "EXO_CLUSTER")]
     pub cluster: Option<PathBuf>,
+    /// Another model this process serves as well, as its own node (named NAME-<file stem>, on
+    /// the next port, with the same role, slots and KV settings, and an equal share of the CPU
+    /// threads); repeat for more. Refused at start when the models and their KV caches do not
+    /// fit the memory the machine has available.
+    #[arg(long = "also-model", value_name = "MODEL")]
+    pub also_models: Vec<PathBuf>,
     /// When the `--model` file is missing here, fetch it first from the node at this RPC
     /// address (the same model, checked against its fingerprint; over the cluster link).
     #[arg(long, value_name = "ADDR", env = "EXO_MODEL_FROM")]

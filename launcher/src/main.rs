@@ -5,6 +5,7 @@
 mod cli;
 mod hub;
 mod lan;
+mod node_cmd;
 mod output;
 mod status;
 
@@ -16,14 +17,12 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use exo_engine::Model;
 use exo_node::measure::MeasurePlan;
-use exo_node::{NodeOptions, spawn_node};
 use exo_router::placement::{PlacementMode, RequestShape};
 use exo_router::profile::Profile;
 use exo_router::simulate::Workload;
 
 use cli::{
-    Cli, ClusterCommand, ClusterInitArgs, Command, NodeArgs, PlanArgs, ProfileArgs, ServeArgs,
-    SimulateArgs,
+    Cli, ClusterCommand, ClusterInitArgs, Command, PlanArgs, ProfileArgs, ServeArgs, SimulateArgs,
 };
 use exo_protocol::LinkSecurity;
 
@@ -83,7 +82,8 @@ fn run() -> Result<()> {
                 ))?;
             }
             args.engine.model = rt.block_on(hub_model(&args.engine.model))?;
-            rt.block_on(node(args))
+            rt.block_on(node_cmd::resolve_also_models(&mut args))?;
+            rt.block_on(node_cmd::node(args))
         }
         Command::Profile(mut args) => {
             args.engine.model = rt.block_on(hub_model(&args.engine.model))?;
@@ -419,74 +419,5 @@ async fn serve_node_metrics(addr: std::net::SocketAddr) -> Result<()> {
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
     eprintln!("metrics at http://{addr}/metrics");
-    Ok(())
-}
-
-/// The node's listen address: as given, else every interface with a cluster file and loopback
-/// without one. A node reachable from other machines without a cluster file gets a warning.
-fn node_listen(args: &NodeArgs, security: &LinkSecurity) -> std::net::SocketAddr {
-    let default_ip = if security.is_tls() {
-        [0, 0, 0, 0]
-    } else {
-        [127, 0, 0, 1]
-    };
-    let listen = args
-        .listen
-        .unwrap_or_else(|| (default_ip, exo_router::profile::DEFAULT_NODE_PORT).into());
-    if !security.is_tls() && !listen.ip().is_loopback() {
-        eprintln!(
-            "WARNING: this node listens on {listen}, reachable from other machines, without a cluster file:\n\
-             WARNING: anyone who reaches it can run prompts, push KV caches and read other requests'\n\
-             WARNING: output. Start it with --cluster FILE (`exo-router cluster init`; docs/security.md)."
-        );
-    }
-    listen
-}
-
-async fn node(args: NodeArgs) -> Result<()> {
-    let security = LinkSecurity::from_cluster_file(args.cluster.as_deref())?;
-    let listen = node_listen(&args, &security);
-    let model = load_model(&args.engine)?;
-    let slots = args.slots.unwrap_or(args.role.default_slots());
-    let name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
-    let options = NodeOptions {
-        name: name.clone(),
-        role: args.role,
-        layout: args.engine.layout(slots),
-        chunks_in_flight: args.chunks_in_flight,
-        handoff_pieces: args.handoff_pieces,
-        transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
-        threads: args.engine.threads,
-        security: security.clone(),
-        perf: lan::measured_perf(&args, &model, slots).await?,
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (bound, server) = spawn_node(Arc::clone(&model), &options, listen, async move {
-        let _ = stop_rx.await;
-    })
-    .await?;
-    if let Some(addr) = args.metrics_listen {
-        serve_node_metrics(addr).await?;
-    }
-    let announcer = lan::announce(&server, bound, &security, &args, &host_name());
-    if announcer.is_some() {
-        println!("announced on the LAN as {name} (mDNS; --no-announce to stay off it)");
-    }
-    // The address is the line's last word: scripts and tests read it from there.
-    println!(
-        "exo-router node {name} ({}, {}) listening on {bound}",
-        args.role,
-        security.describe()
-    );
-    let signal = stop_signal().await?;
-    // The goodbye first: routers place nothing more here while the requests held finish.
-    drop(announcer);
-    eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);
-    let left = server.drain(Duration::from_secs(args.drain_timeout)).await;
-    eprintln!("stopped with {left} requests unfinished");
-    let _ = stop_tx.send(());
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! Gemma and the default model side by side, each request on the nodes of the model it names
 //! (the API, the cluster view and the page's model picker); and a hybrid model (attention and
 //! Mamba layers, `scripts/fetch-model hybrid`) and a purely recurrent one (`recurrent`) served
-//! split exactly as colocated.
+//! split exactly as colocated; and one node process holding two models (`--also-model`), each
+//! served to a router as a node of its own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -420,4 +421,69 @@ async fn served_split_as_colocated(file: &str, fetch: &str) -> u64 {
     assert_ne!(a.text, b.text);
     eprintln!("{name}, split == colocated: {:?} / {:?}", a.text, b.text);
     pieces
+}
+
+/// One `exo-router node` process with the default model and `--also-model` the tiny hybrid: two
+/// nodes (the second named after its model, on its own port), which a
+/// router lists by address and serves each model's requests on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_process_holds_two_models() {
+    let smol = exo_test_support::model_path();
+    let jamba = root().join(HYBRID);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_exo-router"));
+    cmd.args(["node", "--role", "both", "--name", "box", "--slots", "2"])
+        .args(["--listen", "127.0.0.1:0", "--no-announce", "--threads", "2"])
+        .arg("--model")
+        .arg(&smol)
+        .arg("--also-model")
+        .arg(&jamba);
+    let (_node, lines) = common::procs::spawn_command_lines(cmd, "listening on", 2);
+    assert!(lines[0].contains("node box (both, SmolLM2"), "{lines:?}");
+    assert!(
+        lines[1].contains("node box-tiny-jamba (both, tiny-jamba"),
+        "{lines:?}"
+    );
+    let addr = |i: usize| common::procs::last_word(&lines[i]);
+    let text = format!(
+        "model = \"{}\"\nplacement = \"colocated\"\n[[nodes]]\nname = \"box\"\naddress = \"{}\"\nrole = \"both\"\nslots = 2\n[[nodes]]\nname = \"box-tiny-jamba\"\naddress = \"{}\"\nrole = \"both\"\nslots = 2\n",
+        smol.display(),
+        addr(0),
+        addr(1)
+    );
+    let profile = Profile::parse(&text, Path::new("one-box.toml")).unwrap();
+    let server = exo_launcher::start(&profile, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let models = reqwest::get(format!("http://{}/v1/models", server.addr))
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["SmolLM2-135M-Instruct.Q4_1", "tiny-jamba"],
+        "{models}"
+    );
+    for (model, node) in [
+        ("SmolLM2-135M-Instruct.Q4_1", "box"),
+        ("tiny-jamba", "box-tiny-jamba"),
+    ] {
+        let body = json!({
+            "model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+        });
+        let a = post(server.addr, "/v1/completions", &body).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(
+            (a.prefill_node.as_str(), a.body["model"].as_str()),
+            (node, Some(model))
+        );
+    }
+    server.shutdown().await;
 }

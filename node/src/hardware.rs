@@ -134,8 +134,18 @@ impl HardwareReport {
 
 /// Total memory from `/proc/meminfo`, in bytes.
 pub fn os_memory() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// Memory available to a new process from `/proc/meminfo` (free memory and the caches the kernel
+/// can reclaim), in bytes.
+pub fn os_available_memory() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+fn meminfo(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

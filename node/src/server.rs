@@ -137,6 +137,19 @@ impl NodeServer {
         &self.info
     }
 
+    /// The most bytes its context's cache holds: a whole sequence (the per-sequence context) in
+    /// each slot.
+    pub fn kv_capacity_bytes(&self) -> u64 {
+        let layout = self.ctx.config().layout;
+        let window = self.ctx.model().sliding_window();
+        let per_seq = self
+            .ctx
+            .shape()
+            .max_state_len(layout.n_ctx_seq as usize, window)
+            .unwrap_or(usize::MAX);
+        (per_seq as u64).saturating_mul(u64::from(layout.n_seq_max))
+    }
+
     /// Drains the node for shutdown: takes no new prompt, reports itself out of service in
     /// `hello` (so the router places nothing more here), and waits until the requests it holds
     /// (prompts running or queued, transfers, generations) are done, or `deadline` passes. Returns

@@ -31,7 +31,13 @@ pub fn spawn_logged(args: &[&str], marker: &str, stderr: Stdio) -> (Proc, String
 /// Starts `cmd` (quiet logs, stdout piped) and returns it with its first stdout line containing
 /// `marker`. `EXO_TEST_LOG` sets the processes' `RUST_LOG` (e.g. `info` to follow a request id
 /// through every process of a failing test); warnings only by default.
-pub fn spawn_command(mut cmd: Command, marker: &str) -> (Proc, String) {
+pub fn spawn_command(cmd: Command, marker: &str) -> (Proc, String) {
+    let (proc, mut lines) = spawn_command_lines(cmd, marker, 1);
+    (proc, lines.remove(0))
+}
+
+/// [`spawn_command`] that waits for the first `n` stdout lines containing `marker`.
+pub fn spawn_command_lines(mut cmd: Command, marker: &str, n: usize) -> (Proc, Vec<String>) {
     let log = std::env::var("EXO_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let mut child = cmd
         .env("RUST_LOG", log)
@@ -41,12 +47,20 @@ pub fn spawn_command(mut cmd: Command, marker: &str) -> (Proc, String) {
     let stdout = child.stdout.take().unwrap();
     let proc = Proc(child);
     let mut lines = BufReader::new(stdout).lines();
-    let line = lines
-        .find_map(|l| l.ok().filter(|l| l.contains(marker)))
-        .unwrap_or_else(|| panic!("no {marker:?} from {cmd:?}"));
+    let found: Vec<String> = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .filter(|l| l.contains(marker))
+        .take(n)
+        .collect();
+    assert_eq!(
+        found.len(),
+        n,
+        "{n} {marker:?} lines from {cmd:?}: {found:?}"
+    );
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    (proc, line)
+    (proc, found)
 }
 
 /// Runs `ip ARGS` (network namespaces and links); true if it succeeded.

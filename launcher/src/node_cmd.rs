@@ -1,0 +1,253 @@
+//! `exo-router node`: the node daemon. One node serves the `--model`; each `--also-model` is one more
+//! node in the same process (its own name, port, engine context and share of the CPU threads), so
+//! one machine can offer several models when its memory holds them all. Routers see each as a
+//! node of its own (announced on the LAN, or listed in a profile by its address).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use exo_engine::Model;
+use exo_node::{NodeOptions, NodeServer, spawn_node};
+use exo_protocol::LinkSecurity;
+
+use crate::cli::NodeArgs;
+use crate::{host_name, lan, load_model, serve_node_metrics, stop_signal};
+
+/// One node of this process, serving.
+struct Served {
+    name: String,
+    server: NodeServer,
+    /// Its mDNS announcement (dropped on stop: the goodbye).
+    announcer: Option<exo_protocol::discovery::Announcer>,
+}
+
+/// Runs the node(s) until SIGINT or SIGTERM, then drains them (up to `--drain-timeout`).
+pub async fn node(args: NodeArgs) -> Result<()> {
+    let security = LinkSecurity::from_cluster_file(args.cluster.as_deref())?;
+    let listen = node_listen(&args, &security);
+    let paths: Vec<PathBuf> = std::iter::once(args.engine.model.clone())
+        .chain(args.also_models.iter().cloned())
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let threads = thread_share(args.engine.threads, cores, paths.len());
+    let mut models = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let mut engine = args.engine.clone();
+        engine.model.clone_from(path);
+        models.push(load_model(&engine)?);
+    }
+    let slots = args.slots.unwrap_or(args.role.default_slots());
+    let available = exo_node::hardware::os_available_memory();
+    if models.len() > 1 {
+        let weights: Vec<(String, u64)> = models.iter().map(|m| resident_weights(m)).collect();
+        check_memory(&weights, 0, available)?;
+    }
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut served = Vec::with_capacity(models.len());
+    let mut kv_bytes = 0u64;
+    for (i, model) in models.iter().enumerate() {
+        let mut node_args = args.clone();
+        node_args.engine.model.clone_from(&paths[i]);
+        node_args.engine.threads = threads;
+        let node_name = if i == 0 {
+            name.clone()
+        } else {
+            format!("{name}-{}", model.name())
+        };
+        let options = NodeOptions {
+            name: node_name.clone(),
+            role: args.role,
+            layout: args.engine.layout(slots),
+            chunks_in_flight: args.chunks_in_flight,
+            handoff_pieces: args.handoff_pieces,
+            transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
+            threads,
+            security: security.clone(),
+            perf: lan::measured_perf(&node_args, model, slots).await?,
+        };
+        let port = if listen.port() == 0 {
+            0
+        } else {
+            listen.port().saturating_add(i as u16)
+        };
+        let mut stop = stop_rx.clone();
+        let (bound, server) = spawn_node(
+            Arc::clone(model),
+            &options,
+            SocketAddr::new(listen.ip(), port),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
+        .await
+        .with_context(|| format!("starting node {node_name}"))?;
+        kv_bytes = kv_bytes.saturating_add(server.kv_capacity_bytes());
+        let announcer = lan::announce(&server, bound, &security, &node_args, &host_name());
+        if announcer.is_some() {
+            println!("announced on the LAN as {node_name} (mDNS; --no-announce to stay off it)");
+        }
+        // The address is the line's last word: scripts and tests read it from there.
+        println!(
+            "exo-router node {node_name} ({}, {}, {}) listening on {bound}",
+            args.role,
+            model.name(),
+            security.describe()
+        );
+        served.push(Served {
+            name: node_name,
+            server,
+            announcer,
+        });
+    }
+    if models.len() > 1 {
+        let weights: Vec<(String, u64)> = models.iter().map(|m| resident_weights(m)).collect();
+        check_memory(&weights, kv_bytes, available)?;
+    }
+    if let Some(addr) = args.metrics_listen {
+        serve_node_metrics(addr).await?;
+    }
+    let signal = stop_signal().await?;
+    // The goodbyes first: routers place nothing more here while the requests held finish.
+    for s in &mut served {
+        drop(s.announcer.take());
+    }
+    eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);
+    let deadline = Duration::from_secs(args.drain_timeout);
+    let left = futures::future::join_all(served.iter().map(|s| s.server.drain(deadline))).await;
+    for (s, left) in served.iter().zip(&left) {
+        if served.len() > 1 {
+            eprintln!("{}: {left} requests unfinished", s.name);
+        }
+    }
+    eprintln!(
+        "stopped with {} requests unfinished",
+        left.iter().sum::<usize>()
+    );
+    let _ = stop_tx.send(true);
+    Ok(())
+}
+
+/// The node's listen address: as given, else every interface with a cluster file and loopback
+/// without one. A node reachable from other machines without a cluster file gets a warning.
+fn node_listen(args: &NodeArgs, security: &LinkSecurity) -> SocketAddr {
+    let default_ip = if security.is_tls() {
+        [0, 0, 0, 0]
+    } else {
+        [127, 0, 0, 1]
+    };
+    let listen = args
+        .listen
+        .unwrap_or_else(|| (default_ip, exo_router::profile::DEFAULT_NODE_PORT).into());
+    if !security.is_tls() && !listen.ip().is_loopback() {
+        eprintln!(
+            "WARNING: this node listens on {listen}, reachable from other machines, without a cluster file:\n\
+             WARNING: anyone who reaches it can run prompts, push KV caches and read other requests'\n\
+             WARNING: output. Start it with --cluster FILE (`exo-router cluster init`; docs/security.md)."
+        );
+    }
+    listen
+}
+
+/// Each of `models` engines' CPU threads: an equal share of `threads` (0: every one of the
+/// machine's `cores`), at least one, so engines in one process do not oversubscribe the cores.
+/// A single model keeps `threads` as given.
+fn thread_share(threads: u32, cores: u32, models: usize) -> u32 {
+    if models <= 1 {
+        return threads;
+    }
+    let budget = if threads == 0 { cores } else { threads };
+    (budget / u32::try_from(models).unwrap_or(u32::MAX)).max(1)
+}
+
+/// A model's name and the bytes of its weights held in host memory: its file, less the share of
+/// its layers offloaded to a GPU.
+fn resident_weights(model: &Model) -> (String, u64) {
+    let file = std::fs::metadata(model.path()).map_or(0, |m| m.len());
+    let offload = model.offload();
+    let on_cpu = offload.n_layer.saturating_sub(offload.gpu_layers);
+    let share = f64::from(on_cpu) / f64::from(offload.n_layer.max(1));
+    (model.name().to_string(), (file as f64 * share) as u64)
+}
+
+/// Refuses models whose weights (`weights`: name and bytes in host memory) and KV caches
+/// (`kv_bytes`) together take more than the memory `available` (nothing is refused when the OS
+/// does not say).
+fn check_memory(weights: &[(String, u64)], kv_bytes: u64, available: Option<u64>) -> Result<()> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let total = weights
+        .iter()
+        .map(|(_, b)| *b)
+        .fold(kv_bytes, u64::saturating_add);
+    if total <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    let list: Vec<String> = weights
+        .iter()
+        .map(|(n, b)| format!("{n} {:.1} GiB", gib(*b)))
+        .collect();
+    bail!(
+        "these models do not fit this machine's memory: {}{} need {:.1} GiB, {:.1} GiB is \
+         available; serve fewer models here (drop an --also-model), fewer --slots or a shorter \
+         --n-ctx-seq",
+        list.join(", "),
+        if kv_bytes > 0 {
+            format!(" and their KV caches {:.1} GiB", gib(kv_bytes))
+        } else {
+            String::new()
+        },
+        gib(total),
+        gib(available)
+    )
+}
+
+/// Resolves the `--also-model` names and paths like `--model`'s.
+pub async fn resolve_also_models(args: &mut NodeArgs) -> Result<()> {
+    for m in &mut args.also_models {
+        *m = crate::hub_model(m).await?;
+        if !Path::new(m).is_file() {
+            bail!("--also-model {}: no such file", m.display());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_memory, thread_share};
+
+    #[test]
+    fn engines_of_one_process_share_the_threads() {
+        assert_eq!(thread_share(0, 16, 1), 0, "one model: llama.cpp's default");
+        assert_eq!(thread_share(6, 16, 1), 6);
+        assert_eq!(thread_share(0, 16, 2), 8);
+        assert_eq!(thread_share(6, 16, 4), 1);
+        assert_eq!(thread_share(0, 2, 3), 1, "at least one each");
+    }
+
+    #[test]
+    fn models_that_do_not_fit_are_refused_by_name() {
+        let gib = 1u64 << 30;
+        let two = [("a".to_string(), 3 * gib), ("b".to_string(), 4 * gib)];
+        assert!(check_memory(&two, 0, Some(8 * gib)).is_ok());
+        assert!(check_memory(&two, 0, None).is_ok(), "nothing to go by");
+        let Err(e) = check_memory(&two, 2 * gib, Some(8 * gib)) else {
+            panic!("9 GiB fit in 8");
+        };
+        let e = e.to_string();
+        assert!(e.contains("a 3.0 GiB, b 4.0 GiB"), "{e}");
+        assert!(
+            e.contains("KV caches 2.0 GiB") && e.contains("9.0 GiB"),
+            "{e}"
+        );
+    }
+}
