@@ -325,21 +325,21 @@ async fn sigterm_drains_a_stream_in_flight_before_stopping() {
     let _ = std::fs::remove_dir_all(&profile_dir);
 }
 
-/// At least 200 KV transfers through a link that refuses and cuts connections at random (a
-/// seeded proxy in front of the decode node: one connection in four refused, every other one cut
-/// after a random number of client bytes below 16 MiB, which a transfer of about 0.9 MB reaches
-/// every few transfers). Every request is answered or fails with a clear error inside 30 s,
+/// At least 200 KV transfers through a link that refuses, stalls and cuts connections at random (a
+/// seeded proxy in front of the decode node: one connection in four refused, one in four of the
+/// others stalled, every other one cut after a random number of client bytes below 16 MiB, which a
+/// transfer of about 0.9 MB reaches every few transfers). Every request is answered or fails with a clear error inside 30 s,
 /// no process dies, and once the load stops nothing is stranded: no decode slot in use or
 /// reserved, no transfer pending, no received bytes held, no request in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_through_a_faulty_link_strand_nothing() {
     let (p_metrics, d_metrics) = (free_addr(), free_addr());
-    // Stalls among the faults: EXO_CHAOS_STALLS=N stalls one in N of the connections not refused
-    // (docs/reliability.md: off in the test run for now).
+    // Stalls among the faults: one in EXO_CHAOS_STALLS (default 4; 0: none) of the connections
+    // not refused.
     let stall_one_in = std::env::var("EXO_CHAOS_STALLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(4);
     let fault = Fault::Chaos {
         refuse_one_in: 4,
         stall_one_in,

@@ -314,7 +314,7 @@ async fn a_node_fetches_its_model_from_a_peer() {
     let bytes = std::fs::read(&model).unwrap();
     let peer_model = model.display().to_string();
     let (peer, addr) = tokio::task::spawn_blocking(move || {
-        common::procs::spawn_node(&peer_model, "decode", "peer", &["--no-announce"])
+        common::procs::spawn_node(&peer_model, "decode", "peer", &[])
     })
     .await
     .unwrap();
@@ -354,12 +354,7 @@ async fn a_node_fetches_its_model_from_a_peer() {
     // A node started with a missing model and --model-from fetches it, then serves.
     let fresh = dir.join("node.gguf").display().to_string();
     let (node, line) = tokio::task::spawn_blocking(move || {
-        common::procs::spawn_node(
-            &fresh,
-            "decode",
-            "fetcher",
-            &["--no-announce", "--model-from", &addr],
-        )
+        common::procs::spawn_node(&fresh, "decode", "fetcher", &["--model-from", &addr])
     })
     .await
     .unwrap();

@@ -111,7 +111,16 @@ async fn a_split_over_a_shaped_link_answers_like_colocated() {
     let model = model_path().display().to_string();
     let node = |role: &str, addr: &str| {
         let ns = if role == "decode" { &d_ns } else { &p_ns };
-        let args = ["node", "--role", role, "--model", &model, "--threads", "1"];
+        let args = [
+            "node",
+            "--role",
+            role,
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--no-announce",
+        ];
         spawn_in(
             ns,
             &[&args[..], &["--name", role, "--listen", addr]].concat(),

@@ -104,6 +104,9 @@ pub fn spawn_node_logged(
         model,
         "--listen",
         "127.0.0.1:0",
+        // Test nodes stay off the LAN: a router that browses it (the discovery test, another
+        // copy of the suite) must not find them.
+        "--no-announce",
     ];
     args.extend_from_slice(extra);
     let (proc, line) = spawn_logged(&args, "listening on", stderr);
