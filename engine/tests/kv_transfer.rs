@@ -5,10 +5,10 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use exo_engine::{ChatMessage, ContextHandle, EngineError, ExportedKv};
+use exo_engine::{ChatMessage, ContextHandle, EngineError};
 use exo_kvcache::{
-    Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvError, KvHeader,
-    KvLayout, KvType, ModelFingerprint, TransferFrames, source_seq,
+    Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvError, KvLayout, KvType,
+    ModelFingerprint, source_seq,
 };
 use exo_sampling::SamplingParams;
 
@@ -18,7 +18,7 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-use exo_test_support::model;
+use exo_test_support::{frames, model, receive};
 
 fn context(n_seq_max: u32, flash_attn: bool, kv: KvType) -> ContextHandle {
     let layout = KvLayout {
@@ -67,39 +67,6 @@ fn prompt(words: usize) -> Vec<i32> {
         .chat_prompt(&msgs, None)
         .unwrap_or_else(|e| panic!("{e}"));
     model().tokenize(&rendered, true)
-}
-
-/// Header, chunk and end frames of a transfer of `kv`, exported from `src`, claiming `layout`.
-fn frames(
-    src: &ContextHandle,
-    kv: &ExportedKv,
-    layout: KvLayout,
-    codec: Codec,
-    chunk: u32,
-) -> TransferFrames {
-    let seq = source_seq(&kv.state).unwrap_or_else(|e| panic!("{e}"));
-    let spec = KvHeader {
-        layout,
-        ..src.transfer_header(seq, kv.tokens.clone(), codec, chunk)
-    };
-    KvEncoder::whole(spec, &kv.state).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn receive(
-    ctx: &ContextHandle,
-    header: &[u8],
-    chunks: &[Vec<u8>],
-    end: &[u8],
-) -> Result<DecodedKv, KvError> {
-    let target = ImportTarget {
-        fingerprint: model().fingerprint(),
-        layout: ctx.config().layout,
-    };
-    let mut d = KvDecoder::new(header, &DecodeLimits::default(), &target)?;
-    for c in chunks {
-        d.push_chunk(c)?;
-    }
-    d.finish(end)
 }
 
 fn rt() -> tokio::runtime::Runtime {

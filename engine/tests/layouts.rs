@@ -14,11 +14,9 @@
 use std::sync::Arc;
 
 use exo_engine::{ContextConfig, ContextHandle, EngineError, Memory, Model, ModelOptions};
-use exo_kvcache::{
-    Codec, DecodeLimits, DecodedKv, ImportTarget, KvDecoder, KvEncoder, KvLayout, KvType,
-    source_seq,
-};
+use exo_kvcache::{Codec, DecodedKv, KvLayout, KvType};
 use exo_sampling::SamplingParams;
+use exo_test_support::{frames, receive};
 
 const GEMMA: &str = "models/gemma-3-270m-q4_k_m.gguf";
 const HYBRID: &str = "models/tiny-jamba.gguf";
@@ -70,7 +68,6 @@ fn greedy_and_seeded(penalty: f32) -> [SamplingParams; 2] {
 /// continues there: the same tokens, for each of `samplings`. Returns the state's bytes and the
 /// first sampling's continuation.
 async fn split_equals_colocated(
-    model: &Model,
     a: &ContextHandle,
     b: &ContextHandle,
     toks: &[i32],
@@ -86,7 +83,7 @@ async fn split_equals_colocated(
             .await
             .unwrap();
         assert!(reference.tokens.len() >= 8, "{reference:?}");
-        ship(model, a, b, &kv, 1).await.unwrap();
+        ship(a, b, &kv, 1).await.unwrap();
         let split = b
             .generate(1, pre.first_token, 0, sampling.clone())
             .await
@@ -122,39 +119,24 @@ fn long_prompt(model: &Model) -> Vec<i32> {
 
 /// Ships `kv` (exported from `src`'s sequence 0) through the frames into `dst`'s sequence `seq`.
 async fn ship(
-    model: &Model,
     src: &ContextHandle,
     dst: &ContextHandle,
     kv: &exo_engine::ExportedKv,
     seq: i32,
 ) -> Result<(), EngineError> {
-    dst.import(seq, receive(model, src, dst, kv)).await
+    dst.import(seq, through_frames(src, dst, kv)).await
 }
 
-/// `kv` (exported from `src`) through the frames, checked by `dst`'s decoder.
-fn receive(
-    model: &Model,
+/// `kv` (exported from `src`) through the frames (shuffle-lz4, 1 MiB chunks), checked by `dst`'s
+/// decoder.
+fn through_frames(
     src: &ContextHandle,
     dst: &ContextHandle,
     kv: &exo_engine::ExportedKv,
 ) -> DecodedKv {
-    let spec = src.transfer_header(
-        source_seq(&kv.state).unwrap(),
-        kv.tokens.clone(),
-        Codec::ShuffleLz4,
-        1 << 20,
-    );
-    let (h, c, e) = KvEncoder::whole(spec, &kv.state).unwrap_or_else(|e| panic!("{e}"));
-    let target = ImportTarget {
-        fingerprint: model.fingerprint(),
-        layout: dst.config().layout,
-    };
-    let limits = DecodeLimits::for_context(dst.shape(), 2048, model.sliding_window());
-    let mut d = KvDecoder::new(&h, &limits, &target).unwrap_or_else(|e| panic!("{e}"));
-    for chunk in &c {
-        d.push_chunk(chunk).unwrap_or_else(|e| panic!("{e}"));
-    }
-    d.finish(&e).unwrap_or_else(|e| panic!("{e}"))
+    let layout = src.config().layout;
+    let (h, c, e) = frames(src, kv, layout, Codec::ShuffleLz4, 1 << 20);
+    receive(dst, &h, &c, &e).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -175,7 +157,7 @@ fn a_sliding_window_cache_crosses_the_hand_off_exactly() {
         );
         let toks = long_prompt(&model);
         assert!(toks.len() > 700, "{} tokens", toks.len());
-        split_equals_colocated(&model, &a, &b, &toks, greedy_and_seeded(1.0)).await;
+        split_equals_colocated(&a, &b, &toks, greedy_and_seeded(1.0)).await;
     });
 }
 
@@ -211,7 +193,7 @@ async fn recurrent_state_crosses(model: Arc<Model>, attention_layers: usize) {
     // Random weights repeat one token; a penalty makes each step a choice the state decides.
     let [greedy, seeded] = greedy_and_seeded(3.0);
     let samplings = [greedy.clone(), seeded];
-    let (bytes, tokens) = split_equals_colocated(&model, &a, &b, &toks, samplings).await;
+    let (bytes, tokens) = split_equals_colocated(&a, &b, &toks, samplings).await;
     let attention = a.shape().bytes_per_token() as usize * toks.len();
     let section = rec.section_len().unwrap() as usize;
     assert!(bytes >= attention + section, "{bytes} bytes");
@@ -234,7 +216,7 @@ async fn recurrent_state_crosses(model: Arc<Model>, attention_layers: usize) {
     let fa = context(&model, 1, true);
     let pre = a.prefill(0, toks.clone(), greedy.clone()).await.unwrap();
     let kv = a.export(0).await.unwrap();
-    ship(&model, &a, &fa, &kv, 0).await.unwrap();
+    ship(&a, &fa, &kv, 0).await.unwrap();
     let there = fa.generate(0, pre.first_token, 0, greedy).await.unwrap();
     let same = there
         .tokens
@@ -249,12 +231,12 @@ async fn recurrent_state_crosses(model: Arc<Model>, attention_layers: usize) {
         .await
         .unwrap();
     let kv = a.export(0).await.unwrap();
-    let mut bad = receive(&model, &a, &b, &kv);
+    let mut bad = through_frames(&a, &b, &kv);
     let at = bad.state.len() - section;
     bad.state[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
     let refused = b.import(2, bad).await;
     assert!(matches!(refused, Err(EngineError::Kv(_))), "{refused:?}");
-    ship(&model, &a, &b, &kv, 2).await.unwrap();
+    ship(&a, &b, &kv, 2).await.unwrap();
     let pre = a.prefill(0, toks, SamplingParams::greedy(4)).await.unwrap();
     let after = b
         .generate(2, pre.first_token, 0, SamplingParams::greedy(4))
