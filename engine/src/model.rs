@@ -98,6 +98,11 @@ impl ChatMessage {
     }
 }
 
+/// Architectures whose per-sequence state holds a cache the KV hand-off does not parse: llama.cpp's
+/// sparse-attention hybrids write an indexer cache after the recurrent section, and DeepSeek 4
+/// keeps a cache of its own layout. Refused when the model loads, with their names.
+const UNSHIPPED_ARCHITECTURES: [&str; 3] = ["qwen4exp", "glm5-next", "deepseek4"];
+
 /// What a model keeps per sequence, by llama.cpp's own classification of its architecture; the
 /// state a context exports has these parts ([`exo_kvcache::StateShape`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +224,13 @@ impl Model {
         let architecture = llama
             .meta_val_str("general.architecture")
             .unwrap_or_else(|_| "unknown".into());
+        if UNSHIPPED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(load_err(format!(
+                "architecture {architecture} keeps a per-sequence cache of its own kind (an \
+                 indexer cache, or DeepSeek 4's), which exo-router cannot check or ship between \
+                 nodes: use another model (docs/models.md)"
+            )));
+        }
         let memory = if llama.is_recurrent() {
             Memory::Recurrent
         } else if llama.is_hybrid() {

@@ -217,10 +217,7 @@ impl StateShape {
             let window_cells = window.map_or(cells, |n| cells.min(n as usize));
             len = len.saturating_add(w.state_len(window_cells)?);
         }
-        if let Some(r) = &self.recurrent {
-            len = len.saturating_add(usize_of(r.section_len()?)?);
-        }
-        Ok(len)
+        Ok(len.saturating_add(usize_of(self.recurrent_len()?)?))
     }
 
     /// A single-stream state of `cells` cells in this shape whose headers are written and whose

@@ -33,34 +33,34 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         .collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let threads = thread_share(args.engine.threads, cores, paths.len());
+    // Before the models load: what they take afterwards is what the check asks about.
+    let available = exo_node::hardware::os_available_memory();
     let mut models = Vec::with_capacity(paths.len());
     for path in &paths {
         let mut engine = args.engine.clone();
         engine.model.clone_from(path);
         models.push(load_model(&engine)?);
     }
-    let slots = args.slots.unwrap_or(args.role.default_slots());
-    let available = exo_node::hardware::os_available_memory();
-    if models.len() > 1 {
-        let weights: Vec<(String, u64)> = models.iter().map(|m| resident_weights(m)).collect();
-        check_memory(&weights, 0, available)?;
-    }
     let name = args
         .name
         .clone()
         .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
+    let names = node_names(&name, &models)?;
+    let weights: Vec<(String, u64)> = models.iter().map(|m| resident_weights(m)).collect();
+    if models.len() > 1 {
+        check_memory(&weights, 0, available)?;
+    }
+    if let Some(addr) = args.metrics_listen {
+        serve_node_metrics(addr).await?;
+    }
+    let slots = args.slots.unwrap_or(args.role.default_slots());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut served = Vec::with_capacity(models.len());
     let mut kv_bytes = 0u64;
-    for (i, model) in models.iter().enumerate() {
+    for (i, (model, node_name)) in models.iter().zip(&names).enumerate() {
         let mut node_args = args.clone();
         node_args.engine.model.clone_from(&paths[i]);
         node_args.engine.threads = threads;
-        let node_name = if i == 0 {
-            name.clone()
-        } else {
-            format!("{name}-{}", model.name())
-        };
         let options = NodeOptions {
             name: node_name.clone(),
             role: args.role,
@@ -88,7 +88,17 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         )
         .await
         .with_context(|| format!("starting node {node_name}"))?;
-        kv_bytes = kv_bytes.saturating_add(server.kv_capacity_bytes());
+        kv_bytes = kv_bytes.saturating_add(cpu_share(model, server.kv_capacity_bytes()));
+        served.push((bound, node_args, server));
+    }
+    // Every cache is allocated now: a refusal comes before any node announces or says it listens.
+    if models.len() > 1 {
+        check_memory(&weights, kv_bytes, available)?;
+    }
+    let mut nodes = Vec::with_capacity(served.len());
+    for ((bound, node_args, server), (model, node_name)) in
+        served.into_iter().zip(models.iter().zip(names))
+    {
         let announcer = lan::announce(&server, bound, &security, &node_args, &host_name());
         if announcer.is_some() {
             println!("announced on the LAN as {node_name} (mDNS; --no-announce to stay off it)");
@@ -100,29 +110,22 @@ pub async fn node(args: NodeArgs) -> Result<()> {
             model.name(),
             security.describe()
         );
-        served.push(Served {
+        nodes.push(Served {
             name: node_name,
             server,
             announcer,
         });
     }
-    if models.len() > 1 {
-        let weights: Vec<(String, u64)> = models.iter().map(|m| resident_weights(m)).collect();
-        check_memory(&weights, kv_bytes, available)?;
-    }
-    if let Some(addr) = args.metrics_listen {
-        serve_node_metrics(addr).await?;
-    }
     let signal = stop_signal().await?;
     // The goodbyes first: routers place nothing more here while the requests held finish.
-    for s in &mut served {
+    for s in &mut nodes {
         drop(s.announcer.take());
     }
     eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);
     let deadline = Duration::from_secs(args.drain_timeout);
-    let left = futures::future::join_all(served.iter().map(|s| s.server.drain(deadline))).await;
-    for (s, left) in served.iter().zip(&left) {
-        if served.len() > 1 {
+    let left = futures::future::join_all(nodes.iter().map(|s| s.server.drain(deadline))).await;
+    for (s, left) in nodes.iter().zip(&left) {
+        if nodes.len() > 1 {
             eprintln!("{}: {left} requests unfinished", s.name);
         }
     }
@@ -166,14 +169,40 @@ fn thread_share(threads: u32, cores: u32, models: usize) -> u32 {
     (budget / u32::try_from(models).unwrap_or(u32::MAX)).max(1)
 }
 
-/// A model's name and the bytes of its weights held in host memory: its file, less the share of
-/// its layers offloaded to a GPU.
+/// Each model's node name: `name` for the first, `name-<model>` for the others; refused when two
+/// would have the same name (routers could not tell them apart).
+fn node_names(name: &str, models: &[Arc<Model>]) -> Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::with_capacity(models.len());
+    for (i, model) in models.iter().enumerate() {
+        let node_name = if i == 0 {
+            name.to_string()
+        } else {
+            format!("{name}-{}", model.name())
+        };
+        if names.contains(&node_name) {
+            bail!(
+                "two models would both serve as node {node_name}: give --also-model files of \
+                 different names"
+            );
+        }
+        names.push(node_name);
+    }
+    Ok(names)
+}
+
+/// A model's name and the bytes of its weights held in host memory.
 fn resident_weights(model: &Model) -> (String, u64) {
     let file = std::fs::metadata(model.path()).map_or(0, |m| m.len());
+    (model.name().to_string(), cpu_share(model, file))
+}
+
+/// The part of `bytes` (a model's weights or KV cache, spread over its layers) that stays in host
+/// memory: the share of its layers not offloaded to a GPU.
+fn cpu_share(model: &Model, bytes: u64) -> u64 {
     let offload = model.offload();
     let on_cpu = offload.n_layer.saturating_sub(offload.gpu_layers);
     let share = f64::from(on_cpu) / f64::from(offload.n_layer.max(1));
-    (model.name().to_string(), (file as f64 * share) as u64)
+    (bytes as f64 * share) as u64
 }
 
 /// Refuses models whose weights (`weights`: name and bytes in host memory) and KV caches

@@ -159,18 +159,7 @@ model = "{}"
         .await
         .unwrap();
     let base = format!("http://{}", server.addr);
-    let models = reqwest::get(format!("{base}/v1/models"))
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
+    let ids = model_ids(server.addr).await;
     assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "gemma-3-270m-q4_k_m"]);
 
     // Each request goes to the nodes of the model it names, both at once.
@@ -284,7 +273,7 @@ model = "{}"
         .unwrap();
     assert_eq!(status.models, ids);
     let node_models: Vec<Option<&str>> = status.nodes.iter().map(|n| n.model.as_deref()).collect();
-    assert_eq!(node_models, [Some(ids[0]), Some(ids[1])]);
+    assert_eq!(node_models, [Some(ids[0].as_str()), Some(ids[1].as_str())]);
     match browser::find() {
         Some(binary) => the_page_picks_a_model(binary, &base).await,
         None => {
@@ -338,6 +327,22 @@ async fn the_page_picks_a_model(binary: &str, base: &str) {
     }
 }
 
+/// The ids `/v1/models` lists, in its order.
+async fn model_ids(addr: std::net::SocketAddr) -> Vec<String> {
+    let models = reqwest::get(format!("http://{addr}/v1/models"))
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(String::from))
+        .collect()
+}
+
 /// A one-model profile for `model` with `nodes` (name, role) embedded.
 fn profile_of(model: &Path, placement: &str, nodes: &[(&str, &str)]) -> Profile {
     let mut text = format!(
@@ -386,21 +391,23 @@ async fn served_split_as_colocated(file: &str, fetch: &str) -> u64 {
         });
         async move { post(addr, "/v1/completions", &body).await }
     };
+    // Node names of this model's own: the metrics (one registry per test process) count per node.
+    let (prefill, decode) = (format!("{fetch}-prefill"), format!("{fetch}-decode"));
     let split = profile_of(
         &path,
         "disaggregated",
-        &[("prefill-0", "prefill"), ("decode-0", "decode")],
+        &[(&prefill, "prefill"), (&decode, "decode")],
     );
     let server = exo_launcher::start(&split, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (a, b) = tokio::join!(ask(server.addr, 0, false), ask(server.addr, 1, true));
     let metrics = common::procs::metrics(&server.addr.to_string()).await;
-    let pieces = common::node_counter(&metrics, "exo_kv_pieces_total", "prefill-0").unwrap_or(0);
+    let pieces = common::node_counter(&metrics, "exo_kv_pieces_total", &prefill).unwrap_or(0);
     server.shutdown().await;
     for answer in [&a, &b] {
         assert_eq!(answer.status, 200, "{}", answer.body);
-        assert_eq!(answer.decode_node, "decode-0");
+        assert_eq!(answer.decode_node, decode);
     }
 
     let colocated = profile_of(&path, "colocated", &[("both-0", "both")]);
@@ -454,23 +461,10 @@ async fn one_node_process_holds_two_models() {
     let server = exo_launcher::start(&profile, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let models = reqwest::get(format!("http://{}/v1/models", server.addr))
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(
-        ids,
-        ["SmolLM2-135M-Instruct.Q4_1", "tiny-jamba"],
-        "{models}"
-    );
+    // Listed in the order the nodes first answered, which two remote nodes do in either order.
+    let mut ids = model_ids(server.addr).await;
+    ids.sort();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", "tiny-jamba"]);
     for (model, node) in [
         ("SmolLM2-135M-Instruct.Q4_1", "box"),
         ("tiny-jamba", "box-tiny-jamba"),

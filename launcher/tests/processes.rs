@@ -328,7 +328,7 @@ async fn sigterm_drains_a_stream_in_flight_before_stopping() {
 /// At least 200 KV transfers through a link that refuses, stalls and cuts connections at random (a
 /// seeded proxy in front of the decode node: one connection in four refused, one in four of the
 /// others stalled, every other one cut after a random number of client bytes below 16 MiB, which a
-/// transfer of about 0.9 MB reaches every few transfers). Every request is answered or fails with a clear error inside 30 s,
+/// transfer of about 0.9 MB reaches every few transfers). Every request is answered or fails with a clear error inside 90 s,
 /// no process dies, and once the load stops nothing is stranded: no decode slot in use or
 /// reserved, no transfer pending, no received bytes held, no request in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -439,7 +439,9 @@ impl Worker<'_> {
         // SAFETY: `state` passed every check llama.cpp would otherwise abort on: magic, one non-empty
         // stream re-framed to this context's stream count, one sequence id per cell, distinct positions,
         // and layer count, types, row sizes and V transposition equal to this context's own export;
-        // for an iSWA model the same for the window cache, whose cells fit the model's window.
+        // for an iSWA model the same for the window cache, whose cells fit the model's window; for a
+        // hybrid or recurrent model a recurrent section of exactly one cell (two abort llama.cpp)
+        // at the last position, with no sequence ids and this context's own layers and rows.
         let ok = unsafe {
             self.ctx
                 .state_seq_set_data_ext(&state, seq, LlamaStateSeqFlags::empty())

@@ -3,7 +3,9 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{CHUNK_MAGIC, DecodeLimits, END_FRAME_LEN, END_MAGIC, ImportTarget, KvHeader, Reader};
+use super::{
+    CHUNK_MAGIC, DecodeLimits, END_FRAME_LEN, END_MAGIC, ImportTarget, KvHeader, Part, Reader,
+};
 use crate::error::KvError;
 use crate::state::Caches;
 
@@ -93,11 +95,8 @@ impl KvDecoder {
             Some(w) => per_cell_of(w)?,
             None => 0,
         };
-        let recurrent_len = match &header.shape.recurrent {
-            Some(r) => usize::try_from(r.section_len()?)
-                .map_err(|_| KvError::MalformedState("recurrent state too large".into()))?,
-            None => 0,
-        };
+        let recurrent_len = usize::try_from(header.shape.recurrent_len()?)
+            .map_err(|_| KvError::MalformedState("recurrent state too large".into()))?;
         Ok(KvDecoder {
             header,
             tag,
@@ -260,14 +259,6 @@ impl EndFrame {
         }
         Ok(end)
     }
-}
-
-/// What a chunk carries, by its place in the transfer.
-#[derive(Clone, Copy)]
-enum Part {
-    Full,
-    Recurrent,
-    Window,
 }
 
 /// The checks and the append behind [`KvDecoder::push_chunk`], in the order it runs them.

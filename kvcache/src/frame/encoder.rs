@@ -3,7 +3,7 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, END_FRAME_LEN, END_MAGIC, KvHeader};
+use super::{CHUNK_HEADER_LEN, CHUNK_MAGIC, END_FRAME_LEN, END_MAGIC, KvHeader, Part};
 use crate::codec::Codec;
 use crate::error::KvError;
 use crate::state::{Caches, malformed, parse_single};
@@ -251,14 +251,6 @@ impl KvEncoder {
     }
 }
 
-/// Which part of the state a chunk carries.
-#[derive(Clone, Copy)]
-enum Part {
-    Full,
-    Window,
-    Recurrent,
-}
-
 /// The parts of the final export that travel after the full cache's cells.
 struct Tail {
     /// The window cache as a state of its own, and its cells (iSWA only).
@@ -281,6 +273,13 @@ impl Tail {
             (Some(_), None) => return Err(malformed("the state has no window cache")),
             (None, _) => None,
         };
+        let due = usize::try_from(shape.recurrent_len()?).unwrap_or(usize::MAX);
+        let has = caches.recurrent.as_ref().map_or(0, Vec::len);
+        if has != due {
+            return Err(malformed(format!(
+                "the final export's recurrent state is {has} bytes, the header's shape {due}"
+            )));
+        }
         Ok(Tail {
             window,
             recurrent: caches.recurrent,

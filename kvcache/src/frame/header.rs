@@ -94,11 +94,8 @@ impl KvHeader {
                 detail: format!("{} bytes after the shape, expected 8", r.remaining()),
             });
         }
-        let recurrent_len = match &shape.recurrent {
-            Some(r) => r.section_len()?,
-            None => 0,
-        };
-        let state_len = (shape.state_len(tokens.len())? as u64).saturating_add(recurrent_len);
+        let state_len =
+            (shape.state_len(tokens.len())? as u64).saturating_add(shape.recurrent_len()?);
         if state_len > limits.max_state_bytes {
             return Err(KvError::StateTooLarge {
                 declared: state_len,
@@ -195,9 +192,15 @@ impl FixedFields {
         })
     }
 
-    /// Refuses a token count or chunk size beyond what the receiver accepts (a zero chunk size
-    /// included). The state size is checked once the shape is read.
+    /// Refuses a token count or chunk size beyond what the receiver accepts (no tokens and a zero
+    /// chunk size included). The state size is checked once the shape is read.
     fn check_limits(&self, limits: &DecodeLimits) -> Result<(), KvError> {
+        if self.n_tokens == 0 {
+            return Err(KvError::InvalidField {
+                field: "n_tokens",
+                detail: "a transfer of no tokens".into(),
+            });
+        }
         if u64::from(self.n_tokens) > limits.max_tokens {
             return Err(KvError::TooManyTokens {
                 tokens: self.n_tokens.into(),

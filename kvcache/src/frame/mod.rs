@@ -34,6 +34,15 @@ const END_MAGIC: &[u8; 4] = b"EXKE";
 /// checksum, checksum.
 const END_FRAME_LEN: usize = 4 + 8 + 4 + 4 + 4 + 8 + 8;
 
+/// Which part of the state a chunk carries, by its place in the transfer: the full cache's cells,
+/// then a hybrid or recurrent model's recurrent section, then an iSWA model's window cells.
+#[derive(Clone, Copy)]
+enum Part {
+    Full,
+    Recurrent,
+    Window,
+}
+
 /// The first 8 bytes of `b` as an array (callers pass at least 8 bytes).
 fn fixed8(b: &[u8]) -> [u8; 8] {
     let mut a = [0u8; 8];

@@ -572,3 +572,31 @@ fn a_purely_recurrent_transfer_carries_the_section_alone() {
     empty.extend_from_slice(&sum.to_le_bytes());
     assert!(KvHeader::decode(&empty, &DecodeLimits::default()).is_err());
 }
+
+#[test]
+fn a_hybrid_transfer_with_a_window_carries_cells_then_recurrent_then_window() {
+    let state = crate::state::tests::synthetic_hybrid_iswa(1, 0, 11, 4);
+    for chunk in [1u32, 50, 1 << 20] {
+        let (_, spec) = fixture(11, false, Codec::Lz4, chunk);
+        let shape = StateShape::calibrate(&state).unwrap_or_else(|e| panic!("{e}"));
+        let (h, c, e) = KvEncoder::whole(KvHeader { shape, ..spec }, &state).unwrap_or_default();
+        assert_eq!(decode(&h, &c, &e), Ok(state.clone()), "chunk {chunk}");
+        assert!(decode(&h, &c[..c.len() - 1], &e).is_err());
+    }
+}
+
+#[test]
+fn a_transfer_of_no_tokens_is_refused() {
+    let (_, spec) = fixture(3, false, Codec::None, 1 << 20);
+    let empty = KvHeader {
+        tokens: Vec::new(),
+        ..spec
+    };
+    assert!(matches!(
+        KvHeader::decode(&empty.encode(), &DecodeLimits::default()),
+        Err(KvError::InvalidField {
+            field: "n_tokens",
+            ..
+        })
+    ));
+}

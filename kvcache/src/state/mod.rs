@@ -142,6 +142,13 @@ impl StateShape {
         !self.k.is_empty()
     }
 
+    /// Bytes of the recurrent section (0 for a shape without one).
+    pub fn recurrent_len(&self) -> Result<u64, KvError> {
+        self.recurrent
+            .as_ref()
+            .map_or(Ok(0), RecurrentShape::section_len)
+    }
+
     /// The cells a transfer of `n_tokens` tokens carries: one per token, none without attention.
     pub fn cells_for(&self, n_tokens: usize) -> usize {
         if self.has_attention() { n_tokens } else { 0 }

@@ -30,6 +30,8 @@ use crate::frame::Reader;
 const FIXED_LEN: u64 = 4 + 8 + 8;
 /// Bytes of one layer entry's own header: `i32` type and `u64` row size.
 const ENTRY_HEAD: u64 = 12;
+/// `ggml_type` id of F32, the only type llama.cpp keeps recurrent states in.
+const GGML_F32: i32 = 0;
 
 /// The recurrent state's shape: its layer count field and each recurrent layer's R and S rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +162,13 @@ pub(crate) fn parse_recurrent(r: &mut Reader<'_>) -> Result<RecurrentSection, Kv
         }
         let type_id = r.i32()?;
         let row_size = r.u64()?;
+        // llama.cpp keeps recurrent states in F32 (4-byte elements). Anything else here is another
+        // layout (an indexer cache, rows of another kind) read as entries: refused, not guessed.
+        if type_id != GGML_F32 || row_size % 4 != 0 {
+            return Err(malformed(format!(
+                "a recurrent state entry of type {type_id} with {row_size}-byte rows (F32 expected)"
+            )));
+        }
         let bytes = row_size
             .checked_mul(u64::from(cell_count))
             .ok_or_else(|| malformed("row size overflows"))?;

@@ -38,6 +38,14 @@ pub(crate) fn synthetic_hybrid(n_stream: u32, stream: u32, n: i32, v_trans: bool
     b
 }
 
+/// Builds a synthetic hybrid iSWA state (LFM2 with a sliding window): [`synthetic_iswa`], then the
+/// recurrent section of [`synthetic_hybrid`].
+pub(crate) fn synthetic_hybrid_iswa(n_stream: u32, stream: u32, n: i32, w: i32) -> Vec<u8> {
+    let mut b = synthetic_iswa(n_stream, stream, n, w, false);
+    synthetic_recurrent(&mut b, Some(n - 1), 5, &[8, 8], &[20, 20]);
+    b
+}
+
 /// Builds a synthetic purely recurrent state: the head and a recurrent section of one cell at
 /// `n - 1` with two layers (R rows of 12 bytes, S rows of 40).
 pub(crate) fn synthetic_recurrent_state(n: i32) -> Vec<u8> {

@@ -2,7 +2,8 @@
 //! re-framing and V translation unchanged, and every malformed variant refused before llama.cpp.
 
 use super::super::tests::{
-    synthetic_hybrid, synthetic_recurrent, synthetic_recurrent_state, synthetic_state,
+    synthetic_hybrid, synthetic_hybrid_iswa, synthetic_recurrent, synthetic_recurrent_state,
+    synthetic_state,
 };
 use super::super::{Caches, StateShape, to_single_stream};
 use crate::error::KvError;
@@ -119,6 +120,49 @@ fn a_recurrent_section_that_llama_cpp_would_choke_on_is_refused() {
             .check(&with(Some(3), 5, &[8, 8], &[20, 20]), 4)
             .is_err()
     );
+}
+
+#[test]
+fn a_hybrid_state_with_a_window_cache_keeps_its_three_parts_apart() {
+    let multi = synthetic_hybrid_iswa(3, 1, 9, 4);
+    let shape = StateShape::calibrate(&multi).unwrap();
+    assert!(shape.window.is_some() && shape.recurrent.is_some());
+    let (single, info) = to_single_stream(multi.clone()).unwrap();
+    assert_eq!((info.cell_count, info.window_cells), (9, 4));
+    shape.check(&single, 9).unwrap();
+    assert!(
+        shape.check(&single, 10).is_err(),
+        "the window and the recurrent cell end at 8"
+    );
+    let mut back = single.clone();
+    shape.reframe_for_import(&mut back).unwrap();
+    assert_eq!(back.len(), multi.len());
+    assert_eq!(to_single_stream(back).unwrap().0, single);
+    let caches = Caches::split(&single, shape.form()).unwrap();
+    assert!(caches.window.is_some());
+    assert_eq!(caches.recurrent.as_ref().map(Vec::len), Some(124));
+    assert_eq!(caches.join(), single);
+    // Each part where it belongs: a hybrid shape without the window, or an iSWA one without the
+    // recurrent section, refuses it.
+    let hybrid = StateShape::calibrate(&synthetic_hybrid(1, 0, 3, false)).unwrap();
+    assert!(hybrid.check(&single, 9).is_err());
+    let iswa =
+        StateShape::calibrate(&super::super::tests::synthetic_iswa(1, 0, 3, 2, false)).unwrap();
+    assert!(iswa.check(&single, 9).is_err());
+}
+
+#[test]
+fn entries_other_than_f32_rows_are_refused() {
+    let shape = StateShape::calibrate(&synthetic_hybrid(1, 0, 3, false)).unwrap();
+    let mut state = synthetic_hybrid(1, 0, 3, false);
+    // The first R entry's type, after the section's cell count, cell, s_trans and n_layer.
+    let at = state.len() - 124 + 20;
+    state[at..at + 4].copy_from_slice(&1i32.to_le_bytes());
+    assert!(matches!(
+        shape.check(&state, 3),
+        Err(KvError::MalformedState(_))
+    ));
+    assert!(StateShape::calibrate(&state).is_err());
 }
 
 #[test]
