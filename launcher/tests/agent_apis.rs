@@ -49,6 +49,8 @@ async fn responses_api(base: &str, model: &str, text: &str) {
     let r: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["object"], "response");
     assert!(r["id"].as_str().unwrap().starts_with("resp_"));
+    // The request's parallel_tool_calls comes back: true by default, as OpenAI's does.
+    assert_eq!(r["parallel_tool_calls"], true, "{r}");
     assert_eq!(r["output"][0]["content"][0]["text"], text, "{r}");
     let mut streamed = request.clone();
     streamed["stream"] = json!(true);
@@ -79,9 +81,12 @@ async fn responses_api(base: &str, model: &str, text: &str) {
         "model": model, "max_output_tokens": 48, "temperature": 0, "input": ask, "tools": tools,
         "tool_choice": { "type": "function", "name": "get_weather" },
     });
-    let (status, body) = post(base, "/v1/responses", &call_request).await;
+    let mut one_call = call_request.clone();
+    one_call["parallel_tool_calls"] = json!(false);
+    let (status, body) = post(base, "/v1/responses", &one_call).await;
     assert_eq!(status, 200, "{body}");
     let c: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c["parallel_tool_calls"], false, "{c}");
     let call = &c["output"][0];
     assert_eq!(call["type"], "function_call", "{c}");
     let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();

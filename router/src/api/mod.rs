@@ -247,6 +247,7 @@ async fn serve(
         tools,
     } = call;
     let model = cluster.resolve_model(params.model.as_deref())?;
+    let parallel_tool_calls = params.parallel_tool_calls.unwrap_or(true);
     let tools = tools.map(|t| Tools {
         syntax: cluster.tool_syntax(&model),
         ..t
@@ -280,6 +281,7 @@ async fn serve(
         created: now(),
         model: model.id,
         stop,
+        parallel_tool_calls,
     };
     let mut headers = HeaderMap::new();
     for (name, value) in [

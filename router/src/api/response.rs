@@ -78,6 +78,8 @@ pub struct ResponseMeta {
     pub model: String,
     /// The request's stop strings (what a `stop_sequence` finish names).
     pub stop: Vec<String>,
+    /// The request's `parallel_tool_calls` (default true), which a Responses object echoes.
+    pub parallel_tool_calls: bool,
 }
 
 impl ResponseMeta {

@@ -214,6 +214,7 @@ mod tests {
             created: 0,
             model: "m".into(),
             stop: Vec::new(),
+            parallel_tool_calls: true,
         };
         let list = vec![json!({ "type": "function", "function": { "name": "get_weather" } })];
         Shaper::new(

@@ -66,7 +66,7 @@ fn response(
         "output": output,
         "incomplete_details": cut.then(|| json!({ "reason": "max_output_tokens" })),
         "error": null,
-        "parallel_tool_calls": false,
+        "parallel_tool_calls": meta.parallel_tool_calls,
         "tool_choice": "auto",
         "tools": [],
         "store": false,
