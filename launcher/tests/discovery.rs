@@ -12,10 +12,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::procs::{Proc, ip, last_word, spawn_command};
-use common::{model_path, start_text};
+use common::{model_path, start_text, status, until};
 use exo_router::api::status::{ClusterStatus, NodeStatus};
 use exo_router::cluster::Origin;
 use serde_json::{Value, json};
@@ -106,28 +105,6 @@ impl Lan {
     /// [`Lan::node_with`] without extra flags.
     fn node(&self, role: &str, name: &str, cache: &std::path::Path) -> (Proc, String) {
         self.node_with(role, name, cache, &[])
-    }
-}
-
-async fn status(base: &str) -> ClusterStatus {
-    reqwest::get(format!("{base}/v1/cluster"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// Waits up to 30 s until `ok` holds for the cluster; returns how long it took.
-async fn until(base: &str, what: &str, ok: impl Fn(&ClusterStatus) -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        let s = status(base).await;
-        if ok(&s) {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {s:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

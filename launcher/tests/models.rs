@@ -5,8 +5,9 @@
 //! Gemma and the default model side by side, each request on the nodes of the model it names
 //! (the API, the cluster view and the page's model picker); and a hybrid model (attention and
 //! Mamba layers, `scripts/fetch-model hybrid`) and a purely recurrent one (`recurrent`) served
-//! split exactly as colocated; and one node process holding two models (`--also-model`), each
-//! served to a router as a node of its own.
+//! split exactly as colocated; one node process holding two models (`--also-model`), each
+//! served to a router as a node of its own; and a model name passing to a new file once no node
+//! serves the old one (an updated GGUF).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -480,4 +481,73 @@ async fn one_node_process_holds_two_models() {
         );
     }
     server.shutdown().await;
+}
+
+/// A node whose model has the name of another file the cluster serves is refused while that file
+/// is served; once no node serves it (its node killed), the name passes to the new file and
+/// requests for it run there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_name_passes_to_a_new_file_once_the_old_one_is_gone() {
+    let smol = exo_test_support::model_path();
+    // Another file under the default model's name: the tiny Jamba, copied.
+    let dir = std::env::temp_dir().join(format!("exo-model-update-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let updated = dir.join(smol.file_name().unwrap());
+    std::fs::copy(root().join(HYBRID), &updated).unwrap();
+    let (old, old_addr) =
+        common::procs::spawn_node(&smol.display().to_string(), "both", "old-file", &[]);
+    let (_new, new_addr) =
+        common::procs::spawn_node(&updated.display().to_string(), "both", "new-file", &[]);
+    let text = format!(
+        "model = \"{}\"\nplacement = \"colocated\"\n[[nodes]]\nname = \"old-file\"\naddress = \"{old_addr}\"\nrole = \"both\"\n[[nodes]]\nname = \"new-file\"\naddress = \"{new_addr}\"\nrole = \"both\"\n",
+        smol.display()
+    );
+    let profile = Profile::parse(&text, Path::new("update.toml")).unwrap();
+    let server = exo_launcher::start(&profile, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.addr);
+    let up = |s: &exo_router::api::status::ClusterStatus, name: &str| {
+        s.nodes.iter().any(|n| n.name == name && n.healthy)
+    };
+    let refused = |s: &exo_router::api::status::ClusterStatus| {
+        let why = s
+            .nodes
+            .iter()
+            .find(|n| n.name == "new-file")
+            .and_then(|n| n.error.clone());
+        up(s, "old-file") && why.is_some_and(|w| w.contains("is another file"))
+    };
+    common::until(
+        &base,
+        "the new file refused while the old one is served",
+        refused,
+    )
+    .await;
+    let ask = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The capital of France is",
+        "max_tokens": 4, "temperature": 0,
+    });
+    let a = post(server.addr, "/v1/completions", &ask).await;
+    assert_eq!(
+        (a.status, a.decode_node.as_str()),
+        (200, "old-file"),
+        "{}",
+        a.body
+    );
+    drop(old);
+    common::until(&base, "the name passing to the new file", |s| {
+        up(s, "new-file")
+    })
+    .await;
+    let b = post(server.addr, "/v1/completions", &ask).await;
+    assert_eq!(
+        (b.status, b.decode_node.as_str()),
+        (200, "new-file"),
+        "{}",
+        b.body
+    );
+    assert_eq!(model_ids(server.addr).await, ["SmolLM2-135M-Instruct.Q4_1"]);
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

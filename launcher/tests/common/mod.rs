@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use std::time::{Duration, Instant};
+
 use exo_router::Server;
+use exo_router::api::status::ClusterStatus;
 use exo_router::profile::Profile;
 use serde_json::Value;
 
@@ -13,6 +16,29 @@ pub use exo_test_support::{model_path, root};
 
 pub mod browser;
 pub mod procs;
+
+/// The router's cluster view (`GET base/v1/cluster`).
+pub async fn status(base: &str) -> ClusterStatus {
+    reqwest::get(format!("{base}/v1/cluster"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits up to 30 s until `ok` holds for the cluster; returns how long it took.
+pub async fn until(base: &str, what: &str, ok: impl Fn(&ClusterStatus) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let s = status(base).await;
+        if ok(&s) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Starts an in-process router for a shipped profile, on a free port.
 pub async fn start_profile(name: &str) -> Server {
