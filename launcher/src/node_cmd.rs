@@ -24,6 +24,23 @@ struct Served {
     announcer: Option<exo_protocol::discovery::Announcer>,
 }
 
+/// A node started but not yet announced: its address, its own arguments (its model, its threads)
+/// and its server.
+struct Started {
+    bound: SocketAddr,
+    args: NodeArgs,
+    server: NodeServer,
+}
+
+/// What the nodes of this process share.
+struct Shared<'a> {
+    args: &'a NodeArgs,
+    security: &'a LinkSecurity,
+    listen: SocketAddr,
+    threads: u32,
+    slots: u32,
+}
+
 /// Runs the node(s) until SIGINT or SIGTERM, then drains them (up to `--drain-timeout`).
 pub async fn node(args: NodeArgs) -> Result<()> {
     let security = LinkSecurity::from_cluster_file(args.cluster.as_deref())?;
@@ -32,7 +49,6 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         .chain(args.also_models.iter().cloned())
         .collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let threads = thread_share(args.engine.threads, cores, paths.len());
     // Before the models load: what they take afterwards is what the check asks about.
     let available = exo_node::hardware::os_available_memory();
     let mut models = Vec::with_capacity(paths.len());
@@ -53,79 +69,113 @@ pub async fn node(args: NodeArgs) -> Result<()> {
     if let Some(addr) = args.metrics_listen {
         serve_node_metrics(addr).await?;
     }
-    let slots = args.slots.unwrap_or(args.role.default_slots());
+    let shared = Shared {
+        args: &args,
+        security: &security,
+        listen,
+        threads: thread_share(args.engine.threads, cores, paths.len()),
+        slots: args.slots.unwrap_or(args.role.default_slots()),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut served = Vec::with_capacity(models.len());
+    let mut started = Vec::with_capacity(models.len());
     let mut kv_bytes = 0u64;
     for (i, (model, node_name)) in models.iter().zip(&names).enumerate() {
-        let mut node_args = args.clone();
-        node_args.engine.model.clone_from(&paths[i]);
-        node_args.engine.threads = threads;
-        let options = NodeOptions {
-            name: node_name.clone(),
-            role: args.role,
-            layout: args.engine.layout(slots),
-            chunks_in_flight: args.chunks_in_flight,
-            handoff_pieces: args.handoff_pieces,
-            transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
-            threads,
-            security: security.clone(),
-            perf: lan::measured_perf(&node_args, model, slots).await?,
-        };
-        let port = if listen.port() == 0 {
-            0
-        } else {
-            listen.port().saturating_add(i as u16)
-        };
-        let mut stop = stop_rx.clone();
-        let (bound, server) = spawn_node(
-            Arc::clone(model),
-            &options,
-            SocketAddr::new(listen.ip(), port),
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )
-        .await
-        .with_context(|| format!("starting node {node_name}"))?;
-        kv_bytes = kv_bytes.saturating_add(cpu_share(model, server.kv_capacity_bytes()));
-        served.push((bound, node_args, server));
+        let node = start(&shared, i, (model, node_name), &paths[i], stop_rx.clone()).await?;
+        kv_bytes = kv_bytes.saturating_add(cpu_share(model, node.server.kv_capacity_bytes()));
+        started.push(node);
     }
     // Every cache is allocated now: a refusal comes before any node announces or says it listens.
     if models.len() > 1 {
         check_memory(&weights, kv_bytes, available)?;
     }
-    let mut nodes = Vec::with_capacity(served.len());
-    for ((bound, node_args, server), (model, node_name)) in
-        served.into_iter().zip(models.iter().zip(names))
-    {
-        let announcer = lan::announce(&server, bound, &security, &node_args, &host_name());
-        if announcer.is_some() {
-            println!("announced on the LAN as {node_name} (mDNS; --no-announce to stay off it)");
-        }
-        // The address is the line's last word: scripts and tests read it from there.
-        println!(
-            "exo-router node {node_name} ({}, {}, {}) listening on {bound}",
-            args.role,
-            model.name(),
-            security.describe()
-        );
-        nodes.push(Served {
-            name: node_name,
-            server,
-            announcer,
-        });
-    }
+    let nodes: Vec<Served> = started
+        .into_iter()
+        .zip(models.iter().zip(names))
+        .map(|(node, (model, name))| go_live(&shared, node, model, name))
+        .collect();
     let signal = stop_signal().await?;
-    // The goodbyes first: routers place nothing more here while the requests held finish.
+    drain(nodes, signal, args.drain_timeout).await;
+    let _ = stop_tx.send(true);
+    Ok(())
+}
+
+/// Starts node `i` of the process, `name` serving `model` (from `path`), until `stop` turns true.
+async fn start(
+    shared: &Shared<'_>,
+    i: usize,
+    (model, name): (&Arc<Model>, &str),
+    path: &Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Started> {
+    let args = shared.args;
+    let mut node_args = args.clone();
+    node_args.engine.model = path.to_path_buf();
+    node_args.engine.threads = shared.threads;
+    let options = NodeOptions {
+        name: name.to_string(),
+        role: args.role,
+        layout: args.engine.layout(shared.slots),
+        chunks_in_flight: args.chunks_in_flight,
+        handoff_pieces: args.handoff_pieces,
+        transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
+        threads: shared.threads,
+        security: shared.security.clone(),
+        perf: lan::measured_perf(&node_args, model, shared.slots).await?,
+    };
+    let port = match shared.listen.port() {
+        0 => 0,
+        first => first.saturating_add(u16::try_from(i).unwrap_or(u16::MAX)),
+    };
+    let (bound, server) = spawn_node(
+        Arc::clone(model),
+        &options,
+        SocketAddr::new(shared.listen.ip(), port),
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    )
+    .await
+    .with_context(|| format!("starting node {name}"))?;
+    Ok(Started {
+        bound,
+        args: node_args,
+        server,
+    })
+}
+
+/// Announces a started node on the LAN (unless `--no-announce`) and prints its address.
+fn go_live(shared: &Shared<'_>, node: Started, model: &Model, name: String) -> Served {
+    let security = shared.security;
+    let announcer = lan::announce(&node.server, node.bound, security, &node.args, &host_name());
+    if announcer.is_some() {
+        println!("announced on the LAN as {name} (mDNS; --no-announce to stay off it)");
+    }
+    // The address is the line's last word: scripts and tests read it from there.
+    println!(
+        "exo-router node {name} ({}, {}, {}) listening on {}",
+        shared.args.role,
+        model.name(),
+        security.describe(),
+        node.bound
+    );
+    Served {
+        name,
+        server: node.server,
+        announcer,
+    }
+}
+
+/// Says goodbye on the LAN for every node first (routers place nothing more here), then lets the
+/// requests they hold finish, up to `drain_timeout` seconds.
+async fn drain(mut nodes: Vec<Served>, signal: &str, drain_timeout: u64) {
     for s in &mut nodes {
         drop(s.announcer.take());
     }
-    eprintln!("{signal}: draining (up to {} s)", args.drain_timeout);
-    let deadline = Duration::from_secs(args.drain_timeout);
+    eprintln!("{signal}: draining (up to {drain_timeout} s)");
+    let deadline = Duration::from_secs(drain_timeout);
     let left = futures::future::join_all(nodes.iter().map(|s| s.server.drain(deadline))).await;
-    for (s, left) in nodes.iter().zip(&left) {
-        if nodes.len() > 1 {
+    if nodes.len() > 1 {
+        for (s, left) in nodes.iter().zip(&left) {
             eprintln!("{}: {left} requests unfinished", s.name);
         }
     }
@@ -133,8 +183,6 @@ pub async fn node(args: NodeArgs) -> Result<()> {
         "stopped with {} requests unfinished",
         left.iter().sum::<usize>()
     );
-    let _ = stop_tx.send(true);
-    Ok(())
 }
 
 /// The node's listen address: as given, else every interface with a cluster file and loopback
