@@ -13,34 +13,25 @@
 
 use std::sync::Arc;
 
-use exo_engine::{ContextConfig, ContextHandle, EngineError, Memory, Model, ModelOptions};
+use exo_engine::{ContextHandle, EngineError, Memory, Model};
 use exo_kvcache::{Codec, DecodedKv, KvLayout, KvType};
 use exo_sampling::SamplingParams;
-use exo_test_support::{frames, receive};
+use exo_test_support::{context_of, frames, other_model, receive};
 
 const GEMMA: &str = "models/gemma-3-270m-q4_k_m.gguf";
 const HYBRID: &str = "models/tiny-jamba.gguf";
 const MAMBA: &str = "models/tiny-mamba.gguf";
 
-fn load(file: &str, fetch: &str) -> Arc<Model> {
-    let path = exo_test_support::root().join(file);
-    Model::load(&path, &ModelOptions::default())
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model {fetch})"))
-}
-
 fn context(model: &Arc<Model>, n_seq_max: u32, flash_attn: bool) -> ContextHandle {
-    let config = ContextConfig {
-        layout: KvLayout {
-            type_k: KvType::F16,
-            type_v: KvType::F16,
-            flash_attn,
-            kv_unified: false,
-            n_seq_max,
-            n_ctx_seq: 2048,
-        },
-        ..ContextConfig::default()
+    let layout = KvLayout {
+        type_k: KvType::F16,
+        type_v: KvType::F16,
+        flash_attn,
+        kv_unified: false,
+        n_seq_max,
+        n_ctx_seq: 2048,
     };
-    ContextHandle::spawn(model.clone(), config).unwrap_or_else(|e| panic!("{e}"))
+    context_of(model, layout)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -141,7 +132,7 @@ fn through_frames(
 
 #[test]
 fn a_sliding_window_cache_crosses_the_hand_off_exactly() {
-    let model = load(GEMMA, "gemma3");
+    let model = other_model(GEMMA, "gemma3");
     assert_eq!(model.sliding_window(), Some(512));
     rt().block_on(async {
         let a = context(&model, 1, false);
@@ -167,7 +158,7 @@ fn a_sliding_window_cache_crosses_the_hand_off_exactly() {
 /// (two cells) is refused before it, and the receiving context keeps working.
 #[test]
 fn a_hybrid_models_recurrent_state_crosses_the_hand_off_exactly() {
-    let model = load(HYBRID, "hybrid");
+    let model = other_model(HYBRID, "hybrid");
     rt().block_on(recurrent_state_crosses(model, 2));
 }
 
@@ -175,7 +166,7 @@ fn a_hybrid_models_recurrent_state_crosses_the_hand_off_exactly() {
 /// transfer of it carries no cells.
 #[test]
 fn a_recurrent_models_state_crosses_the_hand_off_exactly() {
-    let model = load(MAMBA, "recurrent");
+    let model = other_model(MAMBA, "recurrent");
     assert_eq!(model.memory(), Memory::Recurrent);
     rt().block_on(recurrent_state_crosses(model, 0));
 }

@@ -46,11 +46,24 @@ pub fn model() -> Arc<Model> {
 
 /// A context of the test model with `layout` and the default configuration otherwise.
 pub fn context(layout: KvLayout) -> ContextHandle {
+    context_of(&model(), layout)
+}
+
+/// Another model of the repository's `models/` (`file`, e.g. `models/tiny-jamba.gguf`), put there
+/// by `scripts/fetch-model FETCH`.
+pub fn other_model(file: &str, fetch: &str) -> Arc<Model> {
+    let path = root().join(file);
+    Model::load(&path, &ModelOptions::default())
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-model {fetch})"))
+}
+
+/// A context of `model` with `layout` and the default configuration otherwise.
+pub fn context_of(model: &Arc<Model>, layout: KvLayout) -> ContextHandle {
     let config = ContextConfig {
         layout,
         ..ContextConfig::default()
     };
-    ContextHandle::spawn(model(), config).unwrap_or_else(|e| panic!("context: {e}"))
+    ContextHandle::spawn(Arc::clone(model), config).unwrap_or_else(|e| panic!("context: {e}"))
 }
 
 /// Every frame of a transfer of `kv` (exported from `src`) with `codec` and `chunk`-byte chunks,
