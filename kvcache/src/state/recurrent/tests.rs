@@ -166,6 +166,26 @@ fn entries_other_than_f32_rows_are_refused() {
 }
 
 #[test]
+fn the_largest_state_counts_every_part() {
+    // What a receiver budgets for a sequence of 100 cells: the full cache, at most a 4-cell
+    // window, the 124-byte recurrent section. A real state of that size fits, with 8 bytes to
+    // spare (the bound counts the window cache as a state of its own, head included).
+    let shape = StateShape::calibrate(&synthetic_hybrid_iswa(1, 0, 3, 2)).unwrap();
+    let window = shape.window.as_deref().unwrap();
+    let bound = shape.max_state_len(100, Some(4)).unwrap();
+    assert_eq!(
+        bound,
+        shape.state_len(100).unwrap() + window.state_len(4).unwrap() + 124
+    );
+    assert_eq!(synthetic_hybrid_iswa(1, 0, 100, 4).len() + 8, bound);
+    let recurrent = StateShape::calibrate(&synthetic_recurrent_state(3)).unwrap();
+    assert_eq!(
+        recurrent.max_state_len(100, None).unwrap(),
+        synthetic_recurrent_state(100).len()
+    );
+}
+
+#[test]
 fn a_purely_recurrent_state_is_its_section_alone() {
     let state = synthetic_recurrent_state(30);
     let shape = StateShape::calibrate(&state).unwrap();
