@@ -214,16 +214,7 @@ async fn streams_on_a_killed_decode_node_finish_elsewhere_token_exact() {
 
 /// `exo-router node` with `args` (which name the listen address) as `name`; waits for it to listen.
 fn spawn_node_args(model: &str, role: &str, name: &str, args: &[&str]) -> Proc {
-    let mut all = vec![
-        "node",
-        "--role",
-        role,
-        "--name",
-        name,
-        "--model",
-        model,
-        "--no-announce",
-    ];
+    let mut all = common::procs::node_args(model, role, name);
     all.extend_from_slice(args);
     spawn(&all, "listening on").0
 }

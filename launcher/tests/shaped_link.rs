@@ -11,7 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::procs::ip;
+use common::procs::{ip, node_args};
 use common::{long_message, model_path, post, start_profile, write_split_profile};
 use serde_json::{Value, json};
 
@@ -111,20 +111,9 @@ async fn a_split_over_a_shaped_link_answers_like_colocated() {
     let model = model_path().display().to_string();
     let node = |role: &str, addr: &str| {
         let ns = if role == "decode" { &d_ns } else { &p_ns };
-        let args = [
-            "node",
-            "--role",
-            role,
-            "--model",
-            &model,
-            "--threads",
-            "1",
-            "--no-announce",
-        ];
-        spawn_in(
-            ns,
-            &[&args[..], &["--name", role, "--listen", addr]].concat(),
-        )
+        let mut args = node_args(&model, role, role);
+        args.extend_from_slice(&["--threads", "1", "--listen", addr]);
+        spawn_in(ns, &args)
     };
     let _decode = node("decode", "10.78.0.2:52416");
     let _prefill = node("prefill", "10.78.0.1:52416");

@@ -94,7 +94,16 @@ pub fn spawn_node_logged(
     extra: &[&str],
     stderr: Stdio,
 ) -> (Proc, String) {
-    let mut args = vec![
+    let mut args = node_args(model, role, name);
+    args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    args.extend_from_slice(extra);
+    let (proc, line) = spawn_logged(&args, "listening on", stderr);
+    (proc, last_word(&line))
+}
+
+/// The arguments of a test's `exo-router node` as `name`, before its listen address and flags.
+pub fn node_args<'a>(model: &'a str, role: &'a str, name: &'a str) -> Vec<&'a str> {
+    vec![
         "node",
         "--role",
         role,
@@ -102,15 +111,10 @@ pub fn spawn_node_logged(
         name,
         "--model",
         model,
-        "--listen",
-        "127.0.0.1:0",
         // Test nodes stay off the LAN: a router that browses it (the discovery test, another
         // copy of the suite) must not find them.
         "--no-announce",
-    ];
-    args.extend_from_slice(extra);
-    let (proc, line) = spawn_logged(&args, "listening on", stderr);
-    (proc, last_word(&line))
+    ]
 }
 
 /// A free loopback address for a metrics listener.
