@@ -155,7 +155,16 @@ async fn download_once(
     progress.at(if resumed { have } else { 0 });
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(transport)?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                // tokio writes a file on a blocking thread: a write still in flight when `out` is
+                // dropped could land after the resumed request's first bytes, and the resume
+                // would start from a length that is not yet the file's. Flush first.
+                out.flush().await.map_err(io_err(part))?;
+                return Err(transport(e));
+            }
+        };
         out.write_all(&chunk).await.map_err(io_err(part))?;
         progress.add(chunk.len() as u64);
     }
