@@ -373,6 +373,8 @@ pub async fn measure(
         progress,
     };
     let (prefill_tok_s, longest) = run.prefill_speeds(&plan.prefill_lengths).await?;
+    // The size the engine chose from the batches it just timed.
+    let batch_tokens = u32::try_from(run.ctx.prefill_batch_tokens()).unwrap_or(u32::MAX);
     let kv = run.kv_speeds(longest).await?;
     let short_ctx = 64u32.min(run.room);
     let decode_step = run
@@ -410,6 +412,7 @@ pub async fn measure(
         kv_import_gb_s: significant(kv.import_gb_s),
         codecs,
         kv_bytes_per_token: Some(kv.bytes_per_token.round()),
+        prefill_batch_tokens: Some(batch_tokens),
     };
     perf.validate()
         .map_err(|e| MeasureError::Unusable(format!("measured table: {e}")))?;

@@ -43,6 +43,12 @@ pub struct NodePerf {
     /// (the cost model uses it where the profile's `policy.kv_bytes_per_token` is not given).
     #[serde(default)]
     pub kv_bytes_per_token: Option<f64>,
+    /// Tokens per prefill batch the node's engine settled on while it was measured (it sizes its
+    /// batches from their timings: 64 on a small CPU, `n_batch` on a GPU). A streamed hand-off's
+    /// pieces leave at the end of the first batch past each piece boundary, so the cost model cuts
+    /// them there; absent (older tables, derived ones), it cuts at exact boundaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_batch_tokens: Option<u32>,
 }
 
 /// Why a node's perf table cannot be used.
@@ -112,6 +118,9 @@ impl NodePerf {
                 "decode_ms_per_1k_ctx must be zero or positive".into(),
             ));
         }
+        if self.prefill_batch_tokens == Some(0) {
+            return Err(PerfError("prefill_batch_tokens must be >= 1".into()));
+        }
         positive("kv_export_gb_s", self.kv_export_gb_s)?;
         positive("kv_import_gb_s", self.kv_import_gb_s)?;
         for (name, c) in &self.codecs {
@@ -126,6 +135,12 @@ impl NodePerf {
             positive(&format!("codecs.{name}.decode_gb_s"), c.decode_gb_s)?;
         }
         Ok(())
+    }
+
+    /// Tokens per prefill batch where measured ([`NodePerf::prefill_batch_tokens`]), else 1 (a
+    /// streamed hand-off's pieces then cut at exact boundaries).
+    pub fn batch_tokens(&self) -> u64 {
+        self.prefill_batch_tokens.map_or(1, u64::from)
     }
 
     /// Seconds to prefill a prompt of `tokens` tokens on an idle node: never less than one

@@ -1,7 +1,7 @@
 //! The async side: [`ContextHandle`] and the configuration a context is created with.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use exo_kvcache::{Codec, DecodedKv, KvHeader, KvLayout, StateShape};
 use exo_sampling::{FinishReason, SamplingParams};
@@ -59,6 +59,8 @@ pub struct ContextHandle {
     shape: Arc<StateShape>,
     model: Arc<Model>,
     retired: Arc<AtomicBool>,
+    /// The worker's prefill batch size in force ([`ContextHandle::prefill_batch_tokens`]).
+    batch_hint: Arc<AtomicUsize>,
     /// Held for its `Drop`: the last handle stops and joins the worker.
     _worker: Arc<WorkerThread>,
 }
@@ -96,9 +98,20 @@ impl ContextHandle {
         let worker_model = Arc::clone(&model);
         let retired = Arc::new(AtomicBool::new(false));
         let worker_retired = Arc::clone(&retired);
+        let batch_hint = Arc::new(AtomicUsize::new(config.n_batch as usize));
+        let worker_hint = Arc::clone(&batch_hint);
         let thread = std::thread::Builder::new()
             .name("exo-engine-ctx".into())
-            .spawn(move || worker_main(worker_model, config, rx, ready_tx, worker_retired))
+            .spawn(move || {
+                worker_main(
+                    worker_model,
+                    config,
+                    rx,
+                    ready_tx,
+                    worker_retired,
+                    worker_hint,
+                )
+            })
             .map_err(|e| EngineError::ContextCreate(format!("cannot start worker thread: {e}")))?;
         let worker = Arc::new(WorkerThread {
             tx: tx.clone(),
@@ -114,8 +127,17 @@ impl ContextHandle {
             shape: Arc::new(shape),
             model,
             retired,
+            batch_hint,
             _worker: worker,
         })
+    }
+
+    /// Tokens the next prefill batch takes at most: `n_batch` until batches were timed, then the
+    /// size the adaptive policy chose from their timings (`prefill`'s module docs). `exo-router
+    /// profile` records it, so the cost model cuts a streamed hand-off's pieces where this engine
+    /// does.
+    pub fn prefill_batch_tokens(&self) -> usize {
+        self.batch_hint.load(Ordering::Relaxed)
     }
 
     /// Why this context can no longer serve, if it cannot: llama.cpp rejected a KV state and the

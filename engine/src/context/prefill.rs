@@ -104,8 +104,16 @@ pub(super) struct PrefillCost {
 }
 
 impl PrefillCost {
-    /// Remembers that a batch of `tokens` took `seconds`.
-    pub(super) fn record(&mut self, tokens: usize, seconds: f64) {
+    /// Remembers that a batch of `tokens` took `seconds`, when none of its prompts had cells in
+    /// the cache before it (`context` is the most any had). A later chunk of a long prompt also
+    /// pays attention over the chunks before it, a cost that grows with the context, not with the
+    /// batch: taken into the line, it read as fixed cost (on one CPU core, chunks 2,000 tokens into
+    /// a prompt moved the fitted fixed cost from milliseconds to about 100 ms), and batches grew
+    /// to 500 tokens, for a short prompt to wait behind.
+    pub(super) fn record(&mut self, tokens: usize, seconds: f64, context: usize) {
+        if context > 0 {
+            return;
+        }
         if self.samples.len() == COST_WINDOW {
             self.samples.pop_front();
         }
@@ -117,7 +125,7 @@ impl PrefillCost {
 
     /// `(fixed, per_token)` seconds: the line through the window when it has batches of sizes
     /// 2x apart, else the last such line, if any.
-    fn fit(&self) -> Option<(f64, f64)> {
+    pub(super) fn fit(&self) -> Option<(f64, f64)> {
         self.line
     }
 
@@ -248,6 +256,14 @@ pub(super) fn plan(
     picked
 }
 
+/// Tokens in the next prefill batch under `policy`.
+fn batch_room(policy: PrefillBatching, cost: &PrefillCost, n_batch: usize) -> usize {
+    match policy {
+        PrefillBatching::Adaptive => cost.batch_tokens(n_batch),
+        PrefillBatching::Always | PrefillBatching::Never => n_batch,
+    }
+}
+
 impl Worker<'_> {
     /// Checks a prompt and empties its sequence; the prompt then runs in prefill batches between
     /// decode steps (`prefill_batch`), so generating sequences keep going.
@@ -285,10 +301,7 @@ impl Worker<'_> {
         let policy = self.config.prefill_batching;
         let cost = &self.prefill_cost;
         let n_batch = self.config.n_batch as usize;
-        let room = match policy {
-            PrefillBatching::Adaptive => cost.batch_tokens(n_batch),
-            PrefillBatching::Always | PrefillBatching::Never => n_batch,
-        };
+        let room = batch_room(policy, cost, n_batch);
         let pending = &self.pending;
         let most = |i: usize| pending.get(i).map_or(0, Pending::most_per_batch);
         let picked = plan(&waiting, room, most, |n, add| match policy {
@@ -297,6 +310,11 @@ impl Worker<'_> {
             PrefillBatching::Adaptive => cost.sharing_pays(n, add),
         });
         let total: usize = picked.iter().map(|&(_, n)| n).sum();
+        let context = picked
+            .iter()
+            .filter_map(|&(i, _)| self.pending.get(i).map(|p| p.done))
+            .max()
+            .unwrap_or(0);
         let started = Instant::now();
         let ran = self.decode_picked(&picked, total);
         for p in self.pending.iter_mut() {
@@ -306,7 +324,14 @@ impl Worker<'_> {
         let leaving: Vec<(usize, Result<i32, String>)> = match ran {
             Ok(rows) => {
                 self.prefill_cost
-                    .record(total, started.elapsed().as_secs_f64());
+                    .record(total, started.elapsed().as_secs_f64(), context);
+                let next = batch_room(policy, &self.prefill_cost, n_batch);
+                if next != self.batch_hint.load(std::sync::atomic::Ordering::Relaxed) {
+                    let line = self.prefill_cost.fit();
+                    tracing::debug!(batch = next, ?line, total, context, "prefill batch size");
+                }
+                self.batch_hint
+                    .store(next, std::sync::atomic::Ordering::Relaxed);
                 metrics::histogram!("exo_prefill_batch_prompts").record(picked.len() as f64);
                 let mut finished = Vec::new();
                 for (&(i, take), row) in picked.iter().zip(rows) {
@@ -378,6 +403,11 @@ impl Worker<'_> {
         match self.export(seq) {
             // A receiver that went away is the hand-off's to report, not the prefill's.
             Ok(kv) => {
+                tracing::debug!(
+                    seq,
+                    cells = kv.tokens.len(),
+                    "KV exported whole after token 0"
+                );
                 let _ = stream.tx.send(KvPiece::Final(kv));
             }
             Err(e) => tracing::warn!(seq, error = %e, "could not export a prompt's cache"),
@@ -461,6 +491,7 @@ impl Worker<'_> {
         };
         match piece {
             Ok(bytes) => {
+                tracing::debug!(seq, first = sent, cells = done - sent, "KV piece cut");
                 if let Some(s) = p.stream.as_mut() {
                     let _ = s.tx.send(KvPiece::Segment { first: sent, bytes });
                     s.sent = done;

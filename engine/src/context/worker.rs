@@ -3,7 +3,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use exo_kvcache::{DecodedKv, ImportTarget, KvType, StateShape, to_single_stream};
 use exo_sampling::SamplingParams;
@@ -76,6 +76,7 @@ pub(super) fn worker_main(
     mut rx: mpsc::UnboundedReceiver<Command>,
     ready: std::sync::mpsc::Sender<Result<StateShape, EngineError>>,
     retired: Arc<AtomicBool>,
+    batch_hint: Arc<AtomicUsize>,
 ) {
     let params = match context_params(&config) {
         Ok(p) => p,
@@ -107,6 +108,7 @@ pub(super) fn worker_main(
         active: Vec::new(),
         pending: std::collections::VecDeque::new(),
         prefill_cost: PrefillCost::default(),
+        batch_hint,
     };
     match w.calibrate() {
         Ok(shape) => {
@@ -137,6 +139,8 @@ pub(super) struct Worker<'m> {
     pub(super) pending: std::collections::VecDeque<Pending>,
     /// What prefill batches have cost on this context.
     pub(super) prefill_cost: PrefillCost,
+    /// The prefill batch size in force, published for [`super::ContextHandle::prefill_batch_tokens`].
+    pub(super) batch_hint: Arc<AtomicUsize>,
 }
 
 impl Worker<'_> {

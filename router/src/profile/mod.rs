@@ -7,7 +7,7 @@ use exo_kvcache::{Codec, DEFAULT_CHUNK_SIZE, KvLayout, KvType, MAX_CHUNK_SIZE};
 use exo_protocol::{NodePerf, Role};
 use serde::Deserialize;
 
-use crate::placement::cost_model::{CostModel, link_between};
+use crate::placement::cost_model::{CostModel, PIECE_CHOICES, link_between};
 use crate::placement::{Link, NodeId, NodeLoad, NodeView, Objective, PlacementMode, Policy};
 
 mod discovery;
@@ -181,6 +181,7 @@ struct RawPolicy {
     handoff_overhead_ms: f64,
     kv_bytes_per_token: Option<f64>,
     default_link: Link,
+    handoff_pieces: Option<u64>,
 }
 
 impl Default for RawPolicy {
@@ -192,6 +193,7 @@ impl Default for RawPolicy {
             handoff_overhead_ms: 2.0,
             kv_bytes_per_token: None,
             default_link: DEFAULT_LINK,
+            handoff_pieces: None,
         }
     }
 }
@@ -338,6 +340,13 @@ impl RawPolicy {
         {
             return Err("policy.kv_bytes_per_token must be positive".into());
         }
+        if let Some(n) = self.handoff_pieces
+            && !PIECE_CHOICES.contains(&n)
+        {
+            return Err(format!(
+                "policy.handoff_pieces must be one of {PIECE_CHOICES:?}, not {n}"
+            ));
+        }
         if placement == PlacementMode::Auto && complete {
             if let Some(n) = nodes.iter().find(|n| n.perf.is_none()) {
                 return Err(format!(
@@ -358,6 +367,7 @@ impl RawPolicy {
             handoff_overhead_s: self.handoff_overhead_ms / 1000.0,
             kv_bytes_per_token: self.kv_bytes_per_token.unwrap_or(0.0),
             default_link: self.default_link,
+            handoff_pieces: self.handoff_pieces,
         })
     }
 }

@@ -144,3 +144,19 @@ fn a_profile_of_several_models_narrows_to_one() {
     .unwrap();
     assert_eq!(one.for_model(None).unwrap(), one);
 }
+
+#[test]
+fn handoff_pieces_are_pinned_only_to_a_known_count() {
+    let nodes = "[[nodes]]\nname = \"p\"\naddress = \"embedded\"\nrole = \"prefill\"\n[[nodes]]\nname = \"d\"\naddress = \"embedded\"\nrole = \"decode\"\n";
+    let pinned = format!("{BASE}[policy]\nhandoff_pieces = 4\n{nodes}");
+    assert_eq!(parse(&pinned).unwrap().policy.handoff_pieces, Some(4));
+    let chosen = format!("{BASE}{nodes}");
+    assert_eq!(parse(&chosen).unwrap().policy.handoff_pieces, None);
+    let odd = format!("{BASE}[policy]\nhandoff_pieces = 3\n{nodes}");
+    assert!(
+        parse(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("handoff_pieces")
+    );
+}

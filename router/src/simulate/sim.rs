@@ -363,7 +363,8 @@ impl<'a> Sim<'a> {
         let t = handoff_terms(self.bytes(r), perf, &link, self.reqs[r].codec);
         let own = self.perf[n].prefill_s(prompt);
         let overlap = t.overlap_s.unwrap_or(f64::INFINITY);
-        streamed_handoff_s(prompt, self.reqs[r].pieces, own, t.export_s, overlap)
+        let batch = self.perf[n].batch_tokens();
+        streamed_handoff_s(prompt, self.reqs[r].pieces, batch, own, t.export_s, overlap)
     }
 
     /// Sends what is left of request `r`'s cache from node `n` to its decode node once its prompt

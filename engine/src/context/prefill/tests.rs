@@ -50,8 +50,8 @@ fn cost_model_batches_where_a_batch_has_a_large_fixed_cost() {
     assert!(cpu.sharing_pays(3, 60));
     for n in [60usize, 480, 60, 480, 120] {
         // CPU: 5 ms a batch, 2 ms a token. GPU: 8 ms a batch, 5 µs a token.
-        cpu.record(n, 0.005 + 0.002 * n as f64);
-        gpu.record(n, 0.008 + 0.000_005 * n as f64);
+        cpu.record(n, 0.005 + 0.002 * n as f64, 0);
+        gpu.record(n, 0.008 + 0.000_005 * n as f64, 0);
     }
     // On the CPU a 60-token prompt runs alone; one of a token or two joins one or two others.
     assert!(!cpu.sharing_pays(1, 60));
@@ -68,8 +68,8 @@ fn cost_model_batches_where_a_batch_has_a_large_fixed_cost() {
     assert_eq!(gpu.batch_tokens(512), 512);
     assert_eq!(PrefillCost::default().batch_tokens(512), 512);
     let mut slow_start = PrefillCost::default();
-    slow_start.record(100, 0.05 + 0.001 * 100.0);
-    slow_start.record(300, 0.05 + 0.001 * 300.0);
+    slow_start.record(100, 0.05 + 0.001 * 100.0, 0);
+    slow_start.record(300, 0.05 + 0.001 * 300.0, 0);
     // 0.05 * 0.9 / (0.1 * 0.001) = 450, give or take the float rounding of the fit.
     assert!((450..=451).contains(&slow_start.batch_tokens(2048)));
 }
@@ -82,9 +82,9 @@ fn a_slow_first_batch_does_not_stop_gpu_batching() {
     // by one.
     let mut gpu = PrefillCost::default();
     for n in [8usize, 16, 24, 32, 40, 48, 56, 64, 8, 16, 32, 64] {
-        gpu.record(n, 0.006 + 0.000_01 * n as f64);
+        gpu.record(n, 0.006 + 0.000_01 * n as f64, 0);
     }
-    gpu.record(60, 0.129);
+    gpu.record(60, 0.129, 0);
     let (fixed, per_token) = gpu.fit().unwrap_or((f64::NAN, f64::NAN));
     assert!(
         (per_token - 0.000_01).abs() < 1e-9 && (fixed - 0.006).abs() < 1e-9,
@@ -118,22 +118,22 @@ fn median_of_odd_even_and_no_values() {
 fn cost_model_needs_two_sizes_keeps_its_line_and_forgets_old_batches() {
     let mut c = PrefillCost::default();
     for _ in 0..10 {
-        c.record(60, 0.1);
+        c.record(60, 0.1, 0);
     }
     assert_eq!(c.fit(), None);
-    c.record(120, 0.3);
+    c.record(120, 0.3, 0);
     assert!(c.fit().is_some());
     // A window of one size keeps the last line learned.
     for _ in 0..COST_WINDOW {
-        c.record(64, 0.2);
+        c.record(64, 0.2, 0);
     }
     let kept = c.fit();
     assert!(kept.is_some());
-    c.record(64, 0.25);
+    c.record(64, 0.25, 0);
     assert_eq!(c.fit(), kept);
     for _ in 0..COST_WINDOW {
-        c.record(100, 0.2);
-        c.record(400, 0.8);
+        c.record(100, 0.2, 0);
+        c.record(400, 0.8, 0);
     }
     let (fixed, per_token) = c.fit().unwrap_or((f64::NAN, f64::NAN));
     assert!(
@@ -141,4 +141,22 @@ fn cost_model_needs_two_sizes_keeps_its_line_and_forgets_old_batches() {
         "{fixed} {per_token}"
     );
     assert_eq!(c.samples.len(), COST_WINDOW);
+}
+
+#[test]
+fn later_chunks_of_a_long_prompt_do_not_move_the_line() {
+    // One CPU core, as a prefill node here warms up: a 45-token and a 366-token prompt, each in one
+    // batch (4.2 ms a token, nothing fixed).
+    let mut c = PrefillCost::default();
+    c.record(45, 0.0042 * 45.0, 0);
+    c.record(366, 0.0042 * 366.0, 0);
+    let before = c.batch_tokens(512);
+    assert_eq!(before, 64);
+    // Then a 2,048-token prompt in 64-token chunks, each paying attention over the chunks before
+    // it (0.6 us per token and cell of context). Counted as fixed cost, that grew the batches.
+    for k in 1..32 {
+        let context = 64 * k;
+        c.record(64, 64.0 * (0.0042 + 0.6e-6 * context as f64), context);
+    }
+    assert_eq!(c.batch_tokens(512), before);
 }

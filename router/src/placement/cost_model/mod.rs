@@ -94,6 +94,9 @@ pub struct Policy {
     pub kv_bytes_per_token: f64,
     /// Link assumed between nodes the profile names no link for.
     pub default_link: Link,
+    /// Pieces every streamed hand-off is cut in (one of [`PIECE_CHOICES`]); `None`: the cost
+    /// model chooses per request ([`best_pieces`]).
+    pub handoff_pieces: Option<u64>,
 }
 
 impl Policy {
@@ -227,7 +230,8 @@ impl CostModel {
             .unwrap_or(self.policy.default_link);
         let bytes = shape.prompt_tokens as f64 * self.policy.kv_bytes_per_token([p, d]);
         let codec = best_codec(bytes, p, d, &link).0;
-        let (pieces, _, _) = handoff_s(shape.prompt_tokens, bytes, (p, d), &link, codec)?;
+        let pieces = self.policy.handoff_pieces;
+        let (pieces, _, _) = handoff_s(shape.prompt_tokens, bytes, (p, d), &link, codec, pieces)?;
         Some((codec, pieces))
     }
 }

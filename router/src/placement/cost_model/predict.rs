@@ -37,14 +37,17 @@ pub fn transfer_s(
 pub const PIECE_CHOICES: [u64; 4] = [1, 2, 4, 8];
 
 /// A streamed hand-off of a `tokens`-token prompt cut in `pieces`, whose own prefill takes
-/// `prefill_s` (docs/kvcache.md): the cells of every [`piece_tokens`] go out as the prompt passes
-/// them, after an export of the sequence so far (`export_s` for the whole cache), and queue on the
-/// link (`wire_s` for the whole cache); the rest follows the last batch. Returns the seconds the
-/// exports add to the prefill (before token 0) and the seconds from the prompt's end until the last
-/// byte arrived.
+/// `prefill_s` in batches of `batch` tokens (docs/kvcache.md): a piece goes out at the end of the
+/// first batch that brings [`piece_tokens`] new cells since the last one, as the prefill node's
+/// engine sends them (a 3,496-token prompt in eighths with 64-token batches: pieces of 448 tokens
+/// and a last one of 360, not eight of 437), after an export of the sequence so far (`export_s`
+/// for the whole cache), and queues on the link (`wire_s` for the whole cache); the rest follows
+/// the last batch. `batch` 1 cuts at exact multiples. Returns the seconds the exports add to the
+/// prefill (before token 0) and the seconds from the prompt's end until the last byte arrived.
 pub fn streamed_handoff_s(
     tokens: u64,
     pieces: u64,
+    batch: u64,
     prefill_s: f64,
     export_s: f64,
     wire_s: f64,
@@ -53,7 +56,8 @@ pub fn streamed_handoff_s(
         return (0.0, export_s + wire_s);
     }
     let n = tokens as f64;
-    let every = piece_tokens(tokens, pieces);
+    let batch = batch.max(1);
+    let every = piece_tokens(tokens, pieces).div_ceil(batch) * batch;
     let (mut during, mut link_free, mut sent, mut at) = (0.0, 0.0f64, 0u64, every);
     while at < tokens {
         let share = at as f64 / n;
@@ -74,13 +78,19 @@ pub fn streamed_handoff_s(
 /// pays where the wire is slow next to the exports (a CPU prefill over Ethernet) and loses where
 /// exports are dear next to the wire (a GPU prefill on a fast link: exports from GPU memory ran at
 /// about 0.3 GB/s on an H100, docs/gpu.md). Ties go to fewer pieces.
-pub fn best_pieces(tokens: u64, prefill_s: f64, export_s: f64, wire_s: f64) -> (u64, (f64, f64)) {
+pub fn best_pieces(
+    tokens: u64,
+    batch: u64,
+    prefill_s: f64,
+    export_s: f64,
+    wire_s: f64,
+) -> (u64, (f64, f64)) {
     let mut best = (
         1,
-        streamed_handoff_s(tokens, 1, prefill_s, export_s, wire_s),
+        streamed_handoff_s(tokens, 1, batch, prefill_s, export_s, wire_s),
     );
     for pieces in PIECE_CHOICES.into_iter().skip(1) {
-        let t = streamed_handoff_s(tokens, pieces, prefill_s, export_s, wire_s);
+        let t = streamed_handoff_s(tokens, pieces, batch, prefill_s, export_s, wire_s);
         if t.0 + t.1 < best.1.0 + best.1.1 {
             best = (pieces, t);
         }
@@ -117,19 +127,26 @@ pub fn handoff_terms(
 }
 
 /// What the hand-off of a `tokens`-token prompt (`bytes` of cache) from `p` to `d` over `link`
-/// costs with `codec`, cut in the best number of pieces ([`best_pieces`]): `(pieces, seconds the
-/// exports add before token 0, seconds of hand-off after it)`, the import and the link's latency
-/// included in the latter; `None` when a node has not measured `codec`.
+/// costs with `codec`, cut in `pieces`, or the best number of pieces ([`best_pieces`]) when `None`:
+/// `(pieces, seconds the exports add before token 0, seconds of hand-off after it)`, the import
+/// and the link's latency included in the latter; `None` when a node has not measured `codec`.
 pub fn handoff_s(
     tokens: u64,
     bytes: f64,
     (p, d): (&NodePerf, &NodePerf),
     link: &Link,
     codec: Codec,
+    pieces: Option<u64>,
 ) -> Option<(u64, f64, f64)> {
     let t = handoff_terms(bytes, (p, d), link, codec);
-    let (pieces, (during, exposed)) =
-        best_pieces(tokens, p.prefill_s(tokens), t.export_s, t.overlap_s?);
+    let (batch, prefill_s, wire_s) = (p.batch_tokens(), p.prefill_s(tokens), t.overlap_s?);
+    let (pieces, (during, exposed)) = match pieces {
+        Some(n) => (
+            n,
+            streamed_handoff_s(tokens, n, batch, prefill_s, t.export_s, wire_s),
+        ),
+        None => best_pieces(tokens, batch, prefill_s, t.export_s, wire_s),
+    };
     Some((pieces, during, exposed + t.once_s))
 }
 
@@ -279,9 +296,14 @@ pub fn predict(
             for d in priced.iter().filter(|n| n.role.decodes() && n.id != p.id) {
                 let l = link(p.id, d.id).unwrap_or(policy.default_link);
                 let (codec, _) = best_codec(bytes, p.perf, d.perf, &l);
-                let Some((pieces, during, after)) =
-                    handoff_s(req.prompt_tokens, bytes, (p.perf, d.perf), &l, codec)
-                else {
+                let Some((pieces, during, after)) = handoff_s(
+                    req.prompt_tokens,
+                    bytes,
+                    (p.perf, d.perf),
+                    &l,
+                    codec,
+                    policy.handoff_pieces,
+                ) else {
                     continue;
                 };
                 let ttft = prefill_wait_s(p, req.prompt_tokens) + during;

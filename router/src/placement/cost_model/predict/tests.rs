@@ -24,6 +24,7 @@ fn compute_box() -> NodePerf {
         .into_iter()
         .collect(),
         kv_bytes_per_token: None,
+        prefill_batch_tokens: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn bandwidth_box() -> NodePerf {
         kv_import_gb_s: 20.0,
         codecs: Default::default(),
         kv_bytes_per_token: None,
+        prefill_batch_tokens: None,
     }
 }
 
@@ -52,6 +54,7 @@ fn policy() -> Policy {
             bandwidth_gbit_s: 10.0,
             latency_ms: 0.1,
         },
+        handoff_pieces: None,
     }
 }
 
@@ -93,41 +96,52 @@ const FAST: Link = Link {
 #[test]
 fn the_streamed_hand_off_hides_the_wire_behind_the_prefill() {
     // A 4,096-token prompt, 16 s of prefill: pieces of 512 tokens every 2 s.
-    let (during, exposed) = streamed_handoff_s(4096, 8, 16.0, 0.0, 4.0);
+    let (during, exposed) = streamed_handoff_s(4096, 8, 1, 16.0, 0.0, 4.0);
     // A link faster than the prefill leaves only the last eighth exposed.
     assert_eq!(during, 0.0);
     assert!((exposed - 0.5).abs() < 1e-9, "{exposed}");
     // A link slower than the prefill: the pieces queue; all but 7/8 of the prefill shows.
-    let (_, slow) = streamed_handoff_s(4096, 8, 16.0, 0.0, 40.0);
+    let (_, slow) = streamed_handoff_s(4096, 8, 1, 16.0, 0.0, 40.0);
     assert!((slow - (40.0 - 14.0)).abs() < 1e-9, "{slow}");
     // Seven exports of 1/8..7/8 of the cache delay the prefill by 3.5 whole exports; the last
     // export, after token 0, is part of what shows.
-    let (during, exposed) = streamed_handoff_s(4096, 8, 16.0, 0.1, 4.0);
+    let (during, exposed) = streamed_handoff_s(4096, 8, 1, 16.0, 0.1, 4.0);
     assert!((during - 0.35).abs() < 1e-9, "{during}");
     assert!((exposed - 0.6).abs() < 1e-9, "{exposed}");
     // Under 512 tokens a piece is 256 tokens: a 300-token prompt sends one, then 44 tokens.
-    let (_, short) = streamed_handoff_s(300, 8, 3.0, 0.0, 0.3);
+    let (_, short) = streamed_handoff_s(300, 8, 1, 3.0, 0.0, 0.3);
     assert!((short - 0.3 * 44.0 / 300.0).abs() < 1e-9, "{short}");
     // One piece: the whole export and wire after the prompt.
-    let (during, exposed) = streamed_handoff_s(4096, 1, 16.0, 0.1, 4.0);
+    let (during, exposed) = streamed_handoff_s(4096, 1, 1, 16.0, 0.1, 4.0);
     assert_eq!(during, 0.0);
     assert!((exposed - 4.1).abs() < 1e-9, "{exposed}");
+}
+
+#[test]
+fn pieces_leave_where_the_engine_batches_end() {
+    // 3,496 tokens in eighths of 437 with 64-token batches: the engine sends pieces at 448, 896,
+    // ..., 3,136 tokens and leaves 360 for after the prompt (1 ms of wire per token here, a prompt
+    // slow enough that only the last piece shows).
+    let (_, exact) = streamed_handoff_s(3496, 8, 1, 100.0, 0.0, 3.496);
+    let (_, batched) = streamed_handoff_s(3496, 8, 64, 100.0, 0.0, 3.496);
+    assert!((exact - 0.437).abs() < 1e-9, "{exact}");
+    assert!((batched - 0.360).abs() < 1e-9, "{batched}");
 }
 
 #[test]
 fn the_cache_streams_where_the_wire_is_slow_next_to_the_exports() {
     // The H100 on loopback (docs/gpu.md): a 7,700-token prompt prefilled in 0.21 s, its
     // 177 MB exported at 0.3 GB/s (0.59 s), 18 ms of wire: one piece after the prompt.
-    let (pieces, (during, exposed)) = best_pieces(7700, 0.21, 0.59, 0.018);
+    let (pieces, (during, exposed)) = best_pieces(7700, 1, 0.21, 0.59, 0.018);
     assert_eq!((pieces, during), (1, 0.0));
     assert!((exposed - 0.608).abs() < 1e-9, "{exposed}");
     // A CPU prefill of 3,500 tokens in 7 s, 80 MB exported at 1 GB/s, 6.4 s over 100 Mbit/s:
     // eight pieces, most of the wire behind the prompt.
-    let (pieces, (during, exposed)) = best_pieces(3500, 7.0, 0.08, 6.4);
+    let (pieces, (during, exposed)) = best_pieces(3500, 1, 7.0, 0.08, 6.4);
     assert_eq!(pieces, 8);
     assert!(during < 0.5 && exposed < 1.5, "{during} {exposed}");
     // Nothing to gain (no wire, free exports): the fewest pieces.
-    assert_eq!(best_pieces(3500, 7.0, 0.0, 0.0).0, 1);
+    assert_eq!(best_pieces(3500, 1, 7.0, 0.0, 0.0).0, 1);
 }
 
 #[test]
@@ -306,6 +320,7 @@ fn bad_perf_tables_are_refused() {
 fn kv_bytes_per_token_comes_from_the_policy_else_from_the_nodes() {
     let measured = NodePerf {
         kv_bytes_per_token: Some(23_040.0),
+        prefill_batch_tokens: None,
         ..compute_box()
     };
     let unknown = Policy {
