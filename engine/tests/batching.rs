@@ -125,6 +125,9 @@ async fn prompts_take_turns_and_keep_their_results() {
     let greedy = SamplingParams::greedy(8);
     let solo_long = ctx.prefill(0, long.clone(), greedy.clone()).await.unwrap();
     let solo_short = ctx.prefill(1, short.clone(), greedy.clone()).await.unwrap();
+    // Forget them, so neither prompt reuses its own cache below (prefix reuse): both must run.
+    ctx.clear(0).await.unwrap();
+    ctx.clear(1).await.unwrap();
 
     // The long prompt starts first; the short one arrives while it runs and finishes before it.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -150,6 +150,12 @@ pub struct EngineArgs {
     /// budgets that add up to its cores.
     #[arg(long, env = "EXO_THREADS", default_value_t = 0)]
     pub threads: u32,
+    /// Compute every prompt whole. By default a prompt reuses the cache a free slot kept from an
+    /// earlier prompt that started the same way (a shared system prompt, an earlier chat turn);
+    /// a client timing its requests could tell whether another's prompt started like its own, so
+    /// turn reuse off where tenants must not learn that.
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
 }
 
 impl EngineArgs {
@@ -166,6 +172,7 @@ impl EngineArgs {
         ContextConfig {
             layout: self.layout(slots),
             n_threads: self.threads,
+            prefix_reuse: !self.no_prefix_reuse,
             ..ContextConfig::default()
         }
     }

@@ -364,6 +364,11 @@ pub async fn measure(
     progress: impl FnMut(&str),
 ) -> Result<Measured, MeasureError> {
     let layout = config.layout;
+    // Every length is run twice on one sequence: reusing the first run's cache would time nothing.
+    let config = ContextConfig {
+        prefix_reuse: false,
+        ..config
+    };
     let mut run = Run {
         ctx: ContextHandle::spawn(Arc::clone(&model), config)?,
         model: &model,

@@ -141,9 +141,9 @@ impl PrefillNode {
     /// than one prefill batch, then a slot; busy after the queue timeout.
     async fn admit(
         &self,
-        n_tokens: usize,
+        tokens: &[i32],
     ) -> Result<(SlotLease, Option<OwnedSemaphorePermit>), NodeError> {
-        let long = n_tokens > self.ctx.config().n_batch as usize;
+        let long = tokens.len() > self.ctx.config().n_batch as usize;
         let wait = async {
             // The semaphore is never closed, so acquiring only waits.
             let permit = if long {
@@ -151,7 +151,7 @@ impl PrefillNode {
             } else {
                 None
             };
-            (self.ctx.acquire_slot().await, permit)
+            (self.ctx.acquire_slot_for(tokens).await, permit)
         };
         tokio::time::timeout(self.ship.queue_timeout, wait)
             .await
@@ -260,7 +260,7 @@ impl PrefillNode {
             });
         }
         // Held until the prompt is prefilled (and its cache exported): then it is no longer a prompt.
-        let (lease, _long_permit) = self.admit(tokens.len()).await?;
+        let (lease, _long_permit) = self.admit(&tokens).await?;
         let sampling = request.sampling;
         let started = Instant::now();
         // With a hand-off the cache leaves for the decode node while the prompt still runs.

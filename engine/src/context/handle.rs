@@ -25,6 +25,10 @@ pub struct ContextConfig {
     pub n_threads: u32,
     /// Whether waiting prompts share prefill batches.
     pub prefill_batching: PrefillBatching,
+    /// Whether a prompt reuses the cache its slot kept from an earlier prompt that started the
+    /// same way (prefix reuse: `prefill`'s module docs say when it applies). Off for measurements
+    /// that repeat one prompt.
+    pub prefix_reuse: bool,
 }
 
 impl Default for ContextConfig {
@@ -34,6 +38,7 @@ impl Default for ContextConfig {
             n_batch: 512,
             n_threads: 0,
             prefill_batching: PrefillBatching::Adaptive,
+            prefix_reuse: true,
         }
     }
 }
@@ -157,7 +162,13 @@ impl ContextHandle {
     /// Waits for a free sequence slot; waiters are served first come, first served. The slot's KV is
     /// cleared when the lease is dropped.
     pub async fn acquire_slot(&self) -> SlotLease {
-        self.slots.acquire(&self.tx).await
+        self.slots.acquire(&self.tx, &[]).await
+    }
+
+    /// [`Self::acquire_slot`] for a prompt of `tokens`: the free slot whose cache starts the most
+    /// like it, so its prefill can reuse that start.
+    pub async fn acquire_slot_for(&self, tokens: &[i32]) -> SlotLease {
+        self.slots.acquire(&self.tx, tokens).await
     }
 
     /// Takes a free sequence slot now, or `None` when all are in use.

@@ -63,6 +63,9 @@ pub struct PrefillOutput {
     pub first_logprob: Option<TokenLogprob>,
     /// Prompt tokens now in the sequence's KV cache.
     pub n_prompt: usize,
+    /// Of those, the leading ones whose cache an earlier prompt in the same slot had left and this
+    /// one reused instead of computing (prefix reuse, `prefill`'s module docs).
+    pub reused: usize,
 }
 
 /// Part of a prompt's cache, sent while the prompt runs ([`ContextHandle::prefill_streamed`]).
@@ -162,6 +165,11 @@ enum Command {
     Clear {
         seq: i32,
         reply: Reply<()>,
+    },
+    /// A lease ended: stop what still runs on the slot; its cache stays for prefix reuse where
+    /// the context allows it, and is cleared otherwise.
+    Release {
+        seq: i32,
     },
     /// Stop now (the last handle is gone): sequences still running are dropped with the context.
     Stop,

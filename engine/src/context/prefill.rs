@@ -62,6 +62,8 @@ pub(super) struct Pending {
     pub(super) first_index: u32,
     /// Tokens already in the cache.
     pub(super) done: usize,
+    /// Of those, the ones an earlier prompt left in the slot (prefix reuse).
+    pub(super) reused: usize,
     /// Prefill batches in a row that ran without this prompt.
     pub(super) passed_over: u32,
     /// Where the cache goes while the prompt runs (a streamed hand-off).
@@ -267,7 +269,12 @@ fn batch_room(policy: PrefillBatching, cost: &PrefillCost, n_batch: usize) -> us
 impl Worker<'_> {
     /// Checks a prompt and empties its sequence; the prompt then runs in prefill batches between
     /// decode steps (`prefill_batch`), so generating sequences keep going.
-    pub(super) fn begin_prefill(&mut self, seq: i32, tokens: &[i32]) -> Result<usize, EngineError> {
+    pub(super) fn begin_prefill(
+        &mut self,
+        seq: i32,
+        tokens: &[i32],
+        resumed: usize,
+    ) -> Result<(usize, usize), EngineError> {
         let slot = self.slot(seq)?;
         if tokens.is_empty() {
             return Err(EngineError::InvalidRequest("empty prompt".into()));
@@ -280,8 +287,51 @@ impl Worker<'_> {
             )));
         }
         self.model.check_tokens(tokens)?;
-        self.clear(seq)?;
-        Ok(slot)
+        self.stop(seq);
+        let keep = self.reusable_prefix(slot, tokens, resumed);
+        if keep > 0 {
+            // Drop the cells from `keep` on; llama.cpp says false where it cannot cut a sequence.
+            let cut = self.ctx.clear_kv_cache_seq(
+                u32::try_from(seq).ok(),
+                u32::try_from(keep).ok(),
+                None,
+            );
+            if cut == Ok(true) {
+                self.seq_tokens[slot].truncate(keep);
+                self.reusable[slot] = keep;
+                return Ok((slot, keep));
+            }
+        }
+        self.forget(seq)?;
+        Ok((slot, 0))
+    }
+
+    /// Whether this context reuses a slot's cache for a prompt that starts the same way: only a
+    /// plain attention cache (a sliding window has dropped old cells, a recurrent state cannot go
+    /// back to an earlier position) and only where the configuration allows it.
+    pub(super) fn reuses_prefixes(&self) -> bool {
+        self.config.prefix_reuse
+            && self
+                .shape()
+                .is_ok_and(|s| s.window.is_none() && s.recurrent.is_none() && s.has_attention())
+    }
+
+    /// The leading tokens of `tokens` (whose last `resumed` are earlier output) whose cache slot
+    /// `slot` holds and that a prefill may keep: cells a prompt's chunks computed, bit for bit what
+    /// computing them again would give (`tests/batching.rs` checks a prompt's cache is the same
+    /// however it is cut), and never the whole prompt proper but two tokens (a last chunk of one
+    /// token would be computed with other rounding, see `chunk`; resumed output runs one token a
+    /// batch after it, as it did where it was generated).
+    fn reusable_prefix(&self, slot: usize, tokens: &[i32], resumed: usize) -> usize {
+        if !self.reuses_prefixes() {
+            return 0;
+        }
+        let proper = tokens.len().saturating_sub(resumed);
+        let held = &self.seq_tokens[slot];
+        let limit = self.reusable[slot]
+            .min(proper.saturating_sub(2))
+            .min(held.len());
+        super::slots::common_prefix(&held[..limit], tokens)
     }
 
     /// Runs one prefill batch: the next tokens of the prompts [`plan`] picks, each in its own
@@ -360,9 +410,7 @@ impl Worker<'_> {
             if self.pending[i].reply.is_closed() {
                 let seq = self.pending[i].seq;
                 self.pending.remove(i);
-                let _ = self
-                    .ctx
-                    .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+                let _ = self.forget(seq);
             } else {
                 i += 1;
             }
@@ -381,9 +429,7 @@ impl Worker<'_> {
             let result = match row {
                 Ok(row) => self.first_token(&mut p, row),
                 Err(why) => {
-                    let _ = self
-                        .ctx
-                        .clear_kv_cache_seq(u32::try_from(p.seq).ok(), None, None);
+                    let _ = self.forget(p.seq);
                     Err(EngineError::Decode(why))
                 }
             };
@@ -457,10 +503,13 @@ impl Worker<'_> {
         )?;
         let n_prompt = p.tokens.len();
         self.seq_tokens[p.slot] = std::mem::take(&mut p.tokens);
+        self.reusable[p.slot] = n_prompt.saturating_sub(p.first_index as usize);
+        metrics::counter!("exo_prefill_reused_tokens_total").increment(p.reused as u64);
         Ok(PrefillOutput {
             first_token: chosen.token,
             first_logprob: chosen.logprob(|t| self.model.token_bytes(t)),
             n_prompt,
+            reused: p.reused,
         })
     }
 

@@ -104,6 +104,7 @@ pub(super) fn worker_main(
         config,
         shape: None,
         seq_tokens: vec![Vec::new(); config.layout.n_seq_max as usize],
+        reusable: vec![0; config.layout.n_seq_max as usize],
         retired,
         active: Vec::new(),
         pending: std::collections::VecDeque::new(),
@@ -131,6 +132,9 @@ pub(super) struct Worker<'m> {
     shape: Option<StateShape>,
     /// Tokens whose KV each sequence holds.
     pub(super) seq_tokens: Vec<Vec<i32>>,
+    /// How many leading cells of each sequence a prompt's chunks computed (its prompt proper, not
+    /// decoded output nor an imported cache): what a later prompt may reuse.
+    pub(super) reusable: Vec<usize>,
     /// Set for good once llama.cpp rejected a state; the handle reports it as the node's fault.
     retired: Arc<AtomicBool>,
     /// Sequences generating; each step decodes one token for all of them in one batch.
@@ -185,12 +189,13 @@ impl Worker<'_> {
                 stream,
                 reply,
             } => match self.begin_prompt(seq, &tokens, resumed, &sampling) {
-                Ok((slot, matcher, first_index)) => self.pending.push_back(Pending {
+                Ok((slot, matcher, first_index, reused)) => self.pending.push_back(Pending {
                     seq,
                     slot,
                     tokens,
                     first_index,
-                    done: 0,
+                    done: reused,
+                    reused,
                     passed_over: 0,
                     stream,
                     sampling,
@@ -244,6 +249,11 @@ impl Worker<'_> {
             Command::Clear { seq, reply } => {
                 let _ = reply.send(self.guard(|w| w.clear(seq)));
             }
+            Command::Release { seq } => {
+                if let Err(e) = self.guard(|w| w.release(seq)) {
+                    tracing::debug!(seq, error = %e, "releasing a slot");
+                }
+            }
             // `run` stops on it before serving.
             Command::Stop => {}
         }
@@ -258,15 +268,15 @@ impl Worker<'_> {
     }
 
     /// Checks a prompt whose last `resumed` tokens are the request's earlier output and empties its
-    /// sequence: its slot, the matcher after that output, and the output index of the token the
-    /// prompt will end with.
+    /// sequence but for a start it may reuse: its slot, the matcher after that output, the output
+    /// index of the token the prompt will end with, and the prompt tokens already in the cache.
     fn begin_prompt(
         &mut self,
         seq: i32,
         tokens: &[i32],
         resumed: usize,
         sampling: &SamplingParams,
-    ) -> Result<(usize, Option<Matcher>, u32), EngineError> {
+    ) -> Result<(usize, Option<Matcher>, u32, usize), EngineError> {
         let history = super::resumed_output(tokens, resumed).ok_or_else(|| {
             EngineError::InvalidRequest("the resumed output is not shorter than the prompt".into())
         })?;
@@ -275,8 +285,8 @@ impl Worker<'_> {
         self.model.check_tokens(tokens)?;
         self.model.check_bias(sampling)?;
         let matcher = self.matcher_after(sampling, history)?;
-        let slot = self.guard(|w| w.begin_prefill(seq, tokens))?;
-        Ok((slot, matcher, first_index))
+        let (slot, reused) = self.guard(|w| w.begin_prefill(seq, tokens, resumed))?;
+        Ok((slot, matcher, first_index, reused))
     }
 
     /// The matcher a request's next token is chosen with after output tokens `history`, if the
@@ -460,6 +470,8 @@ impl Worker<'_> {
             return Err(EngineError::ImportRejected);
         }
         self.seq_tokens[slot] = tokens;
+        // Computed elsewhere, maybe in another shape: never reused for a prompt here.
+        self.reusable[slot] = 0;
         Ok(())
     }
 
@@ -479,7 +491,12 @@ impl Worker<'_> {
     }
 
     pub(super) fn clear(&mut self, seq: i32) -> Result<(), EngineError> {
-        let slot = self.slot(seq)?;
+        self.stop(seq);
+        self.forget(seq)
+    }
+
+    /// Stops whatever still runs on sequence `seq`: its generation, or its prompt.
+    pub(super) fn stop(&mut self, seq: i32) {
         self.stop_active(seq);
         if let Some(i) = self.pending.iter().position(|p| p.seq == seq)
             && let Some(p) = self.pending.remove(i)
@@ -487,11 +504,28 @@ impl Worker<'_> {
             let msg = format!("prefill of sequence {seq} was superseded");
             let _ = p.reply.send(Err(EngineError::InvalidRequest(msg)));
         }
+    }
+
+    /// Empties sequence `seq`'s cache and what the worker knows of it.
+    pub(super) fn forget(&mut self, seq: i32) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        self.seq_tokens[slot].clear();
+        self.reusable[slot] = 0;
         self.ctx
             .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None)
             .map_err(|e| EngineError::Decode(format!("clearing sequence {seq}: {e}")))?;
-        self.seq_tokens[slot].clear();
         Ok(())
+    }
+
+    /// A lease on `seq` ended: stops what runs on it and keeps its cache when a later prompt may
+    /// reuse its start, clearing it otherwise.
+    fn release(&mut self, seq: i32) -> Result<(), EngineError> {
+        let slot = self.slot(seq)?;
+        self.stop(seq);
+        if self.reuses_prefixes() && self.reusable[slot] > 0 {
+            return Ok(());
+        }
+        self.forget(seq)
     }
 }
 

@@ -166,6 +166,8 @@ async fn engine_rows(args: &Args, slots: u32) -> Result<Vec<Row>> {
         n_batch: args.batch,
         n_threads: args.threads,
         prefill_batching: args.prefill_batching.into(),
+        // llama-batched-bench computes every prompt; so does the engine here.
+        prefix_reuse: false,
     };
     let ctx = ContextHandle::spawn(model.clone(), config)?;
     // Held to the end: an idle context whose thread team exists beside the measured one.
