@@ -47,7 +47,9 @@ pub struct NodePerf {
     /// batches from their timings: 64 on a small CPU, `n_batch` on a GPU). A streamed hand-off's
     /// pieces leave at the end of the first batch past each piece boundary, so the cost model cuts
     /// them there; absent (older tables, derived ones), it cuts at exact boundaries.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // No `skip_serializing_if`: the table also travels in bincode (a node's `hello`), which
+    // reads fields by position and cannot tell a skipped one.
+    #[serde(default)]
     pub prefill_batch_tokens: Option<u32>,
 }
 
@@ -181,5 +183,43 @@ impl NodePerf {
             });
         }
         self.codecs.get(codec.name()).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::pin::Pin;
+
+    use tokio_serde::formats::Bincode;
+    use tokio_serde::{Deserializer, Serializer};
+
+    use super::NodePerf;
+
+    fn table(batch: Option<u32>) -> NodePerf {
+        NodePerf {
+            source: "test".into(),
+            prefill_tok_s: vec![(16, 200.0)],
+            decode_step_ms: vec![(1, 8.0)],
+            decode_ms_per_1k_ctx: 1.0,
+            kv_export_gb_s: 2.0,
+            kv_import_gb_s: 8.0,
+            codecs: Default::default(),
+            kv_bytes_per_token: None,
+            prefill_batch_tokens: batch,
+        }
+    }
+
+    #[test]
+    fn a_table_crosses_the_wire_with_and_without_optional_fields() {
+        let mut codec: Bincode<NodePerf, NodePerf> = Bincode::default();
+        for perf in [table(None), table(Some(64))] {
+            let bytes = Pin::new(&mut codec).serialize(&perf).unwrap();
+            let back = Pin::new(&mut codec)
+                .deserialize(&bytes::BytesMut::from(&bytes[..]))
+                .unwrap();
+            assert_eq!(back, perf);
+        }
     }
 }
