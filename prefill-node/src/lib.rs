@@ -89,7 +89,7 @@ pub struct PrefillNode {
     security: LinkSecurity,
     /// Requests between the start of `prefill` and the end of their KV transfer.
     in_flight: Arc<AtomicUsize>,
-    /// One permit per long prompt being prefilled at once: one fewer than the slots (at least one).
+    /// One permit per long prompt being prefilled at once ([`long_prompt_permits`]).
     long_prompts: Arc<Semaphore>,
 }
 
@@ -109,6 +109,15 @@ fn engine_error(e: EngineError) -> NodeError {
     }
 }
 
+/// Long prompts (longer than one prefill batch) a node with `slots` slots prefills at once: a
+/// quarter of the slots, at least one. More long prompts in the engine finish none of them sooner
+/// (their chunks take turns, and on a CPU a batch costs in proportion to its tokens), but each
+/// holds a slot that short prompts then wait for: with one of four slots left to them, three chats
+/// behind a queue of long prompts took turns at it, short TTFT p99 4.4 s (docs/bench.md).
+pub fn long_prompt_permits(slots: usize) -> usize {
+    (slots / 4).max(1)
+}
+
 impl PrefillNode {
     /// A prefill node called `name` (its metrics label) over `ctx`, shipping caches over links
     /// secured by `security`.
@@ -118,9 +127,7 @@ impl PrefillNode {
         ship: ShipConfig,
         security: LinkSecurity,
     ) -> Arc<Self> {
-        let long = (ctx.config().layout.n_seq_max as usize)
-            .saturating_sub(1)
-            .max(1);
+        let long = long_prompt_permits(ctx.config().layout.n_seq_max as usize);
         Arc::new(PrefillNode {
             name: name.to_string(),
             ctx,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use exo_engine::{ContextConfig, ContextHandle};
 use exo_kvcache::KvLayout;
-use exo_prefill_node::{PrefillNode, ShipConfig};
+use exo_prefill_node::{PrefillNode, ShipConfig, long_prompt_permits};
 use exo_protocol::{PrefillRequest, Prompt, RequestId, SamplingParams};
 use exo_test_support::model;
 
@@ -74,4 +74,13 @@ async fn a_short_prompt_gets_a_slot_while_long_ones_queue() {
     let order: Vec<&str> = std::iter::from_fn(|| done_rx.try_recv().ok()).collect();
     assert_eq!(order, ["short", "long 1", "long 2"]);
     assert_eq!(node.free_long_prompt_permits(), 1);
+}
+
+#[test]
+fn long_prompts_hold_a_quarter_of_the_slots_at_least_one() {
+    assert_eq!(long_prompt_permits(1), 1);
+    assert_eq!(long_prompt_permits(2), 1);
+    assert_eq!(long_prompt_permits(4), 1);
+    assert_eq!(long_prompt_permits(8), 2);
+    assert_eq!(long_prompt_permits(16), 4);
 }
