@@ -14,7 +14,9 @@
 # Beside each measurement, the cost model's prediction (`exo-router plan` on the same profile): the
 # router runs with the nodes' measured perf tables (taken from PERF) and the link's TCP goodput,
 # measured through the shaped link before the nodes start, so it chooses the pieces it predicts for;
-# the predicted stall is the hand-off after token 0 plus one decode step. The pieces are pinned
+# the predicted stall is the hand-off after token 0 plus one decode step. The nodes compute every
+# prompt whole (--no-prefix-reuse), as the profile measured them, and the prompt tokens read from
+# the prefill node's metrics are the whole prompt's. The pieces are pinned
 # (PIECES, `policy.handoff_pieces`), so measurement and prediction cut the cache alike: left to
 # choose, the router picks per request from the live load, and at some sizes two choices are
 # within a few ms of each other (PIECES= lets it choose; the prediction then assumes an idle
@@ -148,9 +150,9 @@ for rate in $rates; do
   # About a second of traffic at the shaped rate.
   gbit=$(goodput "$(awk -v r="$rate" 'BEGIN { m = (r ~ /gbit/) ? 1e9 : 1e6; sub(/[a-z]+/, "", r); print int(r * m / 8) }')")
   write_profile "$gbit"
-  start "$d_ns" decode node --role decode --model "$model" --threads 1 --slots 2 \
+  start "$d_ns" decode node --role decode --model "$model" --threads 1 --slots 2 --no-prefix-reuse \
     --listen "$d_ip:52416" --name decode --metrics-listen "$d_ip:9101"
-  start "$p_ns" prefill node --role prefill --model "$model" --threads 1 --slots 2 \
+  start "$p_ns" prefill node --role prefill --model "$model" --threads 1 --slots 2 --no-prefix-reuse \
     --listen "$p_ip:52416" --name prefill --metrics-listen "$p_ip:9100"
   start "$p_ns" router serve --profile "$work/cluster.toml" --listen "$p_ip:52415"
   # Untimed warm-up: connections made, first-use costs paid, and prompts of two lengths so the

@@ -290,7 +290,11 @@ impl PrefillNode {
             self.ctx
                 .prefill_resumed(lease.seq(), tokens, resume.len(), sampling.clone(), stream);
         let out = run.await.map_err(engine_error)?;
-        self.record_prefill(out.n_prompt, started.elapsed().as_secs_f64());
+        // Tokens computed: a start reused from an earlier prompt took no time.
+        self.record_prefill(
+            out.n_prompt.saturating_sub(out.reused),
+            started.elapsed().as_secs_f64(),
+        );
         let model = self.ctx.model();
         let first = model.first_output(&resume, out.first_token, &sampling);
         let reply = PrefillReply {

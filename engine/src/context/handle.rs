@@ -159,8 +159,8 @@ impl ContextHandle {
         }
     }
 
-    /// Waits for a free sequence slot; waiters are served first come, first served. The slot's KV is
-    /// cleared when the lease is dropped.
+    /// Waits for a free sequence slot; waiters are served first come, first served. When the lease
+    /// is dropped, what runs on the slot stops and its KV is cleared, or kept for prefix reuse.
     pub async fn acquire_slot(&self) -> SlotLease {
         self.slots.acquire(&self.tx, &[]).await
     }
@@ -224,7 +224,8 @@ impl ContextHandle {
         rx.await.map_err(|_| EngineError::WorkerGone)?
     }
 
-    /// Runs the prompt into sequence `seq` (cleared first) and samples output token 0.
+    /// Runs the prompt into sequence `seq` (cleared first, but for a start it may reuse: `prefill`'s
+    /// module docs) and samples output token 0.
     pub async fn prefill(
         &self,
         seq: i32,

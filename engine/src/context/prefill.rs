@@ -106,14 +106,15 @@ pub(super) struct PrefillCost {
 }
 
 impl PrefillCost {
-    /// Remembers that a batch of `tokens` took `seconds`, when none of its prompts had cells in
-    /// the cache before it (`context` is the most any had). A later chunk of a long prompt also
-    /// pays attention over the chunks before it, a cost that grows with the context, not with the
-    /// batch: taken into the line, it read as fixed cost (on one CPU core, chunks 2,000 tokens into
-    /// a prompt moved the fitted fixed cost from milliseconds to about 100 ms), and batches grew
-    /// to 500 tokens, for a short prompt to wait behind.
+    /// Remembers that a batch of `tokens` took `seconds`, unless a prompt in it had more cells in
+    /// the cache before it than the batch adds (`context` is the most any had): a later chunk of a
+    /// long prompt also pays attention over the chunks before it, a cost that grows with the
+    /// context, not with the batch. Taken into the line, it read as fixed cost (on one CPU core,
+    /// chunks 2,000 tokens into a prompt moved the fitted fixed cost from milliseconds to about
+    /// 100 ms), and batches grew to 500 tokens, for a short prompt to wait behind. A prompt's first
+    /// chunks, and the rest of a prompt that reused a short start, are timed.
     pub(super) fn record(&mut self, tokens: usize, seconds: f64, context: usize) {
-        if context > 0 {
+        if context > tokens {
             return;
         }
         if self.samples.len() == COST_WINDOW {
@@ -267,8 +268,9 @@ fn batch_room(policy: PrefillBatching, cost: &PrefillCost, n_batch: usize) -> us
 }
 
 impl Worker<'_> {
-    /// Checks a prompt and empties its sequence; the prompt then runs in prefill batches between
-    /// decode steps (`prefill_batch`), so generating sequences keep going.
+    /// Checks a prompt and empties its sequence but for a start it may reuse (returned with the
+    /// slot); the prompt then runs in prefill batches between decode steps (`prefill_batch`), so
+    /// generating sequences keep going.
     pub(super) fn begin_prefill(
         &mut self,
         seq: i32,
@@ -427,7 +429,10 @@ impl Worker<'_> {
                 continue;
             };
             let result = match row {
-                Ok(row) => self.first_token(&mut p, row),
+                Ok(row) => self.first_token(&mut p, row).inspect_err(|_| {
+                    // Its cells are in the cache but no token list says so: start over.
+                    let _ = self.forget(p.seq);
+                }),
                 Err(why) => {
                     let _ = self.forget(p.seq);
                     Err(EngineError::Decode(why))

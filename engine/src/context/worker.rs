@@ -487,6 +487,11 @@ impl Worker<'_> {
                 "sequence {seq} is already generating"
             )));
         }
+        if self.pending.iter().any(|p| p.seq == seq) {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence {seq} is still prefilling"
+            )));
+        }
         self.model.check_tokens(&[next])
     }
 
@@ -495,7 +500,8 @@ impl Worker<'_> {
         self.forget(seq)
     }
 
-    /// Stops whatever still runs on sequence `seq`: its generation, or its prompt.
+    /// Stops whatever still runs on sequence `seq`: its generation, or its prompt. A prompt
+    /// stopped part-way leaves cells no token list describes, so the sequence is emptied then.
     pub(super) fn stop(&mut self, seq: i32) {
         self.stop_active(seq);
         if let Some(i) = self.pending.iter().position(|p| p.seq == seq)
@@ -503,6 +509,7 @@ impl Worker<'_> {
         {
             let msg = format!("prefill of sequence {seq} was superseded");
             let _ = p.reply.send(Err(EngineError::InvalidRequest(msg)));
+            let _ = self.forget(seq);
         }
     }
 
