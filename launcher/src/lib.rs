@@ -105,6 +105,7 @@ async fn start_embedded(
         handoff_pieces: exo_kvcache::HANDOFF_PIECES,
         transfer_timeout: DecodeTimeouts::default().transfer,
         threads,
+        prefix_reuse: true,
         security: security.clone(),
         perf: spec.perf.clone(),
     };

@@ -119,6 +119,7 @@ async fn start(
         handoff_pieces: args.handoff_pieces,
         transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
         threads: shared.threads,
+        prefix_reuse: !args.engine.no_prefix_reuse,
         security: shared.security.clone(),
         perf: lan::measured_perf(&node_args, model, shared.slots).await?,
     };

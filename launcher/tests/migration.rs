@@ -225,7 +225,9 @@ fn spawn_node_args(model: &str, role: &str, name: &str, args: &[&str]) -> Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_on_a_killed_prefill_node_runs_again_elsewhere() {
     let model = model_path().display().to_string();
-    let (mut first, p_addr) = spawn_node(&model, "prefill", "r-prefill-a", &[]);
+    // A computes the prompt again the second time (no prefix reuse), so it is still running when
+    // A is killed (the flag reaching the node is what keeps this test from racing B's start).
+    let (mut first, p_addr) = spawn_node(&model, "prefill", "r-prefill-a", &["--no-prefix-reuse"]);
     let (_decode, d_addr) = spawn_node(&model, "decode", "r-decode", &[]);
     let q_addr = free_addr();
     let nodes = [

@@ -42,6 +42,9 @@ pub struct NodeOptions {
     /// CPU threads of the node's engine context (0: every core of the machine). Nodes that share
     /// a machine should get disjoint budgets, or their thread teams slow each other down.
     pub threads: u32,
+    /// Whether a prompt reuses the cache a free slot kept from an earlier prompt with the same
+    /// start (`ContextConfig::prefix_reuse`; `node --no-prefix-reuse` turns it off).
+    pub prefix_reuse: bool,
     /// How its links (served and made) are secured: mutual TLS with the cluster file, or plain.
     pub security: LinkSecurity,
     /// Its measured speed, reported in `hello` (`node --measure`).
@@ -75,6 +78,7 @@ impl NodeServer {
             ContextConfig {
                 layout: options.layout,
                 n_threads: options.threads,
+                prefix_reuse: options.prefix_reuse,
                 ..ContextConfig::default()
             },
         )?;
