@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use exo_engine::{EngineError, Model, ModelOptions};
+use exo_engine::{ContextConfig, EngineError, Model, ModelOptions};
 use exo_kvcache::KvLayout;
 use exo_node::{DecodeTimeouts, NodeOptions, SpawnError, spawn_node};
 use exo_protocol::LinkSecurity;
@@ -97,15 +97,17 @@ async fn start_embedded(
     let options = NodeOptions {
         name: spec.name.clone(),
         role: spec.role,
-        layout: KvLayout {
-            n_seq_max: spec.slots,
-            ..profile.layout
+        context: ContextConfig {
+            layout: KvLayout {
+                n_seq_max: spec.slots,
+                ..profile.layout
+            },
+            n_threads: threads,
+            ..ContextConfig::default()
         },
         chunks_in_flight: profile.kv.chunks_in_flight,
         handoff_pieces: exo_kvcache::HANDOFF_PIECES,
         transfer_timeout: DecodeTimeouts::default().transfer,
-        threads,
-        prefix_reuse: true,
         security: security.clone(),
         perf: spec.perf.clone(),
     };

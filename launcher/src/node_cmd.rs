@@ -114,12 +114,10 @@ async fn start(
     let options = NodeOptions {
         name: name.to_string(),
         role: args.role,
-        layout: args.engine.layout(shared.slots),
+        context: node_args.engine.context_config(shared.slots),
         chunks_in_flight: args.chunks_in_flight,
         handoff_pieces: args.handoff_pieces,
         transfer_timeout: Duration::from_secs_f64(args.transfer_timeout),
-        threads: shared.threads,
-        prefix_reuse: !args.engine.no_prefix_reuse,
         security: shared.security.clone(),
         perf: lan::measured_perf(&node_args, model, shared.slots).await?,
     };

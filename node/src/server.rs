@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use exo_decode_node::{DecodeNode, DecodeTimeouts, LinkId};
 use exo_engine::{ContextConfig, ContextHandle, Model, Offload};
-use exo_kvcache::{DecodeLimits, KvLayout};
+use exo_kvcache::DecodeLimits;
 use exo_prefill_node::{PrefillNode, ShipConfig};
 use exo_protocol::{
     HardwareFacts, KvBegin, KvEnd, KvFrame, LinkProbe, LinkSecurity, MAX_MODEL_PART, ModelPart,
@@ -31,20 +31,16 @@ pub struct NodeOptions {
     pub name: String,
     /// Role.
     pub role: Role,
-    /// KV layout; `n_seq_max` is the number of sequence slots.
-    pub layout: KvLayout,
+    /// The engine context: KV layout (`n_seq_max` is the number of sequence slots), CPU threads
+    /// (0: every core; nodes that share a machine should get disjoint budgets, or their thread
+    /// teams slow each other down), prefix reuse.
+    pub context: ContextConfig,
     /// Chunk calls in flight when shipping a cache.
     pub chunks_in_flight: usize,
     /// Pieces a prefill node ships a prompt's cache in while the prompt runs (1: after it).
     pub handoff_pieces: u64,
     /// A decode node fails a KV transfer that makes no progress for this long.
     pub transfer_timeout: Duration,
-    /// CPU threads of the node's engine context (0: every core of the machine). Nodes that share
-    /// a machine should get disjoint budgets, or their thread teams slow each other down.
-    pub threads: u32,
-    /// Whether a prompt reuses the cache a free slot kept from an earlier prompt with the same
-    /// start (`ContextConfig::prefix_reuse`; `node --no-prefix-reuse` turns it off).
-    pub prefix_reuse: bool,
     /// How its links (served and made) are secured: mutual TLS with the cluster file, or plain.
     pub security: LinkSecurity,
     /// Its measured speed, reported in `hello` (`node --measure`).
@@ -73,15 +69,7 @@ impl NodeServer {
         model: Arc<Model>,
         options: &NodeOptions,
     ) -> Result<NodeServer, exo_engine::EngineError> {
-        let ctx = ContextHandle::spawn(
-            Arc::clone(&model),
-            ContextConfig {
-                layout: options.layout,
-                n_threads: options.threads,
-                prefix_reuse: options.prefix_reuse,
-                ..ContextConfig::default()
-            },
-        )?;
+        let ctx = ContextHandle::spawn(Arc::clone(&model), options.context)?;
         let prefill = options.role.prefills().then(|| {
             PrefillNode::new(
                 &options.name,
@@ -100,7 +88,7 @@ impl NodeServer {
                 ctx.clone(),
                 DecodeLimits::for_context(
                     ctx.shape(),
-                    options.layout.n_ctx_seq,
+                    options.context.layout.n_ctx_seq,
                     ctx.model().sliding_window(),
                 ),
                 DecodeTimeouts {
@@ -116,7 +104,7 @@ impl NodeServer {
             role: options.role,
             model: model.name(),
             fingerprint: model.fingerprint(),
-            layout: options.layout,
+            layout: options.context.layout,
             hardware: hardware_facts(model.offload()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             fault: None,

@@ -14,6 +14,7 @@
 //! on a GPU, `n_batch`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use exo_sampling::SamplingParams;
@@ -315,7 +316,7 @@ impl Worker<'_> {
         self.config.prefix_reuse
             && self
                 .shape()
-                .is_ok_and(|s| s.window.is_none() && s.recurrent.is_none() && s.has_attention())
+                .is_ok_and(|s| s.window.is_none() && s.recurrent.is_none())
     }
 
     /// The leading tokens of `tokens` (whose last `resumed` are earlier output) whose cache slot
@@ -378,12 +379,11 @@ impl Worker<'_> {
                 self.prefill_cost
                     .record(total, started.elapsed().as_secs_f64(), context);
                 let next = batch_room(policy, &self.prefill_cost, n_batch);
-                if next != self.batch_hint.load(std::sync::atomic::Ordering::Relaxed) {
+                if next != self.batch_hint.load(Ordering::Relaxed) {
                     let line = self.prefill_cost.fit();
                     tracing::debug!(batch = next, ?line, total, context, "prefill batch size");
                 }
-                self.batch_hint
-                    .store(next, std::sync::atomic::Ordering::Relaxed);
+                self.batch_hint.store(next, Ordering::Relaxed);
                 metrics::histogram!("exo_prefill_batch_prompts").record(picked.len() as f64);
                 let mut finished = Vec::new();
                 for (&(i, take), row) in picked.iter().zip(rows) {

@@ -94,8 +94,9 @@ pub struct Policy {
     pub kv_bytes_per_token: f64,
     /// Link assumed between nodes the profile names no link for.
     pub default_link: Link,
-    /// Pieces every streamed hand-off is cut in (one of [`PIECE_CHOICES`]); `None`: the cost
-    /// model chooses per request ([`best_pieces`]).
+    /// Pieces the streamed hand-offs the router sets pieces for (both nodes with perf tables)
+    /// are cut in (one of [`PIECE_CHOICES`]); `None`: the cost model chooses per request
+    /// ([`best_pieces`]).
     pub handoff_pieces: Option<u64>,
 }
 

@@ -320,7 +320,6 @@ fn bad_perf_tables_are_refused() {
 fn kv_bytes_per_token_comes_from_the_policy_else_from_the_nodes() {
     let measured = NodePerf {
         kv_bytes_per_token: Some(23_040.0),
-        prefill_batch_tokens: None,
         ..compute_box()
     };
     let unknown = Policy {
